@@ -1,0 +1,115 @@
+"""Public functions: flash-attn's ``flash_attn_func`` family plus ``group=``, for the ring, zigzag
+and stripe layouts. Each unpacks its inputs, validates them, builds a :class:`RingPlan` and calls
+the one autograd Function; no algorithm lives here.
+
+Extra keyword ``backend`` (default: ``$RING_FLASH_ATTN_BACKEND`` or ``"auto"``) forces a block
+kernel by name; see :mod:`ring_flash_attn.kernels`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .comm import RingComm
+from .kernels import KernelCall, select_backend
+from .layouts import check_layout, check_local_seqlen
+from .ring import RingAttentionFunction, RingPlan
+from .schedules import ring_schedule
+from .validation import check_options, check_packed, check_qkv, group_rank_and_size
+
+Tensor = torch.Tensor
+Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
+
+
+def ring_attention(
+    layout: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    group: Optional[dist.ProcessGroup] = None,
+    backend: Optional[str] = None,
+) -> Result:
+    """Attention of this rank's queries over the whole sharded sequence, for any ``layout``."""
+    check_layout(layout)
+    check_qkv(q, k, v)
+    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs)
+    check_local_seqlen(layout, q.shape[1])
+    rank, world_size = group_rank_and_size(group)
+    schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal))
+    call = KernelCall(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        head_dim=q.shape[3],
+        nheads=q.shape[2],
+        nheads_k=k.shape[2],
+        bands=schedule.bands(),
+        deterministic=deterministic,
+        needs_backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+    )
+    plan = RingPlan(
+        rank=rank,
+        world_size=world_size,
+        comm=RingComm(group) if world_size > 1 else None,
+        schedule=schedule,
+        backend=select_backend(call, backend),
+        softmax_scale=q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale),
+    )
+    out, lse = RingAttentionFunction.apply(q, k, v, plan)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _family(layout: str, prefix: str) -> Tuple[Callable[..., Result], ...]:
+    """The three public functions (func, kvpacked_func, qkvpacked_func) of one layout."""
+
+    def func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+             alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None, backend=None):
+        return ring_attention(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                              alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+    def kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                      alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None, backend=None):
+        check_packed(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
+        k, v = kv.unbind(2)
+        return func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                    deterministic, return_attn_probs, group, backend)
+
+    def qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                       alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None, backend=None):
+        check_packed(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
+        q, k, v = qkv.unbind(2)
+        return func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                    deterministic, return_attn_probs, group, backend)
+
+    funcs = ((func, "func", "flash_attn_func"), (kvpacked_func, "kvpacked_func", "flash_attn_kvpacked_func"),
+             (qkvpacked_func, "qkvpacked_func", "flash_attn_qkvpacked_func"))
+    for fn, suffix, twin in funcs:
+        fn.__name__ = fn.__qualname__ = f"{prefix}_{suffix}"
+        fn.__module__ = __name__
+        fn.__doc__ = (
+            f"Exact attention with the sequence sharded across ``group`` in the {layout!r} layout (see "
+            f"ring_flash_attn.layouts). Arguments as flash-attn's ``{twin}`` plus ``group`` and ``backend``. "
+            "Returns this rank's output, or ``(out, lse, None)`` with ``return_attn_probs=True``."
+        )
+    return func, kvpacked_func, qkvpacked_func
+
+
+ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_func = _family(
+    "ring", "ring_flash_attn"
+)
+zigzag_ring_flash_attn_func, zigzag_ring_flash_attn_kvpacked_func, zigzag_ring_flash_attn_qkvpacked_func = _family(
+    "zigzag", "zigzag_ring_flash_attn"
+)
+stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func = _family(
+    "stripe", "stripe_flash_attn"
+)

@@ -1,0 +1,36 @@
+"""Point-to-point exchange around the ring: each rank sends to ``rank + 1`` and receives from
+``rank - 1`` (ranks within the process group), all posted in one ``batch_isend_irecv`` so the
+transfer runs while the caller computes. Buffers belong to the caller and are reused every hop."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class RingComm:
+    def __init__(self, group: Optional[dist.ProcessGroup]) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.next_rank = self._global((self.rank + 1) % self.world_size)
+        self.prev_rank = self._global((self.rank - 1) % self.world_size)
+
+    def _global(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+    def start(self, send: Optional[torch.Tensor], recv: Optional[torch.Tensor]) -> List[dist.Work]:
+        """Post ``send`` to the next rank and ``recv`` from the previous one (either may be None)."""
+        ops = []
+        if send is not None:
+            ops.append(dist.P2POp(dist.isend, send, self.next_rank, self.group))
+        if recv is not None:
+            ops.append(dist.P2POp(dist.irecv, recv, self.prev_rank, self.group))
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    @staticmethod
+    def wait(works: List[dist.Work]) -> None:
+        for work in works:
+            work.wait()

@@ -1,0 +1,58 @@
+"""Block-kernel backends and their selection.
+
+``auto`` picks, in :data:`AUTO_ORDER`, the first registered backend that supports the call. A name
+can be forced per call (``backend=`` on every public function) or process-wide with the environment
+variable ``RING_FLASH_ATTN_BACKEND``; a forced backend that cannot serve the call is an error that
+says why. :func:`explain_selection` lists every backend with the reasons it was skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+from .base import Backend, Band, KernelCall
+from .reference import ReferenceBackend
+from .torch_cpu import TorchCpuFlashBackend
+
+ENV_VAR = "RING_FLASH_ATTN_BACKEND"
+
+BACKENDS: Dict[str, Backend] = {}
+
+# Preference of `auto`, fastest first; names not registered (not importable here) are passed over.
+AUTO_ORDER = ("torch_cpu_flash", "reference")
+
+
+def register_backend(backend: Backend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+register_backend(ReferenceBackend())
+register_backend(TorchCpuFlashBackend())
+
+
+def explain_selection(call: KernelCall) -> Dict[str, list]:
+    """Every registered backend -> the reasons it cannot serve ``call`` (empty list: it can)."""
+    return {name: backend.not_supported_reasons(call) for name, backend in BACKENDS.items()}
+
+
+def select_backend(call: KernelCall, name: Optional[str] = None) -> Backend:
+    """The backend named (argument, else ``$RING_FLASH_ATTN_BACKEND``, else ``auto``) for ``call``."""
+    name = name or os.environ.get(ENV_VAR) or "auto"
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; registered: {sorted(BACKENDS)} or 'auto'")
+        reasons = BACKENDS[name].not_supported_reasons(call)
+        if reasons:
+            raise ValueError(f"backend {name!r} cannot run this attention call: {'; '.join(reasons)}")
+        return BACKENDS[name]
+    for candidate in AUTO_ORDER:
+        backend = BACKENDS.get(candidate)
+        if backend is not None and not backend.not_supported_reasons(call):
+            return backend
+    report = "; ".join(f"{n}: {', '.join(r)}" for n, r in explain_selection(call).items())
+    raise ValueError(f"no block-attention backend supports this call ({report})")
+
+
+__all__ = ["Backend", "Band", "KernelCall", "BACKENDS", "AUTO_ORDER", "ENV_VAR", "register_backend",
+           "select_backend", "explain_selection"]

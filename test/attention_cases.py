@@ -1,0 +1,143 @@
+"""Attention test cases: the inputs of a case (same on every process, from its seed), what each
+rank runs, the float64 reference on the whole sequence, and the tolerance check.
+
+Errors are measured as ``max |x - ref| / max |ref|`` per tensor, against a float64 computation on
+the unsharded sequence from the *same* (already rounded) inputs, so the bound is the error the
+kernel and the ring add, nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+import ring_flash_attn as rfa
+
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# relative max error allowed for out / grads, and absolute error for lse, per input dtype
+TOLERANCE = {"fp64": (1e-12, 1e-12), "fp32": (1e-5, 1e-5), "fp16": (3e-3, 1e-4), "bf16": (2e-2, 1e-3)}
+
+FUNCS = {
+    "ring": ("ring_flash_attn_func", "ring_flash_attn_kvpacked_func", "ring_flash_attn_qkvpacked_func"),
+    "zigzag": ("zigzag_ring_flash_attn_func", "zigzag_ring_flash_attn_kvpacked_func", "zigzag_ring_flash_attn_qkvpacked_func"),
+    "stripe": ("stripe_flash_attn_func", "stripe_flash_attn_kvpacked_func", "stripe_flash_attn_qkvpacked_func"),
+}
+PACKINGS = ("func", "kvpacked", "qkvpacked")
+
+
+@dataclass(frozen=True)
+class Case:
+    layout: str
+    packing: str
+    causal: bool
+    dtype: str
+    backend: str
+    world_size: int
+    batch: int = 2
+    local_len: int = 8
+    nheads: int = 4
+    nheads_k: int = 4
+    head_dim: int = 32
+    return_lse: bool = True
+    softmax_scale: Optional[float] = None
+    seed: int = 0
+
+    @property
+    def seqlen(self) -> int:
+        return self.local_len * self.world_size
+
+    def id(self) -> str:
+        heads = f"h{self.nheads}k{self.nheads_k}"
+        causal = "causal" if self.causal else "full"
+        return f"W{self.world_size}-{self.layout}-{self.packing}-{causal}-{self.dtype}-{heads}-d{self.head_dim}-b{self.batch}-L{self.local_len}-{self.backend}"
+
+
+def global_inputs(case: Case) -> Dict[str, torch.Tensor]:
+    """q, k, v, dout on the whole sequence, in the case's dtype; identical on every process."""
+    gen = torch.Generator().manual_seed(case.seed)
+    dtype = DTYPES[case.dtype]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    b, s, h, hk, d = case.batch, case.seqlen, case.nheads, case.nheads_k, case.head_dim
+    return {"q": randn(b, s, h, d), "k": randn(b, s, hk, d), "v": randn(b, s, hk, d), "dout": randn(b, s, h, d)}
+
+
+def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
+    """What one rank computes: its shard of out (and lse) and of the input gradients."""
+    assert world_size == case.world_size, (world_size, case.world_size)
+    x = {name: rfa.shard(t, case.layout, rank, world_size).requires_grad_(name != "dout")
+         for name, t in global_inputs(case).items()}
+    func = getattr(rfa, FUNCS[case.layout][PACKINGS.index(case.packing)])
+    kwargs = dict(softmax_scale=case.softmax_scale, causal=case.causal, return_attn_probs=case.return_lse,
+                  group=dist.group.WORLD if world_size > 1 else None, backend=case.backend)
+    q, k, v = x["q"], x["k"], x["v"]
+    if case.packing == "func":
+        leaves, result = (q, k, v), func(q, k, v, **kwargs)
+    elif case.packing == "kvpacked":
+        kv = torch.stack([k, v], dim=2).detach().requires_grad_()
+        leaves, result = (q, kv), func(q, kv, **kwargs)
+    else:
+        qkv = torch.stack([q, k, v], dim=2).detach().requires_grad_()
+        leaves, result = (qkv,), func(qkv, **kwargs)
+    out, lse = (result[0], result[1]) if case.return_lse else (result, None)
+    if case.return_lse:
+        assert result[2] is None and lse.dtype == (torch.float64 if case.dtype == "fp64" else torch.float32)
+        assert lse.shape == (case.batch, case.nheads, case.local_len), lse.shape
+    assert out.dtype == q.dtype and out.shape == q.shape
+    grads = torch.autograd.grad(out, leaves, x["dout"])
+    if case.packing == "kvpacked":
+        grads = (grads[0], *grads[1].unbind(2))
+    elif case.packing == "qkvpacked":
+        grads = grads[0].unbind(2)
+    res = dict(out=out.detach(), dq=grads[0], dk=grads[1], dv=grads[2])
+    if lse is not None:
+        res["lse"] = lse
+    return res
+
+
+def reference(case: Case) -> Dict[str, torch.Tensor]:
+    """float64 attention on the unsharded sequence, with autograd: out, lse, dq, dk, dv."""
+    x = {n: t.double().requires_grad_(n != "dout") for n, t in global_inputs(case).items()}
+    q, k, v = x["q"], x["k"], x["v"]
+    group = case.nheads // case.nheads_k
+    kr, vr = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scale = case.softmax_scale if case.softmax_scale is not None else case.head_dim ** -0.5
+    scores = torch.einsum("bihd,bjhd->bhij", q, kr) * scale
+    if case.causal:
+        s = case.seqlen
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), vr)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), x["dout"])
+    return dict(out=out.detach(), lse=lse.detach(), dq=dq, dk=dk, dv=dv)
+
+
+def gathered(case: Case, per_rank: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Every rank's shards put back into whole-sequence tensors."""
+    names = per_rank[0].keys()
+    return {n: rfa.unshard([r[n] for r in per_rank], case.layout, dim=2 if n == "lse" else 1) for n in names}
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def check(case: Case, per_rank: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """Assert every tensor of every rank is within tolerance of the reference; return the errors."""
+    got, ref = gathered(case, per_rank), reference(case)
+    rel_tol, lse_tol = TOLERANCE[case.dtype]
+    errors = {}
+    for name, value in got.items():
+        assert torch.isfinite(value).all(), f"{case.id()}: {name} has non-finite values"
+        if name == "lse":
+            errors[name] = (value.double() - ref[name]).abs().max().item()
+            assert errors[name] <= lse_tol, f"{case.id()}: lse abs error {errors[name]:.3g} > {lse_tol}"
+        else:
+            errors[name] = relative_error(value, ref[name])
+            assert errors[name] <= rel_tol, f"{case.id()}: {name} rel error {errors[name]:.3g} > {rel_tol}"
+    return errors

@@ -1,0 +1,23 @@
+"""Shared fixtures: one pool of gloo worker processes per world size, started on first use and
+kept for the whole session (restarted if a case killed it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_pool import DistPool
+
+_POOLS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def dist_pool():
+    def get(world_size: int) -> DistPool:
+        pool = _POOLS.get(world_size)
+        if pool is None or not pool.alive:
+            pool = _POOLS[world_size] = DistPool(world_size)
+        return pool
+
+    yield get
+    for pool in _POOLS.values():
+        pool.close()

@@ -1,0 +1,88 @@
+"""Block kernels, one process: every backend against a float64 dense computation for the bands
+the schedules produce (and, for the reference, any band), GQA, rows that see no key, selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ring_flash_attn.kernels import BACKENDS, KernelCall, explain_selection, select_backend
+from ring_flash_attn.kernels.base import Band, fits_top_left_causal
+
+BANDS = [Band(), Band(None, 0), Band(None, -1), Band(None, -3), Band(None, 2), Band(-2, 1), Band(1, 3)]
+
+
+def dense(q, k, v, band, scale):
+    """float64 attention with an explicit mask; rows with no key give out 0 and lse -inf."""
+    g = q.shape[2] // k.shape[2]
+    q, k, v = q.double(), k.double().repeat_interleave(g, 2), v.double().repeat_interleave(g, 2)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    s = s.masked_fill(~band.allowed(q.shape[1], k.shape[1]), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0)[..., None])
+    return torch.einsum("bhij,bjhd->bihd", p, v), lse
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+@pytest.mark.parametrize("band", BANDS, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sq,sk,h,hk", [(6, 6, 4, 2), (5, 7, 2, 2), (8, 4, 3, 1)])
+def test_block_forward_backward(name, band, dtype, sq, sk, h, hk):
+    backend = BACKENDS[name]
+    if name != "reference" and not fits_top_left_causal(band):
+        pytest.skip(f"{name} does not take {band}")
+    torch.manual_seed(0)
+    q = torch.randn(2, sq, h, 32, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, sk, hk, 32, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, sk, hk, 32, dtype=dtype, requires_grad=True)
+    dout = torch.randn(2, sq, h, 32, dtype=dtype)
+    scale = 0.2
+    out, lse = backend.forward(q.detach(), k.detach(), v.detach(), band, scale)
+    ref_out, ref_lse = dense(q, k, v, band, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.shape == q.shape and lse.shape == (2, h, sq) and lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "rows without keys must have lse -inf"
+    finite = ~torch.isneginf(ref_lse)
+    assert (lse[finite].double() - ref_lse[finite]).abs().max() < 1e-4
+    assert (out.double() - ref_out).abs().max() < tol * ref_out.abs().max()
+    grads = backend.backward(dout, q.detach(), k.detach(), v.detach(), out.to(dtype), lse, band, scale)
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout.double())
+    for got, ref in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        assert (got.double() - ref).abs().max() <= tol * ref.abs().max().clamp_min(1e-6) + 1e-6
+
+
+def _call(**overrides):
+    base = dict(device_type="cpu", dtype=torch.bfloat16, head_dim=64, nheads=8, nheads_k=2, bands=(Band(), Band(None, 0)))
+    return KernelCall(**{**base, **overrides})
+
+
+def test_auto_prefers_fused_cpu_kernel():
+    assert select_backend(_call()).name == "torch_cpu_flash"
+    assert select_backend(_call(dtype=torch.float64)).name == "reference"
+    assert select_backend(_call(bands=(Band(-2, 0),))).name == "reference"
+
+
+def test_forced_backend_and_env(monkeypatch):
+    assert select_backend(_call(), "reference").name == "reference"
+    monkeypatch.setenv("RING_FLASH_ATTN_BACKEND", "reference")
+    assert select_backend(_call()).name == "reference"
+    with pytest.raises(ValueError, match="unknown backend"):
+        select_backend(_call(), "nope")
+    with pytest.raises(ValueError, match="cannot run.*CPU tensors only"):
+        select_backend(_call(device_type="cuda"), "torch_cpu_flash")
+
+
+def test_explain_selection_lists_reasons():
+    report = explain_selection(_call(device_type="meta", dtype=torch.float64))
+    assert report["reference"] == []
+    assert any("CPU" in r for r in report["torch_cpu_flash"]) and any("dtype" in r for r in report["torch_cpu_flash"])
+
+
+def test_schema_check_reports_changed_ops():
+    from ring_flash_attn.kernels.schemas import missing_ops
+
+    assert missing_ops({"_scaled_dot_product_flash_attention_for_cpu": (("query", "key"), ("scale",))}) == []
+    assert "has no aten" in missing_ops({"no_such_op_xyz": ((), ())})[0]
+    assert "arguments changed" in missing_ops({"_scaled_dot_product_flash_attention_for_cpu": (("key",), ())})[0]
+    assert "no argument" in missing_ops({"_scaled_dot_product_flash_attention_for_cpu": ((), ("bogus",))})[0]

@@ -1,0 +1,91 @@
+"""The schedules cover the attention mask exactly: over all (rank, K/V source) pairs, the jobs'
+bands mark every allowed (query, key) pair of the global sequence exactly once, and no job is
+empty. Also: hops that are skipped are not needed by anyone downstream."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ring_flash_attn.kernels.base import Band, trim_to_top_left_causal
+from ring_flash_attn.layouts import LAYOUTS, position_ids, segments
+from ring_flash_attn.schedules import block_jobs, ring_schedule, segment_band
+
+
+def covered(layout: str, world_size: int, local_len: int, causal: bool) -> torch.Tensor:
+    """How many times each global (query, key) pair is computed by the schedule."""
+    seqlen = world_size * local_len
+    count = torch.zeros(seqlen, seqlen, dtype=torch.int64)
+    pos = [position_ids(layout, r, world_size, seqlen) for r in range(world_size)]
+    for rank, src in itertools.product(range(world_size), repeat=2):
+        for job in block_jobs(layout, rank, src, world_size, local_len, causal):
+            qpos, kpos = pos[rank][job.q], pos[src][job.kv]
+            assert len(qpos) and len(kpos)
+            allowed = job.band.allowed(len(qpos), len(kpos))
+            assert allowed.any(), f"empty job {job}"
+            count[qpos[:, None], kpos[None, :]] += allowed.long()
+    return count
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("local_len", [2, 6, 8])
+def test_jobs_cover_mask_exactly_once(layout, world_size, causal, local_len):
+    seqlen = world_size * local_len
+    expected = torch.ones(seqlen, seqlen, dtype=torch.int64)
+    if causal:
+        expected = expected.tril()
+    assert torch.equal(covered(layout, world_size, local_len, causal), expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_positions_increase_within_a_rank(layout):
+    # the single-call diagonal job relies on it
+    for w, r in [(4, 0), (4, 3), (3, 1)]:
+        pos = position_ids(layout, r, w, w * 8)
+        assert bool((pos[1:] > pos[:-1]).all())
+
+
+def test_few_kernel_calls():
+    # zigzag: one call per hop, as in the hand-written schedule of ring-flash-attn
+    for rank, src in itertools.product(range(4), repeat=2):
+        assert len(block_jobs("zigzag", rank, src, 4, 8, True)) == 1
+        assert len(block_jobs("zigzag", rank, src, 4, 8, False)) == 1
+    # stripe: strictly-causal band below the diagonal when the source is later in the stripe
+    assert block_jobs("stripe", 0, 1, 2, 4, True)[0].band == Band(None, -1)
+    # ring: nothing to do for later blocks
+    assert block_jobs("ring", 0, 1, 2, 4, True) == ()
+
+
+def test_skipped_hops_are_not_needed_downstream():
+    for layout, w in itertools.product(LAYOUTS, [2, 3, 4, 6]):
+        sched = ring_schedule(layout, w, 4, True)
+        for sender, step in itertools.product(range(w), range(w - 1)):
+            origin = (sender - step) % w
+            needed = any(sched.jobs_for((sender + u) % w, origin) for u in range(1, w - step))
+            assert sched.forwards_kv(sender, step) == needed
+    # causal ring: the hop that wraps around from the last rank to rank 0 is never sent
+    sched = ring_schedule("ring", 4, 4, True)
+    assert not sched.forwards_kv(3, 0)
+    assert sched.forwards_kv(0, 0)
+
+
+def test_segment_band_strided():
+    w = 4
+    q, k = segments("stripe", 1, w, 5)[0], segments("stripe", 2, w, 5)[0]
+    assert segment_band(q, k, None, 0) == Band(None, -1)
+    assert segment_band(k, q, None, 0) == Band(None, 0)
+
+
+def test_band_normalized_and_trim():
+    assert Band(None, 5).normalized(4, 4) == Band()
+    assert Band(None, -4).normalized(4, 4) is None
+    assert Band(-10, 1).normalized(4, 4) == Band(None, 1)
+    assert Band(2, 1).normalized(4, 4) is None
+    trim = trim_to_top_left_causal(Band(None, -1), 4, 4)
+    assert (trim.first_row, trim.key_end, trim.causal) == (1, 3, True)
+    assert trim_to_top_left_causal(Band(None, 1), 4, 4) is None
+    assert trim_to_top_left_causal(Band(-1, None), 4, 4) is None

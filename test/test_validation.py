@@ -1,0 +1,91 @@
+"""Bad input and unsupported options fail early with clear errors (single process, W = 1), and a
+process outside the group is refused (gloo, W = 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ring_flash_attn as rfa
+
+
+def qkv(b=1, s=8, h=4, hk=2, d=16, dtype=torch.float32):
+    return torch.randn(b, s, h, d, dtype=dtype), torch.randn(b, s, hk, d, dtype=dtype), torch.randn(b, s, hk, d, dtype=dtype)
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: (torch.randn(8, 4, 16), *qkv()[1:]), ValueError, "4 dims"),
+    (lambda: (qkv()[0], torch.randn(2, 8, 2, 16), qkv()[2]), ValueError, "same shape"),
+    (lambda: (qkv()[0], *qkv(b=2)[1:]), ValueError, "batch or sequence"),
+    (lambda: (qkv()[0], *qkv(s=6)[1:]), ValueError, "batch or sequence"),
+    (lambda: (qkv()[0], *qkv(d=32)[1:]), ValueError, "head dim"),
+    (lambda: qkv(h=4, hk=3), ValueError, "multiple of nheads_k"),
+    (lambda: (qkv()[0].half(), *qkv()[1:]), TypeError, "share a dtype"),
+    (lambda: tuple(t.int() for t in qkv()), TypeError, "dtype"),
+    (lambda: (qkv()[0], qkv()[1].to("meta"), qkv()[2]), ValueError, "one device"),
+    (lambda: ([1, 2], *qkv()[1:]), TypeError, "torch.Tensor"),
+])
+def test_bad_tensors(make, error, match):
+    with pytest.raises(error, match=match):
+        rfa.ring_flash_attn_func(*make())
+
+
+@pytest.mark.parametrize("option,match", [
+    (dict(dropout_p=0.1), "dropout"),
+    (dict(window_size=(4, 0)), "window"),
+    (dict(softcap=30.0), "softcap"),
+    (dict(alibi_slopes=torch.ones(4)), "ALiBi"),
+])
+def test_unsupported_options_raise(option, match):
+    with pytest.raises(NotImplementedError, match=match):
+        rfa.zigzag_ring_flash_attn_func(*qkv(), **option)
+
+
+def test_zigzag_needs_even_local_length():
+    with pytest.raises(ValueError, match="multiple of 2"):
+        rfa.zigzag_ring_flash_attn_func(*qkv(s=7))
+
+
+def test_packed_shapes():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="kv"):
+        rfa.ring_flash_attn_kvpacked_func(q, torch.stack([k, v, v], 2))
+    with pytest.raises(ValueError, match="qkv"):
+        rfa.stripe_flash_attn_qkvpacked_func(torch.stack([q, q], 2))
+
+
+def test_group_without_distributed():
+    with pytest.raises(ValueError, match="not initialized"):
+        rfa.ring_flash_attn_func(*qkv(), group=object())
+
+
+def test_world_size_one_matches_sdpa_and_keeps_signature():
+    import inspect
+
+    params = list(inspect.signature(rfa.ring_flash_attn_func).parameters)
+    assert params[:13] == ["q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size", "softcap",
+                           "alibi_slopes", "deterministic", "return_attn_probs", "group", "backend"]
+    assert list(inspect.signature(rfa.zigzag_ring_flash_attn_qkvpacked_func).parameters)[0] == "qkv"
+    q, k, v = qkv(h=4, hk=4)
+    out = rfa.stripe_flash_attn_func(q, k, v, causal=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def not_a_member(rank: int, world_size: int):
+    """Rank 1 builds a group of rank 0 alone and calls with it; it must be refused clearly."""
+    import torch.distributed as dist
+
+    group = dist.new_group([0])
+    if rank == 0:
+        return "ok"
+    try:
+        rfa.ring_flash_attn_func(*qkv(), group=group)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_process_outside_group_is_refused(dist_pool):
+    answers = dist_pool(2).run("test_validation:not_a_member")
+    assert "not a member" in answers[1]
