@@ -136,7 +136,9 @@ def single_device_reference(args, x: Dict[str, torch.Tensor], layout: str) -> Li
     """float32 SDPA on the whole sequence; this rank's shard of out (and dq, dk, dv)."""
     rank, w = world()
     q, k, v = (x[n].float().transpose(1, 2).requires_grad_() for n in "qkv")
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=args.causal, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]  # repeat K/V heads so SDPA can use a fused kernel for GQA
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                         is_causal=args.causal)
     tensors = [out]
     if not args.fwd_only:
         tensors += torch.autograd.grad(out, (q, k, v), x["dout"].float().transpose(1, 2))

@@ -44,6 +44,7 @@ class Case:
     return_lse: bool = True
     softmax_scale: Optional[float] = None
     seed: int = 0
+    device: str = "cpu"  # "cuda": rank r runs on GPU r (NCCL)
 
     @property
     def seqlen(self) -> int:
@@ -52,7 +53,7 @@ class Case:
     def id(self) -> str:
         heads = f"h{self.nheads}k{self.nheads_k}"
         causal = "causal" if self.causal else "full"
-        return f"W{self.world_size}-{self.layout}-{self.packing}-{causal}-{self.dtype}-{heads}-d{self.head_dim}-b{self.batch}-L{self.local_len}-{self.backend}"
+        return f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{causal}-{self.dtype}-{heads}-d{self.head_dim}-b{self.batch}-L{self.local_len}-{self.backend}"
 
 
 def global_inputs(case: Case) -> Dict[str, torch.Tensor]:
@@ -70,7 +71,8 @@ def global_inputs(case: Case) -> Dict[str, torch.Tensor]:
 def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
     """What one rank computes: its shard of out (and lse) and of the input gradients."""
     assert world_size == case.world_size, (world_size, case.world_size)
-    x = {name: rfa.shard(t, case.layout, rank, world_size).requires_grad_(name != "dout")
+    device = torch.device("cuda", rank) if case.device == "cuda" else torch.device("cpu")
+    x = {name: rfa.shard(t, case.layout, rank, world_size).to(device).requires_grad_(name != "dout")
          for name, t in global_inputs(case).items()}
     func = getattr(rfa, FUNCS[case.layout][PACKINGS.index(case.packing)])
     kwargs = dict(softmax_scale=case.softmax_scale, causal=case.causal, return_attn_probs=case.return_lse,
@@ -97,7 +99,7 @@ def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
     res = dict(out=out.detach(), dq=grads[0], dk=grads[1], dv=grads[2])
     if lse is not None:
         res["lse"] = lse
-    return res
+    return {name: t.cpu() for name, t in res.items()}
 
 
 def reference(case: Case) -> Dict[str, torch.Tensor]:

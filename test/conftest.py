@@ -1,4 +1,4 @@
-"""Shared fixtures: one pool of gloo worker processes per world size, started on first use and
+"""Shared fixtures: one pool of worker processes per (world size, gloo/nccl), started on first use and
 kept for the whole session (restarted if a case killed it)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ _POOLS: dict = {}
 
 @pytest.fixture(scope="session")
 def dist_pool():
-    def get(world_size: int) -> DistPool:
-        pool = _POOLS.get(world_size)
+    def get(world_size: int, backend: str = "gloo") -> DistPool:
+        pool = _POOLS.get((world_size, backend))
         if pool is None or not pool.alive:
-            pool = _POOLS[world_size] = DistPool(world_size)
+            pool = _POOLS[(world_size, backend)] = DistPool(world_size, backend)
         return pool
 
     yield get

@@ -1,4 +1,4 @@
-"""A pool of W worker processes joined in one gloo process group, started once and reused for
+"""A pool of W worker processes joined in one process group (gloo on CPU, NCCL with one GPU each), started once and reused for
 many test cases (process and group start-up cost seconds; a case costs milliseconds).
 
 The parent sends ``("module:function", kwargs)``; every rank calls ``function(rank=, world_size=,
@@ -30,11 +30,15 @@ def _loads(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+def _worker(rank: int, world_size: int, backend: str, port: int, tasks, results) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    kwargs = {}
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        kwargs["device_id"] = torch.device("cuda", rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, **kwargs)
     while True:
         task = tasks.get()
         if task is None:
@@ -56,14 +60,14 @@ def _free_port() -> int:
 
 
 class DistPool:
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, backend: str = "gloo") -> None:
         self.world_size = world_size
         ctx = mp.get_context("spawn")
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
         port = _free_port()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results), daemon=True)
+            ctx.Process(target=_worker, args=(r, world_size, backend, port, self.tasks[r], self.results), daemon=True)
             for r in range(world_size)
         ]
         for p in self.procs:

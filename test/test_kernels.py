@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ring_flash_attn.kernels import BACKENDS, KernelCall, explain_selection, select_backend
-from ring_flash_attn.kernels.base import Band, fits_top_left_causal
+from ring_flash_attn.kernels.base import Band
 
 BANDS = [Band(), Band(None, 0), Band(None, -1), Band(None, -3), Band(None, 2), Band(-2, 1), Band(1, 3)]
 
@@ -17,25 +17,30 @@ def dense(q, k, v, band, scale):
     g = q.shape[2] // k.shape[2]
     q, k, v = q.double(), k.double().repeat_interleave(g, 2), v.double().repeat_interleave(g, 2)
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-    s = s.masked_fill(~band.allowed(q.shape[1], k.shape[1]), float("-inf"))
+    s = s.masked_fill(~band.allowed(q.shape[1], k.shape[1], q.device), float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0)[..., None])
     return torch.einsum("bhij,bjhd->bihd", p, v), lse
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(BACKENDS))
 @pytest.mark.parametrize("band", BANDS, ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("sq,sk,h,hk", [(6, 6, 4, 2), (5, 7, 2, 2), (8, 4, 3, 1)])
-def test_block_forward_backward(name, band, dtype, sq, sk, h, hk):
+@pytest.mark.parametrize("sq,sk,h,hk", [(6, 6, 4, 2), (5, 7, 2, 2), (8, 4, 3, 1), (130, 130, 2, 1)])
+def test_block_forward_backward(device, name, band, dtype, sq, sk, h, hk):
     backend = BACKENDS[name]
-    if name != "reference" and not fits_top_left_causal(band):
-        pytest.skip(f"{name} does not take {band}")
-    torch.manual_seed(0)
-    q = torch.randn(2, sq, h, 32, dtype=dtype, requires_grad=True)
-    k = torch.randn(2, sk, hk, 32, dtype=dtype, requires_grad=True)
-    v = torch.randn(2, sk, hk, 32, dtype=dtype, requires_grad=True)
-    dout = torch.randn(2, sq, h, 32, dtype=dtype)
+    call = KernelCall(device_type=device, dtype=dtype, head_dim=32, nheads=h, nheads_k=hk, bands=(band,))
+    reasons = backend.not_supported_reasons(call)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    gen = torch.Generator().manual_seed(0)
+    q, dout = (torch.randn(2, sq, h, 32, generator=gen).to(device, dtype) for _ in range(2))
+    k, v = (torch.randn(2, sk, hk, 32, generator=gen).to(device, dtype) for _ in range(2))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     scale = 0.2
     out, lse = backend.forward(q.detach(), k.detach(), v.detach(), band, scale)
     ref_out, ref_lse = dense(q, k, v, band, scale)
@@ -55,6 +60,12 @@ def test_block_forward_backward(name, band, dtype, sq, sk, h, hk):
 def _call(**overrides):
     base = dict(device_type="cpu", dtype=torch.bfloat16, head_dim=64, nheads=8, nheads_k=2, bands=(Band(), Band(None, 0)))
     return KernelCall(**{**base, **overrides})
+
+
+def test_reference_takes_every_band_and_fused_kernels_the_causal_ones():
+    call = KernelCall(device_type="cpu", dtype=torch.float32, head_dim=32, nheads=2, nheads_k=2, bands=tuple(BANDS))
+    assert BACKENDS["reference"].not_supported_reasons(call) == []
+    assert any("neither full nor causal" in r for r in BACKENDS["torch_cpu_flash"].not_supported_reasons(call))
 
 
 def test_auto_prefers_fused_cpu_kernel():

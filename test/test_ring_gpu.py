@@ -1,0 +1,45 @@
+"""The correctness suite on GPUs over NCCL, for every CUDA block kernel: every layout x packing x
+causal, bf16 and fp16, MHA and GQA, forward and backward against the float64 reference.
+
+Skipped without CUDA. Run on a GPU machine with ``python -m pytest -q test/test_ring_gpu.py``
+(W = 1 and every W up to the number of GPUs, at most 8)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from attention_cases import PACKINGS, Case, check
+
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+WORLD_SIZES = [w for w in (1, 2, 4, 8) if w <= GPUS]
+pytestmark = pytest.mark.gpu
+
+
+def _cases() -> list:
+    cases = []
+    for n, (w, backend, layout, packing, causal, dtype) in enumerate(itertools.product(
+            WORLD_SIZES or [2], ("cudnn", "torch_cuda_flash"), ("ring", "zigzag", "stripe"), PACKINGS, (True, False),
+            ("bf16", "fp16"))):
+        mha = packing == "qkvpacked" or n % 3 == 0
+        cases.append(Case(layout=layout, packing=packing, causal=causal, dtype=dtype, backend=backend, world_size=w,
+                          batch=2, local_len=256, nheads=8, nheads_k=8 if mha else 2, head_dim=(64, 128)[n % 2],
+                          seed=n, device="cuda"))
+    for w, layout in itertools.product(WORLD_SIZES or [2], ("ring", "zigzag", "stripe")):  # fp32 via the reference
+        cases.append(Case(layout=layout, packing="func", causal=True, dtype="fp32", backend="auto", world_size=w,
+                          local_len=64, nheads=4, nheads_k=2, head_dim=64, device="cuda"))
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")
+@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+def test_gpu_matches_float64_reference(dist_pool, case):
+    if case.world_size > GPUS:
+        pytest.skip(f"needs {case.world_size} GPUs")
+    per_rank = dist_pool(case.world_size, "nccl").run("attention_cases:run_rank", case=case)
+    check(case, per_rank)
