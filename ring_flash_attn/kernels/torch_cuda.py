@@ -1,7 +1,7 @@
 """The two fused CUDA kernels every PyTorch build carries, as block kernels:
 
 * ``torch_cuda_flash`` -- FlashAttention-2 inside PyTorch (``aten._flash_attention_forward`` /
-  ``_backward``): flash layout ``(B, S, H, D)``, GQA native, bottom-right causal, window sizes.
+  ``_backward``): flash layout ``(B, S, H, D)``, GQA native, bottom-right causal.
 * ``cudnn`` -- cuDNN's fused attention (``aten._scaled_dot_product_cudnn_attention`` /
   ``_backward``): ``(B, H, S, D)``, GQA native, top-left causal, LSE ``(B, H, S, 1)``; ~2x FA2 on
   Hopper.
@@ -23,12 +23,12 @@ _FA2_OPS = {
     "_flash_attention_forward": (
         ("query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal",
          "return_debug_mask"),
-        ("scale", "window_size_left", "window_size_right"),
+        ("scale",),
     ),
     "_flash_attention_backward": (
         ("grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
          "dropout_p", "is_causal", "rng_state", "unused"),
-        ("scale", "window_size_left", "window_size_right"),
+        ("scale",),
     ),
 }
 _CUDNN_OPS = {
@@ -70,32 +70,46 @@ class TorchCudaFlashBackend(TrimmedCausalBackend):
         return missing_ops(_FA2_OPS) + _cuda_reasons(call, max_head_dim=256) + self.band_reasons(call)
 
     @staticmethod
-    def _mask_args(causal: bool, sq: int, sk: int) -> dict:
-        """Top-left causal on a block with ``sk <= sq`` in FA2's bottom-right terms."""
-        if not causal or sq == sk:
-            return dict(is_causal=causal)
-        return dict(is_causal=False, window_size_left=-1, window_size_right=sq - sk)
-
-    def run_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float) -> Tuple[Tensor, Tensor]:
-        mask = self._mask_args(causal, q.shape[1], k.shape[1])
-        is_causal = mask.pop("is_causal")
+    def _call_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float) -> Tuple[Tensor, Tensor]:
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
-            *(_last_dim_contiguous(x) for x in (q, k, v)), None, None, q.shape[1], k.shape[1], 0.0, is_causal, False,
-            scale=softmax_scale, **mask,
+            *(_last_dim_contiguous(x) for x in (q, k, v)), None, None, q.shape[1], k.shape[1], 0.0, causal, False,
+            scale=softmax_scale,
         )
         return out, lse
 
-    def run_backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, softmax_scale: float
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        mask = self._mask_args(causal, q.shape[1], k.shape[1])
-        is_causal = mask.pop("is_causal")
+    @staticmethod
+    def _call_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float) -> Tuple[Tensor, Tensor, Tensor]:
         rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # only read with dropout
         unused = torch.empty(0, device=q.device)
         return torch.ops.aten._flash_attention_backward(
             *(_last_dim_contiguous(x) for x in (dout, q, k, v, out)), lse.contiguous(), None, None,
-            q.shape[1], k.shape[1], 0.0, is_causal, rng_state, unused, scale=softmax_scale, **mask,
+            q.shape[1], k.shape[1], 0.0, causal, rng_state, unused, scale=softmax_scale,
         )
+
+    # FA2's causal is bottom-right. The trimmed blocks are top-left causal with Sk <= Sq: the first
+    # Sk rows are a square causal block (both conventions agree) and the rest see every key. FA2's
+    # window arguments cannot express that (it clips windows wider than Sk to "unlimited").
+
+    def run_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+        sk = k.shape[1]
+        if not causal or q.shape[1] == sk:
+            return self._call_forward(q, k, v, causal, softmax_scale)
+        out_diag, lse_diag = self._call_forward(q[:, :sk], k, v, True, softmax_scale)
+        out_rest, lse_rest = self._call_forward(q[:, sk:], k, v, False, softmax_scale)
+        return torch.cat([out_diag, out_rest], 1), torch.cat([lse_diag, lse_rest], 2)
+
+    def run_backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, softmax_scale: float
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        sk = k.shape[1]
+        if not causal or q.shape[1] == sk:
+            return self._call_backward(dout, q, k, v, out, lse, causal, softmax_scale)
+        diag, rest = slice(None, sk), slice(sk, None)
+        dq_d, dk_d, dv_d = self._call_backward(dout[:, diag], q[:, diag], k, v, out[:, diag], lse[:, :, diag], True,
+                                               softmax_scale)
+        dq_r, dk_r, dv_r = self._call_backward(dout[:, rest], q[:, rest], k, v, out[:, rest], lse[:, :, rest], False,
+                                               softmax_scale)
+        return torch.cat([dq_d, dq_r], 1), dk_d + dk_r, dv_d + dv_r
 
 
 def _heads_first(x: Tensor) -> Tensor:
@@ -124,7 +138,8 @@ class CudnnBackend(TrimmedCausalBackend):
         empty = torch.empty(0, device=q.device)
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             *(_heads_first(_last_dim_contiguous(x)) for x in (dout, q, k, v, out)),
-            lse.contiguous().unsqueeze(-1), empty, empty, None, empty, empty, q.shape[1], k.shape[1], 0.0, causal,
+            # cum_seq_q/k undefined (None) mean a dense batch; defined ones would mean varlen
+            lse.contiguous().unsqueeze(-1), empty, empty, None, None, None, q.shape[1], k.shape[1], 0.0, causal,
             scale=softmax_scale,
         )
         return tuple(_heads_first(g) for g in grads)
