@@ -5,6 +5,16 @@ Drop-in for ring-flash-attn 0.1.x: the same function names, arguments and data l
 
 from .api import (
     ring_attention,
+    ring_attention_varlen,
+    ring_flash_attn_varlen_func,
+    ring_flash_attn_varlen_kvpacked_func,
+    ring_flash_attn_varlen_qkvpacked_func,
+    stripe_flash_attn_varlen_func,
+    stripe_flash_attn_varlen_kvpacked_func,
+    stripe_flash_attn_varlen_qkvpacked_func,
+    zigzag_ring_flash_attn_varlen_func,
+    zigzag_ring_flash_attn_varlen_kvpacked_func,
+    zigzag_ring_flash_attn_varlen_qkvpacked_func,
     ring_flash_attn_func,
     ring_flash_attn_kvpacked_func,
     ring_flash_attn_qkvpacked_func,

@@ -1,6 +1,6 @@
-"""Public functions: flash-attn's ``flash_attn_func`` family plus ``group=``, for the ring, zigzag
-and stripe layouts. Each unpacks its inputs, validates them, builds a :class:`RingPlan` and calls
-the one autograd Function; no algorithm lives here.
+"""Public functions: flash-attn's ``flash_attn_func`` / ``flash_attn_varlen_func`` families plus
+``group=``, for the ring, zigzag and stripe layouts. Each unpacks its inputs, validates them,
+builds a :class:`RingPlan` and calls the one autograd Function; no algorithm lives here.
 
 Extra keyword ``backend`` (default: ``$RING_FLASH_ATTN_BACKEND`` or ``"auto"``) forces a block
 kernel by name; see :mod:`ring_flash_attn.kernels`.
@@ -18,35 +18,17 @@ from .kernels import KernelCall, select_backend
 from .layouts import check_layout, check_local_seqlen
 from .ring import RingAttentionFunction, RingPlan
 from .schedules import ring_schedule
-from .validation import check_options, check_packed, check_qkv, group_rank_and_size
+from .validation import (check_cu_seqlens, check_cu_seqlens_tensor, check_options, check_packed, check_qkv,
+                         group_rank_and_size)
+from .varlen import host_offsets, varlen_ring_schedule
 
 Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 
-def ring_attention(
-    layout: str,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None,
-    causal: bool = False,
-    window_size: Tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
-    alibi_slopes: Optional[Tensor] = None,
-    deterministic: bool = False,
-    return_attn_probs: bool = False,
-    group: Optional[dist.ProcessGroup] = None,
-    backend: Optional[str] = None,
-) -> Result:
-    """Attention of this rank's queries over the whole sharded sequence, for any ``layout``."""
-    check_layout(layout)
-    check_qkv(q, k, v)
-    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs)
-    check_local_seqlen(layout, q.shape[1])
-    rank, world_size = group_rank_and_size(group)
-    schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal))
+def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, group, softmax_scale, deterministic,
+         backend: Optional[str], varlen: bool) -> Tuple[Tensor, Tensor]:
+    """Select the block kernel and run the ring on 4-D ``(B, S, H, D)`` tensors."""
     call = KernelCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -56,6 +38,7 @@ def ring_attention(
         bands=schedule.bands(),
         deterministic=deterministic,
         needs_backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        varlen=varlen,
     )
     plan = RingPlan(
         rank=rank,
@@ -65,12 +48,48 @@ def ring_attention(
         backend=select_backend(call, backend),
         softmax_scale=q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale),
     )
-    out, lse = RingAttentionFunction.apply(q, k, v, plan)
+    return RingAttentionFunction.apply(q, k, v, plan)
+
+
+def ring_attention(
+    layout: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None,
+) -> Result:
+    """Attention of this rank's queries ``(B, S, H, D)`` over the whole sharded sequence."""
+    check_layout(layout)
+    check_qkv(q, k, v)
+    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs)
+    check_local_seqlen(layout, q.shape[1])
+    rank, world_size = group_rank_and_size(group)
+    schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal))
+    out, lse = _run(q, k, v, schedule, rank, world_size, group, softmax_scale, deterministic, backend, varlen=False)
     return (out, lse, None) if return_attn_probs else out
 
 
+def ring_attention_varlen(
+    layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+    return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None,
+) -> Result:
+    """Packed documents: q ``(T, H, D)``, local ``cu_seqlens``; lse ``(H, T)``."""
+    check_layout(layout)
+    check_qkv(q, k, v, packed=True)
+    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs)
+    check_cu_seqlens_tensor(cu_seqlens)
+    offsets = host_offsets(cu_seqlens)
+    check_cu_seqlens(cu_seqlens, offsets, q.shape[0])
+    rank, world_size = group_rank_and_size(group)
+    schedule = varlen_ring_schedule(layout, offsets, world_size, bool(causal), q.device)
+    out, lse = _run(q[None], k[None], v[None], schedule, rank, world_size, group, softmax_scale, deterministic,
+                    backend, varlen=True)
+    return (out[0], lse[0], None) if return_attn_probs else out[0]
+
+
 def _family(layout: str, prefix: str) -> Tuple[Callable[..., Result], ...]:
-    """The three public functions (func, kvpacked_func, qkvpacked_func) of one layout."""
+    """The six public functions of one layout: (varlen_)(func, kvpacked_func, qkvpacked_func)."""
 
     def func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
              alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None, backend=None):
@@ -80,20 +99,40 @@ def _family(layout: str, prefix: str) -> Tuple[Callable[..., Result], ...]:
     def kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                       alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None, backend=None):
         check_packed(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
-        k, v = kv.unbind(2)
-        return func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        return func(q, *kv.unbind(2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                     deterministic, return_attn_probs, group, backend)
 
     def qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                        alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None, backend=None):
         check_packed(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
-        q, k, v = qkv.unbind(2)
-        return func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        return func(*qkv.unbind(2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                     deterministic, return_attn_probs, group, backend)
 
-    funcs = ((func, "func", "flash_attn_func"), (kvpacked_func, "kvpacked_func", "flash_attn_kvpacked_func"),
-             (qkvpacked_func, "qkvpacked_func", "flash_attn_qkvpacked_func"))
-    for fn, suffix, twin in funcs:
+    def varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                    return_attn_probs=False, group=None, backend=None):
+        return ring_attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                     window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group,
+                                     backend)
+
+    def varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                             return_attn_probs=False, group=None, backend=None):
+        check_packed(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
+        return varlen_func(q, *kv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+    def varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                              return_attn_probs=False, group=None, backend=None):
+        check_packed(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
+        return varlen_func(*qkv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+    funcs = (func, kvpacked_func, qkvpacked_func, varlen_func, varlen_kvpacked_func, varlen_qkvpacked_func)
+    for fn in funcs:
+        suffix = fn.__name__
+        twin = "flash_attn_" + suffix
         fn.__name__ = fn.__qualname__ = f"{prefix}_{suffix}"
         fn.__module__ = __name__
         fn.__doc__ = (
@@ -101,15 +140,16 @@ def _family(layout: str, prefix: str) -> Tuple[Callable[..., Result], ...]:
             f"ring_flash_attn.layouts). Arguments as flash-attn's ``{twin}`` plus ``group`` and ``backend``. "
             "Returns this rank's output, or ``(out, lse, None)`` with ``return_attn_probs=True``."
         )
-    return func, kvpacked_func, qkvpacked_func
+    return funcs
 
 
-ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_func = _family(
-    "ring", "ring_flash_attn"
-)
-zigzag_ring_flash_attn_func, zigzag_ring_flash_attn_kvpacked_func, zigzag_ring_flash_attn_qkvpacked_func = _family(
-    "zigzag", "zigzag_ring_flash_attn"
-)
-stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func = _family(
-    "stripe", "stripe_flash_attn"
-)
+(ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_func,
+ ring_flash_attn_varlen_func, ring_flash_attn_varlen_kvpacked_func, ring_flash_attn_varlen_qkvpacked_func,
+ ) = _family("ring", "ring_flash_attn")
+(zigzag_ring_flash_attn_func, zigzag_ring_flash_attn_kvpacked_func, zigzag_ring_flash_attn_qkvpacked_func,
+ zigzag_ring_flash_attn_varlen_func, zigzag_ring_flash_attn_varlen_kvpacked_func,
+ zigzag_ring_flash_attn_varlen_qkvpacked_func,
+ ) = _family("zigzag", "zigzag_ring_flash_attn")
+(stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func,
+ stripe_flash_attn_varlen_func, stripe_flash_attn_varlen_kvpacked_func, stripe_flash_attn_varlen_qkvpacked_func,
+ ) = _family("stripe", "stripe_flash_attn")

@@ -10,7 +10,7 @@ layouts: it asks the schedule which jobs to run for each (rank, K/V source) pair
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -18,9 +18,10 @@ import torch.distributed as dist
 from .comm import RingComm
 from .kernels import Backend
 from .merge import merge_into
-from .schedules import RingSchedule
+from .schedules import BlockJob, RingSchedule
 
 Tensor = torch.Tensor
+Rows = Union[slice, Tensor]  # a job's rows of the sequence dim (dim 1): a view, or gathered by index
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,7 +36,7 @@ class RingPlan:
     rank: int
     world_size: int
     comm: Optional[RingComm]  # None when the world size is 1
-    schedule: RingSchedule
+    schedule: RingSchedule  # or a VarlenRingSchedule: anything with jobs_for() and forwards_kv()
     backend: Backend
     softmax_scale: float
 
@@ -75,6 +76,43 @@ class KVRotation:
         self.k, self.v = self.buffers[self.current].unbind(0)
 
 
+def take(x: Tensor, rows: Rows, dim: int = 1) -> Tensor:
+    return x[(slice(None),) * dim + (rows,)] if isinstance(rows, slice) else x.index_select(dim, rows)
+
+
+def add_rows(acc: Tensor, rows: Rows, value: Tensor) -> None:
+    if isinstance(rows, slice):
+        acc[:, rows] += value
+    else:
+        acc.index_add_(1, rows, value.to(acc.dtype))
+
+
+def merge_rows(out: Tensor, lse: Tensor, rows: Rows, block_out: Tensor, block_lse: Tensor) -> None:
+    """Fold a block's result into the accumulators at ``rows`` (in place)."""
+    if isinstance(rows, slice):
+        merge_into(out[:, rows], lse[:, :, rows], block_out, block_lse)
+        return
+    out_rows, lse_rows = out.index_select(1, rows), lse.index_select(2, rows)
+    merge_into(out_rows, lse_rows, block_out, block_lse)
+    out.index_copy_(1, rows, out_rows)
+    lse.index_copy_(2, rows, lse_rows)
+
+
+def block_forward(plan: RingPlan, job: BlockJob, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """One job's (out, lse) with the tensors already cut to its rows; packed jobs run varlen."""
+    if job.varlen is None:
+        return plan.backend.forward(q, k, v, job.band, plan.softmax_scale)
+    out, lse = plan.backend.forward_varlen(q[0], k[0], v[0], job.varlen, plan.softmax_scale)
+    return out[None], lse[None]
+
+
+def block_backward(plan: RingPlan, job: BlockJob, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+    if job.varlen is None:
+        return plan.backend.backward(dout, q, k, v, out, lse, job.band, plan.softmax_scale)
+    grads = plan.backend.backward_varlen(dout[0], q[0], k[0], v[0], out[0], lse[0], job.varlen, plan.softmax_scale)
+    return tuple(g[None] for g in grads)
+
+
 def ring_forward(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """This rank's ``(out, lse)``: out like q in q's dtype, lse ``(B, H, S)`` in the accumulator dtype."""
     b, s, h, _ = q.shape
@@ -86,10 +124,8 @@ def ring_forward(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tenso
         src = (plan.rank - step) % plan.world_size
         kv.start(step)
         for job in plan.schedule.jobs_for(plan.rank, src):
-            block_out, block_lse = plan.backend.forward(
-                q[:, job.q], kv.k[:, job.kv], kv.v[:, job.kv], job.band, plan.softmax_scale
-            )
-            merge_into(out[:, job.q], lse[:, :, job.q], block_out, block_lse)
+            block_out, block_lse = block_forward(plan, job, take(q, job.q), take(kv.k, job.kv), take(kv.v, job.kv))
+            merge_rows(out, lse, job.q, block_out, block_lse)
         kv.finish()
     return out.to(q.dtype), lse
 
@@ -112,17 +148,17 @@ def ring_backward(
         block_grads = []
         for job in plan.schedule.jobs_for(plan.rank, src):
             rows = job.q
-            dq_b, dk_b, dv_b = plan.backend.backward(
-                dout[:, rows], q[:, rows], kv.k[:, job.kv], kv.v[:, job.kv], out[:, rows], lse[:, :, rows],
-                job.band, plan.softmax_scale,
+            dq_b, dk_b, dv_b = block_backward(
+                plan, job, take(dout, rows), take(q, rows), take(kv.k, job.kv), take(kv.v, job.kv), take(out, rows),
+                take(lse, rows, dim=2),
             )
-            dq[:, rows] += dq_b
+            add_rows(dq, rows, dq_b)
             block_grads.append((job.kv, dk_b, dv_b))
         RingComm.wait(dkv_works)  # the previous ranks' part of this block's dK/dV has arrived
         dkv = dkv_buffers[acc]
         for cols, dk_b, dv_b in block_grads:
-            dkv[0][:, cols] += dk_b
-            dkv[1][:, cols] += dv_b
+            add_rows(dkv[0], cols, dk_b)
+            add_rows(dkv[1], cols, dv_b)
         if plan.world_size > 1:
             dkv_works = plan.comm.start(dkv, dkv_buffers[1 - acc])
             acc = 1 - acc

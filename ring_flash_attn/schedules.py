@@ -11,17 +11,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
-from .kernels.base import Band
+from .kernels.base import Band, Tensor, VarlenMeta
 from .layouts import Segment, segments
 
 
 @dataclass(frozen=True)
 class BlockJob:
-    q: slice
-    kv: slice
+    """Rows ``q`` of this rank's queries against rows ``kv`` of the K/V block held (slices, or index
+    tensors for packed sequences), masked by ``band``. With ``varlen`` set the rows hold several
+    documents and the mask is per document (``VarlenMeta.causal``); ``band`` is then unused."""
+
+    q: Union[slice, Tensor]
+    kv: Union[slice, Tensor]
     band: Band
+    varlen: Optional[VarlenMeta] = None
 
 
 def _span(segs: Tuple[Segment, ...]) -> slice:

@@ -11,15 +11,19 @@ import torch.distributed as dist
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """q ``(B, S, H, D)``, k/v ``(B, S, Hk, D)``, ``H % Hk == 0``, one dtype, one device."""
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool = False) -> None:
+    """q ``(B, S, H, D)``, k/v ``(B, S, Hk, D)`` (packed: no batch dim), ``H % Hk == 0``, one dtype,
+    one device."""
+    dims = "(total_tokens, nheads, headdim)" if packed else "(batch, seqlen, nheads, headdim)"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims (batch, seqlen, nheads, headdim), got shape {tuple(t.shape)}")
+        if t.dim() != (3 if packed else 4):
+            raise ValueError(f"{name} must have {3 if packed else 4} dims {dims}, got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+    if packed:
+        q, k, v = q[None], k[None], v[None]
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -42,6 +46,22 @@ def check_packed(x: torch.Tensor, name: str, dim: int, count: int, ndim: int) ->
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim or x.shape[dim] != count:
         raise ValueError(f"{name} must have {ndim} dims with size {count} at dim {dim}, got shape {tuple(x.shape)}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, offsets: Tuple[int, ...], total_tokens: int) -> None:
+    """``cu_seqlens``: 1-D integer tensor whose host copy ``offsets`` ends at ``total_tokens``."""
+    if offsets[-1] != total_tokens:
+        raise ValueError(f"cu_seqlens ends at {offsets[-1]} but q holds {total_tokens} tokens")
+
+
+def check_cu_seqlens_tensor(cu_seqlens: torch.Tensor) -> None:
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32 tensor [0, len0, len0+len1, ...], got {cu_seqlens.dtype} "
+            f"shape {tuple(cu_seqlens.shape)}"
+        )
 
 
 def check_options(

@@ -7,7 +7,8 @@ ops: top-left), slicing away rows and columns the band leaves empty.
 
 Tensors at this boundary: q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hk, D)`` with ``H % Hk == 0``,
 out like q, lse ``(B, H, Sq)`` float32 (float64 for float64 inputs; ``-inf`` for rows that see
-no key).
+no key). Packed (varlen) blocks: q ``(Tq, H, D)``, k/v ``(Tk, Hk, D)``, lse ``(H, Tq)``, and a
+:class:`VarlenMeta` that says where each document's queries and keys are.
 """
 
 from __future__ import annotations
@@ -86,6 +87,59 @@ def pad_rows(block: Tensor, first_row: int, total_rows: int, dim: int, fill: flo
     return full
 
 
+@dataclass(frozen=True, eq=False)
+class VarlenMeta:
+    """Documents of a packed block: document ``i`` has queries ``offsets_q[i]:offsets_q[i+1]`` of
+    the packed q and keys ``offsets_k[i]:offsets_k[i+1]`` of the packed k. ``causal`` is aligned
+    bottom-right per document (flash convention: a document's last query sees all its keys), which
+    for equal lengths is the plain diagonal. Host offsets and device ``cu_seqlens`` are both kept,
+    built once per call so kernels need no host sync."""
+
+    offsets_q: Tuple[int, ...]
+    offsets_k: Tuple[int, ...]
+    causal: bool
+    cu_seqlens_q: Tensor
+    cu_seqlens_k: Tensor
+
+    @classmethod
+    def build(cls, offsets_q, offsets_k, causal: bool, device) -> "VarlenMeta":
+        if len(offsets_q) != len(offsets_k):
+            raise ValueError("query and key offsets must describe the same documents")
+        to_dev = lambda o: torch.tensor(o, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+        return cls(tuple(offsets_q), tuple(offsets_k), causal, to_dev(offsets_q), to_dev(offsets_k))
+
+    @property
+    def lengths(self) -> Tuple[Tuple[int, int], ...]:
+        oq, ok = self.offsets_q, self.offsets_k
+        return tuple((oq[i + 1] - oq[i], ok[i + 1] - ok[i]) for i in range(len(oq) - 1))
+
+    @property
+    def max_seqlen_q(self) -> int:
+        return max((lq for lq, _ in self.lengths), default=0)
+
+    @property
+    def max_seqlen_k(self) -> int:
+        return max((lk for _, lk in self.lengths), default=0)
+
+    @property
+    def square(self) -> bool:
+        """True when every causal document has as many queries as keys (top-left == bottom-right)."""
+        return not self.causal or all(lq == lk for lq, lk in self.lengths)
+
+    def dense_mask(self, device) -> Tensor:
+        """``(Tq, Tk)`` boolean: True where a query may see a key."""
+        lens = torch.tensor(self.lengths, dtype=torch.int64).reshape(-1, 2)
+        docs = torch.arange(len(lens))
+        q_doc, k_doc = docs.repeat_interleave(lens[:, 0]), docs.repeat_interleave(lens[:, 1])
+        q_pos = torch.arange(len(q_doc)) - torch.tensor(self.offsets_q[:-1], dtype=torch.int64)[q_doc]
+        k_pos = torch.arange(len(k_doc)) - torch.tensor(self.offsets_k[:-1], dtype=torch.int64)[k_doc]
+        ok = q_doc[:, None] == k_doc[None, :]
+        if self.causal:
+            shift = (lens[:, 1] - lens[:, 0])[q_doc]
+            ok &= k_pos[None, :] <= (q_pos + shift)[:, None]
+        return ok.to(device)
+
+
 @dataclass(frozen=True)
 class KernelCall:
     """What a ring call will ask of its block kernel; backends decide from this if they can serve it."""
@@ -98,10 +152,13 @@ class KernelCall:
     bands: Tuple[Band, ...]  # every band any rank's schedule will use
     deterministic: bool = False
     needs_backward: bool = True
+    varlen: bool = False  # packed documents (VarlenMeta)
+    varlen_offsets: bool = False  # some causal document has fewer queries than keys (llama3)
 
 
 class Backend:
-    """One way of computing a block. Subclasses fill in the three methods."""
+    """One way of computing a block. Subclasses fill in the three methods; the varlen pair has a
+    generic version (one dense call per document) that fast backends replace."""
 
     name: str = "?"
 
@@ -117,3 +174,51 @@ class Backend:
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Gradients of this block given the *final* out and lse of its queries (flash convention)."""
         raise NotImplementedError
+
+    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+        """Packed documents: ``(out (Tq, H, D), lse (H, Tq))``; rows with no key give 0 / -inf."""
+        from ..merge import merge_into
+
+        out = q.new_zeros(q.shape, dtype=_accumulator(q.dtype))
+        lse = torch.full((1, q.shape[1], q.shape[0]), float("-inf"), dtype=out.dtype, device=q.device)
+        for band, rows, keys in _document_blocks(meta):
+            o, l = self.forward(q[None, rows], k[None, keys], v[None, keys], band, softmax_scale)
+            merge_into(out[None, rows], lse[:, :, rows], o, l)
+        return out.to(q.dtype), lse[0]
+
+    def backward_varlen(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, meta: VarlenMeta, softmax_scale: float
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        dq, dk, dv = (torch.zeros_like(t, dtype=_accumulator(q.dtype)) for t in (q, k, v))
+        for band, rows, keys in _document_blocks(meta):
+            g = self.backward(dout[None, rows], q[None, rows], k[None, keys], v[None, keys], out[None, rows],
+                              lse[None, :, rows], band, softmax_scale)
+            dq[rows] += g[0][0]
+            dk[keys] += g[1][0]
+            dv[keys] += g[2][0]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _document_blocks(meta: VarlenMeta):
+    """(band, query rows, key rows) of dense blocks covering every document of ``meta``. A causal
+    document with ``lq < lk`` keys is cut into its key prefix (seen by all its queries) and a square
+    causal block, so kernels that only know top-left causal masks can run it."""
+    for i, (lq, lk) in enumerate(meta.lengths):
+        q0, k0 = meta.offsets_q[i], meta.offsets_k[i]
+        if lq == 0 or lk == 0:
+            continue
+        rows = slice(q0, q0 + lq)
+        if not meta.causal:
+            yield Band(), rows, slice(k0, k0 + lk)
+            continue
+        prefix = lk - lq
+        if prefix > 0:
+            yield Band(), rows, slice(k0, k0 + prefix)
+        first = max(0, -prefix)  # lq > lk: the first rows see no key
+        band = Band(None, -first).normalized(lq, lk - max(prefix, 0))
+        if band is not None:
+            yield band, rows, slice(k0 + max(prefix, 0), k0 + lk)

@@ -4,11 +4,11 @@ and the yardstick the fused backends are tested against."""
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from .base import Backend, Band, KernelCall, Tensor
+from .base import Backend, Band, KernelCall, Tensor, VarlenMeta
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -21,14 +21,18 @@ def _grouped(q: Tensor, nheads_k: int) -> Tensor:
     return q.reshape(b, s, nheads_k, h // nheads_k, d)
 
 
-def _scores(q: Tensor, k: Tensor, band: Band, softmax_scale: float) -> Tensor:
-    """Masked scaled scores (B, Hk, G, Sq, Sk) in the math dtype."""
+def _scores(q: Tensor, k: Tensor, allowed: Optional[Tensor], softmax_scale: float) -> Tensor:
+    """Scaled scores (B, Hk, G, Sq, Sk) in the math dtype, -inf where ``allowed`` is False."""
     dt = _math_dtype(q.dtype)
     qg = _grouped(q.to(dt), k.shape[2])
     scores = torch.einsum("bihgd,bjhd->bhgij", qg, k.to(dt)) * softmax_scale
-    if not band.is_full:
-        scores = scores.masked_fill(~band.allowed(q.shape[1], k.shape[1], q.device), float("-inf"))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
     return scores
+
+
+def _band_mask(band: Band, q: Tensor, k: Tensor) -> Optional[Tensor]:
+    return None if band.is_full else band.allowed(q.shape[1], k.shape[1], q.device)
 
 
 def _probs(scores: Tensor, lse: Tensor) -> Tensor:
@@ -46,21 +50,42 @@ class ReferenceBackend(Backend):
         return []
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, band: Band, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+        return self._forward(q, k, v, _band_mask(band, q, k), softmax_scale)
+
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, band: Band, softmax_scale: float
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return self._backward(dout, q, k, v, out, lse, _band_mask(band, q, k), softmax_scale)
+
+    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+        out, lse = self._forward(q[None], k[None], v[None], meta.dense_mask(q.device), softmax_scale)
+        return out[0], lse[0]
+
+    def backward_varlen(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, meta: VarlenMeta, softmax_scale: float
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        grads = self._backward(dout[None], q[None], k[None], v[None], out[None], lse[None], meta.dense_mask(q.device),
+                               softmax_scale)
+        return tuple(g[0] for g in grads)
+
+    @staticmethod
+    def _forward(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], softmax_scale: float) -> Tuple[Tensor, Tensor]:
         b, sq, h, d = q.shape
-        hk = k.shape[2]
-        scores = _scores(q, k, band, softmax_scale)
+        scores = _scores(q, k, allowed, softmax_scale)
         lse = torch.logsumexp(scores, dim=-1)  # -inf on rows with no key
         probs = _probs(scores, lse)
         out = torch.einsum("bhgij,bjhd->bihgd", probs, v.to(probs.dtype)).reshape(b, sq, h, d)
         return out, lse.reshape(b, h, sq)
 
-    def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, band: Band, softmax_scale: float
+    @staticmethod
+    def _backward(
+        dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, allowed: Optional[Tensor],
+        softmax_scale: float,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         b, sq, h, d = q.shape
         hk = k.shape[2]
         dt = _math_dtype(q.dtype)
-        probs = _probs(_scores(q, k, band, softmax_scale), lse.reshape(b, hk, h // hk, sq))
+        probs = _probs(_scores(q, k, allowed, softmax_scale), lse.reshape(b, hk, h // hk, sq))
         dout_g = _grouped(dout.to(dt), hk)
         dv = torch.einsum("bhgij,bihgd->bjhd", probs, dout_g)
         dprobs = torch.einsum("bihgd,bjhd->bhgij", dout_g, v.to(dt))

@@ -15,7 +15,7 @@ from typing import Tuple
 
 import torch
 
-from .base import KernelCall, Tensor
+from .base import KernelCall, Tensor, VarlenMeta
 from .schemas import missing_ops
 from .trimmed import TrimmedCausalBackend
 
@@ -28,6 +28,18 @@ _FA2_OPS = {
     "_flash_attention_backward": (
         ("grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
          "dropout_p", "is_causal", "rng_state", "unused"),
+        ("scale",),
+    ),
+}
+_CUDNN_VARLEN_OPS = {
+    "_cudnn_attention_forward": (
+        ("query", "key", "value", "attn_bias", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "compute_log_sumexp",
+         "dropout_p", "is_causal", "return_debug_mask"),
+        ("scale",),
+    ),
+    "_cudnn_attention_backward": (
+        ("grad_out", "query", "key", "value", "out", "logsumexp", "philox_seed", "philox_offset", "attn_bias",
+         "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal"),
         ("scale",),
     ),
 }
@@ -80,10 +92,9 @@ class TorchCudaFlashBackend(TrimmedCausalBackend):
     @staticmethod
     def _call_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float) -> Tuple[Tensor, Tensor, Tensor]:
         rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # only read with dropout
-        unused = torch.empty(0, device=q.device)
         return torch.ops.aten._flash_attention_backward(
             *(_last_dim_contiguous(x) for x in (dout, q, k, v, out)), lse.contiguous(), None, None,
-            q.shape[1], k.shape[1], 0.0, causal, rng_state, unused, scale=softmax_scale,
+            q.shape[1], k.shape[1], 0.0, causal, rng_state, torch.empty(0, device=q.device), scale=softmax_scale,
         )
 
     # FA2's causal is bottom-right. The trimmed blocks are top-left causal with Sk <= Sq: the first
@@ -111,6 +122,25 @@ class TorchCudaFlashBackend(TrimmedCausalBackend):
                                                softmax_scale)
         return torch.cat([dq_d, dq_r], 1), dk_d + dk_r, dv_d + dv_r
 
+    # Packed documents: FA2's varlen mode is native, bottom-right causal per document.
+
+    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(
+            *(_last_dim_contiguous(x) for x in (q, k, v)), meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
+            meta.max_seqlen_k, 0.0, meta.causal, False, scale=softmax_scale,
+        )
+        return out, lse.masked_fill(torch.isposinf(lse), float("-inf"))  # FA2 marks rows with no key +inf
+
+    def backward_varlen(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, meta: VarlenMeta, softmax_scale: float
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        return torch.ops.aten._flash_attention_backward(
+            *(_last_dim_contiguous(x) for x in (dout, q, k, v, out)), lse.contiguous(), meta.cu_seqlens_q,
+            meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, 0.0, meta.causal, rng_state,
+            torch.empty(0, device=q.device), scale=softmax_scale,
+        )
+
 
 def _heads_first(x: Tensor) -> Tensor:
     return x.transpose(1, 2)
@@ -121,6 +151,8 @@ class CudnnBackend(TrimmedCausalBackend):
 
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
         reasons = missing_ops(_CUDNN_OPS) + _cuda_reasons(call, max_head_dim=128) + self.band_reasons(call)
+        if call.varlen:
+            reasons += missing_ops(_CUDNN_VARLEN_OPS)
         if call.device_type == "cuda" and not torch.backends.cudnn.is_available():
             reasons.append("cuDNN is not available in this PyTorch build")
         return reasons
@@ -143,3 +175,27 @@ class CudnnBackend(TrimmedCausalBackend):
             scale=softmax_scale,
         )
         return tuple(_heads_first(g) for g in grads)
+
+    # Packed documents: cuDNN's varlen op where every causal document is square (its causal mask
+    # is top-left); otherwise the generic one-call-per-document path.
+
+    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+        if not meta.square:
+            return super().forward_varlen(q, k, v, meta, softmax_scale)
+        out, lse, *_ = torch.ops.aten._cudnn_attention_forward(
+            *(_last_dim_contiguous(x) for x in (q, k, v)), None, meta.cu_seqlens_q, meta.cu_seqlens_k,
+            meta.max_seqlen_q, meta.max_seqlen_k, True, 0.0, meta.causal, False, scale=softmax_scale,
+        )
+        return out, lse.squeeze(-1).t()
+
+    def backward_varlen(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, meta: VarlenMeta, softmax_scale: float
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        if not meta.square:
+            return super().backward_varlen(dout, q, k, v, out, lse, meta, softmax_scale)
+        empty = torch.empty(0, device=q.device)
+        return torch.ops.aten._cudnn_attention_backward(
+            *(_last_dim_contiguous(x) for x in (dout, q, k, v, out)), lse.t().contiguous().unsqueeze(-1), empty, empty,
+            None, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, 0.0, meta.causal,
+            scale=softmax_scale,
+        )
