@@ -25,6 +25,15 @@ from .api import (
     zigzag_ring_flash_attn_kvpacked_func,
     zigzag_ring_flash_attn_qkvpacked_func,
 )
+from .allgather import llama3_flash_attn_prepare_cu_seqlens
+from .api_allgather import (
+    llama3_flash_attn_varlen_func,
+    llama3_flash_attn_varlen_kvpacked_func,
+    llama3_flash_attn_varlen_qkvpacked_func,
+    zigzag_llama3_flash_attn_varlen_func,
+    zigzag_llama3_flash_attn_varlen_kvpacked_func,
+    zigzag_llama3_flash_attn_varlen_qkvpacked_func,
+)
 from .layouts import LAYOUTS, position_ids, shard, unshard
 
 __version__ = "0.2.0.dev0"

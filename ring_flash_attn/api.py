@@ -26,27 +26,38 @@ Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 
-def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, group, softmax_scale, deterministic,
-         backend: Optional[str], varlen: bool) -> Tuple[Tensor, Tensor]:
-    """Select the block kernel and run the ring on 4-D ``(B, S, H, D)`` tensors."""
+def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: bool, backend: Optional[str],
+                        varlen: bool = False, varlen_offsets: bool = False):
+    """The block kernel for 4-D ``(B, S, H, D)`` tensors (see :func:`ring_flash_attn.kernels.select_backend`)."""
     call = KernelCall(
         device_type=q.device.type,
         dtype=q.dtype,
-        head_dim=q.shape[3],
-        nheads=q.shape[2],
-        nheads_k=k.shape[2],
-        bands=schedule.bands(),
+        head_dim=q.shape[-1],
+        nheads=q.shape[-2],
+        nheads_k=k.shape[-2],
+        bands=tuple(bands),
         deterministic=deterministic,
         needs_backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
         varlen=varlen,
+        varlen_offsets=varlen_offsets,
     )
+    return select_backend(call, backend)
+
+
+def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:
+    return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, group, softmax_scale, deterministic,
+         backend: Optional[str], varlen: bool) -> Tuple[Tensor, Tensor]:
+    """Select the block kernel and run the ring on 4-D ``(B, S, H, D)`` tensors."""
     plan = RingPlan(
         rank=rank,
         world_size=world_size,
         comm=RingComm(group) if world_size > 1 else None,
         schedule=schedule,
-        backend=select_backend(call, backend),
-        softmax_scale=q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale),
+        backend=select_block_kernel(q, k, v, schedule.bands(), deterministic, backend, varlen),
+        softmax_scale=default_scale(q, softmax_scale),
     )
     return RingAttentionFunction.apply(q, k, v, plan)
 

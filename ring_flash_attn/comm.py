@@ -1,6 +1,7 @@
 """Point-to-point exchange around the ring: each rank sends to ``rank + 1`` and receives from
 ``rank - 1`` (ranks within the process group), all posted in one ``batch_isend_irecv`` so the
-transfer runs while the caller computes. Buffers belong to the caller and are reused every hop."""
+transfer runs while the caller computes. Buffers belong to the caller and are reused every hop.
+Also the asynchronous all-gather / reduce-scatter of the all-gather (llama3) family."""
 
 from __future__ import annotations
 
@@ -34,3 +35,13 @@ class RingComm:
     def wait(works: List[dist.Work]) -> None:
         for work in works:
             work.wait()
+
+
+def all_gather_async(output: torch.Tensor, local: torch.Tensor, group: Optional[dist.ProcessGroup]) -> dist.Work:
+    """``output`` (W * n, ...) gets every rank's contiguous ``local`` (n, ...), in rank order."""
+    return dist.all_gather_into_tensor(output, local, group=group, async_op=True)
+
+
+def reduce_scatter_async(output: torch.Tensor, full: torch.Tensor, group: Optional[dist.ProcessGroup]) -> dist.Work:
+    """``output`` (n, ...) gets the sum over ranks of this rank's part of ``full`` (W * n, ...)."""
+    return dist.reduce_scatter_tensor(output, full, group=group, async_op=True)

@@ -103,3 +103,91 @@ def unshard(shards: Sequence[torch.Tensor], layout: str, dim: int = 1) -> torch.
     seqlen = local_len * world_size
     order = torch.cat([position_ids(layout, r, world_size, seqlen, shards[0].device) for r in range(world_size)])
     return torch.cat(list(shards), dim=dim).index_select(dim, torch.argsort(order))
+
+
+# ---- packed sequences (varlen) -------------------------------------------------------------------
+# Per-document layouts ("ring", "zigzag", "stripe"): every document is split across the ranks as a
+# sequence would be. Whole-pack layouts ("llama3", "zigzag_llama3"): the packed batch is split as one
+# sequence ("ring" / "zigzag"), documents crossing rank boundaries freely.
+
+PACKED_LAYOUTS = {"llama3": "ring", "zigzag_llama3": "zigzag"}
+VARLEN_LAYOUTS = LAYOUTS + tuple(PACKED_LAYOUTS)
+
+
+def _offsets(cu_seqlens) -> Tuple[int, ...]:
+    return tuple(int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens))
+
+
+def varlen_token_index(cu_seqlens, layout: str, rank: int, world_size: int) -> torch.Tensor:
+    """Indices (int64) into the global packed tokens of the tokens rank ``rank`` holds, in local order."""
+    offsets = _offsets(cu_seqlens)
+    if layout in PACKED_LAYOUTS:
+        return position_ids(PACKED_LAYOUTS[layout], rank, world_size, offsets[-1])
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown varlen layout {layout!r}; expected one of {VARLEN_LAYOUTS}")
+    runs = []
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        if stop - start:
+            runs.append(start + position_ids(layout, rank, world_size, stop - start))
+    return torch.cat(runs) if runs else torch.zeros(0, dtype=torch.int64)
+
+
+def local_cu_seqlens(cu_seqlens: torch.Tensor, layout: str, world_size: int) -> torch.Tensor:
+    """The local cu_seqlens of a per-document layout (global // W), after checking divisibility."""
+    offsets = _offsets(cu_seqlens)
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        if stop > start:
+            check_global_seqlen(layout, stop - start, world_size)
+    return torch.div(cu_seqlens, world_size, rounding_mode="floor").to(torch.int32)
+
+
+def shard_varlen(x: torch.Tensor, cu_seqlens, layout: str, rank: int, world_size: int, dim: int = 0) -> torch.Tensor:
+    """This rank's tokens of the packed tensor ``x`` (tokens along ``dim``)."""
+    return x.index_select(dim, varlen_token_index(cu_seqlens, layout, rank, world_size).to(x.device)).contiguous()
+
+
+def unshard_varlen(shards: Sequence[torch.Tensor], cu_seqlens, layout: str, dim: int = 0) -> torch.Tensor:
+    """Inverse of :func:`shard_varlen`, from every rank's shard in rank order."""
+    world_size = len(shards)
+    order = torch.cat([varlen_token_index(cu_seqlens, layout, r, world_size) for r in range(world_size)])
+    return torch.cat(list(shards), dim=dim).index_select(dim, torch.argsort(order).to(shards[0].device))
+
+
+def varlen_position_ids(cu_seqlens, layout: str, rank: int, world_size: int) -> torch.Tensor:
+    """Position of each local token inside its document (what RoPE needs for packed batches)."""
+    offsets = _offsets(cu_seqlens)
+    total = offsets[-1]
+    lengths = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
+    starts = torch.repeat_interleave(torch.tensor(offsets[:-1]), lengths)
+    within = torch.arange(total) - starts
+    return within[varlen_token_index(offsets, layout, rank, world_size)]
+
+
+def pad_cu_seqlens(cu_seqlens, multiple: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pad every document to a multiple of ``multiple`` tokens (padding appended at its end).
+
+    Returns ``(padded_cu_seqlens, real_index)``: ``real_index`` gives each real token's position in
+    the padded packing. Padding at the end of a document is never seen by its real tokens under
+    causal attention; for non-causal attention use the llama3 family (no divisibility needed) or
+    mask the padding yourself."""
+    offsets = _offsets(cu_seqlens)
+    padded, index = [0], []
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        length = stop - start
+        index.append(torch.arange(length) + padded[-1])
+        padded.append(padded[-1] + -(-length // multiple) * multiple)
+    device = cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else None
+    real_index = torch.cat(index) if index else torch.zeros(0, dtype=torch.int64)
+    return torch.tensor(padded, dtype=torch.int32, device=device), real_index.to(device)
+
+
+def pad_varlen(x: torch.Tensor, real_index: torch.Tensor, padded_tokens: int, dim: int = 0, value: float = 0.0):
+    """Scatter the real tokens of ``x`` to their padded positions (the rest filled with ``value``)."""
+    shape = list(x.shape)
+    shape[dim] = padded_tokens
+    return x.new_full(shape, value).index_copy(dim, real_index.to(x.device), x)
+
+
+def unpad_varlen(x: torch.Tensor, real_index: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The real tokens of a padded packing (inverse of :func:`pad_varlen`)."""
+    return x.index_select(dim, real_index.to(x.device))

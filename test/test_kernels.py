@@ -97,3 +97,55 @@ def test_schema_check_reports_changed_ops():
     assert "has no aten" in missing_ops({"no_such_op_xyz": ((), ())})[0]
     assert "arguments changed" in missing_ops({"_scaled_dot_product_flash_attention_for_cpu": (("key",), ())})[0]
     assert "no argument" in missing_ops({"_scaled_dot_product_flash_attention_for_cpu": ((), ("bogus",))})[0]
+
+
+VARLEN_DOCS = [  # (query length, key length) per document; causal is bottom-right per document
+    ((5, 5), (1, 1), (3, 3), (0, 0), (7, 7)),
+    ((2, 6), (4, 4), (1, 9), (3, 3)),  # llama3-style: fewer queries than keys
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+@pytest.mark.parametrize("docs", VARLEN_DOCS, ids=["square", "offsets"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_block(device, name, docs, causal, dtype):
+    from ring_flash_attn.kernels.base import VarlenMeta
+
+    offsets_q, offsets_k = [0], [0]
+    for lq, lk in docs:
+        offsets_q.append(offsets_q[-1] + lq)
+        offsets_k.append(offsets_k[-1] + lk)
+    meta = VarlenMeta.build(offsets_q, offsets_k, causal, device)
+    call = KernelCall(device_type=device, dtype=dtype, head_dim=32, nheads=4, nheads_k=2,
+                      bands=(Band(None, 0) if causal else Band(),), varlen=True, varlen_offsets=not meta.square)
+    backend = BACKENDS[name]
+    reasons = backend.not_supported_reasons(call)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    gen = torch.Generator().manual_seed(1)
+    q, dout = (torch.randn(offsets_q[-1], 4, 32, generator=gen).to(device, dtype) for _ in range(2))
+    k, v = (torch.randn(offsets_k[-1], 2, 32, generator=gen).to(device, dtype) for _ in range(2))
+    out, lse = backend.forward_varlen(q, k, v, meta, 0.3)
+    assert out.shape == q.shape and lse.shape == (4, q.shape[0])
+    # float64 reference through the dense mask
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    s = torch.einsum("ihd,jhd->hij", qd, kd.repeat_interleave(2, 1)) * 0.3
+    s = s.masked_fill(~meta.dense_mask(device), float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    ref = torch.einsum("hij,jhd->ihd", torch.exp(s - ref_lse[..., None]), vd.repeat_interleave(2, 1))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (lse.double() - ref_lse).abs().max() < 1e-4
+    assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
+    grads = backend.backward_varlen(dout, q, k, v, out, lse, meta, 0.3)
+    for got, want in zip(grads, torch.autograd.grad(ref, (qd, kd, vd), dout.double())):
+        assert got.shape == want.shape
+        assert (got.double() - want).abs().max() <= tol * want.abs().max()
+
+
+def test_cudnn_refuses_bottom_right_documents():
+    call = KernelCall(device_type="cuda", dtype=torch.bfloat16, head_dim=64, nheads=4, nheads_k=2,
+                      bands=(Band(None, 0),), varlen=True, varlen_offsets=True)
+    reasons = BACKENDS["cudnn"].not_supported_reasons(call)
+    assert reasons and (not torch.cuda.is_available() or any("bottom-right" in r for r in reasons))

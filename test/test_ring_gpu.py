@@ -1,5 +1,6 @@
 """The correctness suite on GPUs over NCCL, for every CUDA block kernel: every layout x packing x
-causal, bf16 and fp16, MHA and GQA, forward and backward against the float64 reference.
+causal, batch and packed (varlen, all five families), bf16 and fp16, MHA and GQA, forward and
+backward against the float64 reference.
 
 Skipped without CUDA. Run on a GPU machine with ``python -m pytest -q test/test_ring_gpu.py``
 (W = 1 and every W up to the number of GPUs, at most 8)."""
@@ -11,7 +12,10 @@ import itertools
 import pytest
 import torch
 
-from attention_cases import PACKINGS, Case, check
+import attention_cases
+import varlen_cases
+from attention_cases import PACKINGS, Case
+from varlen_cases import VarlenCase
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 WORLD_SIZES = [w for w in (1, 2, 4, 8) if w <= GPUS]
@@ -30,6 +34,21 @@ def _cases() -> list:
     for w, layout in itertools.product(WORLD_SIZES or [2], ("ring", "zigzag", "stripe")):  # fp32 via the reference
         cases.append(Case(layout=layout, packing="func", causal=True, dtype="fp32", backend="auto", world_size=w,
                           local_len=64, nheads=4, nheads_k=2, head_dim=64, device="cuda"))
+    for n, (w, backend, layout, packing, causal) in enumerate(itertools.product(
+            WORLD_SIZES or [2], ("cudnn", "torch_cuda_flash"), ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3"),
+            PACKINGS, (True, False))):
+        if backend == "cudnn" and causal and layout in ("llama3", "zigzag_llama3"):
+            continue  # needs a bottom-right causal mask: refused by cuDNN (tested on CPU), run by FA2
+        unit = 2 * w * 8
+        docs = (unit * 3, unit, unit * 5, unit * 2) if n % 3 else (unit * 6,)
+        if layout in ("llama3", "zigzag_llama3"):
+            docs = (200, 1, 37, 700, 5) if n % 3 else (unit * 6,)
+            docs += (2 * w * 16 + (-sum(docs)) % (2 * w),)  # the pack splits into 2W equal chunks
+        mha = packing == "qkvpacked"
+        cases.append(VarlenCase(layout=layout, packing=packing, causal=causal, dtype=("bf16", "fp16")[n % 2],
+                                backend=backend, world_size=w, doc_lengths=docs, nheads=8, nheads_k=8 if mha else 2,
+                                head_dim=(64, 128)[n % 2], heads_k_stride=(None, 1)[n % 2] if not mha else None,
+                                seed=n, device="cuda"))
     return cases
 
 
@@ -41,5 +60,6 @@ CASES = _cases()
 def test_gpu_matches_float64_reference(dist_pool, case):
     if case.world_size > GPUS:
         pytest.skip(f"needs {case.world_size} GPUs")
-    per_rank = dist_pool(case.world_size, "nccl").run("attention_cases:run_rank", case=case)
-    check(case, per_rank)
+    module = varlen_cases if isinstance(case, VarlenCase) else attention_cases
+    per_rank = dist_pool(case.world_size, "nccl").run(f"{module.__name__}:run_rank", case=case)
+    module.check(case, per_rank)

@@ -60,6 +60,8 @@ def _cuda_reasons(call: KernelCall, max_head_dim: int) -> list[str]:
     reasons = []
     if call.device_type != "cuda":
         return [f"runs on CUDA tensors only, got {call.device_type}"]
+    if not torch.cuda.is_available():
+        return ["CUDA is not available"]
     if torch.version.hip is not None:
         reasons.append("not built for ROCm here")
     elif torch.cuda.get_device_capability() < (8, 0):
@@ -153,6 +155,9 @@ class CudnnBackend(TrimmedCausalBackend):
         reasons = missing_ops(_CUDNN_OPS) + _cuda_reasons(call, max_head_dim=128) + self.band_reasons(call)
         if call.varlen:
             reasons += missing_ops(_CUDNN_VARLEN_OPS)
+        if call.varlen_offsets:
+            reasons.append("causal documents with fewer queries than keys (llama3) need a bottom-right mask; "
+                           "cuDNN's is top-left (torch_cuda_flash has it)")
         if call.device_type == "cuda" and not torch.backends.cudnn.is_available():
             reasons.append("cuDNN is not available in this PyTorch build")
         return reasons

@@ -1,0 +1,234 @@
+"""The all-gather (llama3) family for packed documents.
+
+Each rank keeps its queries and gathers the K/V of every rank, ``heads_k_stride`` K/V heads at a
+time (the next chunk's all-gather in flight while the current chunk computes), then runs one
+varlen kernel call per chunk: each local document piece attends to its document's keys from the
+document's start (causal: up to the piece's end, bottom-right aligned). Backward gathers again and
+reduce-scatters dK/dV (float32) back to their owners. Memory grows with the stride, not with all
+heads.
+
+Two layouts of the packed batch: ``llama3`` (rank r holds the contiguous r-th 1/W of the packed
+tokens; documents cross rank boundaries freely, no divisibility per document) and ``zigzag``
+(rank r holds chunks r and 2W-1-r of 2W chunks of the packed tokens: balanced causal work).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .comm import all_gather_async, reduce_scatter_async
+from .kernels import Backend
+from .kernels.base import VarlenMeta
+from .ring import take
+
+Tensor = torch.Tensor
+Rows = Union[slice, Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class AllGatherPlan:
+    rank: int
+    world_size: int
+    group: Optional[dist.ProcessGroup]
+    backend: Backend
+    softmax_scale: float
+    heads_k_stride: int
+    meta: VarlenMeta  # local query documents against the selected keys
+    k_rows: Rows  # rows of the gathered keys (global order) that ``meta``'s keys are
+    zigzag: bool  # shards are zigzag chunks: gathered K/V are reordered to global order
+
+
+def local_pieces(layout: str, rank: int, world_size: int, local_tokens: int) -> Tuple[Tuple[int, int], ...]:
+    """(global start, length) of the contiguous runs of packed tokens this rank holds, in local order."""
+    if layout == "llama3":
+        return ((rank * local_tokens, local_tokens),)
+    if local_tokens % 2:
+        raise ValueError(f"zigzag layout needs an even number of local tokens, got {local_tokens}")
+    half = local_tokens // 2
+    return ((rank * half, half), ((2 * world_size - 1 - rank) * half, half))
+
+
+@lru_cache(maxsize=64)
+def document_meta(
+    global_offsets: Tuple[int, ...], pieces: Tuple[Tuple[int, int], ...], causal: bool, device: torch.device
+) -> Tuple[VarlenMeta, Rows]:
+    """Per-document query/key extents of this rank's pieces: ``(meta, rows of the global keys)``."""
+    q_offsets, k_offsets, k_ranges = [0], [0], []
+    for start, length in pieces:
+        stop = start + length
+        first = bisect.bisect_right(global_offsets, start) - 1
+        for doc in range(max(first, 0), len(global_offsets) - 1):
+            doc_start, doc_stop = global_offsets[doc], global_offsets[doc + 1]
+            if doc_start >= stop:
+                break
+            q_lo, q_hi = max(doc_start, start), min(doc_stop, stop)
+            if q_hi <= q_lo:
+                continue
+            k_hi = q_hi if causal else doc_stop
+            q_offsets.append(q_offsets[-1] + q_hi - q_lo)
+            k_offsets.append(k_offsets[-1] + k_hi - doc_start)
+            k_ranges.append((doc_start, k_hi))
+    contiguous = all(a[1] == b[0] for a, b in zip(k_ranges[:-1], k_ranges[1:]))
+    if contiguous:
+        rows: Rows = slice(k_ranges[0][0], k_ranges[-1][1])
+    else:
+        rows = torch.cat([torch.arange(a, b) for a, b in k_ranges]).to(device)
+    return VarlenMeta.build(q_offsets, k_offsets, causal, device), rows
+
+
+def llama3_flash_attn_prepare_cu_seqlens(
+    cu_seqlens: Tensor, causal: bool, rank: int, world_size: int
+) -> Tuple[Tensor, Tensor, int, int, slice]:
+    """ring-flash-attn's helper: from the global ``cu_seqlens`` of the packed batch, this rank's
+    ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice)`` for
+    :func:`llama3_flash_attn_varlen_func`. Call once per batch and reuse for every layer."""
+    offsets = tuple(int(x) for x in cu_seqlens.tolist())
+    total = offsets[-1]
+    if total % world_size:
+        raise ValueError(f"the packed batch ({total} tokens) must split evenly over {world_size} ranks")
+    pieces = local_pieces("llama3", rank, world_size, total // world_size)
+    meta, rows = document_meta(offsets, pieces, causal, cu_seqlens.device)
+    return meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, rows
+
+
+def _global_order(gathered: Tensor, world_size: int) -> Tensor:
+    """Rank-major zigzag shards ``(W * T, ...)`` -> global token order."""
+    chunks = gathered.unflatten(0, (world_size, 2, -1))
+    return torch.cat([chunks[:, 0], chunks.flip(0)[:, 1]], dim=0).flatten(0, 1)
+
+
+def _rank_order(full: Tensor, world_size: int) -> Tensor:
+    """Inverse of :func:`_global_order`."""
+    chunks = full.unflatten(0, (2 * world_size, -1))
+    return torch.stack([chunks[:world_size], chunks[world_size:].flip(0)], dim=1).flatten(0, 2)
+
+
+class KVGather:
+    """All-gathers K/V ``heads_k_stride`` heads at a time into two alternating buffers."""
+
+    def __init__(self, plan: AllGatherPlan, k: Tensor, v: Tensor) -> None:
+        self.plan, self.k, self.v = plan, k, v
+        shape = (k.shape[0], 2, plan.heads_k_stride, k.shape[2])
+        self.local = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in range(2)]
+        self.gathered = [
+            torch.empty((plan.world_size * shape[0], *shape[1:]), dtype=k.dtype, device=k.device) for _ in range(2)
+        ] if plan.world_size > 1 else self.local
+        self.works: List[Optional[dist.Work]] = [None, None]
+
+    def start(self, chunk: int) -> None:
+        slot, heads = chunk % 2, self.heads(chunk)
+        self.local[slot][:, 0].copy_(self.k[:, heads])
+        self.local[slot][:, 1].copy_(self.v[:, heads])
+        if self.plan.world_size > 1:
+            self.works[slot] = all_gather_async(self.gathered[slot], self.local[slot], self.plan.group)
+
+    def heads(self, chunk: int) -> slice:
+        return slice(chunk * self.plan.heads_k_stride, (chunk + 1) * self.plan.heads_k_stride)
+
+    def keys(self, chunk: int) -> Tuple[Tensor, Tensor]:
+        """Wait for ``chunk``'s gather; its K and V rows that this rank's queries need."""
+        slot = chunk % 2
+        if self.works[slot] is not None:
+            self.works[slot].wait()
+            self.works[slot] = None
+        kv = self.gathered[slot]
+        if self.plan.zigzag and self.plan.world_size > 1:
+            kv = _global_order(kv, self.plan.world_size)
+        kv = take(kv, self.plan.k_rows, dim=0)
+        return kv[:, 0], kv[:, 1]
+
+
+def _chunks(plan: AllGatherPlan, k: Tensor) -> range:
+    return range(k.shape[1] // plan.heads_k_stride)
+
+
+def allgather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(out (T, H, D), lse (H, T) float32)`` for packed local queries ``q (T, H, D)``."""
+    group_size = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    gather = KVGather(plan, k, v)
+    chunks = _chunks(plan, k)
+    gather.start(0)
+    for c in chunks:
+        if c + 1 < len(chunks):
+            gather.start(c + 1)
+        k_c, v_c = gather.keys(c)
+        kv_heads = gather.heads(c)
+        heads = slice(kv_heads.start * group_size, kv_heads.stop * group_size)
+        out[:, heads], lse[heads] = plan.backend.forward_varlen(q[:, heads], k_c, v_c, plan.meta, plan.softmax_scale)
+    return out, lse
+
+
+def allgather_backward(
+    plan: AllGatherPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    group_size = q.shape[1] // k.shape[1]
+    w, tokens = plan.world_size, k.shape[0]
+    dq = torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    gather = KVGather(plan, k, v)
+    chunks = _chunks(plan, k)
+    pending: Optional[Tuple[dist.Work, Tensor, slice]] = None
+
+    def finish(work_result):
+        work, result, kv_heads = work_result
+        if work is not None:
+            work.wait()
+        dk[:, kv_heads], dv[:, kv_heads] = result[:, 0], result[:, 1]
+
+    gather.start(0)
+    for c in chunks:
+        if c + 1 < len(chunks):
+            gather.start(c + 1)
+        k_c, v_c = gather.keys(c)
+        kv_heads = gather.heads(c)
+        heads = slice(kv_heads.start * group_size, kv_heads.stop * group_size)
+        dq[:, heads], dk_c, dv_c = plan.backend.backward_varlen(
+            dout[:, heads], q[:, heads], k_c, v_c, out[:, heads], lse[heads], plan.meta, plan.softmax_scale
+        )
+        full = torch.zeros((w * tokens, 2, *dk_c.shape[1:]), dtype=torch.float32, device=k.device)
+        if isinstance(plan.k_rows, slice):
+            full[plan.k_rows, 0] += dk_c
+            full[plan.k_rows, 1] += dv_c
+        else:
+            full.index_add_(0, plan.k_rows, torch.stack([dk_c, dv_c], 1).float())
+        if pending is not None:
+            finish(pending)
+        if w == 1:
+            pending = (None, full, kv_heads)
+            continue
+        if plan.zigzag:
+            full = _rank_order(full, w)
+        mine = torch.empty((tokens, *full.shape[1:]), dtype=torch.float32, device=k.device)
+        pending = (reduce_scatter_async(mine, full, plan.group), mine, kv_heads)
+    finish(pending)
+    return dq, dk, dv
+
+
+class AllGatherAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: AllGatherPlan) -> Tuple[Tensor, Tensor]:
+        out, lse = allgather_forward(plan, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, _dlse: Optional[Tensor]):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*allgather_backward(ctx.plan, dout, q, k, v, out, lse), None)
+
+
+def check_heads_k_stride(heads_k_stride: Optional[int], nheads_k: int) -> int:
+    stride = nheads_k if heads_k_stride is None else int(heads_k_stride)
+    if stride <= 0 or nheads_k % stride:
+        raise ValueError(f"heads_k_stride ({heads_k_stride}) must be a positive divisor of nheads_k ({nheads_k})")
+    return stride

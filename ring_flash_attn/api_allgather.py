@@ -1,0 +1,132 @@
+"""Public functions of the all-gather family: ``llama3_flash_attn_varlen_*`` (ring-flash-attn
+0.1.x's signatures, with its :func:`llama3_flash_attn_prepare_cu_seqlens`) and the load-balanced
+``zigzag_llama3_flash_attn_varlen_*`` (global ``cu_seqlens``, each rank holding zigzag chunks of
+the packed batch). Thin wrappers: validate, build an :class:`AllGatherPlan`, call the Function."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .allgather import AllGatherAttentionFunction, AllGatherPlan, check_heads_k_stride, document_meta, local_pieces
+from .api import default_scale, select_block_kernel
+from .kernels.base import Band, VarlenMeta
+from .validation import (check_cu_seqlens_tensor, check_options, check_packed, check_qkv, group_rank_and_size)
+from .varlen import host_offsets
+
+Tensor = torch.Tensor
+Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
+
+
+def _allgather(q, k, v, meta: VarlenMeta, k_rows, zigzag: bool, heads_k_stride, dropout_p, softmax_scale, causal,
+               window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend) -> Result:
+    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs)
+    rank, world_size = group_rank_and_size(group)
+    if meta.offsets_q[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens_q ends at {meta.offsets_q[-1]} but q holds {q.shape[0]} tokens")
+    band = Band(None, 0) if causal else Band()
+    plan = AllGatherPlan(
+        rank=rank,
+        world_size=world_size,
+        group=group,
+        backend=select_block_kernel(q, k, v, (band,), deterministic, backend, varlen=True,
+                                    varlen_offsets=bool(causal)),
+        softmax_scale=default_scale(q, softmax_scale),
+        heads_k_stride=check_heads_k_stride(heads_k_stride, k.shape[1]),
+        meta=meta,
+        k_rows=k_rows,
+        zigzag=zigzag,
+    )
+    out, lse = AllGatherAttentionFunction.apply(q, k, v, plan)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def llama3_flash_attn_varlen_func(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, heads_k_stride: int, local_k_slice: slice, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None,
+) -> Result:
+    """Exact attention over packed documents, each rank holding a contiguous 1/W of the packed tokens;
+    ``cu_seqlens_q/k``, ``max_seqlen_q/k`` and ``local_k_slice`` from
+    :func:`llama3_flash_attn_prepare_cu_seqlens`. Returns out ``(T, H, D)`` or ``(out, lse (H, T), None)``."""
+    check_qkv(q, k, v, packed=True)
+    for cu in (cu_seqlens_q, cu_seqlens_k):
+        check_cu_seqlens_tensor(cu)
+    if not isinstance(local_k_slice, slice):
+        raise TypeError(f"local_k_slice must be a slice, got {type(local_k_slice).__name__}")
+    meta = VarlenMeta(host_offsets(cu_seqlens_q), host_offsets(cu_seqlens_k), bool(causal),
+                      cu_seqlens_q.to(q.device, torch.int32), cu_seqlens_k.to(q.device, torch.int32))
+    return _allgather(q, k, v, meta, local_k_slice, False, heads_k_stride, dropout_p, softmax_scale, causal,
+                      window_size, 0.0, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+
+def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
+                                           causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                           deterministic=False, return_attn_probs=False, group=None, backend=None):
+    """:func:`llama3_flash_attn_varlen_func` with ``kv (T, 2, Hk, D)``."""
+    check_packed(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
+    return llama3_flash_attn_varlen_func(q, *kv.unbind(1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal,
+                                         window_size, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+
+def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
+                                            causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                            deterministic=False, return_attn_probs=False, group=None, backend=None):
+    """:func:`llama3_flash_attn_varlen_func` with ``qkv (T, 3, H, D)``."""
+    check_packed(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
+    return llama3_flash_attn_varlen_func(*qkv.unbind(1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal,
+                                         window_size, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+
+def zigzag_llama3_flash_attn_varlen_func(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+    return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    heads_k_stride: Optional[int] = None, backend: Optional[str] = None,
+) -> Result:
+    """Load-balanced all-gather attention over packed documents. ``cu_seqlens`` is the *global*
+    cu_seqlens of the packed batch (documents may cross rank boundaries); rank r holds chunks r and
+    2W-1-r of 2W equal chunks of the packed tokens (``layouts.shard(x, "zigzag", ...)`` on the
+    packed batch). ``heads_k_stride`` K/V heads are gathered at a time (default: all)."""
+    check_qkv(q, k, v, packed=True)
+    check_cu_seqlens_tensor(cu_seqlens)
+    rank, world_size = group_rank_and_size(group)
+    offsets = host_offsets(cu_seqlens)
+    if offsets[-1] != q.shape[0] * world_size:
+        raise ValueError(f"cu_seqlens ends at {offsets[-1]}, but {world_size} ranks x {q.shape[0]} local tokens "
+                         f"= {q.shape[0] * world_size}")
+    pieces = local_pieces("zigzag", rank, world_size, q.shape[0])
+    meta, k_rows = document_meta(offsets, pieces, bool(causal), q.device)
+    return _allgather(q, k, v, meta, k_rows, True, heads_k_stride, dropout_p, softmax_scale, causal, window_size,
+                      softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+
+def zigzag_llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                                  causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                                  deterministic=False, return_attn_probs=False, group=None,
+                                                  heads_k_stride=None, backend=None):
+    """:func:`zigzag_llama3_flash_attn_varlen_func` with ``kv (T, 2, Hk, D)``."""
+    check_packed(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
+    return zigzag_llama3_flash_attn_varlen_func(q, *kv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                                causal, window_size, softcap, alibi_slopes, deterministic,
+                                                return_attn_probs, group, heads_k_stride, backend)
+
+
+def zigzag_llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                                   causal=False, window_size=(-1, -1), softcap=0.0,
+                                                   alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                                                   group=None, heads_k_stride=None, backend=None):
+    """:func:`zigzag_llama3_flash_attn_varlen_func` with ``qkv (T, 3, H, D)``."""
+    check_packed(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
+    return zigzag_llama3_flash_attn_varlen_func(*qkv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                                causal, window_size, softcap, alibi_slopes, deterministic,
+                                                return_attn_probs, group, heads_k_stride, backend)

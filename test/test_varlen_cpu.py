@@ -1,0 +1,56 @@
+"""Packed sequences on CPU over gloo: every varlen family (ring, zigzag, stripe per document;
+llama3 and zigzag_llama3 over the whole pack) x packing x causal, W in {1, 2, 3, 4}, random
+document lengths (length-1 documents and single documents included), GQA, fp32 / bf16 / fp16,
+heads_k_stride 1 and nheads_k: out, lse, dq, dk, dv against a float64 per-document reference."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from attention_cases import PACKINGS
+from varlen_cases import VarlenCase, check
+
+WORLD_SIZES = (1, 2, 3, 4)
+LAYOUTS = ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3")
+DTYPES = ("fp32", "bf16", "fp16")
+BACKENDS = ("torch_cpu_flash", "reference")
+
+
+def doc_lengths(layout: str, world_size: int, rng: random.Random, shape: int) -> tuple:
+    """Random document lengths the layout accepts; shape 0: a single document, 1: many short ones."""
+    if layout in ("ring", "zigzag", "stripe"):
+        unit = world_size * (2 if layout == "zigzag" else 1)  # each document splits over the ranks
+        if shape == 0:
+            return (unit * rng.randint(2, 6),)
+        return tuple(unit * rng.choice([1, 1, 2, 3, 5]) for _ in range(rng.randint(2, 5)))
+    unit = world_size * (2 if layout == "zigzag_llama3" else 1)  # the whole pack splits over the ranks
+    if shape == 0:
+        return (unit * rng.randint(3, 8),)
+    lengths = [rng.choice([1, 1, 2, 3, 7, 11]) for _ in range(rng.randint(2, 7))]
+    lengths[-1] += -sum(lengths) % unit
+    return tuple(lengths)
+
+
+def _cases() -> list:
+    cases = []
+    for n, (w, layout, packing, causal) in enumerate(itertools.product(WORLD_SIZES, LAYOUTS, PACKINGS, (True, False))):
+        rng = random.Random(n)
+        heads = (4, 4) if packing == "qkvpacked" else ((4, 2), (6, 3), (4, 1), (4, 4))[n % 4]
+        stride = (None, 1)[n % 2] if heads[1] > 1 else None
+        cases.append(VarlenCase(
+            layout=layout, packing=packing, causal=causal, dtype=DTYPES[n % 3], backend=BACKENDS[(n // 3) % 2],
+            world_size=w, doc_lengths=doc_lengths(layout, w, rng, n % 5 == 0), nheads=heads[0], nheads_k=heads[1],
+            head_dim=(16, 32, 64)[n % 3], heads_k_stride=stride, return_lse=n % 4 != 3, seed=n,
+        ))
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+def test_varlen_matches_float64_reference(dist_pool, case):
+    check(case, dist_pool(case.world_size).run("varlen_cases:run_rank", case=case))

@@ -1,0 +1,131 @@
+"""Packed-sequence (varlen) test cases: inputs of a packed batch of documents, what each rank runs
+for every varlen family (ring / zigzag / stripe per document, llama3 / zigzag_llama3 over the whole
+pack), and the float64 per-document reference on the unsharded batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+import ring_flash_attn as rfa
+from attention_cases import DTYPES, TOLERANCE, relative_error
+from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varlen
+
+RING_FAMILY = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
+ALLGATHER = {"llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn"}
+SUFFIX = {"func": "varlen_func", "kvpacked": "varlen_kvpacked_func", "qkvpacked": "varlen_qkvpacked_func"}
+
+
+@dataclass(frozen=True)
+class VarlenCase:
+    layout: str
+    packing: str
+    causal: bool
+    dtype: str
+    backend: str
+    world_size: int
+    doc_lengths: Tuple[int, ...]
+    nheads: int = 4
+    nheads_k: int = 2
+    head_dim: int = 32
+    heads_k_stride: Optional[int] = None
+    return_lse: bool = True
+    seed: int = 0
+    device: str = "cpu"
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return torch.tensor([0, *torch.tensor(self.doc_lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+    def id(self) -> str:
+        docs = "-".join(map(str, self.doc_lengths)) if len(self.doc_lengths) <= 4 else f"{len(self.doc_lengths)}docs"
+        stride = f"-s{self.heads_k_stride}" if self.heads_k_stride else ""
+        return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{'causal' if self.causal else 'full'}-"
+                f"{self.dtype}-h{self.nheads}k{self.nheads_k}-d{self.head_dim}{stride}-docs{docs}-{self.backend}")
+
+
+def global_inputs(case: VarlenCase) -> Dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(case.seed)
+    t, dtype = sum(case.doc_lengths), DTYPES[case.dtype]
+
+    def randn(h):
+        return torch.randn(t, h, case.head_dim, generator=gen, dtype=torch.float64).to(dtype)
+
+    return {"q": randn(case.nheads), "k": randn(case.nheads_k), "v": randn(case.nheads_k), "dout": randn(case.nheads)}
+
+
+def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv):
+    """Run the case's public function on this rank's shard (one of q/k/v, kv or qkv packings)."""
+    w, cu, group = case.world_size, case.cu_seqlens.to(q.device), dist.group.WORLD if case.world_size > 1 else None
+    common = dict(causal=case.causal, return_attn_probs=case.return_lse, group=group, backend=case.backend)
+    first = {"func": (q, k, v), "kvpacked": (q, kv), "qkvpacked": (qkv,)}[case.packing]
+    if case.layout in RING_FAMILY:
+        fn = getattr(rfa, f"{RING_FAMILY[case.layout]}_{SUFFIX[case.packing]}")
+        local_cu = local_cu_seqlens(cu, case.layout, w)
+        max_len = int((local_cu[1:] - local_cu[:-1]).max())
+        return fn(*first, local_cu, max_len, **common)
+    fn = getattr(rfa, f"{ALLGATHER[case.layout]}_{SUFFIX[case.packing]}")
+    if case.layout == "llama3":
+        prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, case.causal, rank, w)
+        stride = case.heads_k_stride or case.nheads_k
+        return fn(*first, *prepared[:4], stride, prepared[4], **common)
+    return fn(*first, cu, max(case.doc_lengths), heads_k_stride=case.heads_k_stride, **common)
+
+
+def run_rank(rank: int, world_size: int, case: VarlenCase) -> Dict[str, torch.Tensor]:
+    assert world_size == case.world_size
+    device = torch.device("cuda", rank) if case.device == "cuda" else torch.device("cpu")
+    x = {n: shard_varlen(t, case.cu_seqlens, case.layout, rank, world_size).to(device)
+         for n, t in global_inputs(case).items()}
+    q, k, v = (x[n].requires_grad_() for n in "qkv")
+    kv = torch.stack([k, v], 1).detach().requires_grad_() if case.packing == "kvpacked" else None
+    qkv = torch.stack([q, k, v], 1).detach().requires_grad_() if case.packing == "qkvpacked" else None
+    result = _call(case, rank, q, k, v, kv, qkv)
+    out, lse = (result[0], result[1]) if case.return_lse else (result, None)
+    leaves = {"func": (q, k, v), "kvpacked": (q, kv), "qkvpacked": (qkv,)}[case.packing]
+    grads = torch.autograd.grad(out, leaves, x["dout"])
+    if case.packing == "kvpacked":
+        grads = (grads[0], *grads[1].unbind(1))
+    elif case.packing == "qkvpacked":
+        grads = grads[0].unbind(1)
+    res = dict(out=out.detach(), dq=grads[0], dk=grads[1], dv=grads[2])
+    if lse is not None:
+        assert lse.shape == (case.nheads, q.shape[0]), lse.shape
+        res["lse"] = lse
+    return {n: t.cpu() for n, t in res.items()}
+
+
+def reference(case: VarlenCase) -> Dict[str, torch.Tensor]:
+    """float64 attention of the whole packed batch, never crossing a document boundary."""
+    x = {n: t.double().requires_grad_(n != "dout") for n, t in global_inputs(case).items()}
+    q, k, v = x["q"], x["k"], x["v"]
+    g = case.nheads // case.nheads_k
+    lengths = torch.tensor(case.doc_lengths)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    allowed = doc[:, None] == doc[None, :]
+    if case.causal:
+        allowed &= torch.ones_like(allowed).tril()
+    scores = torch.einsum("ihd,jhd->hij", q, k.repeat_interleave(g, 1)) * case.head_dim ** -0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.einsum("hij,jhd->ihd", torch.softmax(scores, -1), v.repeat_interleave(g, 1))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), x["dout"])
+    return dict(out=out.detach(), lse=torch.logsumexp(scores, -1).detach(), dq=dq, dk=dk, dv=dv)
+
+
+def check(case: VarlenCase, per_rank: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    ref = reference(case)
+    rel_tol, lse_tol = TOLERANCE[case.dtype]
+    errors = {}
+    for name in per_rank[0]:
+        got = unshard_varlen([r[name] for r in per_rank], case.cu_seqlens, case.layout, dim=1 if name == "lse" else 0)
+        assert torch.isfinite(got).all(), f"{case.id()}: {name} has non-finite values"
+        if name == "lse":
+            errors[name] = (got.double() - ref[name]).abs().max().item()
+            assert errors[name] <= lse_tol, f"{case.id()}: lse abs error {errors[name]:.3g} > {lse_tol}"
+        else:
+            errors[name] = relative_error(got, ref[name])
+            assert errors[name] <= rel_tol, f"{case.id()}: {name} rel error {errors[name]:.3g} > {rel_tol}"
+    return errors
