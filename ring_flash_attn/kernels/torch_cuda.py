@@ -31,18 +31,6 @@ _FA2_OPS = {
         ("scale",),
     ),
 }
-_CUDNN_VARLEN_OPS = {
-    "_cudnn_attention_forward": (
-        ("query", "key", "value", "attn_bias", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "compute_log_sumexp",
-         "dropout_p", "is_causal", "return_debug_mask"),
-        ("scale",),
-    ),
-    "_cudnn_attention_backward": (
-        ("grad_out", "query", "key", "value", "out", "logsumexp", "philox_seed", "philox_offset", "attn_bias",
-         "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal"),
-        ("scale",),
-    ),
-}
 _CUDNN_OPS = {
     "_scaled_dot_product_cudnn_attention": (
         ("query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal", "return_debug_mask"),
@@ -154,10 +142,9 @@ class CudnnBackend(TrimmedCausalBackend):
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
         reasons = missing_ops(_CUDNN_OPS) + _cuda_reasons(call, max_head_dim=128) + self.band_reasons(call)
         if call.varlen:
-            reasons += missing_ops(_CUDNN_VARLEN_OPS)
-        if call.varlen_offsets:
-            reasons.append("causal documents with fewer queries than keys (llama3) need a bottom-right mask; "
-                           "cuDNN's is top-left (torch_cuda_flash has it)")
+            # aten._cudnn_attention_forward/_backward (varlen) gave wrong gradients and then an illegal
+            # instruction on H200 with torch 2.11 / cuDNN 9.19 (test/test_ring_gpu.py, 2026-11-22).
+            reasons.append("packed (varlen) documents are not supported with cuDNN here; torch_cuda_flash runs them")
         if call.device_type == "cuda" and not torch.backends.cudnn.is_available():
             reasons.append("cuDNN is not available in this PyTorch build")
         return reasons
@@ -180,27 +167,3 @@ class CudnnBackend(TrimmedCausalBackend):
             scale=softmax_scale,
         )
         return tuple(_heads_first(g) for g in grads)
-
-    # Packed documents: cuDNN's varlen op where every causal document is square (its causal mask
-    # is top-left); otherwise the generic one-call-per-document path.
-
-    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, softmax_scale: float) -> Tuple[Tensor, Tensor]:
-        if not meta.square:
-            return super().forward_varlen(q, k, v, meta, softmax_scale)
-        out, lse, *_ = torch.ops.aten._cudnn_attention_forward(
-            *(_last_dim_contiguous(x) for x in (q, k, v)), None, meta.cu_seqlens_q, meta.cu_seqlens_k,
-            meta.max_seqlen_q, meta.max_seqlen_k, True, 0.0, meta.causal, False, scale=softmax_scale,
-        )
-        return out, lse.squeeze(-1).t()
-
-    def backward_varlen(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, meta: VarlenMeta, softmax_scale: float
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        if not meta.square:
-            return super().backward_varlen(dout, q, k, v, out, lse, meta, softmax_scale)
-        empty = torch.empty(0, device=q.device)
-        return torch.ops.aten._cudnn_attention_backward(
-            *(_last_dim_contiguous(x) for x in (dout, q, k, v, out)), lse.t().contiguous().unsqueeze(-1), empty, empty,
-            None, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, 0.0, meta.causal,
-            scale=softmax_scale,
-        )
