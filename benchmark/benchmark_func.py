@@ -1,11 +1,16 @@
-"""Benchmark and check every ring variant: error against single-device attention, speed, memory.
+"""Benchmark and check every variant: error against single-device attention, speed, memory.
 
 Run with ``torchrun --nproc_per_node N benchmark/benchmark_func.py [flags]``; without torchrun it
-runs at world size 1. NCCL on GPUs, gloo on CPU (with small default sizes). For each variant it
-prints the max error of out and dq/dk/dv (relative to the largest value) against single-device
-attention on the whole sequence (float32, torch SDPA), iter/s, achieved TFLOP/s per rank, peak memory, and % of ideal: the best
-single-device block kernel running the local problem, divided by W (a rank's ring work is W local
-blocks' worth, half of them masked when causal).
+runs at world size 1. NCCL on GPUs, gloo on CPU (with small default sizes). ``--varlen`` runs the
+packed-document variants (ring / zigzag / stripe per document, llama3, zigzag_llama3) on a batch
+of several documents with the same total length.
+
+For each variant it prints the max error of out and dq/dk/dv (relative to the largest value)
+against single-device attention on the whole sequence (float32 SDPA per document), iter/s,
+achieved TFLOP/s per rank, peak memory, and % of ideal: the best single-device kernel on the
+local problem (``--seqlen`` tokens, the same document proportions), divided by W -- a rank's share
+of the global work is W local problems' worth. "% FA2" uses PyTorch's FA2 as the single-device
+kernel instead (what ring-flash-attn's published tables compare with).
 """
 
 from __future__ import annotations
@@ -14,30 +19,35 @@ import argparse
 import os
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import ring_flash_attn as rfa
-from ring_flash_attn.kernels import BACKENDS, AUTO_ORDER, KernelCall
-from ring_flash_attn.kernels.base import Band
+from ring_flash_attn.kernels import AUTO_ORDER, BACKENDS, KernelCall
+from ring_flash_attn.kernels.base import Band, VarlenMeta
+from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen
 
-VARIANTS = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
+BATCH_VARIANTS = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
+VARLEN_VARIANTS = {**BATCH_VARIANTS, "llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DOC_FRACTIONS = (3 / 8, 1 / 4, 1 / 8, 1 / 8, 1 / 16, 1 / 16)  # --varlen: documents as parts of the total
 
 
 def parse_args() -> argparse.Namespace:
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ",".join(VARIANTS))
-    p.add_argument("--packing", default="qkvpacked", choices=["func", "kvpacked", "qkvpacked"])
+    p.add_argument("--varlen", action="store_true", help="packed documents instead of one sequence per batch row")
+    p.add_argument("--variants", default=None, help="comma-separated (default: all of the mode)")
+    p.add_argument("--packing", default="func", choices=["func", "kvpacked", "qkvpacked"])
     p.add_argument("--seqlen", type=int, default=8192 if gpu else 512, help="tokens per rank")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="(batch mode only)")
     p.add_argument("--nheads", type=int, default=32 if gpu else 8)
     p.add_argument("--nheads-k", type=int, default=8 if gpu else 2, help="(qkvpacked uses nheads)")
     p.add_argument("--head-dim", type=int, default=128 if gpu else 64)
+    p.add_argument("--heads-k-stride", type=int, default=None, help="all-gather variants (default: all heads)")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--fwd-only", action="store_true")
@@ -46,7 +56,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5 if gpu else 1)
     p.add_argument("--repeats", type=int, default=5 if gpu else 3)
     p.add_argument("--no-check", action="store_true", help="skip the error check (saves memory)")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.packing == "qkvpacked":
+        args.nheads_k = args.nheads
+    names = VARLEN_VARIANTS if args.varlen else BATCH_VARIANTS
+    args.variants = (args.variants or ",".join(names)).split(",")
+    unknown = [v for v in args.variants if v not in names]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {list(names)}")
+    return args
 
 
 def setup() -> torch.device:
@@ -71,7 +89,7 @@ def sync(device: torch.device) -> None:
         dist.barrier()
 
 
-def time_per_iter(fn: Callable[[], None], args, device) -> float:
+def time_per_iter(fn: Callable[[], object], args, device) -> float:
     """Median seconds per call over ``repeats`` runs of ``iters`` calls, after warm-up."""
     for _ in range(args.warmup):
         fn()
@@ -86,96 +104,149 @@ def time_per_iter(fn: Callable[[], None], args, device) -> float:
     return statistics.median(samples)
 
 
-def global_inputs(args, device) -> Dict[str, torch.Tensor]:
-    _, w = world()
-    hk = args.nheads if args.packing == "qkvpacked" else args.nheads_k
-    gen = torch.Generator(device=device).manual_seed(0)
-    shape = (args.batch, args.seqlen * w)
-    dt = DTYPES[args.dtype]
-
-    def randn(h):
-        return torch.randn(*shape, h, args.head_dim, generator=gen, device=device, dtype=dt)
-
-    return {"q": randn(args.nheads), "k": randn(hk), "v": randn(hk), "dout": randn(args.nheads)}
+def doc_lengths(total: int, unit: int) -> List[int]:
+    """``total`` tokens as documents in DOC_FRACTIONS, each a multiple of ``unit``."""
+    lengths = [max(unit, round(f * total / unit) * unit) for f in DOC_FRACTIONS[:-1]]
+    return lengths + [total - sum(lengths)]
 
 
-def make_step(args, variant: str, local: Dict[str, torch.Tensor]) -> Callable[[], List[torch.Tensor]]:
-    """One forward (+ backward) of the variant; returns out and the input gradients."""
-    suffix = "func" if args.packing == "func" else f"{args.packing}_func"
-    fn = getattr(rfa, f"{VARIANTS[variant]}_{suffix}")
+def offsets(lengths: Sequence[int]) -> List[int]:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
+class Problem:
+    """The global inputs of the benchmark and what each variant's call needs."""
+
+    def __init__(self, args, device: torch.device) -> None:
+        self.args, self.device = args, device
+        _, w = world()
+        self.total = args.seqlen * w
+        gen = torch.Generator(device=device).manual_seed(0)
+        lead = () if args.varlen else (args.batch,)
+
+        def randn(h):
+            return torch.randn(*lead, self.total, h, args.head_dim, generator=gen, device=device,
+                               dtype=DTYPES[args.dtype])
+
+        self.x = {"q": randn(args.nheads), "k": randn(args.nheads_k), "v": randn(args.nheads_k),
+                  "dout": randn(args.nheads)}
+        unit = 2 * w * 8
+        self.lengths = doc_lengths(self.total, unit) if args.varlen else [self.total]
+        self.cu_seqlens = torch.tensor(offsets(self.lengths), dtype=torch.int32, device=device)
+
+    def shard(self, variant: str, tensors: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """This rank's part of ``tensors`` (default: the inputs) in the variant's layout."""
+        rank, w = world()
+        tensors = self.x if tensors is None else tensors
+        if self.args.varlen:
+            return {n: shard_varlen(t, self.cu_seqlens, variant, rank, w) for n, t in tensors.items()}
+        return {n: rfa.shard(t, variant, rank, w) for n, t in tensors.items()}
+
+    def call_args(self, variant: str) -> tuple:
+        """Positional arguments after q/k/v (or kv, qkv) for the variant's function."""
+        if not self.args.varlen:
+            return ()
+        rank, w = world()
+        if variant in BATCH_VARIANTS:
+            cu = local_cu_seqlens(self.cu_seqlens, variant, w)
+            return cu, max(self.lengths) // w
+        if variant == "llama3":
+            prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(self.cu_seqlens, self.args.causal, rank, w)
+            return (*prepared[:4], self.args.heads_k_stride or self.args.nheads_k, prepared[4])
+        return self.cu_seqlens, max(self.lengths)
+
+    def reference(self, variant: str) -> List[torch.Tensor]:
+        """float32 SDPA per document on the whole sequence; this rank's shard of out (and grads)."""
+        args, x = self.args, self.x
+        q, k, v = (x[n].float().requires_grad_() for n in "qkv")
+        group = args.nheads // args.nheads_k
+        seq_dim = 0 if args.varlen else 1
+        outs = []
+        for start, stop in zip(offsets(self.lengths)[:-1], offsets(self.lengths)[1:]):
+            part = [t.narrow(seq_dim, start, stop - start).transpose(seq_dim, seq_dim + 1) for t in (q, k, v)]
+            kr, vr = (t.repeat_interleave(group, seq_dim) for t in part[1:])
+            o = F.scaled_dot_product_attention(part[0], kr, vr, is_causal=args.causal)
+            outs.append(o.transpose(seq_dim, seq_dim + 1))
+        out = torch.cat(outs, seq_dim)
+        tensors = [out]
+        if not args.fwd_only:
+            tensors += torch.autograd.grad(out, (q, k, v), x["dout"].float())
+        local = self.shard(variant, {str(i): t.detach() for i, t in enumerate(tensors)})
+        return [local[str(i)] for i in range(len(tensors))]
+
+
+def make_step(args, problem: Problem, variant: str) -> Callable[[], List[torch.Tensor]]:
+    """One forward (+ backward) of the variant; returns out and dq, dk, dv."""
+    local = problem.shard(variant)
+    prefix = (VARLEN_VARIANTS if args.varlen else BATCH_VARIANTS)[variant]
+    suffix = {"func": "func", "kvpacked": "kvpacked_func", "qkvpacked": "qkvpacked_func"}[args.packing]
+    fn = getattr(rfa, f"{prefix}_{'varlen_' if args.varlen else ''}{suffix}")
     group = dist.group.WORLD if dist.is_initialized() else None
     kw = dict(causal=args.causal, group=group, backend=args.backend)
-    q, k, v = (local[n].detach().requires_grad_(not args.fwd_only) for n in "qkv")
+    if args.varlen and variant == "zigzag_llama3":
+        kw["heads_k_stride"] = args.heads_k_stride
+    extra = problem.call_args(variant)
+    grad = not args.fwd_only
+    q, k, v = (local[n].detach().requires_grad_(grad) for n in "qkv")
+    pack_dim = 1 if args.varlen else 2
     if args.packing == "qkvpacked":
-        leaves = [torch.stack([q, k, v], 2).detach().requires_grad_(not args.fwd_only)]
+        leaves = [torch.stack([q, k, v], pack_dim).detach().requires_grad_(grad)]
     elif args.packing == "kvpacked":
-        leaves = [q, torch.stack([k, v], 2).detach().requires_grad_(not args.fwd_only)]
+        leaves = [q, torch.stack([k, v], pack_dim).detach().requires_grad_(grad)]
     else:
         leaves = [q, k, v]
 
     def step() -> List[torch.Tensor]:
-        out = fn(*leaves, **kw)
+        out = fn(*leaves, *extra, **kw)
         if args.fwd_only:
             return [out]
         grads = torch.autograd.grad(out, leaves, local["dout"])
+        if args.packing == "qkvpacked":
+            grads = grads[0].unbind(pack_dim)
+        elif args.packing == "kvpacked":
+            grads = (grads[0], *grads[1].unbind(pack_dim))
         return [out, *grads]
 
     return step
 
 
-def unpack_grads(args, results: List[torch.Tensor]) -> List[torch.Tensor]:
-    out, *grads = results
-    if args.packing == "qkvpacked":
-        grads = list(grads[0].unbind(2)) if grads else []
-    elif args.packing == "kvpacked":
-        grads = [grads[0], *grads[1].unbind(2)] if grads else []
-    return [out, *grads]
-
-
-def single_device_reference(args, x: Dict[str, torch.Tensor], layout: str) -> List[torch.Tensor]:
-    """float32 SDPA on the whole sequence; this rank's shard of out (and dq, dk, dv)."""
-    rank, w = world()
-    q, k, v = (x[n].float().transpose(1, 2).requires_grad_() for n in "qkv")
-    group = q.shape[1] // k.shape[1]  # repeat K/V heads so SDPA can use a fused kernel for GQA
-    out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                         is_causal=args.causal)
-    tensors = [out]
-    if not args.fwd_only:
-        tensors += torch.autograd.grad(out, (q, k, v), x["dout"].float().transpose(1, 2))
-    return [rfa.shard(t.detach().transpose(1, 2), layout, rank, w) for t in tensors]
-
-
-def ideal_seconds(args, device) -> Dict[str, float]:
-    """Seconds per call of each usable block kernel on the local problem (one device, no ring)."""
-    _, w = world()
-    hk = args.nheads if args.packing == "qkvpacked" else args.nheads_k
+def single_device_seconds(args, device, backend_name: str) -> Optional[float]:
+    """Seconds per call of one block kernel on the local problem (one device, no ring), or None."""
+    backend = BACKENDS.get(backend_name)
     dt = DTYPES[args.dtype]
     band = Band(None, 0) if args.causal else Band()
-    call = KernelCall(device.type, dt, args.head_dim, args.nheads, hk, (band,), needs_backward=not args.fwd_only)
-    shape = (args.batch, args.seqlen)
-    q = torch.randn(*shape, args.nheads, args.head_dim, device=device, dtype=dt)
-    k, v = (torch.randn(*shape, hk, args.head_dim, device=device, dtype=dt) for _ in range(2))
+    call = KernelCall(device.type, dt, args.head_dim, args.nheads, args.nheads_k, (band,),
+                      needs_backward=not args.fwd_only, varlen=args.varlen)
+    if backend is None or backend.not_supported_reasons(call):
+        return None
+    lead = () if args.varlen else (args.batch,)
+    q = torch.randn(*lead, args.seqlen, args.nheads, args.head_dim, device=device, dtype=dt)
+    k, v = (torch.randn(*lead, args.seqlen, args.nheads_k, args.head_dim, device=device, dtype=dt) for _ in range(2))
     scale = args.head_dim ** -0.5
-    times = {}
-    for name in AUTO_ORDER:
-        backend = BACKENDS.get(name)
-        if name == "reference" or backend is None or backend.not_supported_reasons(call):
-            continue
+    if args.varlen:
+        docs = offsets(doc_lengths(args.seqlen, 8))
+        meta = VarlenMeta.build(docs, docs, args.causal, device)
 
-        def fwd_bwd(backend=backend):
+        def run():
+            out, lse = backend.forward_varlen(q, k, v, meta, scale)
+            if not args.fwd_only:
+                backend.backward_varlen(out, q, k, v, out, lse, meta, scale)
+    else:
+        def run():
             out, lse = backend.forward(q, k, v, band, scale)
             if not args.fwd_only:
                 backend.backward(out, q, k, v, out.to(dt), lse, band, scale)
 
-        times[name] = time_per_iter(fwd_bwd, args, device) * w
-    return times
+    return time_per_iter(run, args, device)
 
 
-def tflops_per_rank(args, seconds: float) -> float:
+def tflops_per_rank(args, problem: Problem, seconds: float) -> float:
     _, w = world()
-    s_global = args.seqlen * w
-    flops = 4 * args.batch * args.nheads * args.head_dim * s_global * s_global / w
-    flops *= 0.5 if args.causal else 1.0
+    pairs = sum(n * n for n in problem.lengths) * (0.5 if args.causal else 1.0)
+    flops = 4 * pairs * args.nheads * args.head_dim * (1 if args.varlen else args.batch) / w
     flops *= 1.0 if args.fwd_only else 3.5
     return flops / seconds / 1e12
 
@@ -184,47 +255,44 @@ def main() -> None:
     args = parse_args()
     device = setup()
     rank, w = world()
-    x = global_inputs(args, device)
-    ideals = ideal_seconds(args, device)
-    best = min(ideals.values()) if ideals else float("nan")
+    problem = Problem(args, device)
+    kernels = {n: t for n in AUTO_ORDER if n != "reference" for t in [single_device_seconds(args, device, n)] if t}
+    best = min(kernels.values()) * w if kernels else float("nan")
+    fa2 = kernels.get("torch_cuda_flash", float("nan")) * w
     rows = []
-    for variant in args.variants.split(","):
-        layout = variant
-        local = {n: rfa.shard(t, layout, rank, w) for n, t in x.items()}
-        step = make_step(args, variant, local)
-        errors = []
+    for variant in args.variants:
+        step = make_step(args, problem, variant)
+        errors: List[float] = []
         if not args.no_check:
-            got = unpack_grads(args, step())
-            ref = single_device_reference(args, x, layout)
-            errors = [(g.float() - r).abs().max() / r.abs().max() for g, r in zip(got, ref)]
+            got, ref = step(), problem.reference(variant)
+            err = torch.stack([(g.float() - r).abs().max() / r.abs().max() for g, r in zip(got, ref)])
             if dist.is_initialized():
-                err = torch.stack(errors)
                 dist.all_reduce(err, op=dist.ReduceOp.MAX)
-                errors = err.tolist()
-            else:
-                errors = [e.item() for e in errors]
+            errors = err.tolist()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = time_per_iter(step, args, device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         rows.append((variant, errors, seconds, peak))
 
-    if rank != 0:
-        dist.destroy_process_group()
-        return
-    mode = "fwd" if args.fwd_only else "fwd+bwd"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"# {name} x{w}, torch {torch.__version__}, {args.packing}, {mode}, {args.dtype}, causal={args.causal}, "
-          f"batch={args.batch}, {args.seqlen} tokens/rank, heads {args.nheads}/{args.nheads_k}, d={args.head_dim}, "
-          f"backend={args.backend or 'auto'}")
-    print("# single-device kernels on the local problem: "
-          + ", ".join(f"{n} {w / t:.2f} iter/s (ideal at W={w}: {1 / t:.2f})" for n, t in ideals.items()))
-    print(f"{'variant':<10} {'err out':>9} {'err grads':>9} {'iter/s':>9} {'TFLOP/s':>8} {'% ideal':>8} {'peak GiB':>8}")
-    for variant, errors, seconds, peak in rows:
-        err_out = f"{errors[0]:.2e}" if errors else "-"
-        err_grad = f"{max(errors[1:]):.2e}" if len(errors) > 1 else "-"
-        print(f"{variant:<10} {err_out:>9} {err_grad:>9} {1 / seconds:>9.2f} {tflops_per_rank(args, seconds):>8.2f} "
-              f"{100 * best / seconds:>7.1f}% {peak:>8.2f}")
+    if rank == 0:
+        mode = "fwd" if args.fwd_only else "fwd+bwd"
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        docs = f"documents {problem.lengths} (global), " if args.varlen else f"batch={args.batch}, "
+        print(f"# {name} x{w}, torch {torch.__version__}, {'varlen ' if args.varlen else ''}{args.packing}, {mode}, "
+              f"{args.dtype}, causal={args.causal}, {docs}{args.seqlen} tokens/rank, heads {args.nheads}/"
+              f"{args.nheads_k}, d={args.head_dim}, backend={args.backend or 'auto'}")
+        print("# single-device kernels, local problem: "
+              + ", ".join(f"{n} {1 / t:.2f} iter/s (ideal at W={w}: {1 / (t * w):.2f})" for n, t in kernels.items()))
+        print(f"{'variant':<14} {'err out':>9} {'err grads':>9} {'iter/s':>8} {'TFLOP/s':>8} {'% ideal':>8} "
+              f"{'% FA2':>7} {'peak GiB':>8}")
+        for variant, errors, seconds, peak in rows:
+            err_out = f"{errors[0]:.2e}" if errors else "-"
+            err_grad = f"{max(errors[1:]):.2e}" if len(errors) > 1 else "-"
+            vs_fa2 = f"{100 * fa2 / seconds:.1f}%" if fa2 == fa2 else "-"
+            print(f"{variant:<14} {err_out:>9} {err_grad:>9} {1 / seconds:>8.2f} "
+                  f"{tflops_per_rank(args, problem, seconds):>8.1f} {100 * best / seconds:>7.1f}% "
+                  f"{vs_fa2:>7} {peak:>8.2f}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,15 +1,44 @@
-"""Online-softmax merge of partial attention results, in float32.
+"""Online-softmax merge of partial attention results.
 
 Two partial results over disjoint key sets, ``(out_a, lse_a)`` and ``(out_b, lse_b)``, combine
 exactly: ``lse = logaddexp(lse_a, lse_b)`` and ``out = out_a * exp(lse_a - lse) + out_b *
 exp(lse_b - lse)``. Rows that have seen no key yet carry ``lse = -inf`` and ``out = 0``.
+
+On CUDA the merge is one fused kernel made by ``torch.compile`` (one read of each input, one write
+of each accumulator, instead of ~8 passes eagerly); set ``RING_FLASH_ATTN_COMPILE=0`` to keep it
+eager. Any compile failure falls back to the eager version with a warning.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from typing import Callable, Optional
+
 import torch
 
 Tensor = torch.Tensor
+
+
+def _merge(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: Tensor) -> None:
+    lse_new = torch.logaddexp(lse_acc, lse_block)
+    # Where both are -inf the row is still empty: use 0 as the reference so the weights are 0, not NaN.
+    ref = torch.where(torch.isneginf(lse_new), torch.zeros_like(lse_new), lse_new)
+    weight_acc = torch.exp(lse_acc - ref).transpose(1, 2).unsqueeze(-1)
+    weight_block = torch.exp(lse_block - ref).transpose(1, 2).unsqueeze(-1)
+    out_acc.copy_(out_acc * weight_acc + out_block.to(out_acc.dtype) * weight_block)
+    lse_acc.copy_(lse_new)
+
+
+_compiled: Optional[Callable] = None
+_compile_failed = False
+
+
+def _fused() -> Optional[Callable]:
+    global _compiled
+    if _compiled is None and not _compile_failed:
+        _compiled = torch.compile(_merge, dynamic=False, fullgraph=True)
+    return _compiled
 
 
 def merge_into(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: Tensor) -> None:
@@ -18,10 +47,18 @@ def merge_into(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: T
     ``out_acc`` (B, S, H, D) and ``lse_acc`` (B, H, S), float32 (float64 for float64 inputs), may be
     views (a query slice); ``out_block`` (B, S, H, D) any float dtype, ``lse_block`` (B, H, S).
     """
-    lse_new = torch.logaddexp(lse_acc, lse_block)
-    # Where both are -inf the row is still empty: use 0 as the reference so the weights are 0, not NaN.
-    ref = lse_new.masked_fill(torch.isneginf(lse_new), 0.0)
-    weight_acc = torch.exp(lse_acc - ref).transpose(1, 2).unsqueeze(-1)
-    weight_block = torch.exp(lse_block - ref).transpose(1, 2).unsqueeze(-1)
-    out_acc.mul_(weight_acc).add_(out_block.to(out_acc.dtype) * weight_block)
-    lse_acc.copy_(lse_new)
+    global _compile_failed
+    if out_acc.is_cuda and os.environ.get("RING_FLASH_ATTN_COMPILE", "1") != "0" and not _compile_failed:
+        try:
+            _fused()(out_acc, lse_acc, out_block, lse_block)
+            return
+        except Exception as err:  # noqa: BLE001 -- any compiler problem: stay correct, eagerly
+            _compile_failed = True
+            warnings.warn(f"ring_flash_attn: fused merge unavailable ({type(err).__name__}: {err}); using eager")
+    _merge(out_acc, lse_acc, out_block, lse_block)
+
+
+def start_from(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: Tensor) -> None:
+    """The first block of rows that have seen nothing yet: a copy, no merge."""
+    out_acc.copy_(out_block)
+    lse_acc.copy_(lse_block)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .comm import RingComm
 from .kernels import Backend
-from .merge import merge_into
+from .merge import merge_into, start_from
 from .schedules import BlockJob, RingSchedule
 
 Tensor = torch.Tensor
@@ -98,6 +98,17 @@ def merge_rows(out: Tensor, lse: Tensor, rows: Rows, block_out: Tensor, block_ls
     lse.index_copy_(2, rows, lse_rows)
 
 
+def covers_all(rows: Rows, length: int) -> bool:
+    return isinstance(rows, slice) and rows.indices(length) == (0, length, 1)
+
+
+def first_full_job(plan: RingPlan, length: int) -> Optional[BlockJob]:
+    """The first job of the first hop if it covers every query row (true of all our schedules): its
+    result initialises the accumulators instead of being merged into zeros."""
+    jobs = plan.schedule.jobs_for(plan.rank, plan.rank)
+    return jobs[0] if jobs and covers_all(jobs[0].q, length) else None
+
+
 def block_forward(plan: RingPlan, job: BlockJob, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """One job's (out, lse) with the tensors already cut to its rows; packed jobs run varlen."""
     if job.varlen is None:
@@ -117,15 +128,23 @@ def ring_forward(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tenso
     """This rank's ``(out, lse)``: out like q in q's dtype, lse ``(B, H, S)`` in the accumulator dtype."""
     b, s, h, _ = q.shape
     acc_dtype = accumulator_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-    lse = torch.full((b, h, s), float("-inf"), dtype=acc_dtype, device=q.device)
+    first = first_full_job(plan, s)
+    if first is not None:
+        out = torch.empty(q.shape, dtype=acc_dtype, device=q.device)
+        lse = torch.empty((b, h, s), dtype=acc_dtype, device=q.device)
+    else:
+        out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+        lse = torch.full((b, h, s), float("-inf"), dtype=acc_dtype, device=q.device)
     kv = KVRotation(plan, k, v)
     for step in range(plan.world_size):
         src = (plan.rank - step) % plan.world_size
         kv.start(step)
         for job in plan.schedule.jobs_for(plan.rank, src):
             block_out, block_lse = block_forward(plan, job, take(q, job.q), take(kv.k, job.kv), take(kv.v, job.kv))
-            merge_rows(out, lse, job.q, block_out, block_lse)
+            if job is first and step == 0:
+                start_from(out, lse, block_out, block_lse)
+            else:
+                merge_rows(out, lse, job.q, block_out, block_lse)
         kv.finish()
     return out.to(q.dtype), lse
 
@@ -135,7 +154,8 @@ def ring_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of this rank's shard, accumulated in float32 and cast to the input dtypes once."""
     acc_dtype = accumulator_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    first = first_full_job(plan, q.shape[1])
+    dq = (torch.empty if first is not None else torch.zeros)(q.shape, dtype=acc_dtype, device=q.device)
     dkv_buffers = [torch.zeros((2, *k.shape), dtype=acc_dtype, device=k.device)]
     if plan.world_size > 1:
         dkv_buffers.append(torch.empty_like(dkv_buffers[0]))
@@ -152,7 +172,10 @@ def ring_backward(
                 plan, job, take(dout, rows), take(q, rows), take(kv.k, job.kv), take(kv.v, job.kv), take(out, rows),
                 take(lse, rows, dim=2),
             )
-            add_rows(dq, rows, dq_b)
+            if job is first and step == 0:
+                dq.copy_(dq_b)
+            else:
+                add_rows(dq, rows, dq_b)
             block_grads.append((job.kv, dk_b, dv_b))
         RingComm.wait(dkv_works)  # the previous ranks' part of this block's dK/dV has arrived
         dkv = dkv_buffers[acc]
