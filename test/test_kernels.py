@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ring_flash_attn.kernels import BACKENDS, KernelCall, explain_selection, select_backend
-from ring_flash_attn.kernels.base import Band
+from ring_flash_attn.kernels.base import Band, VarlenMeta
 
 BANDS = [Band(), Band(None, 0), Band(None, -1), Band(None, -3), Band(None, 2), Band(-2, 1), Band(1, 3)]
 
@@ -37,6 +37,11 @@ def test_block_forward_backward(device, name, band, dtype, sq, sk, h, hk):
     reasons = backend.not_supported_reasons(call)
     if reasons:
         pytest.skip("; ".join(reasons))
+    check_block(backend, device, band, dtype, sq, sk, h, hk)
+
+
+def check_block(backend, device, band, dtype, sq, sk, h, hk) -> None:
+    """One block forward and backward against :func:`dense` in float64, with asserted tolerances."""
     gen = torch.Generator().manual_seed(0)
     q, dout = (torch.randn(2, sq, h, 32, generator=gen).to(device, dtype) for _ in range(2))
     k, v = (torch.randn(2, sk, hk, 32, generator=gen).to(device, dtype) for _ in range(2))
@@ -84,6 +89,14 @@ def test_forced_backend_and_env(monkeypatch):
         select_backend(_call(device_type="cuda"), "torch_cpu_flash")
 
 
+def test_choice_is_logged(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="ring_flash_attn"):
+        select_backend(_call(head_dim=72))
+    assert "torch_cpu_flash" in caplog.text and "runs on CUDA tensors only" in caplog.text
+
+
 def test_explain_selection_lists_reasons():
     report = explain_selection(_call(device_type="meta", dtype=torch.float64))
     assert report["reference"] == []
@@ -111,19 +124,27 @@ VARLEN_DOCS = [  # (query length, key length) per document; causal is bottom-rig
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_varlen_block(device, name, docs, causal, dtype):
-    from ring_flash_attn.kernels.base import VarlenMeta
-
-    offsets_q, offsets_k = [0], [0]
-    for lq, lk in docs:
-        offsets_q.append(offsets_q[-1] + lq)
-        offsets_k.append(offsets_k[-1] + lk)
-    meta = VarlenMeta.build(offsets_q, offsets_k, causal, device)
+    meta = varlen_meta(docs, causal, device)
     call = KernelCall(device_type=device, dtype=dtype, head_dim=32, nheads=4, nheads_k=2,
                       bands=(Band(None, 0) if causal else Band(),), varlen=True, varlen_offsets=not meta.square)
     backend = BACKENDS[name]
     reasons = backend.not_supported_reasons(call)
     if reasons:
         pytest.skip("; ".join(reasons))
+    check_varlen_block(backend, device, meta, dtype)
+
+
+def varlen_meta(docs, causal: bool, device) -> VarlenMeta:
+    offsets_q, offsets_k = [0], [0]
+    for lq, lk in docs:
+        offsets_q.append(offsets_q[-1] + lq)
+        offsets_k.append(offsets_k[-1] + lk)
+    return VarlenMeta.build(offsets_q, offsets_k, causal, device)
+
+
+def check_varlen_block(backend, device, meta: VarlenMeta, dtype) -> None:
+    """Packed documents forward and backward against a dense float64 computation."""
+    offsets_q, offsets_k = meta.offsets_q, meta.offsets_k
     gen = torch.Generator().manual_seed(1)
     q, dout = (torch.randn(offsets_q[-1], 4, 32, generator=gen).to(device, dtype) for _ in range(2))
     k, v = (torch.randn(offsets_k[-1], 2, 32, generator=gen).to(device, dtype) for _ in range(2))

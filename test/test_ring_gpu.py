@@ -15,6 +15,7 @@ import torch
 import attention_cases
 import varlen_cases
 from attention_cases import PACKINGS, Case
+from ring_flash_attn.kernels import BACKENDS
 from varlen_cases import VarlenCase
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -48,6 +49,16 @@ def _cases() -> list:
                                 backend=backend, world_size=w, doc_lengths=docs, nheads=8, nheads_k=8 if mha else 2,
                                 head_dim=(64, 128)[n % 2], heads_k_stride=(None, 1)[n % 2] if not mha else None,
                                 seed=n, device="cuda"))
+    if BACKENDS["flash_attn_4"].interface() is not None:  # a few cases: every new shape JIT-compiles
+        for layout, causal in itertools.product(("ring", "zigzag", "stripe"), (True, False)):
+            cases.append(Case(layout=layout, packing="func", causal=causal, dtype="bf16", backend="flash_attn_4",
+                              world_size=max(WORLD_SIZES or [2]), batch=1, local_len=256, nheads=8, nheads_k=2,
+                              head_dim=128, device="cuda"))
+        for layout in ("zigzag", "llama3"):
+            w = max(WORLD_SIZES or [2])
+            cases.append(VarlenCase(layout=layout, packing="func", causal=True, dtype="bf16",
+                                    backend="flash_attn_4", world_size=w, doc_lengths=(96 * w, 32 * w, 128 * w),
+                                    nheads=8, nheads_k=2, head_dim=128, device="cuda"))
     return cases
 
 

@@ -3,26 +3,36 @@
 ``auto`` picks, in :data:`AUTO_ORDER`, the first registered backend that supports the call. A name
 can be forced per call (``backend=`` on every public function) or process-wide with the environment
 variable ``RING_FLASH_ATTN_BACKEND``; a forced backend that cannot serve the call is an error that
-says why. :func:`explain_selection` lists every backend with the reasons it was skipped.
+says why. :func:`explain_selection` lists every backend with the reasons it was skipped, and each
+new kind of call logs its choice (logger ``ring_flash_attn``, level INFO; ``RING_FLASH_ATTN_LOG=1``
+prints it to stderr).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from functools import lru_cache
 from typing import Dict, Optional
 
 from .base import Backend, Band, KernelCall
+from .flash_attn_pkg import FlashAttn2Backend, FlashAttn4Backend
 from .reference import ReferenceBackend
 from .torch_cpu import TorchCpuFlashBackend
 from .torch_cuda import CudnnBackend, TorchCudaFlashBackend
 
 ENV_VAR = "RING_FLASH_ATTN_BACKEND"
+logger = logging.getLogger("ring_flash_attn")
+if os.environ.get("RING_FLASH_ATTN_LOG") == "1" and not logger.handlers:
+    logger.addHandler(logging.StreamHandler())
+    logger.setLevel(logging.INFO)
 
 BACKENDS: Dict[str, Backend] = {}
 
 # Preference of `auto`, fastest first; names not registered (not importable here) are passed over.
 # Measured on H100 (torch 2.11, cuDNN 9.19, Llama-3.1-8B attention, 8k tokens): see README.
-AUTO_ORDER = ("cudnn", "torch_cuda_flash", "torch_cpu_flash", "reference")
+# flash-attn packages, when installed, rank by the same measurements (FA2 package ~ PyTorch's FA2).
+AUTO_ORDER = ("cudnn", "flash_attn_4", "flash_attn_2", "torch_cuda_flash", "torch_cpu_flash", "reference")
 
 
 def register_backend(backend: Backend) -> None:
@@ -33,6 +43,8 @@ register_backend(ReferenceBackend())
 register_backend(TorchCpuFlashBackend())
 register_backend(TorchCudaFlashBackend())
 register_backend(CudnnBackend())
+register_backend(FlashAttn2Backend())
+register_backend(FlashAttn4Backend())
 
 
 def explain_selection(call: KernelCall) -> Dict[str, list]:
@@ -42,7 +54,19 @@ def explain_selection(call: KernelCall) -> Dict[str, list]:
 
 def select_backend(call: KernelCall, name: Optional[str] = None) -> Backend:
     """The backend named (argument, else ``$RING_FLASH_ATTN_BACKEND``, else ``auto``) for ``call``."""
-    name = name or os.environ.get(ENV_VAR) or "auto"
+    backend = _select(call, name or os.environ.get(ENV_VAR) or "auto")
+    _log_choice(call, backend.name)
+    return backend
+
+
+@lru_cache(maxsize=256)
+def _log_choice(call: KernelCall, chosen: str) -> None:
+    if logger.isEnabledFor(logging.INFO):
+        skipped = {n: r for n, r in explain_selection(call).items() if n != chosen and r}
+        logger.info("ring_flash_attn: block kernel %r for %s; not used: %s", chosen, call, skipped)
+
+
+def _select(call: KernelCall, name: str) -> Backend:
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; registered: {sorted(BACKENDS)} or 'auto'")

@@ -1,0 +1,141 @@
+"""CPU stand-ins for the flash-attn packages' private functions, with exactly their signatures,
+return arities and in-place conventions (flash-attn 2.6, 2.7+ and flash-attn-4), computed by the
+reference kernel with bottom-right causal masks. FA2 reports rows that see no key with lse +inf,
+as the real kernels do."""
+
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+
+from ring_flash_attn.kernels.base import Band, VarlenMeta
+from ring_flash_attn.kernels.reference import ReferenceBackend
+
+_REF = ReferenceBackend()
+
+
+def _meta(cu_q, cu_k, causal) -> VarlenMeta:
+    return VarlenMeta.build(cu_q.tolist(), cu_k.tolist(), causal, cu_q.device)
+
+
+def _fwd(q, k, v, scale, causal, cu_q=None, cu_k=None):
+    if cu_q is None:
+        band = Band(None, k.shape[1] - q.shape[1]) if causal else Band()
+        out, lse = _REF.forward(q, k, v, band, scale)
+    else:
+        out, lse = _REF.forward_varlen(q, k, v, _meta(cu_q, cu_k, causal), scale)
+    return out.to(q.dtype), lse.float()
+
+
+def _bwd(dout, q, k, v, out, lse, scale, causal, cu_q=None, cu_k=None):
+    lse = lse.masked_fill(torch.isposinf(lse), float("-inf"))
+    if cu_q is None:
+        band = Band(None, k.shape[1] - q.shape[1]) if causal else Band()
+        return _REF.backward(dout, q, k, v, out, lse, band, scale)
+    return _REF.backward_varlen(dout, q, k, v, out, lse, _meta(cu_q, cu_k, causal), scale)
+
+
+def _fa2_lse(lse):
+    return lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
+def flash_attn_2_6() -> types.ModuleType:
+    """flash_attn.flash_attn_interface as of 2.6: window_size tuples, 8-value forward results."""
+    m = types.ModuleType("fake_flash_attn_2_6")
+
+    def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                            return_softmax):
+        assert window_size == (-1, -1) and dropout_p == 0.0 and softcap == 0.0 and alibi_slopes is None
+        out, lse = _fwd(q, k, v, softmax_scale, causal)
+        return out, q, k, v, out, _fa2_lse(lse), None, torch.zeros(2, dtype=torch.int64)
+
+    def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                   softmax_scale, causal, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                   return_softmax=False, block_table=None):
+        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        return out, q, k, v, out, _fa2_lse(lse), None, torch.zeros(2, dtype=torch.int64)
+
+    def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
+                             window_size, softcap, alibi_slopes, deterministic, rng_state=None):
+        for buf, g in zip((dq, dk, dv), _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal)):
+            buf.copy_(g)
+        return dq, dk, dv, None
+
+    def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                                    max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
+                                    softcap, alibi_slopes, deterministic, rng_state=None):
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        for buf, g in zip((dq, dk, dv), grads):
+            buf.copy_(g)
+        return dq, dk, dv, None
+
+    m.__dict__.update({f.__name__: f for f in (_flash_attn_forward, _flash_attn_varlen_forward,
+                                                _flash_attn_backward, _flash_attn_varlen_backward)})
+    return m
+
+
+def flash_attn_2_7() -> types.ModuleType:
+    """flash_attn.flash_attn_interface as of 2.7/2.8: window_size_left/right, 4-value results,
+    backward returns only softmax_d and fills dq/dk/dv in place."""
+    m = types.ModuleType("fake_flash_attn_2_7")
+
+    def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right,
+                            softcap, alibi_slopes, return_softmax):
+        assert (window_size_left, window_size_right) == (-1, -1)
+        out, lse = _fwd(q, k, v, softmax_scale, causal)
+        return out, _fa2_lse(lse), None, torch.zeros(2, dtype=torch.int64)
+
+    def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                   softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
+                                   alibi_slopes=None, return_softmax=False, block_table=None, leftpad_k=None,
+                                   seqused_k=None):
+        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        return out, _fa2_lse(lse), None, torch.zeros(2, dtype=torch.int64)
+
+    def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
+                             window_size_left, window_size_right, softcap, alibi_slopes, deterministic,
+                             rng_state=None):
+        for buf, g in zip((dq, dk, dv), _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal)):
+            buf.copy_(g)
+        return torch.empty(0)
+
+    def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                                    max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left,
+                                    window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        for buf, g in zip((dq, dk, dv), grads):
+            buf.copy_(g)
+        return torch.empty(0)
+
+    m.__dict__.update({f.__name__: f for f in (_flash_attn_forward, _flash_attn_varlen_forward,
+                                                _flash_attn_backward, _flash_attn_varlen_backward)})
+    return m
+
+
+def flash_attn_4() -> types.ModuleType:
+    """flash_attn.cute.interface (4.0 betas): keyword-rich functions, forward returns 5 values."""
+    m = types.ModuleType("fake_flash_attn_cute_interface")
+
+    def _flash_attn_fwd(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
+                        max_seqlen_q=None, max_seqlen_k=None, min_seqlen_k=None, page_table=None,
+                        softmax_scale: Optional[float] = None, causal=False, softcap=None, window_size_left=None,
+                        window_size_right=None, learnable_sink=None, tile_mn=None, mma_pv_is_rs=None,
+                        intra_wg_overlap=None, num_threads=384, num_splits=1, pack_gqa=None, _arch=None,
+                        score_mod=None, mask_mod=None, block_sparse_tensors=None, return_lse=False, out=None,
+                        lse=None, **more):
+        result_out, result_lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        return result_out, (result_lse if return_lse else None), None, None, None
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0,
+                        window_size_left=None, window_size_right=None, m_block_size=64, n_block_size=128,
+                        num_threads=256, pack_gqa=False, num_stages_Q=2, num_stages_dO=2, SdP_swapAB=False,
+                        dKV_swapAB=False, dQ_swapAB=False, AtomLayoutMSdP=2, AtomLayoutNdKV=2, AtomLayoutMdQ=2,
+                        V_in_regs=False, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
+                        max_seqlen_q=None, max_seqlen_k=None, deterministic=False, dq=None, dk=None, dv=None,
+                        **more):
+        return _bwd(dout, q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+
+    m._flash_attn_fwd, m._flash_attn_bwd = _flash_attn_fwd, _flash_attn_bwd
+    return m
