@@ -30,9 +30,10 @@ if os.environ.get("RING_FLASH_ATTN_LOG") == "1" and not logger.handlers:
 BACKENDS: Dict[str, Backend] = {}
 
 # Preference of `auto`, fastest first; names not registered (not importable here) are passed over.
-# Measured on H100 (torch 2.11, cuDNN 9.19, Llama-3.1-8B attention, 8k tokens): see README.
-# flash-attn packages, when installed, rank by the same measurements (FA2 package ~ PyTorch's FA2).
-AUTO_ORDER = ("cudnn", "flash_attn_4", "flash_attn_2", "torch_cuda_flash", "torch_cpu_flash", "reference")
+# Fastest first, measured on H200 (torch 2.11, cuDNN 9.19, Llama-3.1-8B attention, 8k tokens, causal
+# fwd+bwd): flash-attn-4 287 iter/s, cuDNN 255-258, FA2 154 (benchmark/RESULTS.md). The flash-attn 2
+# package is not installed there; it is ranked with PyTorch's FA2, the same kernels.
+AUTO_ORDER = ("flash_attn_4", "cudnn", "flash_attn_2", "torch_cuda_flash", "torch_cpu_flash", "reference")
 
 
 def register_backend(backend: Backend) -> None:
