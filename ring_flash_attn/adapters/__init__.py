@@ -1,0 +1,24 @@
+"""Integrations: Hugging Face transformers (optional import) and the input/loss helpers a
+sequence-parallel training loop needs."""
+
+from .sequence import (
+    document_position_ids,
+    gather_sequence,
+    global_loss,
+    pad_for_layout,
+    shard_inputs,
+    sharded_causal_lm_loss,
+    shift_labels,
+)
+
+
+_HF_NAMES = ("register_ring_attention", "substitute_hf_flash_attn", "update_ring_flash_attn_params",
+             "set_packed_batch", "ring_attention_forward", "RING_ATTENTION_NAME")
+
+
+def __getattr__(name):  # transformers is optional: the HF adapter is imported only when asked for
+    if name not in _HF_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.hf"), name)

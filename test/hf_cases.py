@@ -1,0 +1,123 @@
+"""Hugging Face model cases: a tiny randomly initialised Llama (GQA) / Qwen2 / Qwen3 from a config,
+the same weights on every process (fixed seed). Each rank runs its shard through the ring; the
+parent compares gathered logits, the loss and the summed parameter gradients with the same model
+run on one process with eager attention (documents of a packed batch run one by one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+SEQLEN = 24
+DOCS = (7, 5, 12)  # a packed row: documents crossing rank boundaries
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    model: str  # llama | qwen2 | qwen3
+    layout: str  # zigzag | ring
+    world_size: int
+    packed: bool = False
+    path: str = "registry"  # registry | substitute (ring-flash-attn's substitute_hf_flash_attn)
+    batch: int = 1
+
+    def id(self) -> str:
+        return f"W{self.world_size}-{self.model}-{self.layout}-{'packed' if self.packed else 'single'}-{self.path}"
+
+
+def build_model(name: str) -> torch.nn.Module:
+    import transformers
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.0)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "qwen2": lambda: transformers.Qwen2Config(**common, use_sliding_window=False),
+        "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=16),
+    }[name]()
+    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+           "qwen3": transformers.Qwen3ForCausalLM}[name]
+    torch.manual_seed(0)
+    model = cls(config).float()
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def batch(case: ModelCase) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    rows = 1 if case.packed else case.batch
+    input_ids = torch.randint(0, 96, (rows, SEQLEN), generator=gen)
+    labels = input_ids.clone()
+    labels[:, 3] = -100  # an unlabelled token
+    cu = torch.tensor([0, *torch.tensor(DOCS).cumsum(0).tolist()], dtype=torch.int32) if case.packed else None
+    return input_ids, labels, cu
+
+
+def run_rank(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
+    from ring_flash_attn import adapters
+    from ring_flash_attn.adapters import hf
+
+    group = dist.group.WORLD
+    model = build_model(case.model)
+    input_ids, labels, cu = batch(case)
+    if case.path == "substitute":
+        hf.substitute_hf_flash_attn(group, heads_k_stride=1)
+        model.config._attn_implementation = "flash_attention_2"  # what from_pretrained would set
+        hf.update_ring_flash_attn_params(cu, group)
+    else:
+        name = hf.register_ring_attention(group, layout=case.layout)
+        model.set_attn_implementation(name)
+        hf.set_packed_batch(cu)
+    local = adapters.shard_inputs(input_ids, labels, cu_seqlens=cu, layout=case.layout, group=group)
+    logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+    share = adapters.sharded_causal_lm_loss(logits, local["shift_labels"], group)
+    share.backward()
+    hf.set_packed_batch(None)
+    return {
+        "logits": logits.detach(),
+        "loss": share.item(),
+        "global_loss": adapters.global_loss(share, group).item(),
+        "gathered": adapters.gather_sequence(logits.detach(), case.layout, group),
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    }
+
+
+def reference(case: ModelCase) -> Dict[str, object]:
+    """One process, eager attention, documents of a packed row run separately."""
+    model = build_model(case.model)
+    input_ids, labels, cu = batch(case)
+    bounds = cu.tolist() if cu is not None else [0, SEQLEN]
+    logits, total, count = [], 0.0, 0
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        out = model(input_ids=input_ids[:, start:stop]).logits
+        target = labels[:, start + 1:stop]
+        total = total + F.cross_entropy(out[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100,
+                                        reduction="sum")
+        count += int((target != -100).sum())
+        logits.append(out)
+    loss = total / count
+    loss.backward()
+    return {"logits": torch.cat(logits, 1).detach(), "loss": loss.item(),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def check(case: ModelCase, per_rank: List[Dict[str, object]]) -> None:
+    from ring_flash_attn.adapters.sequence import sequence_layout
+    from ring_flash_attn.layouts import unshard
+
+    ref = reference(case)
+    logits = unshard([r["logits"] for r in per_rank], sequence_layout(case.layout), dim=1)
+    scale = ref["logits"].abs().max()
+    assert (logits - ref["logits"]).abs().max() <= 1e-4 * scale, f"{case.id()}: logits differ"
+    for r in per_rank:
+        assert torch.equal(r["gathered"], logits), f"{case.id()}: gather_sequence differs from unshard"
+        assert abs(r["global_loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
+    assert abs(sum(r["loss"] for r in per_rank) - ref["loss"]) <= 1e-5 * abs(ref["loss"])
+    for name, want in ref["grads"].items():
+        got = sum(r["grads"][name] for r in per_rank)
+        err = (got - want).abs().max() / want.abs().max().clamp_min(1e-8)
+        assert err <= 1e-4, f"{case.id()}: grad of {name} differs ({err:.2e})"

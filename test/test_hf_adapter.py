@@ -1,0 +1,57 @@
+"""transformers integration on CPU over gloo (no downloads): tiny Llama (GQA) / Qwen2 / Qwen3 built
+from configs, W in {2, 3, 4}, zigzag and contiguous layouts, one sequence and a packed batch of
+documents, through the attention registry and through ring-flash-attn's substitute_hf_flash_attn:
+gathered logits, loss and summed parameter gradients equal the single-process eager model."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from hf_cases import ModelCase, check  # noqa: E402
+from ring_flash_attn.adapters import pad_for_layout, shard_inputs, shift_labels  # noqa: E402
+
+CASES = (
+    [ModelCase("llama", layout, w, packed) for w, layout, packed in
+     itertools.product((2, 3, 4), ("zigzag", "ring"), (False, True))]
+    + [ModelCase(m, layout, 2, packed) for m, layout, packed in
+       itertools.product(("qwen2", "qwen3"), ("zigzag", "ring"), (False, True))]
+    + [ModelCase("llama", "zigzag", 2, batch=2), ModelCase("llama", "ring", 2, True, path="substitute"),
+       ModelCase("qwen2", "ring", 3, True, path="substitute")]
+)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+def test_model_matches_single_process(dist_pool, case):
+    check(case, dist_pool(case.world_size).run("hf_cases:run_rank", case=case))
+
+
+def test_shift_labels_never_cross_documents():
+    labels = torch.arange(10)[None]
+    cu = torch.tensor([0, 4, 10])
+    assert shift_labels(labels, cu).tolist() == [[1, 2, 3, -100, 5, 6, 7, 8, 9, -100]]
+
+
+def test_shard_inputs_keeps_global_positions_and_shifted_labels():
+    ids = torch.arange(8)[None]
+    parts = [shard_inputs(ids, ids, layout="zigzag") for _ in range(1)][0]
+    assert parts["position_ids"].tolist() == [list(range(8))]  # world size 1
+    assert parts["shift_labels"].tolist() == [[1, 2, 3, 4, 5, 6, 7, -100]]
+
+
+def test_pad_for_layout():
+    ids, labels, cu = pad_for_layout(torch.ones(1, 10, dtype=torch.long), torch.ones(1, 10, dtype=torch.long),
+                                     torch.tensor([0, 4, 10]), layout="zigzag", world_size=3, pad_token_id=0)
+    assert ids.shape == (1, 12) and labels[0, 10:].tolist() == [-100, -100] and cu.tolist() == [0, 4, 10, 12]
+
+
+def test_sliding_window_is_refused():
+    from ring_flash_attn.adapters.hf import ring_attention_forward
+
+    q = torch.zeros(1, 4, 8, 16)
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        ring_attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=4)
