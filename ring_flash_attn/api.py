@@ -18,8 +18,8 @@ from .kernels import KernelCall, select_backend
 from .layouts import check_layout, check_local_seqlen
 from .ring import RingAttentionFunction, RingPlan
 from .schedules import ring_schedule
-from .validation import (check_cu_seqlens, check_cu_seqlens_tensor, check_options, check_packed, check_qkv,
-                         group_rank_and_size)
+from .validation import (call_signature, check_cu_seqlens, check_cu_seqlens_tensor, check_options, check_packed,
+                         check_qkv, check_same_call_across_group, group_rank_and_size)
 from .varlen import host_offsets, varlen_ring_schedule
 
 Tensor = torch.Tensor
@@ -74,6 +74,7 @@ def ring_attention(
     check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs)
     check_local_seqlen(layout, q.shape[1])
     rank, world_size = group_rank_and_size(group)
+    check_same_call_across_group(group, q.device, call_signature("batch", layout, q, k, causal, softmax_scale))
     schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal))
     out, lse = _run(q, k, v, schedule, rank, world_size, group, softmax_scale, deterministic, backend, varlen=False)
     return (out, lse, None) if return_attn_probs else out
@@ -93,6 +94,8 @@ def ring_attention_varlen(
     offsets = host_offsets(cu_seqlens)
     check_cu_seqlens(cu_seqlens, offsets, q.shape[0])
     rank, world_size = group_rank_and_size(group)
+    check_same_call_across_group(group, q.device,
+                                 call_signature("varlen", layout, q, k, causal, softmax_scale, offsets))
     schedule = varlen_ring_schedule(layout, offsets, world_size, bool(causal), q.device)
     out, lse = _run(q[None], k[None], v[None], schedule, rank, world_size, group, softmax_scale, deterministic,
                     backend, varlen=True)

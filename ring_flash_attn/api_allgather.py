@@ -13,7 +13,8 @@ import torch.distributed as dist
 from .allgather import AllGatherAttentionFunction, AllGatherPlan, check_heads_k_stride, document_meta, local_pieces
 from .api import default_scale, select_block_kernel
 from .kernels.base import Band, VarlenMeta
-from .validation import (check_cu_seqlens_tensor, check_options, check_packed, check_qkv, group_rank_and_size)
+from .validation import (call_signature, check_cu_seqlens_tensor, check_options, check_packed, check_qkv,
+                         check_same_call_across_group, group_rank_and_size)
 from .varlen import host_offsets
 
 Tensor = torch.Tensor
@@ -24,6 +25,8 @@ def _allgather(q, k, v, meta: VarlenMeta, k_rows, zigzag: bool, heads_k_stride, 
                window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend) -> Result:
     check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs)
     rank, world_size = group_rank_and_size(group)
+    check_same_call_across_group(group, q.device, call_signature(
+        "allgather", "zigzag" if zigzag else "llama3", q, k, causal, softmax_scale, (heads_k_stride,)))
     if meta.offsets_q[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens_q ends at {meta.offsets_q[-1]} but q holds {q.shape[0]} tokens")
     band = Band(None, 0) if causal else Band()

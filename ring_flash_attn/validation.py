@@ -1,9 +1,14 @@
 """Input checks shared by the public functions: clear ``TypeError``/``ValueError`` for bad tensors,
-``NotImplementedError`` for options this version does not compute, and the process group."""
+``NotImplementedError`` for options this version does not compute, the process group, and the
+opt-in cross-rank check of a call's arguments."""
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import os
+import struct
+import zlib
+from datetime import timedelta
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -94,3 +99,51 @@ def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
     if rank < 0:
         raise ValueError("this process is not a member of the given process group")
     return rank, dist.get_world_size(group)
+
+
+CHECK_ENV = "RING_FLASH_ATTN_CHECK"
+CHECK_TIMEOUT_ENV = "RING_FLASH_ATTN_CHECK_TIMEOUT"
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def call_signature(kind: str, layout: str, q: torch.Tensor, k: torch.Tensor, causal: bool,
+                   softmax_scale: Optional[float], extra: Tuple = ()) -> Dict[str, int]:
+    """Integers every rank of one ring call must agree on (shapes, dtype, options, layout)."""
+    fields = {"kind": zlib.crc32(kind.encode()), "layout": zlib.crc32(layout.encode()),
+              "dtype": _DTYPE_CODES.get(q.dtype, 0), "causal": int(bool(causal)),
+              "softmax_scale": struct.unpack("<q", struct.pack("<d", float(softmax_scale or 0.0)))[0],
+              "extra": zlib.crc32(repr(tuple(extra)).encode())}
+    for name, t in (("q", q), ("k", k)):
+        dims = list(t.shape) + [0] * (4 - t.dim())
+        fields.update({f"{name}.shape[{i}]": int(n) for i, n in enumerate(dims)})
+    return fields
+
+
+def check_same_call_across_group(group: Optional[dist.ProcessGroup], device: torch.device,
+                                 fields: Dict[str, int]) -> None:
+    """Opt-in (``RING_FLASH_ATTN_CHECK=1``): compare this call's signature with every rank's before any
+    hop, so a mismatched call raises a clear ``ValueError`` on all ranks instead of hanging or
+    computing garbage, and a rank that never makes the call turns into a timeout error
+    (``RING_FLASH_ATTN_CHECK_TIMEOUT`` seconds, default 60). Cost: one all-gather of ~20 int64 per call."""
+    if os.environ.get(CHECK_ENV) != "1" or not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size(group)
+    if dist.get_backend(group) != "nccl":
+        device = torch.device("cpu")
+    mine = torch.tensor(list(fields.values()), dtype=torch.int64, device=device)
+    every = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
+    work = dist.all_gather_into_tensor(every, mine, group=group, async_op=True)
+    timeout = float(os.environ.get(CHECK_TIMEOUT_ENV, "60"))
+    try:
+        work.wait(timeout=timedelta(seconds=timeout))
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"ring_flash_attn: not every rank of the group reached this attention call within {timeout:.0f}s "
+            f"(a rank skipped the call, or is stuck elsewhere): {err}"
+        ) from err
+    rows = every.view(world, -1).cpu()
+    names = list(fields)
+    differing = [names[i] for i in range(len(names)) if not bool((rows[:, i] == rows[0, i]).all())]
+    if differing:
+        table = "; ".join(f"{n}: {rows[:, names.index(n)].tolist()}" for n in differing)
+        raise ValueError(f"ring_flash_attn: the ranks called attention with different arguments (per rank) -- {table}")

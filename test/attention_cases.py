@@ -8,6 +8,7 @@ kernel and the ring add, nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -45,6 +46,7 @@ class Case:
     softmax_scale: Optional[float] = None
     seed: int = 0
     device: str = "cpu"  # "cuda": rank r runs on GPU r (NCCL)
+    q_scale: float = 1.0  # > 1: large logits (bf16 near overflow)
 
     @property
     def seqlen(self) -> int:
@@ -65,7 +67,8 @@ def global_inputs(case: Case) -> Dict[str, torch.Tensor]:
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
     b, s, h, hk, d = case.batch, case.seqlen, case.nheads, case.nheads_k, case.head_dim
-    return {"q": randn(b, s, h, d), "k": randn(b, s, hk, d), "v": randn(b, s, hk, d), "dout": randn(b, s, h, d)}
+    q = (torch.randn(b, s, h, d, generator=gen, dtype=torch.float64) * case.q_scale).to(dtype)
+    return {"q": q, "k": randn(b, s, hk, d), "v": randn(b, s, hk, d), "dout": randn(b, s, h, d)}
 
 
 def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
@@ -126,20 +129,42 @@ def gathered(case: Case, per_rank: List[Dict[str, torch.Tensor]]) -> Dict[str, t
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    """max |x - ref| / max |ref|; near-zero references (a lone token's dq is exactly 0) are measured
+    against 1e-2 instead, i.e. absolutely."""
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-2)).item()
 
 
-def check(case: Case, per_rank: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-    """Assert every tensor of every rank is within tolerance of the reference; return the errors."""
-    got, ref = gathered(case, per_rank), reference(case)
-    rel_tol, lse_tol = TOLERANCE[case.dtype]
-    errors = {}
+def measure(got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Errors against the reference: absolute for lse, relative to the largest value otherwise."""
+    return {name: (value.double() - ref[name]).abs().max().item() if name == "lse" else relative_error(value, ref[name])
+            for name, value in got.items()}
+
+
+def compare(name_of_case: str, got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], dtype: str,
+            q_scale: float = 1.0, allowance: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    """Assert each whole-sequence tensor is within tolerance of the float64 reference; return the errors.
+    Gradients computed from the rounded output (flash convention) lose accuracy with the logit scale,
+    so their bound grows with ``q_scale``; lse is compared relative to its magnitude. ``allowance``
+    raises a bound to what a single device makes of the same inputs (the fuzz test measures it)."""
+    rel_tol, lse_tol = TOLERANCE[dtype]
     for name, value in got.items():
-        assert torch.isfinite(value).all(), f"{case.id()}: {name} has non-finite values"
+        assert torch.isfinite(value).all(), f"{name_of_case}: {name} has non-finite values"
+    errors = measure(got, ref)
+    for name, err in errors.items():
         if name == "lse":
-            errors[name] = (value.double() - ref[name]).abs().max().item()
-            assert errors[name] <= lse_tol, f"{case.id()}: lse abs error {errors[name]:.3g} > {lse_tol}"
+            bound = lse_tol * max(1.0, ref[name].abs().max().item())
         else:
-            errors[name] = relative_error(value, ref[name])
-            assert errors[name] <= rel_tol, f"{case.id()}: {name} rel error {errors[name]:.3g} > {rel_tol}"
+            bound = rel_tol * (q_scale if name != "out" else 1.0)
+        bound = max(bound, (allowance or {}).get(name, 0.0))
+        assert err <= bound, f"{name_of_case}: {name} error {err:.3g} > {bound:.3g}"
     return errors
+
+
+def check(case: Case, per_rank: List[Dict[str, torch.Tensor]], allowance=None) -> Dict[str, float]:
+    """Every rank's shards against the float64 reference on the whole sequence."""
+    return compare(case.id(), gathered(case, per_rank), reference(case), case.dtype, case.q_scale, allowance)
+
+
+def single_device(case: Case) -> Case:
+    """The same problem on one process (what the ring must match)."""
+    return dataclasses.replace(case, world_size=1, local_len=case.local_len * case.world_size)

@@ -1,0 +1,90 @@
+"""Worker-side functions of test_robustness.py: each runs on every rank of a gloo pool."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+import torch.utils.checkpoint
+
+import ring_flash_attn as rfa
+
+GROUP = None  # the default group
+
+
+def _inputs(rank: int, world: int, seqlen: int = 24, heads=(4, 2), seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, seqlen, heads[0], 32, generator=gen)
+    k, v = (torch.randn(2, seqlen, heads[1], 32, generator=gen) for _ in range(2))
+    dout = torch.randn(2, seqlen, heads[0], 32, generator=gen)
+    return [rfa.shard(t, "zigzag", rank, world) for t in (q, k, v, dout)]
+
+
+def mismatched_call(rank: int, world_size: int) -> str:
+    """Rank 1 passes a different local length; with the check on, every rank gets a ValueError."""
+    os.environ["RING_FLASH_ATTN_CHECK"] = "1"
+    try:
+        q, k, v, _ = _inputs(rank, world_size)
+        if rank == 1:
+            q, k, v = (t[:, :4] for t in (q, k, v))
+        rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True, group=dist.group.WORLD)
+        return "no error"
+    except ValueError as err:
+        return str(err)
+    finally:
+        del os.environ["RING_FLASH_ATTN_CHECK"]
+
+
+def skipped_call(rank: int, world_size: int) -> str:
+    """Rank 1 never calls; rank 0 must fail within the check's timeout instead of hanging."""
+    if rank == 1:
+        return "skipped"
+    os.environ.update(RING_FLASH_ATTN_CHECK="1", RING_FLASH_ATTN_CHECK_TIMEOUT="3")
+    try:
+        q, k, v, _ = _inputs(rank, world_size)
+        rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True, group=dist.group.WORLD)
+        return "no error"
+    except RuntimeError as err:
+        return str(err)
+
+
+def _run(q, k, v, dout, **kw) -> Dict[str, torch.Tensor]:
+    leaves = [t for t in (q, k, v) if t.requires_grad]
+    out = rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True, group=dist.group.WORLD, **kw)
+    grads = torch.autograd.grad(out, leaves, dout) if leaves else ()
+    return {"out": out.detach(), **{f"g{i}": g for i, g in enumerate(grads)}}
+
+
+def input_forms(rank: int, world_size: int) -> Dict[str, Dict[str, torch.Tensor]]:
+    """The same attention through contiguous tensors, views of a fused projection, q-only grads,
+    no_grad, inference_mode and activation checkpointing."""
+    q, k, v, dout = _inputs(rank, world_size)
+    results = {"plain": _run(*(t.clone().requires_grad_() for t in (q, k, v)), dout)}
+    fused = torch.cat([q, k, v], dim=2).requires_grad_()  # (B, S, H + 2 Hk, D): q/k/v are strided views
+    views = fused[:, :, :4], fused[:, :, 4:6], fused[:, :, 6:]
+    out = rfa.zigzag_ring_flash_attn_func(*views, causal=True, group=dist.group.WORLD)
+    grad = torch.autograd.grad(out, fused, dout)[0]
+    results["views"] = {"out": out.detach(), "g0": grad[:, :, :4], "g1": grad[:, :, 4:6], "g2": grad[:, :, 6:]}
+    results["q_only"] = _run(q.clone().requires_grad_(), k, v, dout)
+    with torch.no_grad():
+        results["no_grad"] = {"out": rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True, group=dist.group.WORLD)}
+    with torch.inference_mode():
+        results["inference"] = {"out": rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True,
+                                                                       group=dist.group.WORLD).clone()}
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = torch.utils.checkpoint.checkpoint(
+        lambda a, b, c: rfa.zigzag_ring_flash_attn_func(a, b, c, causal=True, group=dist.group.WORLD),
+        *leaves, use_reentrant=False)
+    grads = torch.autograd.grad(out, leaves, dout)
+    results["checkpoint"] = {"out": out.detach(), **{f"g{i}": g for i, g in enumerate(grads)}}
+    return results
+
+
+def deterministic_runs(rank: int, world_size: int) -> Dict[str, torch.Tensor]:
+    """Two runs with deterministic=True: bitwise equal outputs and gradients."""
+    q, k, v, dout = _inputs(rank, world_size, seed=3)
+    first = _run(*(t.clone().requires_grad_() for t in (q, k, v)), dout, deterministic=True)
+    second = _run(*(t.clone().requires_grad_() for t in (q, k, v)), dout, deterministic=True)
+    return {name: torch.equal(first[name], second[name]) for name in first}
