@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .comm import all_gather_async, reduce_scatter_async
 from .kernels import Backend
 from .kernels.base import VarlenMeta
-from .ring import take
+from .ring import accumulator_dtype, take
 
 Tensor = torch.Tensor
 Rows = Union[slice, Tensor]
@@ -42,6 +42,12 @@ class AllGatherPlan:
     meta: VarlenMeta  # local query documents against the selected keys
     k_rows: Rows  # rows of the gathered keys (global order) that ``meta``'s keys are
     zigzag: bool  # shards are zigzag chunks: gathered K/V are reordered to global order
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        return allgather_forward(self, q, k, v)
+
+    def backward(self, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+        return allgather_backward(self, dout, q, k, v, out, lse)
 
 
 def local_pieces(layout: str, rank: int, world_size: int, local_tokens: int) -> Tuple[Tuple[int, int], ...]:
@@ -143,25 +149,23 @@ class KVGather:
         kv = take(kv, self.plan.k_rows, dim=0)
         return kv[:, 0], kv[:, 1]
 
-
-def _chunks(plan: AllGatherPlan, k: Tensor) -> range:
-    return range(k.shape[1] // plan.heads_k_stride)
+    def chunks(self, group_size: int):
+        """Yield ``(kv_heads, q_heads, k, v)`` per head chunk, the next chunk's gather in flight."""
+        count = self.k.shape[1] // self.plan.heads_k_stride
+        self.start(0)
+        for c in range(count):
+            if c + 1 < count:
+                self.start(c + 1)
+            kv_heads = self.heads(c)
+            yield kv_heads, slice(kv_heads.start * group_size, kv_heads.stop * group_size), *self.keys(c)
 
 
 def allgather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(out (T, H, D), lse (H, T) float32)`` for packed local queries ``q (T, H, D)``."""
+    """``(out (T, H, D), lse (H, T))`` for packed local queries ``q (T, H, D)``."""
     group_size = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-    gather = KVGather(plan, k, v)
-    chunks = _chunks(plan, k)
-    gather.start(0)
-    for c in chunks:
-        if c + 1 < len(chunks):
-            gather.start(c + 1)
-        k_c, v_c = gather.keys(c)
-        kv_heads = gather.heads(c)
-        heads = slice(kv_heads.start * group_size, kv_heads.stop * group_size)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
+    for _, heads, k_c, v_c in KVGather(plan, k, v).chunks(group_size):
         out[:, heads], lse[heads] = plan.backend.forward_varlen(q[:, heads], k_c, v_c, plan.meta, plan.softmax_scale)
     return out, lse
 
@@ -173,8 +177,6 @@ def allgather_backward(
     w, tokens = plan.world_size, k.shape[0]
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    gather = KVGather(plan, k, v)
-    chunks = _chunks(plan, k)
     pending: Optional[Tuple[dist.Work, Tensor, slice]] = None
 
     def finish(work_result):
@@ -183,13 +185,7 @@ def allgather_backward(
             work.wait()
         dk[:, kv_heads], dv[:, kv_heads] = result[:, 0], result[:, 1]
 
-    gather.start(0)
-    for c in chunks:
-        if c + 1 < len(chunks):
-            gather.start(c + 1)
-        k_c, v_c = gather.keys(c)
-        kv_heads = gather.heads(c)
-        heads = slice(kv_heads.start * group_size, kv_heads.stop * group_size)
+    for kv_heads, heads, k_c, v_c in KVGather(plan, k, v).chunks(group_size):
         dq[:, heads], dk_c, dv_c = plan.backend.backward_varlen(
             dout[:, heads], q[:, heads], k_c, v_c, out[:, heads], lse[heads], plan.meta, plan.softmax_scale
         )
@@ -210,21 +206,6 @@ def allgather_backward(
         pending = (reduce_scatter_async(mine, full, plan.group), mine, kv_heads)
     finish(pending)
     return dq, dk, dv
-
-
-class AllGatherAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: AllGatherPlan) -> Tuple[Tensor, Tensor]:
-        out, lse = allgather_forward(plan, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan = plan
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout: Tensor, _dlse: Optional[Tensor]):
-        q, k, v, out, lse = ctx.saved_tensors
-        return (*allgather_backward(ctx.plan, dout, q, k, v, out, lse), None)
 
 
 def check_heads_k_stride(heads_k_stride: Optional[int], nheads_k: int) -> int:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from .comm import RingComm
 from .kernels import KernelCall, select_backend
 from .layouts import check_layout, check_local_seqlen
-from .ring import RingAttentionFunction, RingPlan
+from .ring import AttentionFunction, RingPlan
 from .schedules import ring_schedule
 from .validation import (call_signature, check_cu_seqlens, check_cu_seqlens_tensor, check_options, check_packed,
                          check_qkv, check_same_call_across_group, group_rank_and_size)
@@ -59,7 +59,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, 
         backend=select_block_kernel(q, k, v, schedule.bands(), deterministic, backend, varlen),
         softmax_scale=default_scale(q, softmax_scale),
     )
-    return RingAttentionFunction.apply(q, k, v, plan)
+    return AttentionFunction.apply(q, k, v, plan)
 
 
 def ring_attention(

@@ -10,8 +10,9 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from .allgather import AllGatherAttentionFunction, AllGatherPlan, check_heads_k_stride, document_meta, local_pieces
+from .allgather import AllGatherPlan, check_heads_k_stride, document_meta, local_pieces
 from .api import default_scale, select_block_kernel
+from .ring import AttentionFunction
 from .kernels.base import Band, VarlenMeta
 from .validation import (call_signature, check_cu_seqlens_tensor, check_options, check_packed, check_qkv,
                          check_same_call_across_group, group_rank_and_size)
@@ -42,7 +43,7 @@ def _allgather(q, k, v, meta: VarlenMeta, k_rows, zigzag: bool, heads_k_stride, 
         k_rows=k_rows,
         zigzag=zigzag,
     )
-    out, lse = AllGatherAttentionFunction.apply(q, k, v, plan)
+    out, lse = AttentionFunction.apply(q, k, v, plan)
     return (out, lse, None) if return_attn_probs else out
 
 

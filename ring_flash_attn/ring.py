@@ -40,6 +40,12 @@ class RingPlan:
     backend: Backend
     softmax_scale: float
 
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        return ring_forward(self, q, k, v)
+
+    def backward(self, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+        return ring_backward(self, dout, q, k, v, out, lse)
+
 
 class KVRotation:
     """The K/V block of the current hop, and the receive of the next one into a second buffer.
@@ -191,10 +197,14 @@ def ring_backward(
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-class RingAttentionFunction(torch.autograd.Function):
+class AttentionFunction(torch.autograd.Function):
+    """Autograd for every family: ``plan.forward(q, k, v) -> (out, lse)`` and
+    ``plan.backward(dout, q, k, v, out, lse) -> (dq, dk, dv)`` (the ring here, the all-gather
+    family in allgather.py). lse is returned but not differentiable."""
+
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: RingPlan) -> Tuple[Tensor, Tensor]:
-        out, lse = ring_forward(plan, q, k, v)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan) -> Tuple[Tensor, Tensor]:
+        out, lse = plan.forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         ctx.mark_non_differentiable(lse)
@@ -203,5 +213,4 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Optional[Tensor]):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(ctx.plan, dout, q, k, v, out, lse)
-        return dq, dk, dv, None
+        return (*ctx.plan.backward(dout, q, k, v, out, lse), None)

@@ -94,11 +94,16 @@ def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
         assert result[2] is None and lse.dtype == (torch.float64 if case.dtype == "fp64" else torch.float32)
         assert lse.shape == (case.batch, case.nheads, case.local_len), lse.shape
     assert out.dtype == q.dtype and out.shape == q.shape
-    grads = torch.autograd.grad(out, leaves, x["dout"])
-    if case.packing == "kvpacked":
-        grads = (grads[0], *grads[1].unbind(2))
-    elif case.packing == "qkvpacked":
-        grads = grads[0].unbind(2)
+    return results_on_cpu(out, lse, leaves, x["dout"], case.packing, pack_dim=2)
+
+
+def results_on_cpu(out, lse, leaves, dout, packing: str, pack_dim: int) -> Dict[str, torch.Tensor]:
+    """out, lse and dq/dk/dv (unpacked from kv / qkv gradients) of one rank, moved to the CPU."""
+    grads = torch.autograd.grad(out, leaves, dout)
+    if packing == "kvpacked":
+        grads = (grads[0], *grads[1].unbind(pack_dim))
+    elif packing == "qkvpacked":
+        grads = grads[0].unbind(pack_dim)
     res = dict(out=out.detach(), dq=grads[0], dk=grads[1], dv=grads[2])
     if lse is not None:
         res["lse"] = lse

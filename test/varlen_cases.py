@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import ring_flash_attn as rfa
-from attention_cases import DTYPES, compare
+from attention_cases import DTYPES, compare, results_on_cpu
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varlen
 
 RING_FAMILY = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
@@ -89,16 +89,9 @@ def run_rank(rank: int, world_size: int, case: VarlenCase) -> Dict[str, torch.Te
     result = _call(case, rank, q, k, v, kv, qkv)
     out, lse = (result[0], result[1]) if case.return_lse else (result, None)
     leaves = {"func": (q, k, v), "kvpacked": (q, kv), "qkvpacked": (qkv,)}[case.packing]
-    grads = torch.autograd.grad(out, leaves, x["dout"])
-    if case.packing == "kvpacked":
-        grads = (grads[0], *grads[1].unbind(1))
-    elif case.packing == "qkvpacked":
-        grads = grads[0].unbind(1)
-    res = dict(out=out.detach(), dq=grads[0], dk=grads[1], dv=grads[2])
     if lse is not None:
         assert lse.shape == (case.nheads, q.shape[0]), lse.shape
-        res["lse"] = lse
-    return {n: t.cpu() for n, t in res.items()}
+    return results_on_cpu(out, lse, leaves, x["dout"], case.packing, pack_dim=1)
 
 
 def reference(case: VarlenCase) -> Dict[str, torch.Tensor]:
