@@ -19,7 +19,7 @@ from .layouts import check_layout, check_local_seqlen
 from .ring import AttentionFunction, RingPlan
 from .schedules import ring_schedule
 from .validation import (call_signature, check_cu_seqlens, check_cu_seqlens_tensor, check_options, check_packed,
-                         check_qkv, check_same_call_across_group, group_rank_and_size)
+                         check_qkv, check_same_call_across_group, group_rank_and_size, normalized_window)
 from .varlen import host_offsets, varlen_ring_schedule
 
 Tensor = torch.Tensor
@@ -71,11 +71,13 @@ def ring_attention(
     """Attention of this rank's queries ``(B, S, H, D)`` over the whole sharded sequence."""
     check_layout(layout)
     check_qkv(q, k, v)
-    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs)
+    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, window_supported=True)
     check_local_seqlen(layout, q.shape[1])
+    window = normalized_window(window_size)
     rank, world_size = group_rank_and_size(group)
-    check_same_call_across_group(group, q.device, call_signature("batch", layout, q, k, causal, softmax_scale))
-    schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal))
+    check_same_call_across_group(group, q.device,
+                                 call_signature("batch", layout, q, k, causal, softmax_scale, window))
+    schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal), window)
     out, lse = _run(q, k, v, schedule, rank, world_size, group, softmax_scale, deterministic, backend, varlen=False)
     return (out, lse, None) if return_attn_probs else out
 

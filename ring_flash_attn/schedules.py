@@ -2,9 +2,11 @@
 
 A job is a query slice, a key/value slice and a :class:`Band` mask. Jobs are derived, not written
 per layout: the attention mask is stated on global token positions (causal: key position <=
-query position), every pair of query/key :class:`~ring_flash_attn.layouts.Segment` gets the band
+query position; a sliding window bounds their distance), every pair of query/key :class:`~ring_flash_attn.layouts.Segment` gets the band
 it implies, empty pairs are dropped and full ones merged into as few kernel calls as possible.
-Forward and backward walk the same jobs, and the ring engine never looks at a layout.
+Forward and backward walk the same jobs, and the ring engine never looks at a layout. Hops whose
+block is outside the mask have no job, and K/V nobody downstream needs are not sent: a windowed
+layer costs O(window), not O(sequence).
 """
 
 from __future__ import annotations
@@ -74,20 +76,31 @@ def _merge_full_cells(qsegs, ksegs, cells: Dict[Tuple[int, int], Band]) -> List[
     return jobs
 
 
+def position_bounds(causal: bool, window: Tuple[int, int]) -> Tuple[Optional[int], Optional[int]]:
+    """The attention mask as bounds on ``key position - query position`` (None: unbounded)."""
+    left, right = window
+    hi = 0 if causal else None
+    if right >= 0:
+        hi = right if hi is None else min(hi, right)
+    return (-left if left >= 0 else None), hi
+
+
 @lru_cache(maxsize=4096)
-def block_jobs(layout: str, rank: int, src: int, world_size: int, local_len: int, causal: bool) -> Tuple[BlockJob, ...]:
-    """Jobs for rank ``rank`` attending to the K/V block that rank ``src`` owns."""
+def block_jobs(layout: str, rank: int, src: int, world_size: int, local_len: int, causal: bool,
+               window: Tuple[int, int] = (-1, -1)) -> Tuple[BlockJob, ...]:
+    """Jobs for rank ``rank`` attending to the K/V block that rank ``src`` owns, under the causal
+    and sliding-window (flash-attn's ``window_size``) mask on global positions."""
     qsegs = segments(layout, rank, world_size, local_len)
     ksegs = segments(layout, src, world_size, local_len)
-    hi_pos = 0 if causal else None
-    if causal and src == rank:
+    lo_pos, hi_pos = position_bounds(causal, window)
+    if lo_pos is None and hi_pos == 0 and src == rank:
         # Positions increase along every rank's local tokens, so causality on positions is
         # causality on local indices: one kernel call however many segments the rank holds.
         return (BlockJob(slice(0, local_len), slice(0, local_len), Band(None, 0)),)
     cells = {}
     for qi, qs in enumerate(qsegs):
         for kj, ks in enumerate(ksegs):
-            band = segment_band(qs, ks, None, hi_pos)
+            band = segment_band(qs, ks, lo_pos, hi_pos)
             if band is not None:
                 cells[(qi, kj)] = band
     return tuple(_merge_full_cells(qsegs, ksegs, cells))
@@ -115,9 +128,10 @@ class RingSchedule:
 
 
 @lru_cache(maxsize=256)
-def ring_schedule(layout: str, world_size: int, local_len: int, causal: bool) -> RingSchedule:
+def ring_schedule(layout: str, world_size: int, local_len: int, causal: bool,
+                  window: Tuple[int, int] = (-1, -1)) -> RingSchedule:
     jobs = tuple(
-        tuple(block_jobs(layout, r, s, world_size, local_len, causal) for s in range(world_size))
+        tuple(block_jobs(layout, r, s, world_size, local_len, causal, window) for s in range(world_size))
         for r in range(world_size)
     )
     return RingSchedule(world_size, jobs)

@@ -69,18 +69,33 @@ def check_cu_seqlens_tensor(cu_seqlens: torch.Tensor) -> None:
         )
 
 
+def normalized_window(window_size) -> Tuple[int, int]:
+    """flash-attn's ``window_size=(left, right)``: query i sees keys i-left .. i+right; -1 unbounded."""
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {(left, right)}")
+    return left, right
+
+
 def check_options(
     dropout_p: float,
     window_size: Tuple[int, int],
     softcap: float,
     alibi_slopes: Optional[torch.Tensor],
     return_attn_probs: bool,
+    window_supported: bool = False,
 ) -> None:
     """Refuse what this version does not compute rather than ignore it."""
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p={dropout_p}: dropout is not supported yet; use dropout_p=0.0")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"window_size={tuple(window_size)}: sliding-window attention is not supported yet")
+    if normalized_window(window_size) != (-1, -1) and not window_supported:
+        raise NotImplementedError(
+            f"window_size={tuple(window_size)}: sliding-window attention is supported by the batch functions "
+            "(ring / zigzag / stripe *_func), not yet with packed sequences"
+        )
     if softcap != 0.0:
         raise NotImplementedError(f"softcap={softcap}: logit soft-capping is not supported yet")
     if alibi_slopes is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,7 @@ class Case:
     seed: int = 0
     device: str = "cpu"  # "cuda": rank r runs on GPU r (NCCL)
     q_scale: float = 1.0  # > 1: large logits (bf16 near overflow)
+    window: Tuple[int, int] = (-1, -1)  # window_size (left, right)
 
     @property
     def seqlen(self) -> int:
@@ -55,7 +56,9 @@ class Case:
     def id(self) -> str:
         heads = f"h{self.nheads}k{self.nheads_k}"
         causal = "causal" if self.causal else "full"
-        return f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{causal}-{self.dtype}-{heads}-d{self.head_dim}-b{self.batch}-L{self.local_len}-{self.backend}"
+        window = "" if self.window == (-1, -1) else f"-win{self.window[0]}_{self.window[1]}"
+        return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{causal}{window}-{self.dtype}-{heads}-"
+                f"d{self.head_dim}-b{self.batch}-L{self.local_len}-{self.backend}")
 
 
 def global_inputs(case: Case) -> Dict[str, torch.Tensor]:
@@ -78,7 +81,8 @@ def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
     x = {name: rfa.shard(t, case.layout, rank, world_size).to(device).requires_grad_(name != "dout")
          for name, t in global_inputs(case).items()}
     func = getattr(rfa, FUNCS[case.layout][PACKINGS.index(case.packing)])
-    kwargs = dict(softmax_scale=case.softmax_scale, causal=case.causal, return_attn_probs=case.return_lse,
+    kwargs = dict(softmax_scale=case.softmax_scale, causal=case.causal, window_size=case.window,
+                  return_attn_probs=case.return_lse,
                   group=dist.group.WORLD if world_size > 1 else None, backend=case.backend)
     q, k, v = x["q"], x["k"], x["v"]
     if case.packing == "func":
@@ -110,6 +114,19 @@ def results_on_cpu(out, lse, leaves, dout, packing: str, pack_dim: int) -> Dict[
     return {name: t.cpu() for name, t in res.items()}
 
 
+def mask(seqlen: int, causal: bool, window: Tuple[int, int] = (-1, -1)) -> torch.Tensor:
+    """(S, S) boolean: query i sees key j (flash-attn's causal and window_size semantics)."""
+    i, j = torch.arange(seqlen)[:, None], torch.arange(seqlen)[None, :]
+    allowed = torch.ones(seqlen, seqlen, dtype=torch.bool)
+    if causal:
+        allowed &= j <= i
+    if window[0] >= 0:
+        allowed &= j >= i - window[0]
+    if window[1] >= 0:
+        allowed &= j <= i + window[1]
+    return allowed
+
+
 def reference(case: Case) -> Dict[str, torch.Tensor]:
     """float64 attention on the unsharded sequence, with autograd: out, lse, dq, dk, dv."""
     x = {n: t.double().requires_grad_(n != "dout") for n, t in global_inputs(case).items()}
@@ -118,9 +135,7 @@ def reference(case: Case) -> Dict[str, torch.Tensor]:
     kr, vr = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scale = case.softmax_scale if case.softmax_scale is not None else case.head_dim ** -0.5
     scores = torch.einsum("bihd,bjhd->bhij", q, kr) * scale
-    if case.causal:
-        s = case.seqlen
-        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    scores = scores.masked_fill(~mask(case.seqlen, case.causal, case.window), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), vr)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), x["dout"])

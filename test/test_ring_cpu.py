@@ -40,6 +40,12 @@ def _cases() -> list:
     for w, layout in itertools.product((2, 4), LAYOUTS):
         cases.append(Case(layout=layout, packing="func", causal=True, world_size=w, dtype="fp64",
                           backend="reference", nheads=4, nheads_k=2, local_len=6, seed=11))
+    # sliding windows (reference kernel: the fused CPU one takes no lower bound), several widths
+    for n, (w, layout, causal, window) in enumerate(itertools.product(
+            (2, 3, 4), LAYOUTS, (True, False), ((3, -1), (5, 2), (1, 1), (-1, 4), (13, 13)))):
+        cases.append(Case(layout=layout, packing=PACKINGS[n % 3], causal=causal, world_size=w, dtype=DTYPES[n % 2],
+                          backend="auto", window=window, nheads=4, nheads_k=(2, 4)[n % 2] if n % 3 != 2 else 4,
+                          local_len=6, seed=n))
     # explicit softmax scale
     cases.append(Case(layout="zigzag", packing="kvpacked", causal=True, world_size=2, dtype="fp32",
                       backend="torch_cpu_flash", softmax_scale=0.3, seed=5))

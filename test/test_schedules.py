@@ -14,13 +14,13 @@ from ring_flash_attn.layouts import LAYOUTS, position_ids, segments
 from ring_flash_attn.schedules import block_jobs, ring_schedule, segment_band
 
 
-def covered(layout: str, world_size: int, local_len: int, causal: bool) -> torch.Tensor:
+def covered(layout: str, world_size: int, local_len: int, causal: bool, window=(-1, -1)) -> torch.Tensor:
     """How many times each global (query, key) pair is computed by the schedule."""
     seqlen = world_size * local_len
     count = torch.zeros(seqlen, seqlen, dtype=torch.int64)
     pos = [position_ids(layout, r, world_size, seqlen) for r in range(world_size)]
     for rank, src in itertools.product(range(world_size), repeat=2):
-        for job in block_jobs(layout, rank, src, world_size, local_len, causal):
+        for job in block_jobs(layout, rank, src, world_size, local_len, causal, window):
             qpos, kpos = pos[rank][job.q], pos[src][job.kv]
             assert len(qpos) and len(kpos)
             allowed = job.band.allowed(len(qpos), len(kpos))
@@ -39,6 +39,26 @@ def test_jobs_cover_mask_exactly_once(layout, world_size, causal, local_len):
     if causal:
         expected = expected.tril()
     assert torch.equal(covered(layout, world_size, local_len, causal), expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [(0, 0), (3, -1), (-1, 2), (5, 1), (7, 7), (30, 30)])
+def test_windowed_jobs_cover_mask_exactly_once(layout, world_size, causal, window):
+    from attention_cases import mask
+
+    local_len = 6
+    expected = mask(world_size * local_len, causal, window).long()
+    assert torch.equal(covered(layout, world_size, local_len, causal, window), expected)
+
+
+def test_small_window_sends_only_the_hops_it_needs():
+    # contiguous chunks of 8 and a window of 3: each rank needs its own block and its left neighbour's
+    sched = ring_schedule("ring", 6, 8, True, (3, -1))
+    for rank in range(6):
+        assert [bool(sched.jobs_for(rank, (rank - s) % 6)) for s in range(6)] == [True, rank > 0] + [False] * 4
+        assert all(not sched.forwards_kv(rank, step) for step in range(1, 5))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -30,9 +30,20 @@ def test_bad_tensors(make, error, match):
         rfa.ring_flash_attn_func(*make())
 
 
+def test_window_options():
+    with pytest.raises(NotImplementedError, match="packed"):
+        rfa.ring_flash_attn_varlen_func(torch.zeros(8, 2, 16), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16),
+                                        torch.tensor([0, 8], dtype=torch.int32), 8, window_size=(2, 0))
+    with pytest.raises(ValueError, match=">= -1"):
+        rfa.ring_flash_attn_func(*qkv(), window_size=(-3, 0))
+    with pytest.raises(TypeError, match="pair of ints"):
+        rfa.ring_flash_attn_func(*qkv(), window_size=4)
+    with pytest.raises(ValueError, match="sliding windows run on the reference"):
+        rfa.ring_flash_attn_func(*qkv(), window_size=(2, 0), backend="torch_cpu_flash")
+
+
 @pytest.mark.parametrize("option,match", [
     (dict(dropout_p=0.1), "dropout"),
-    (dict(window_size=(4, 0)), "window"),
     (dict(softcap=30.0), "softcap"),
     (dict(alibi_slopes=torch.ones(4)), "ALiBi"),
 ])

@@ -14,7 +14,9 @@ from .base import Backend, Band, KernelCall, Tensor, fits_top_left_causal, pad_r
 class TrimmedCausalBackend(Backend):
     def band_reasons(self, call: KernelCall) -> list[str]:
         odd = [band for band in call.bands if not fits_top_left_causal(band)]
-        return [f"masks {odd} are neither full nor causal"] if odd else []
+        if not odd:
+            return []
+        return [f"masks {odd} are neither full nor causal (sliding windows run on the reference backend for now)"]
 
     def run_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
