@@ -139,3 +139,41 @@ def flash_attn_4() -> types.ModuleType:
 
     m._flash_attn_fwd, m._flash_attn_bwd = _flash_attn_fwd, _flash_attn_bwd
     return m
+
+
+def flash_attn_3(backward_causal_name: str = "is_causal") -> types.ModuleType:
+    """flash_attn_interface of the Hopper build (FA3): keyword-rich forward returning 4 values,
+    backward filling dq/dk/dv; its causal flag is ``is_causal`` (recent) or ``causal`` (older)."""
+    m = types.ModuleType("fake_flash_attn_interface")
+
+    def _flash_attn_forward(q, k, v, k_new=None, v_new=None, qv=None, out_=None, cu_seqlens_q=None,
+                            cu_seqlens_k=None, cu_seqlens_k_new=None, seqused_q=None, seqused_k=None,
+                            max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None, leftpad_k=None,
+                            rotary_cos=None, rotary_sin=None, seqlens_rotary=None, q_descale=None, k_descale=None,
+                            v_descale=None, softmax_scale=None, causal=False, window_size_left=-1,
+                            window_size_right=-1, attention_chunk=0, softcap=0.0, rotary_interleaved=True,
+                            scheduler_metadata=None, num_splits=1, pack_gqa=None, sm_margin=0):
+        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        return out, lse, torch.empty(0), torch.empty(0)
+
+    def backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q=None, cu_seqlens_k=None, sequed_q=None,
+                 sequed_k=None, max_seqlen_q=None, max_seqlen_k=None, dq=None, dk=None, dv=None, softmax_scale=None,
+                 causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0, deterministic=False,
+                 sm_margin=0):
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        for buf, g in zip((dq, dk, dv), grads):
+            buf.copy_(g)
+        return torch.empty(0)
+
+    if backward_causal_name == "is_causal":
+        def _flash_attn_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q=None, cu_seqlens_k=None,
+                                 sequed_q=None, sequed_k=None, max_seqlen_q=None, max_seqlen_k=None, dq=None,
+                                 dk=None, dv=None, softmax_scale=None, is_causal=False, window_size_left=-1,
+                                 window_size_right=-1, softcap=0.0, deterministic=False, sm_margin=0):
+            return backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, dq=dq, dk=dk, dv=dv,
+                            softmax_scale=softmax_scale, causal=is_causal)
+    else:
+        _flash_attn_backward = backward
+
+    m._flash_attn_forward, m._flash_attn_backward = _flash_attn_forward, _flash_attn_backward
+    return m

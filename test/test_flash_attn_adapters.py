@@ -1,5 +1,5 @@
-"""The flash-attn 2 / 4 adapters against fakes with the packages' real signatures (2.6, 2.7+,
-flash-attn-4): forward, backward, packed documents, and the causal splits of the bottom-right
+"""The flash-attn 2 / 3 / 4 adapters against fakes with the packages' real signatures (2.6, 2.7+,
+FA3 recent and older, flash-attn-4): forward, backward, packed documents, and the causal splits of the bottom-right
 adapter, on CPU, against the dense float64 computation of test_kernels. On a GPU machine with the
 packages installed, the real modules run through test_kernels / test_ring_gpu instead."""
 
@@ -11,13 +11,15 @@ import torch
 import fake_flash_attn
 from ring_flash_attn.kernels import KernelCall
 from ring_flash_attn.kernels.base import Band
-from ring_flash_attn.kernels.flash_attn_pkg import FlashAttn2Backend, FlashAttn4Backend
+from ring_flash_attn.kernels.flash_attn_pkg import FlashAttn2Backend, FlashAttn3Backend, FlashAttn4Backend
 from test_kernels import VARLEN_DOCS, check_block, check_varlen_block, varlen_meta
 
 FAKES = {
     "fa2.6": lambda: FlashAttn2Backend(interface=fake_flash_attn.flash_attn_2_6(), version="2.6.3"),
     "fa2.7": lambda: FlashAttn2Backend(interface=fake_flash_attn.flash_attn_2_7(), version="2.7.4.post1"),
     "fa2.8": lambda: FlashAttn2Backend(interface=fake_flash_attn.flash_attn_2_7(), version="2.8.3"),
+    "fa3": lambda: FlashAttn3Backend(interface=fake_flash_attn.flash_attn_3("is_causal")),
+    "fa3-old": lambda: FlashAttn3Backend(interface=fake_flash_attn.flash_attn_3("causal")),
     "fa4": lambda: FlashAttn4Backend(interface=fake_flash_attn.flash_attn_4()),
 }
 

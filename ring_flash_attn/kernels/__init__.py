@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Dict, Optional
 
 from .base import Backend, Band, KernelCall
-from .flash_attn_pkg import FlashAttn2Backend, FlashAttn4Backend
+from .flash_attn_pkg import FlashAttn2Backend, FlashAttn3Backend, FlashAttn4Backend
 from .reference import ReferenceBackend
 from .torch_cpu import TorchCpuFlashBackend
 from .torch_cuda import CudnnBackend, TorchCudaFlashBackend
@@ -32,8 +32,10 @@ BACKENDS: Dict[str, Backend] = {}
 # Preference of `auto`, fastest first; names not registered (not importable here) are passed over.
 # Fastest first, measured on H200 (torch 2.11, cuDNN 9.19, Llama-3.1-8B attention, 8k tokens, causal
 # fwd+bwd): flash-attn-4 287 iter/s, cuDNN 255-258, FA2 154 (benchmark/RESULTS.md). The flash-attn 2
-# package is not installed there; it is ranked with PyTorch's FA2, the same kernels.
-AUTO_ORDER = ("flash_attn_4", "cudnn", "flash_attn_2", "torch_cuda_flash", "torch_cpu_flash", "reference")
+# package is not installed there; it is ranked with PyTorch's FA2, the same kernels. FA3 (not measured
+# here) goes between flash-attn-4 and cuDNN, as its authors' Hopper numbers place it.
+AUTO_ORDER = ("flash_attn_4", "flash_attn_3", "cudnn", "flash_attn_2", "torch_cuda_flash", "torch_cpu_flash",
+              "reference")
 
 
 def register_backend(backend: Backend) -> None:
@@ -45,6 +47,7 @@ register_backend(TorchCpuFlashBackend())
 register_backend(TorchCudaFlashBackend())
 register_backend(CudnnBackend())
 register_backend(FlashAttn2Backend())
+register_backend(FlashAttn3Backend())
 register_backend(FlashAttn4Backend())
 
 

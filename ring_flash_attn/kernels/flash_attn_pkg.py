@@ -4,11 +4,14 @@
   flash-attn 2.6 to 2.8. 2.6 takes ``window_size=(l, r)`` and its forward returns 8 values (lse
   at index 5); 2.7+ take ``window_size_left/right`` and return 4 (lse at 1). Backward writes into
   the ``dq, dk, dv`` buffers it is given. Arguments go by keyword, so either shape works.
+* ``flash_attn_3`` -- ``flash_attn_interface._flash_attn_forward/_backward`` of the Hopper build
+  (keyword-rich custom ops; the backward's causal flag is ``is_causal`` in recent versions and
+  ``causal`` in older ones, read from its signature). Backward fills ``dq, dk, dv`` in place.
 * ``flash_attn_4`` -- ``flash_attn.cute.interface._flash_attn_fwd/_bwd`` (CuTe DSL kernels, JIT
   compiled at first use; Hopper and Blackwell). Its return arity changed between betas: results
   are indexed, never unpacked.
 
-Both are bottom-right causal with native varlen (:class:`BottomRightCausalBackend`). A module can
+All are bottom-right causal with native varlen (:class:`BottomRightCausalBackend`). A module can
 be injected (``FlashAttn2Backend(interface=..., version=...)``) -- the tests use fakes with the
 real signatures to cover the plumbing where no build exists.
 """
@@ -16,6 +19,7 @@ real signatures to cover the plumbing where no build exists.
 from __future__ import annotations
 
 import importlib
+import inspect
 from types import ModuleType
 from typing import Optional, Tuple
 
@@ -106,22 +110,52 @@ class FlashAttn2Backend(_PackageBackend):
         return dq, dk, dv
 
 
+def _varlen_kwargs(varlen: Optional[VarlenMeta]) -> dict:
+    if varlen is None:
+        return {}
+    return dict(cu_seqlens_q=varlen.cu_seqlens_q, cu_seqlens_k=varlen.cu_seqlens_k,
+                max_seqlen_q=varlen.max_seqlen_q, max_seqlen_k=varlen.max_seqlen_k)
+
+
+def _parameters(fn) -> set:
+    """Parameter names of a function or of a torch custom op wrapping one."""
+    try:
+        return set(inspect.signature(getattr(fn, "_init_fn", fn)).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+class FlashAttn3Backend(_PackageBackend):
+    name = "flash_attn_3"
+    module_name = "flash_attn_interface"
+    min_capability = (9, 0)
+
+    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor]:
+        result = self.interface()._flash_attn_forward(
+            *(last_dim_contiguous(x) for x in (q, k, v)), softmax_scale=softmax_scale, causal=causal,
+            **_varlen_kwargs(varlen),
+        )
+        return result[0], result[1]
+
+    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor, Tensor]:
+        fn = self.interface()._flash_attn_backward
+        causal_name = "is_causal" if "is_causal" in _parameters(fn) else "causal"
+        dout, q, k, v, out = (last_dim_contiguous(x) for x in (dout, q, k, v, out))
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        fn(dout, q, k, v, out, lse.contiguous(), dq=dq, dk=dk, dv=dv, softmax_scale=softmax_scale,
+           **{causal_name: causal}, **_varlen_kwargs(varlen))
+        return dq, dk, dv
+
+
 class FlashAttn4Backend(_PackageBackend):
     name = "flash_attn_4"
     module_name = "flash_attn.cute.interface"
     min_capability = (9, 0)  # its backward runs on SM90 and newer
 
-    @staticmethod
-    def _varlen_kwargs(varlen: Optional[VarlenMeta]) -> dict:
-        if varlen is None:
-            return {}
-        return dict(cu_seqlens_q=varlen.cu_seqlens_q, cu_seqlens_k=varlen.cu_seqlens_k,
-                    max_seqlen_q=varlen.max_seqlen_q, max_seqlen_k=varlen.max_seqlen_k)
-
     def call_forward(self, q, k, v, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor]:
         result = self.interface()._flash_attn_fwd(
             *(last_dim_contiguous(x) for x in (q, k, v)), softmax_scale=softmax_scale, causal=causal,
-            return_lse=True, **self._varlen_kwargs(varlen),
+            return_lse=True, **_varlen_kwargs(varlen),
         )
         return result[0], result[1]
 
@@ -129,6 +163,6 @@ class FlashAttn4Backend(_PackageBackend):
         q, k, v, out, dout = (last_dim_contiguous(x) for x in (q, k, v, out, dout))
         result = self.interface()._flash_attn_bwd(
             q, k, v, out, dout, lse.contiguous(), softmax_scale=softmax_scale, causal=causal,
-            **self._varlen_kwargs(varlen),
+            **_varlen_kwargs(varlen),
         )
         return result[0], result[1], result[2]
