@@ -29,18 +29,23 @@ class ModelCase:
         return f"W{self.world_size}-{self.model}-{self.layout}-{'packed' if self.packed else 'single'}-{self.path}"
 
 
+def model_available(name: str) -> bool:
+    import transformers
+
+    return hasattr(transformers, {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                  "qwen3": "Qwen3ForCausalLM"}[name])
+
+
 def build_model(name: str) -> torch.nn.Module:
     import transformers
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.0)
-    config = {
-        "llama": lambda: transformers.LlamaConfig(**common),
-        "qwen2": lambda: transformers.Qwen2Config(**common, use_sliding_window=False),
-        "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=16),
+    config, cls = {
+        "llama": lambda: (transformers.LlamaConfig(**common), transformers.LlamaForCausalLM),
+        "qwen2": lambda: (transformers.Qwen2Config(**common, use_sliding_window=False), transformers.Qwen2ForCausalLM),
+        "qwen3": lambda: (transformers.Qwen3Config(**common, head_dim=16), transformers.Qwen3ForCausalLM),
     }[name]()
-    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-           "qwen3": transformers.Qwen3ForCausalLM}[name]
     torch.manual_seed(0)
     model = cls(config).float()
     model.config._attn_implementation = "eager"
@@ -70,7 +75,10 @@ def run_rank(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
         hf.update_ring_flash_attn_params(cu, group)
     else:
         name = hf.register_ring_attention(group, layout=case.layout)
-        model.set_attn_implementation(name)
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(name)
+        else:  # transformers < 4.54: what from_pretrained(attn_implementation=name) sets
+            model.config._attn_implementation = name
         hf.set_packed_batch(cu)
     local = adapters.shard_inputs(input_ids, labels, cu_seqlens=cu, layout=case.layout, group=group)
     logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits

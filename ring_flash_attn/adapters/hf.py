@@ -109,9 +109,14 @@ def _no_mask(*args, **kwargs) -> None:
 
 
 def _register(name: str) -> None:
-    from transformers import AttentionInterface
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # transformers 4.48 / 4.49: a plain dict
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    AttentionInterface.register(name, ring_attention_forward)
+        ALL_ATTENTION_FUNCTIONS[name] = ring_attention_forward
+    else:
+        AttentionInterface.register(name, ring_attention_forward)
     try:
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError:  # transformers < 4.53 builds masks in the model code; they are ignored here
