@@ -50,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heads-k-stride", type=int, default=None, help="all-gather variants (default: all heads)")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--window", type=int, nargs=2, default=(-1, -1), metavar=("LEFT", "RIGHT"),
+                   help="sliding window_size (batch variants)")
     p.add_argument("--fwd-only", action="store_true")
     p.add_argument("--backend", default=None, help="block kernel (default: auto)")
     p.add_argument("--iters", type=int, default=20 if gpu else 5)
@@ -186,6 +188,8 @@ def make_step(args, problem: Problem, variant: str) -> Callable[[], List[torch.T
     fn = getattr(rfa, f"{prefix}_{'varlen_' if args.varlen else ''}{suffix}")
     group = dist.group.WORLD if dist.is_initialized() else None
     kw = dict(causal=args.causal, group=group, backend=args.backend)
+    if tuple(args.window) != (-1, -1):
+        kw["window_size"] = tuple(args.window)
     if args.varlen and variant == "zigzag_llama3":
         kw["heads_k_stride"] = args.heads_k_stride
     extra = problem.call_args(variant)
