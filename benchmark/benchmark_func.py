@@ -170,7 +170,7 @@ class Problem:
         for start, stop in zip(offsets(self.lengths)[:-1], offsets(self.lengths)[1:]):
             part = [t.narrow(seq_dim, start, stop - start).transpose(seq_dim, seq_dim + 1) for t in (q, k, v)]
             kr, vr = (t.repeat_interleave(group, seq_dim) for t in part[1:])
-            o = F.scaled_dot_product_attention(part[0], kr, vr, is_causal=args.causal)
+            o = F.scaled_dot_product_attention(part[0], kr, vr, **mask_args(args, stop - start, q.device))
             outs.append(o.transpose(seq_dim, seq_dim + 1))
         out = torch.cat(outs, seq_dim)
         tensors = [out]
@@ -178,6 +178,22 @@ class Problem:
             tensors += torch.autograd.grad(out, (q, k, v), x["dout"].float())
         local = self.shard(variant, {str(i): t.detach() for i, t in enumerate(tensors)})
         return [local[str(i)] for i in range(len(tensors))]
+
+
+def mask_args(args, length: int, device) -> dict:
+    """SDPA arguments for the mask: causal, and the sliding window if one is set."""
+    left, right = args.window
+    if (left, right) == (-1, -1):
+        return {"is_causal": args.causal}
+    i, j = torch.arange(length, device=device)[:, None], torch.arange(length, device=device)[None, :]
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device)
+    if args.causal:
+        allowed &= j <= i
+    if left >= 0:
+        allowed &= j >= i - left
+    if right >= 0:
+        allowed &= j <= i + right
+    return {"attn_mask": allowed}
 
 
 def make_step(args, problem: Problem, variant: str) -> Callable[[], List[torch.Tensor]]:
