@@ -27,8 +27,9 @@ Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 
 def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: bool, backend: Optional[str],
-                        varlen: bool = False, varlen_offsets: bool = False):
-    """The block kernel for 4-D ``(B, S, H, D)`` tensors (see :func:`ring_flash_attn.kernels.select_backend`)."""
+                        varlen: bool = False, varlen_offsets: bool = False, softcap: float = 0.0):
+    """The block kernel for ``(B, S, H, D)`` tensors (see :func:`ring_flash_attn.kernels.select_backend`),
+    bound to the call's soft-cap."""
     call = KernelCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -40,8 +41,9 @@ def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: b
         needs_backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
         varlen=varlen,
         varlen_offsets=varlen_offsets,
+        softcap=bool(softcap),
     )
-    return select_backend(call, backend)
+    return select_backend(call, backend).with_options(softcap=float(softcap))
 
 
 def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:
@@ -49,14 +51,14 @@ def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, group, softmax_scale, deterministic,
-         backend: Optional[str], varlen: bool) -> Tuple[Tensor, Tensor]:
+         backend: Optional[str], varlen: bool, softcap: float) -> Tuple[Tensor, Tensor]:
     """Select the block kernel and run the ring on 4-D ``(B, S, H, D)`` tensors."""
     plan = RingPlan(
         rank=rank,
         world_size=world_size,
         comm=RingComm(group) if world_size > 1 else None,
         schedule=schedule,
-        backend=select_block_kernel(q, k, v, schedule.bands(), deterministic, backend, varlen),
+        backend=select_block_kernel(q, k, v, schedule.bands(), deterministic, backend, varlen, softcap=softcap),
         softmax_scale=default_scale(q, softmax_scale),
     )
     return AttentionFunction.apply(q, k, v, plan)
@@ -76,9 +78,9 @@ def ring_attention(
     window = normalized_window(window_size)
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device,
-                                 call_signature("batch", layout, q, k, causal, softmax_scale, window))
+                                 call_signature("batch", layout, q, k, causal, softmax_scale, (window, softcap)))
     schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal), window)
-    out, lse = _run(q, k, v, schedule, rank, world_size, group, softmax_scale, deterministic, backend, varlen=False)
+    out, lse = _run(q, k, v, schedule, rank, world_size, group, softmax_scale, deterministic, backend, False, softcap)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -97,10 +99,10 @@ def ring_attention_varlen(
     check_cu_seqlens(cu_seqlens, offsets, q.shape[0])
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device,
-                                 call_signature("varlen", layout, q, k, causal, softmax_scale, offsets))
+                                 call_signature("varlen", layout, q, k, causal, softmax_scale, (offsets, softcap)))
     schedule = varlen_ring_schedule(layout, offsets, world_size, bool(causal), q.device)
     out, lse = _run(q[None], k[None], v[None], schedule, rank, world_size, group, softmax_scale, deterministic,
-                    backend, varlen=True)
+                    backend, True, softcap)
     return (out[0], lse[0], None) if return_attn_probs else out[0]
 
 

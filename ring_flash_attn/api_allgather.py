@@ -27,7 +27,7 @@ def _allgather(q, k, v, meta: VarlenMeta, k_rows, zigzag: bool, heads_k_stride, 
     check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs)
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device, call_signature(
-        "allgather", "zigzag" if zigzag else "llama3", q, k, causal, softmax_scale, (heads_k_stride,)))
+        "allgather", "zigzag" if zigzag else "llama3", q, k, causal, softmax_scale, (heads_k_stride, softcap)))
     if meta.offsets_q[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens_q ends at {meta.offsets_q[-1]} but q holds {q.shape[0]} tokens")
     band = Band(None, 0) if causal else Band()
@@ -36,7 +36,7 @@ def _allgather(q, k, v, meta: VarlenMeta, k_rows, zigzag: bool, heads_k_stride, 
         world_size=world_size,
         group=group,
         backend=select_block_kernel(q, k, v, (band,), deterministic, backend, varlen=True,
-                                    varlen_offsets=bool(causal)),
+                                    varlen_offsets=bool(causal), softcap=softcap),
         softmax_scale=default_scale(q, softmax_scale),
         heads_k_stride=check_heads_k_stride(heads_k_stride, k.shape[1]),
         meta=meta,
@@ -52,11 +52,12 @@ def llama3_flash_attn_varlen_func(
     max_seqlen_k: int, heads_k_stride: int, local_k_slice: slice, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None,
+    group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None, softcap: float = 0.0,
 ) -> Result:
     """Exact attention over packed documents, each rank holding a contiguous 1/W of the packed tokens;
     ``cu_seqlens_q/k``, ``max_seqlen_q/k`` and ``local_k_slice`` from
-    :func:`llama3_flash_attn_prepare_cu_seqlens`. Returns out ``(T, H, D)`` or ``(out, lse (H, T), None)``."""
+    :func:`llama3_flash_attn_prepare_cu_seqlens`. Returns out ``(T, H, D)`` or ``(out, lse (H, T), None)``.
+    ``backend`` and ``softcap`` come after ring-flash-attn's arguments (it has no softcap)."""
     check_qkv(q, k, v, packed=True)
     for cu in (cu_seqlens_q, cu_seqlens_k):
         check_cu_seqlens_tensor(cu)
@@ -65,29 +66,33 @@ def llama3_flash_attn_varlen_func(
     meta = VarlenMeta(host_offsets(cu_seqlens_q), host_offsets(cu_seqlens_k), bool(causal),
                       cu_seqlens_q.to(q.device, torch.int32), cu_seqlens_k.to(q.device, torch.int32))
     return _allgather(q, k, v, meta, local_k_slice, False, heads_k_stride, dropout_p, softmax_scale, causal,
-                      window_size, 0.0, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
 def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
                                            causal=False, window_size=(-1, -1), alibi_slopes=None,
-                                           deterministic=False, return_attn_probs=False, group=None, backend=None):
+                                           deterministic=False, return_attn_probs=False, group=None, backend=None,
+                                           softcap=0.0):
     """:func:`llama3_flash_attn_varlen_func` with ``kv (T, 2, Hk, D)``."""
     check_packed(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
     return llama3_flash_attn_varlen_func(q, *kv.unbind(1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal,
-                                         window_size, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                                         window_size, alibi_slopes, deterministic, return_attn_probs, group, backend,
+                                         softcap)
 
 
 def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                             heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
                                             causal=False, window_size=(-1, -1), alibi_slopes=None,
-                                            deterministic=False, return_attn_probs=False, group=None, backend=None):
+                                            deterministic=False, return_attn_probs=False, group=None, backend=None,
+                                            softcap=0.0):
     """:func:`llama3_flash_attn_varlen_func` with ``qkv (T, 3, H, D)``."""
     check_packed(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
     return llama3_flash_attn_varlen_func(*qkv.unbind(1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal,
-                                         window_size, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                                         window_size, alibi_slopes, deterministic, return_attn_probs, group, backend,
+                                         softcap)
 
 
 def zigzag_llama3_flash_attn_varlen_func(

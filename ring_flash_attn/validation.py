@@ -96,8 +96,8 @@ def check_options(
             f"window_size={tuple(window_size)}: sliding-window attention is supported by the batch functions "
             "(ring / zigzag / stripe *_func), not yet with packed sequences"
         )
-    if softcap != 0.0:
-        raise NotImplementedError(f"softcap={softcap}: logit soft-capping is not supported yet")
+    if not isinstance(softcap, (int, float)) or softcap < 0:
+        raise ValueError(f"softcap must be a number >= 0 (0: no soft-capping), got {softcap!r}")
     if alibi_slopes is not None:
         raise NotImplementedError("alibi_slopes: ALiBi is not supported yet")
     if not isinstance(return_attn_probs, bool):

@@ -48,6 +48,7 @@ class Case:
     device: str = "cpu"  # "cuda": rank r runs on GPU r (NCCL)
     q_scale: float = 1.0  # > 1: large logits (bf16 near overflow)
     window: Tuple[int, int] = (-1, -1)  # window_size (left, right)
+    softcap: float = 0.0
 
     @property
     def seqlen(self) -> int:
@@ -57,6 +58,7 @@ class Case:
         heads = f"h{self.nheads}k{self.nheads_k}"
         causal = "causal" if self.causal else "full"
         window = "" if self.window == (-1, -1) else f"-win{self.window[0]}_{self.window[1]}"
+        window += f"-cap{self.softcap:g}" if self.softcap else ""
         return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{causal}{window}-{self.dtype}-{heads}-"
                 f"d{self.head_dim}-b{self.batch}-L{self.local_len}-{self.backend}")
 
@@ -81,7 +83,7 @@ def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
     x = {name: rfa.shard(t, case.layout, rank, world_size).to(device).requires_grad_(name != "dout")
          for name, t in global_inputs(case).items()}
     func = getattr(rfa, FUNCS[case.layout][PACKINGS.index(case.packing)])
-    kwargs = dict(softmax_scale=case.softmax_scale, causal=case.causal, window_size=case.window,
+    kwargs = dict(softmax_scale=case.softmax_scale, causal=case.causal, window_size=case.window, softcap=case.softcap,
                   return_attn_probs=case.return_lse,
                   group=dist.group.WORLD if world_size > 1 else None, backend=case.backend)
     q, k, v = x["q"], x["k"], x["v"]
@@ -114,6 +116,10 @@ def results_on_cpu(out, lse, leaves, dout, packing: str, pack_dim: int) -> Dict[
     return {name: t.cpu() for name, t in res.items()}
 
 
+def soft_capped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    return softcap * torch.tanh(scores / softcap) if softcap else scores
+
+
 def mask(seqlen: int, causal: bool, window: Tuple[int, int] = (-1, -1)) -> torch.Tensor:
     """(S, S) boolean: query i sees key j (flash-attn's causal and window_size semantics)."""
     i, j = torch.arange(seqlen)[:, None], torch.arange(seqlen)[None, :]
@@ -134,7 +140,7 @@ def reference(case: Case) -> Dict[str, torch.Tensor]:
     group = case.nheads // case.nheads_k
     kr, vr = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scale = case.softmax_scale if case.softmax_scale is not None else case.head_dim ** -0.5
-    scores = torch.einsum("bihd,bjhd->bhij", q, kr) * scale
+    scores = soft_capped(torch.einsum("bihd,bjhd->bhij", q, kr) * scale, case.softcap)
     scores = scores.masked_fill(~mask(case.seqlen, case.causal, case.window), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), vr)

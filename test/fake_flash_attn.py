@@ -20,21 +20,23 @@ def _meta(cu_q, cu_k, causal) -> VarlenMeta:
     return VarlenMeta.build(cu_q.tolist(), cu_k.tolist(), causal, cu_q.device)
 
 
-def _fwd(q, k, v, scale, causal, cu_q=None, cu_k=None):
+def _fwd(q, k, v, scale, causal, cu_q=None, cu_k=None, softcap=0.0):
+    ref = _REF.with_options(softcap=softcap or 0.0)
     if cu_q is None:
         band = Band(None, k.shape[1] - q.shape[1]) if causal else Band()
-        out, lse = _REF.forward(q, k, v, band, scale)
+        out, lse = ref.forward(q, k, v, band, scale)
     else:
-        out, lse = _REF.forward_varlen(q, k, v, _meta(cu_q, cu_k, causal), scale)
+        out, lse = ref.forward_varlen(q, k, v, _meta(cu_q, cu_k, causal), scale)
     return out.to(q.dtype), lse.float()
 
 
-def _bwd(dout, q, k, v, out, lse, scale, causal, cu_q=None, cu_k=None):
+def _bwd(dout, q, k, v, out, lse, scale, causal, cu_q=None, cu_k=None, softcap=0.0):
+    ref = _REF.with_options(softcap=softcap or 0.0)
     lse = lse.masked_fill(torch.isposinf(lse), float("-inf"))
     if cu_q is None:
         band = Band(None, k.shape[1] - q.shape[1]) if causal else Band()
-        return _REF.backward(dout, q, k, v, out, lse, band, scale)
-    return _REF.backward_varlen(dout, q, k, v, out, lse, _meta(cu_q, cu_k, causal), scale)
+        return ref.backward(dout, q, k, v, out, lse, band, scale)
+    return ref.backward_varlen(dout, q, k, v, out, lse, _meta(cu_q, cu_k, causal), scale)
 
 
 def _fa2_lse(lse):
@@ -47,26 +49,27 @@ def flash_attn_2_6() -> types.ModuleType:
 
     def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                             return_softmax):
-        assert window_size == (-1, -1) and dropout_p == 0.0 and softcap == 0.0 and alibi_slopes is None
-        out, lse = _fwd(q, k, v, softmax_scale, causal)
+        assert window_size == (-1, -1) and dropout_p == 0.0 and alibi_slopes is None
+        out, lse = _fwd(q, k, v, softmax_scale, causal, softcap=softcap)
         return out, q, k, v, out, _fa2_lse(lse), None, torch.zeros(2, dtype=torch.int64)
 
     def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                    softmax_scale, causal, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                    return_softmax=False, block_table=None):
-        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
         return out, q, k, v, out, _fa2_lse(lse), None, torch.zeros(2, dtype=torch.int64)
 
     def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
                              window_size, softcap, alibi_slopes, deterministic, rng_state=None):
-        for buf, g in zip((dq, dk, dv), _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal)):
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, softcap=softcap)
+        for buf, g in zip((dq, dk, dv), grads):
             buf.copy_(g)
         return dq, dk, dv, None
 
     def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
                                     max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
                                     softcap, alibi_slopes, deterministic, rng_state=None):
-        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
         for buf, g in zip((dq, dk, dv), grads):
             buf.copy_(g)
         return dq, dk, dv, None
@@ -84,27 +87,28 @@ def flash_attn_2_7() -> types.ModuleType:
     def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right,
                             softcap, alibi_slopes, return_softmax):
         assert (window_size_left, window_size_right) == (-1, -1)
-        out, lse = _fwd(q, k, v, softmax_scale, causal)
+        out, lse = _fwd(q, k, v, softmax_scale, causal, softcap=softcap)
         return out, _fa2_lse(lse), None, torch.zeros(2, dtype=torch.int64)
 
     def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                    softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
                                    alibi_slopes=None, return_softmax=False, block_table=None, leftpad_k=None,
                                    seqused_k=None):
-        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
         return out, _fa2_lse(lse), None, torch.zeros(2, dtype=torch.int64)
 
     def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
                              window_size_left, window_size_right, softcap, alibi_slopes, deterministic,
                              rng_state=None):
-        for buf, g in zip((dq, dk, dv), _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal)):
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, softcap=softcap)
+        for buf, g in zip((dq, dk, dv), grads):
             buf.copy_(g)
         return torch.empty(0)
 
     def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
                                     max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left,
                                     window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
-        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
         for buf, g in zip((dq, dk, dv), grads):
             buf.copy_(g)
         return torch.empty(0)
@@ -125,7 +129,7 @@ def flash_attn_4() -> types.ModuleType:
                         intra_wg_overlap=None, num_threads=384, num_splits=1, pack_gqa=None, _arch=None,
                         score_mod=None, mask_mod=None, block_sparse_tensors=None, return_lse=False, out=None,
                         lse=None, **more):
-        result_out, result_lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        result_out, result_lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
         return result_out, (result_lse if return_lse else None), None, None, None
 
     def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0,
@@ -135,7 +139,7 @@ def flash_attn_4() -> types.ModuleType:
                         V_in_regs=False, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
                         max_seqlen_q=None, max_seqlen_k=None, deterministic=False, dq=None, dk=None, dv=None,
                         **more):
-        return _bwd(dout, q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        return _bwd(dout, q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
 
     m._flash_attn_fwd, m._flash_attn_bwd = _flash_attn_fwd, _flash_attn_bwd
     return m
@@ -153,14 +157,14 @@ def flash_attn_3(backward_causal_name: str = "is_causal") -> types.ModuleType:
                             v_descale=None, softmax_scale=None, causal=False, window_size_left=-1,
                             window_size_right=-1, attention_chunk=0, softcap=0.0, rotary_interleaved=True,
                             scheduler_metadata=None, num_splits=1, pack_gqa=None, sm_margin=0):
-        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
         return out, lse, torch.empty(0), torch.empty(0)
 
     def backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q=None, cu_seqlens_k=None, sequed_q=None,
                  sequed_k=None, max_seqlen_q=None, max_seqlen_k=None, dq=None, dk=None, dv=None, softmax_scale=None,
                  causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0, deterministic=False,
                  sm_margin=0):
-        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k)
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
         for buf, g in zip((dq, dk, dv), grads):
             buf.copy_(g)
         return torch.empty(0)
@@ -171,7 +175,7 @@ def flash_attn_3(backward_causal_name: str = "is_causal") -> types.ModuleType:
                                  dk=None, dv=None, softmax_scale=None, is_causal=False, window_size_left=-1,
                                  window_size_right=-1, softcap=0.0, deterministic=False, sm_margin=0):
             return backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, dq=dq, dk=dk, dv=dv,
-                            softmax_scale=softmax_scale, causal=is_causal)
+                            softmax_scale=softmax_scale, causal=is_causal, softcap=softcap)
     else:
         _flash_attn_backward = backward
 

@@ -32,6 +32,11 @@ def test_block(fake, band, sq, sk, h, hk):
 
 
 @pytest.mark.parametrize("fake", sorted(FAKES))
+def test_softcap_reaches_the_kernel(fake):
+    check_block(FAKES[fake](), "cpu", Band(None, 0), torch.float32, 6, 6, 4, 2, softcap=0.5)
+
+
+@pytest.mark.parametrize("fake", sorted(FAKES))
 @pytest.mark.parametrize("docs", VARLEN_DOCS, ids=["square", "offsets"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen(fake, docs, causal):

@@ -12,11 +12,13 @@ from ring_flash_attn.kernels.base import Band, VarlenMeta
 BANDS = [Band(), Band(None, 0), Band(None, -1), Band(None, -3), Band(None, 2), Band(-2, 1), Band(1, 3)]
 
 
-def dense(q, k, v, band, scale):
+def dense(q, k, v, band, scale, softcap=0.0):
     """float64 attention with an explicit mask; rows with no key give out 0 and lse -inf."""
     g = q.shape[2] // k.shape[2]
     q, k, v = q.double(), k.double().repeat_interleave(g, 2), v.double().repeat_interleave(g, 2)
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~band.allowed(q.shape[1], k.shape[1], q.device), float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0)[..., None])
@@ -40,15 +42,16 @@ def test_block_forward_backward(device, name, band, dtype, sq, sk, h, hk):
     check_block(backend, device, band, dtype, sq, sk, h, hk)
 
 
-def check_block(backend, device, band, dtype, sq, sk, h, hk) -> None:
+def check_block(backend, device, band, dtype, sq, sk, h, hk, softcap=0.0) -> None:
     """One block forward and backward against :func:`dense` in float64, with asserted tolerances."""
+    backend = backend.with_options(softcap=softcap)
     gen = torch.Generator().manual_seed(0)
     q, dout = (torch.randn(2, sq, h, 32, generator=gen).to(device, dtype) for _ in range(2))
     k, v = (torch.randn(2, sk, hk, 32, generator=gen).to(device, dtype) for _ in range(2))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     scale = 0.2
     out, lse = backend.forward(q.detach(), k.detach(), v.detach(), band, scale)
-    ref_out, ref_lse = dense(q, k, v, band, scale)
+    ref_out, ref_lse = dense(q, k, v, band, scale, softcap)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.shape == q.shape and lse.shape == (2, h, sq) and lse.dtype == torch.float32
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "rows without keys must have lse -inf"
@@ -60,6 +63,20 @@ def check_block(backend, device, band, dtype, sq, sk, h, hk) -> None:
     for got, ref in zip(grads, ref_grads):
         assert torch.isfinite(got).all()
         assert (got.double() - ref).abs().max() <= tol * ref.abs().max().clamp_min(1e-6) + 1e-6
+
+
+@pytest.mark.parametrize("band", [Band(), Band(None, 0), Band(-2, 1)], ids=repr)
+def test_reference_softcap(band):
+    # q scaled up so that the cap (tanh) is far from linear
+    check_block(BACKENDS["reference"], "cpu", band, torch.float32, 7, 7, 4, 2, softcap=0.5)
+
+
+def test_softcap_needs_a_backend_that_has_it():
+    call = KernelCall("cpu", torch.float32, 32, 4, 2, (Band(None, 0),), softcap=True)
+    assert select_backend(call).name == "reference"
+    assert any("no softcap" in r for r in explain_selection(call)["torch_cpu_flash"])
+    with pytest.raises(ValueError, match="cannot soft-cap"):
+        BACKENDS["torch_cpu_flash"].with_options(softcap=30.0)
 
 
 def _call(**overrides):

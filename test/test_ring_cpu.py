@@ -46,6 +46,11 @@ def _cases() -> list:
         cases.append(Case(layout=layout, packing=PACKINGS[n % 3], causal=causal, world_size=w, dtype=DTYPES[n % 2],
                           backend="auto", window=window, nheads=4, nheads_k=(2, 4)[n % 2] if n % 3 != 2 else 4,
                           local_len=6, seed=n))
+    # soft-capped logits (reference kernel), large logits so that the cap matters
+    for n, (w, layout, causal) in enumerate(itertools.product((1, 2, 3), LAYOUTS, (True, False))):
+        cases.append(Case(layout=layout, packing=PACKINGS[n % 3], causal=causal, world_size=w, dtype=DTYPES[n % 2],
+                          backend="auto", softcap=5.0, q_scale=4.0, nheads=4, nheads_k=4 if n % 3 == 2 else 2,
+                          window=((-1, -1), (4, -1))[n % 2], seed=n))
     # explicit softmax scale
     cases.append(Case(layout="zigzag", packing="kvpacked", causal=True, world_size=2, dtype="fp32",
                       backend="torch_cpu_flash", softmax_scale=0.3, seed=5))

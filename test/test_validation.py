@@ -44,12 +44,18 @@ def test_window_options():
 
 @pytest.mark.parametrize("option,match", [
     (dict(dropout_p=0.1), "dropout"),
-    (dict(softcap=30.0), "softcap"),
     (dict(alibi_slopes=torch.ones(4)), "ALiBi"),
 ])
 def test_unsupported_options_raise(option, match):
     with pytest.raises(NotImplementedError, match=match):
         rfa.zigzag_ring_flash_attn_func(*qkv(), **option)
+
+
+def test_softcap_options():
+    with pytest.raises(ValueError, match=">= 0"):
+        rfa.ring_flash_attn_func(*qkv(), softcap=-1.0)
+    with pytest.raises(ValueError, match="no softcap.*flash-attn"):
+        rfa.ring_flash_attn_func(*qkv(), softcap=30.0, backend="torch_cpu_flash")
 
 
 def test_zigzag_needs_even_local_length():

@@ -48,7 +48,12 @@ def _cases() -> list:
     return cases
 
 
-CASES = _cases()
+CASES = _cases() + [  # soft-capped logits through the reference kernel, every family
+    VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp32", backend="reference", world_size=w,
+               doc_lengths=tuple(m * w * (2 if "zigzag" in layout else 1) for m in (3, 1, 2)), softcap=4.0,
+               q_scale=4.0, seed=w)
+    for w, layout, causal in itertools.product((2, 3), LAYOUTS, (True, False))
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])

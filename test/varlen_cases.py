@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import ring_flash_attn as rfa
-from attention_cases import DTYPES, compare, results_on_cpu
+from attention_cases import DTYPES, compare, results_on_cpu, soft_capped
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varlen
 
 RING_FAMILY = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
@@ -37,6 +37,7 @@ class VarlenCase:
     seed: int = 0
     device: str = "cpu"
     q_scale: float = 1.0  # > 1: large logits (bf16 near overflow)
+    softcap: float = 0.0
 
     @property
     def cu_seqlens(self) -> torch.Tensor:
@@ -45,6 +46,7 @@ class VarlenCase:
     def id(self) -> str:
         docs = "-".join(map(str, self.doc_lengths)) if len(self.doc_lengths) <= 4 else f"{len(self.doc_lengths)}docs"
         stride = f"-s{self.heads_k_stride}" if self.heads_k_stride else ""
+        stride += f"-cap{self.softcap:g}" if self.softcap else ""
         return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{'causal' if self.causal else 'full'}-"
                 f"{self.dtype}-h{self.nheads}k{self.nheads_k}-d{self.head_dim}{stride}-docs{docs}-{self.backend}")
 
@@ -64,6 +66,8 @@ def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv):
     """Run the case's public function on this rank's shard (one of q/k/v, kv or qkv packings)."""
     w, cu, group = case.world_size, case.cu_seqlens.to(q.device), dist.group.WORLD if case.world_size > 1 else None
     common = dict(causal=case.causal, return_attn_probs=case.return_lse, group=group, backend=case.backend)
+    if case.softcap:
+        common["softcap"] = case.softcap
     first = {"func": (q, k, v), "kvpacked": (q, kv), "qkvpacked": (qkv,)}[case.packing]
     if case.layout in RING_FAMILY:
         fn = getattr(rfa, f"{RING_FAMILY[case.layout]}_{SUFFIX[case.packing]}")
@@ -104,7 +108,8 @@ def reference(case: VarlenCase) -> Dict[str, torch.Tensor]:
     allowed = doc[:, None] == doc[None, :]
     if case.causal:
         allowed &= torch.ones_like(allowed).tril()
-    scores = torch.einsum("ihd,jhd->hij", q, k.repeat_interleave(g, 1)) * case.head_dim ** -0.5
+    scores = soft_capped(torch.einsum("ihd,jhd->hij", q, k.repeat_interleave(g, 1)) * case.head_dim ** -0.5,
+                         case.softcap)
     scores = scores.masked_fill(~allowed, float("-inf"))
     out = torch.einsum("hij,jhd->ihd", torch.softmax(scores, -1), v.repeat_interleave(g, 1))
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), x["dout"])

@@ -95,8 +95,6 @@ def ring_attention_forward(
         out = zigzag_llama3_flash_attn_varlen_func(q[0], k[0], v[0], cu, 0, heads_k_stride=s.heads_k_stride,
                                                    **options)
         return out[None], None
-    if options.pop("softcap"):
-        raise NotImplementedError("softcap is not supported with the llama3 layout")
     prepared = _llama3_args(cu, causal, s.group)
     stride = s.heads_k_stride or k.shape[2]
     out = llama3_flash_attn_varlen_func(q[0], k[0], v[0], *prepared[:4], stride, prepared[4], **options)

@@ -51,9 +51,17 @@ register_backend(FlashAttn3Backend())
 register_backend(FlashAttn4Backend())
 
 
+def reasons(backend: Backend, call: KernelCall) -> list:
+    """Why ``backend`` cannot serve ``call``: its own reasons plus the per-call options it lacks."""
+    found = backend.not_supported_reasons(call)
+    if call.softcap and not backend.supports_softcap:
+        found = found + ["no softcap (install flash-attn >= 2.6, flash-attn 3 or 4, or use the reference backend)"]
+    return found
+
+
 def explain_selection(call: KernelCall) -> Dict[str, list]:
     """Every registered backend -> the reasons it cannot serve ``call`` (empty list: it can)."""
-    return {name: backend.not_supported_reasons(call) for name, backend in BACKENDS.items()}
+    return {name: reasons(backend, call) for name, backend in BACKENDS.items()}
 
 
 def select_backend(call: KernelCall, name: Optional[str] = None) -> Backend:
@@ -74,13 +82,13 @@ def _select(call: KernelCall, name: str) -> Backend:
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; registered: {sorted(BACKENDS)} or 'auto'")
-        reasons = BACKENDS[name].not_supported_reasons(call)
-        if reasons:
-            raise ValueError(f"backend {name!r} cannot run this attention call: {'; '.join(reasons)}")
+        problems = reasons(BACKENDS[name], call)
+        if problems:
+            raise ValueError(f"backend {name!r} cannot run this attention call: {'; '.join(problems)}")
         return BACKENDS[name]
     for candidate in AUTO_ORDER:
         backend = BACKENDS.get(candidate)
-        if backend is not None and not backend.not_supported_reasons(call):
+        if backend is not None and not reasons(backend, call):
             return backend
     report = "; ".join(f"{n}: {', '.join(r)}" for n, r in explain_selection(call).items())
     raise ValueError(f"no block-attention backend supports this call ({report})")

@@ -13,6 +13,7 @@ no key). Packed (varlen) blocks: q ``(Tq, H, D)``, k/v ``(Tk, Hk, D)``, lse ``(H
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -154,13 +155,28 @@ class KernelCall:
     needs_backward: bool = True
     varlen: bool = False  # packed documents (VarlenMeta)
     varlen_offsets: bool = False  # some causal document has fewer queries than keys (llama3)
+    softcap: bool = False  # logits soft-capped: cap * tanh(scores / cap)
 
 
 class Backend:
     """One way of computing a block. Subclasses fill in the three methods; the varlen pair has a
-    generic version (one dense call per document) that fast backends replace."""
+    generic version (one dense call per document) that fast backends replace.
+
+    Per-call options that every block of a call shares (the soft-cap) are bound to a copy of the
+    backend with :meth:`with_options`; a backend declares ``supports_softcap``."""
 
     name: str = "?"
+    supports_softcap: bool = False
+    softcap: float = 0.0
+
+    def with_options(self, softcap: float = 0.0) -> "Backend":
+        if softcap and not self.supports_softcap:
+            raise ValueError(f"backend {self.name!r} cannot soft-cap logits")
+        if softcap == self.softcap:
+            return self
+        bound = copy.copy(self)
+        bound.softcap = float(softcap)
+        return bound
 
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
         raise NotImplementedError

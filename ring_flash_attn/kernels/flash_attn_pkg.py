@@ -39,6 +39,7 @@ def _version_tuple(version: Optional[str]) -> Tuple[int, int]:
 
 class _PackageBackend(BottomRightCausalBackend):
     module_name = ""
+    supports_softcap = True
     min_capability = (8, 0)
     max_head_dim = 256
 
@@ -86,7 +87,8 @@ class FlashAttn2Backend(_PackageBackend):
     def _common(self, causal: bool, softmax_scale: float, varlen: Optional[VarlenMeta]) -> dict:
         window = {"window_size": (-1, -1)} if self.version() < (2, 7) else \
             {"window_size_left": -1, "window_size_right": -1}
-        kw = dict(dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, softcap=0.0, alibi_slopes=None, **window)
+        kw = dict(dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, softcap=self.softcap, alibi_slopes=None,
+                  **window)
         if varlen is not None:
             kw.update(cu_seqlens_q=varlen.cu_seqlens_q, cu_seqlens_k=varlen.cu_seqlens_k,
                       max_seqlen_q=varlen.max_seqlen_q, max_seqlen_k=varlen.max_seqlen_k)
@@ -133,7 +135,7 @@ class FlashAttn3Backend(_PackageBackend):
     def call_forward(self, q, k, v, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor]:
         result = self.interface()._flash_attn_forward(
             *(last_dim_contiguous(x) for x in (q, k, v)), softmax_scale=softmax_scale, causal=causal,
-            **_varlen_kwargs(varlen),
+            softcap=self.softcap, **_varlen_kwargs(varlen),
         )
         return result[0], result[1]
 
@@ -143,7 +145,7 @@ class FlashAttn3Backend(_PackageBackend):
         dout, q, k, v, out = (last_dim_contiguous(x) for x in (dout, q, k, v, out))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         fn(dout, q, k, v, out, lse.contiguous(), dq=dq, dk=dk, dv=dv, softmax_scale=softmax_scale,
-           **{causal_name: causal}, **_varlen_kwargs(varlen))
+           softcap=self.softcap, **{causal_name: causal}, **_varlen_kwargs(varlen))
         return dq, dk, dv
 
 
@@ -155,7 +157,7 @@ class FlashAttn4Backend(_PackageBackend):
     def call_forward(self, q, k, v, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor]:
         result = self.interface()._flash_attn_fwd(
             *(last_dim_contiguous(x) for x in (q, k, v)), softmax_scale=softmax_scale, causal=causal,
-            return_lse=True, **_varlen_kwargs(varlen),
+            softcap=self.softcap or None, return_lse=True, **_varlen_kwargs(varlen),
         )
         return result[0], result[1]
 
@@ -163,6 +165,6 @@ class FlashAttn4Backend(_PackageBackend):
         q, k, v, out, dout = (last_dim_contiguous(x) for x in (q, k, v, out, dout))
         result = self.interface()._flash_attn_bwd(
             q, k, v, out, dout, lse.contiguous(), softmax_scale=softmax_scale, causal=causal,
-            **_varlen_kwargs(varlen),
+            softcap=self.softcap, **_varlen_kwargs(varlen),
         )
         return result[0], result[1], result[2]

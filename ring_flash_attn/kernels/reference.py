@@ -21,14 +21,21 @@ def _grouped(q: Tensor, nheads_k: int) -> Tensor:
     return q.reshape(b, s, nheads_k, h // nheads_k, d)
 
 
-def _scores(q: Tensor, k: Tensor, allowed: Optional[Tensor], softmax_scale: float) -> Tensor:
-    """Scaled scores (B, Hk, G, Sq, Sk) in the math dtype, -inf where ``allowed`` is False."""
+def _scores(q: Tensor, k: Tensor, allowed: Optional[Tensor], softmax_scale: float,
+            softcap: float = 0.0) -> Tuple[Tensor, Optional[Tensor]]:
+    """Scaled (and soft-capped: ``cap * tanh(s / cap)``) scores (B, Hk, G, Sq, Sk) in the math dtype,
+    -inf where ``allowed`` is False; with a cap, also ``1 - tanh^2`` for the backward."""
     dt = _math_dtype(q.dtype)
     qg = _grouped(q.to(dt), k.shape[2])
     scores = torch.einsum("bihgd,bjhd->bhgij", qg, k.to(dt)) * softmax_scale
+    slope = None
+    if softcap:
+        capped = torch.tanh(scores / softcap)
+        slope = 1 - capped * capped
+        scores = capped * softcap
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    return scores
+    return scores, slope
 
 
 def _band_mask(band: Band, q: Tensor, k: Tensor) -> Optional[Tensor]:
@@ -43,6 +50,7 @@ def _probs(scores: Tensor, lse: Tensor) -> Tensor:
 
 class ReferenceBackend(Backend):
     name = "reference"
+    supports_softcap = True
 
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
         if call.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -68,29 +76,30 @@ class ReferenceBackend(Backend):
                                softmax_scale)
         return tuple(g[0] for g in grads)
 
-    @staticmethod
-    def _forward(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], softmax_scale: float) -> Tuple[Tensor, Tensor]:
+    def _forward(self, q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], softmax_scale: float) -> Tuple[Tensor, Tensor]:
         b, sq, h, d = q.shape
-        scores = _scores(q, k, allowed, softmax_scale)
+        scores, _ = _scores(q, k, allowed, softmax_scale, self.softcap)
         lse = torch.logsumexp(scores, dim=-1)  # -inf on rows with no key
         probs = _probs(scores, lse)
         out = torch.einsum("bhgij,bjhd->bihgd", probs, v.to(probs.dtype)).reshape(b, sq, h, d)
         return out, lse.reshape(b, h, sq)
 
-    @staticmethod
     def _backward(
-        dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, allowed: Optional[Tensor],
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, allowed: Optional[Tensor],
         softmax_scale: float,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         b, sq, h, d = q.shape
         hk = k.shape[2]
         dt = _math_dtype(q.dtype)
-        probs = _probs(_scores(q, k, allowed, softmax_scale), lse.reshape(b, hk, h // hk, sq))
+        scores, slope = _scores(q, k, allowed, softmax_scale, self.softcap)
+        probs = _probs(scores, lse.reshape(b, hk, h // hk, sq))
         dout_g = _grouped(dout.to(dt), hk)
         dv = torch.einsum("bhgij,bihgd->bjhd", probs, dout_g)
         dprobs = torch.einsum("bihgd,bjhd->bhgij", dout_g, v.to(dt))
         delta = (dout_g * _grouped(out.to(dt), hk)).sum(-1).permute(0, 2, 3, 1)  # (B, Hk, G, Sq)
         dscores = probs * (dprobs - delta[..., None]) * softmax_scale
+        if slope is not None:
+            dscores = dscores * slope
         dq = torch.einsum("bhgij,bjhd->bihgd", dscores, k.to(dt)).reshape(b, sq, h, d)
         dk = torch.einsum("bhgij,bihgd->bjhd", dscores, _grouped(q.to(dt), hk))
         return dq, dk, dv
