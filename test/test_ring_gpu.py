@@ -54,6 +54,10 @@ def _cases() -> list:
             cases.append(Case(layout=layout, packing="func", causal=causal, dtype="bf16", backend="flash_attn_4",
                               world_size=max(WORLD_SIZES or [2]), batch=1, local_len=256, nheads=8, nheads_k=2,
                               head_dim=128, device="cuda"))
+        for layout in ("zigzag", "stripe"):  # soft-capped logits through flash-attn-4
+            cases.append(Case(layout=layout, packing="func", causal=True, dtype="bf16", backend="flash_attn_4",
+                              world_size=max(WORLD_SIZES or [2]), batch=1, local_len=256, nheads=8, nheads_k=2,
+                              head_dim=128, softcap=5.0, q_scale=4.0, device="cuda"))
         for layout in ("zigzag", "llama3"):
             w = max(WORLD_SIZES or [2])
             cases.append(VarlenCase(layout=layout, packing="func", causal=True, dtype="bf16",
