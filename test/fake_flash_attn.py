@@ -1,7 +1,7 @@
 """CPU stand-ins for the flash-attn packages' private functions, with exactly their signatures,
 return arities and in-place conventions (flash-attn 2.6, 2.7+ and flash-attn-4), computed by the
-reference kernel with bottom-right causal masks. FA2 reports rows that see no key with lse +inf,
-as the real kernels do."""
+reference kernel with bottom-right causal masks and windows. FA2 reports rows that see no key with
+lse +inf and treats windows at least as wide as the keys as unbounded, as the real kernels do."""
 
 from __future__ import annotations
 
@@ -20,21 +20,32 @@ def _meta(cu_q, cu_k, causal) -> VarlenMeta:
     return VarlenMeta.build(cu_q.tolist(), cu_k.tolist(), causal, cu_q.device)
 
 
-def _fwd(q, k, v, scale, causal, cu_q=None, cu_k=None, softcap=0.0):
+def _flash_band(sq: int, sk: int, causal: bool, window, clip: bool) -> Band:
+    """flash's bottom-right causal / window mask as a top-left band. With ``clip`` (FA2), windows at
+    least as wide as the keys count as unbounded, as the real kernels do."""
+    left, right = (-1 if w is None else w for w in window)
+    if clip:
+        left, right = (-1 if w >= sk else w for w in (left, right))
+    if causal:
+        right = 0
+    offset = sk - sq
+    return Band(offset - left if left >= 0 else None, offset + right if right >= 0 else None)
+
+
+def _fwd(q, k, v, scale, causal, cu_q=None, cu_k=None, softcap=0.0, window=(-1, -1), clip=False):
     ref = _REF.with_options(softcap=softcap or 0.0)
     if cu_q is None:
-        band = Band(None, k.shape[1] - q.shape[1]) if causal else Band()
-        out, lse = ref.forward(q, k, v, band, scale)
+        out, lse = ref.forward(q, k, v, _flash_band(q.shape[1], k.shape[1], causal, window, clip), scale)
     else:
         out, lse = ref.forward_varlen(q, k, v, _meta(cu_q, cu_k, causal), scale)
     return out.to(q.dtype), lse.float()
 
 
-def _bwd(dout, q, k, v, out, lse, scale, causal, cu_q=None, cu_k=None, softcap=0.0):
+def _bwd(dout, q, k, v, out, lse, scale, causal, cu_q=None, cu_k=None, softcap=0.0, window=(-1, -1), clip=False):
     ref = _REF.with_options(softcap=softcap or 0.0)
     lse = lse.masked_fill(torch.isposinf(lse), float("-inf"))
     if cu_q is None:
-        band = Band(None, k.shape[1] - q.shape[1]) if causal else Band()
+        band = _flash_band(q.shape[1], k.shape[1], causal, window, clip)
         return ref.backward(dout, q, k, v, out, lse, band, scale)
     return ref.backward_varlen(dout, q, k, v, out, lse, _meta(cu_q, cu_k, causal), scale)
 
@@ -49,8 +60,8 @@ def flash_attn_2_6() -> types.ModuleType:
 
     def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                             return_softmax):
-        assert window_size == (-1, -1) and dropout_p == 0.0 and alibi_slopes is None
-        out, lse = _fwd(q, k, v, softmax_scale, causal, softcap=softcap)
+        assert dropout_p == 0.0 and alibi_slopes is None
+        out, lse = _fwd(q, k, v, softmax_scale, causal, softcap=softcap, window=window_size, clip=True)
         return out, q, k, v, out, _fa2_lse(lse), None, torch.zeros(2, dtype=torch.int64)
 
     def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
@@ -61,7 +72,8 @@ def flash_attn_2_6() -> types.ModuleType:
 
     def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
                              window_size, softcap, alibi_slopes, deterministic, rng_state=None):
-        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, softcap=softcap)
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, softcap=softcap, window=window_size,
+                     clip=True)
         for buf, g in zip((dq, dk, dv), grads):
             buf.copy_(g)
         return dq, dk, dv, None
@@ -86,8 +98,8 @@ def flash_attn_2_7() -> types.ModuleType:
 
     def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right,
                             softcap, alibi_slopes, return_softmax):
-        assert (window_size_left, window_size_right) == (-1, -1)
-        out, lse = _fwd(q, k, v, softmax_scale, causal, softcap=softcap)
+        out, lse = _fwd(q, k, v, softmax_scale, causal, softcap=softcap,
+                        window=(window_size_left, window_size_right), clip=True)
         return out, _fa2_lse(lse), None, torch.zeros(2, dtype=torch.int64)
 
     def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
@@ -100,7 +112,8 @@ def flash_attn_2_7() -> types.ModuleType:
     def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
                              window_size_left, window_size_right, softcap, alibi_slopes, deterministic,
                              rng_state=None):
-        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, softcap=softcap)
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, softcap=softcap,
+                     window=(window_size_left, window_size_right), clip=True)
         for buf, g in zip((dq, dk, dv), grads):
             buf.copy_(g)
         return torch.empty(0)
@@ -129,7 +142,8 @@ def flash_attn_4() -> types.ModuleType:
                         intra_wg_overlap=None, num_threads=384, num_splits=1, pack_gqa=None, _arch=None,
                         score_mod=None, mask_mod=None, block_sparse_tensors=None, return_lse=False, out=None,
                         lse=None, **more):
-        result_out, result_lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
+        result_out, result_lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap,
+                                      (window_size_left, window_size_right))
         return result_out, (result_lse if return_lse else None), None, None, None
 
     def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0,
@@ -139,7 +153,8 @@ def flash_attn_4() -> types.ModuleType:
                         V_in_regs=False, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
                         max_seqlen_q=None, max_seqlen_k=None, deterministic=False, dq=None, dk=None, dv=None,
                         **more):
-        return _bwd(dout, q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
+        return _bwd(dout, q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap,
+                    (window_size_left, window_size_right))
 
     m._flash_attn_fwd, m._flash_attn_bwd = _flash_attn_fwd, _flash_attn_bwd
     return m
@@ -157,14 +172,16 @@ def flash_attn_3(backward_causal_name: str = "is_causal") -> types.ModuleType:
                             v_descale=None, softmax_scale=None, causal=False, window_size_left=-1,
                             window_size_right=-1, attention_chunk=0, softcap=0.0, rotary_interleaved=True,
                             scheduler_metadata=None, num_splits=1, pack_gqa=None, sm_margin=0):
-        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
+        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap,
+                        (window_size_left, window_size_right))
         return out, lse, torch.empty(0), torch.empty(0)
 
     def backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q=None, cu_seqlens_k=None, sequed_q=None,
                  sequed_k=None, max_seqlen_q=None, max_seqlen_k=None, dq=None, dk=None, dv=None, softmax_scale=None,
                  causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0, deterministic=False,
                  sm_margin=0):
-        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap,
+                     (window_size_left, window_size_right))
         for buf, g in zip((dq, dk, dv), grads):
             buf.copy_(g)
         return torch.empty(0)
@@ -175,7 +192,8 @@ def flash_attn_3(backward_causal_name: str = "is_causal") -> types.ModuleType:
                                  dk=None, dv=None, softmax_scale=None, is_causal=False, window_size_left=-1,
                                  window_size_right=-1, softcap=0.0, deterministic=False, sm_margin=0):
             return backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, dq=dq, dk=dk, dv=dv,
-                            softmax_scale=softmax_scale, causal=is_causal, softcap=softcap)
+                            softmax_scale=softmax_scale, causal=is_causal, window_size_left=window_size_left,
+                            window_size_right=window_size_right, softcap=softcap)
     else:
         _flash_attn_backward = backward
 

@@ -5,6 +5,8 @@ packages installed, the real modules run through test_kernels / test_ring_gpu in
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -25,8 +27,9 @@ FAKES = {
 
 
 @pytest.mark.parametrize("fake", sorted(FAKES))
-@pytest.mark.parametrize("band", [Band(), Band(None, 0), Band(None, -1), Band(None, -3)], ids=repr)
-@pytest.mark.parametrize("sq,sk,h,hk", [(6, 6, 4, 2), (8, 4, 3, 1), (5, 7, 2, 2)])
+@pytest.mark.parametrize("band", [Band(), Band(None, 0), Band(None, -1), Band(None, -3), Band(-2, 0), Band(-3, 1),
+                                  Band(1, 3), Band(-6, -1), Band(0, None)], ids=repr)
+@pytest.mark.parametrize("sq,sk,h,hk", [(6, 6, 4, 2), (8, 4, 3, 1), (5, 7, 2, 2), (11, 3, 2, 1)])
 def test_block(fake, band, sq, sk, h, hk):
     check_block(FAKES[fake](), "cpu", band, torch.float32, sq, sk, h, hk)
 
@@ -41,6 +44,26 @@ def test_softcap_reaches_the_kernel(fake):
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen(fake, docs, causal):
     check_varlen_block(FAKES[fake](), "cpu", varlen_meta(docs, causal, "cpu"), torch.float32)
+
+
+def test_window_pieces_reproduce_every_band_under_fa2_rules():
+    """Each piece, run with FA2's window semantics (a window at least as wide as the keys counts as
+    unbounded), covers its part of the band exactly; together they cover the band once."""
+    from fake_flash_attn import _flash_band
+    from ring_flash_attn.kernels.bottom_right import window_pieces
+
+    for sq, sk in itertools.product(range(1, 9), repeat=2):
+        for lo, hi in itertools.product(range(-9, 9), [None, *range(-9, 9)]):
+            band = Band(lo, hi).normalized(sq, sk)
+            if band is None or band.lo is None:
+                continue
+            got = torch.zeros(sq, sk, dtype=torch.long)
+            for piece in window_pieces(band, sq, sk):
+                rows, keys = piece.rows.stop - piece.rows.start, piece.keys.stop - piece.keys.start
+                assert piece.window[0] >= 0
+                got[piece.rows, piece.keys] += _flash_band(rows, keys, False, piece.window, clip=True).allowed(
+                    rows, keys).long()
+            assert torch.equal(got, band.allowed(sq, sk).long()), (sq, sk, band)
 
 
 def test_unavailable_and_old_versions_are_reported():

@@ -35,6 +35,12 @@ def _cases() -> list:
     for w, layout in itertools.product(WORLD_SIZES or [2], ("ring", "zigzag", "stripe")):  # fp32 via the reference
         cases.append(Case(layout=layout, packing="func", causal=True, dtype="fp32", backend="auto", world_size=w,
                           local_len=64, nheads=4, nheads_k=2, head_dim=64, device="cuda"))
+    # sliding windows through FA2's window arguments (cuDNN takes none): narrower and wider than a block
+    for n, (w, layout, causal, window) in enumerate(itertools.product(
+            WORLD_SIZES or [2], ("ring", "zigzag", "stripe"), (True, False), ((100, -1), (300, 50)))):
+        cases.append(Case(layout=layout, packing="func", causal=causal, dtype="bf16", backend="torch_cuda_flash",
+                          world_size=w, batch=2, local_len=256, nheads=8, nheads_k=2, head_dim=128, window=window,
+                          seed=n, device="cuda"))
     # packed documents: FA2 (cuDNN refuses varlen, see kernels/torch_cuda.py), and auto
     for n, (w, backend, layout, packing, causal) in enumerate(itertools.product(
             WORLD_SIZES or [2], ("torch_cuda_flash", "auto"), ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3"),

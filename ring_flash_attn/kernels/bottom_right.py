@@ -1,33 +1,102 @@
-"""Shared adapter for flash-style kernels (PyTorch's FA2, flash-attn 2 / 4): flash layout
-``(B, S, H, D)``, GQA native, *bottom-right* causal masks, native varlen with ``cu_seqlens``.
+"""Shared adapter for flash-style kernels (PyTorch's FA2, flash-attn 2 / 3 / 4): flash layout
+``(B, S, H, D)``, GQA native, *bottom-right* causal masks and windows, native varlen.
 
 The trimmed blocks handed down are top-left causal with ``Sk <= Sq``: the first ``Sk`` rows are a
 square causal block (both conventions agree) and the rest see every key, so they run as two calls.
 (FA2's window arguments cannot express it: it clips windows wider than ``Sk`` to "unlimited".)
 Packed documents pass straight through; rows with no key come back with lse ``+inf`` from FA2,
 which is turned into this library's ``-inf``.
+
+Bands with a lower bound (sliding windows) become the kernels' ``window_size=(left, right)`` on the
+block trimmed to the rows that see a key and the keys some row sees (:func:`window_pieces`). FA2
+treats a window at least as wide as the keys as unlimited, which is wrong for a right bound when
+the block has more rows than keys; such blocks are split by rows until it is not.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .base import Tensor, VarlenMeta
+from .base import Band, Tensor, VarlenMeta
 from .trimmed import TrimmedCausalBackend
+
+NO_WINDOW = (-1, -1)
+
+
+class WindowPiece(NamedTuple):
+    rows: slice
+    keys: slice
+    window: Tuple[int, int]  # (left, right) in flash's bottom-right terms; -1: unbounded
+
+
+def window_pieces(band: Band, sq: int, sk: int) -> List[WindowPiece]:
+    """Cover ``band`` (with a lower bound) on an ``sq x sk`` block by flash window calls."""
+    lo, hi = band.lo, band.hi
+    r0, r1 = (0 if hi is None else max(0, -hi)), min(sq, sk - lo)  # rows that see at least one key
+    if r1 <= r0:
+        return []
+    k0, k1 = max(0, r0 + lo), (sk if hi is None else min(sk, r1 + hi))  # keys some row sees
+    rows, keys, shift = r1 - r0, k1 - k0, k0 - r0
+    offset = keys - rows  # flash aligns the window on the bottom-right diagonal
+    left = offset - (lo - shift)
+    right = -1 if hi is None else (hi - shift) - offset
+    if hi is not None and right >= keys and (hi - shift) < keys - 1:  # FA2 would drop this right bound
+        mid = r0 + rows // 2
+        return _rows_from(band, r0, mid, sk) + _rows_from(band, mid, r1, sk)
+    assert left >= 0 and (hi is None or right >= 0), (band, sq, sk)
+    return [WindowPiece(slice(r0, r1), slice(k0, k1), (left, right))]
+
+
+def _rows_from(band: Band, start: int, stop: int, sk: int) -> List[WindowPiece]:
+    """Pieces for rows ``start:stop`` of the block (the band seen from row ``start``)."""
+    sub = Band(band.lo + start, None if band.hi is None else band.hi + start)
+    return [p._replace(rows=slice(p.rows.start + start, p.rows.stop + start))
+            for p in window_pieces(sub, stop - start, sk)]
 
 
 class BottomRightCausalBackend(TrimmedCausalBackend):
-    """Subclasses implement the two raw calls; ``varlen`` given means packed (T, H, D) tensors."""
+    """Subclasses implement the two raw calls; ``varlen`` given means packed (T, H, D) tensors,
+    ``window`` a sliding window (``causal`` is then False). Every band is supported: full and causal
+    by trimming, windows through the kernels' window arguments."""
 
     def call_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float,
-                     varlen: Optional[VarlenMeta] = None) -> Tuple[Tensor, Tensor]:
+                     varlen: Optional[VarlenMeta] = None, window: Tuple[int, int] = NO_WINDOW) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def call_backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                      softmax_scale: float, varlen: Optional[VarlenMeta] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                      softmax_scale: float, varlen: Optional[VarlenMeta] = None,
+                      window: Tuple[int, int] = NO_WINDOW) -> Tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, band: Band, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+        if band.lo is None:
+            return super().forward(q, k, v, band, softmax_scale)
+        b, sq, h, d = q.shape
+        out = q.new_zeros(q.shape)
+        lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float32, device=q.device)
+        for piece in window_pieces(band, sq, k.shape[1]):
+            o, l = self.call_forward(q[:, piece.rows], k[:, piece.keys], v[:, piece.keys], False, softmax_scale,
+                                     window=piece.window)
+            out[:, piece.rows], lse[:, :, piece.rows] = o, l
+        return out, lse
+
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, band: Band, softmax_scale: float
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        if band.lo is None:
+            return super().backward(dout, q, k, v, out, lse, band, softmax_scale)
+        dq = torch.zeros_like(q)
+        dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
+        for piece in window_pieces(band, q.shape[1], k.shape[1]):
+            rows, keys = piece.rows, piece.keys
+            dq_p, dk_p, dv_p = self.call_backward(dout[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows],
+                                                  lse[:, :, rows], False, softmax_scale, window=piece.window)
+            dq[:, rows] = dq_p
+            dk[:, keys] += dk_p
+            dv[:, keys] += dv_p
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
 
     def run_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float) -> Tuple[Tensor, Tensor]:
         sk = k.shape[1]

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from .base import KernelCall, Tensor, VarlenMeta
-from .bottom_right import BottomRightCausalBackend
+from .bottom_right import NO_WINDOW, BottomRightCausalBackend
 from .cuda_common import cuda_reasons, last_dim_contiguous
 
 
@@ -58,8 +58,7 @@ class _PackageBackend(BottomRightCausalBackend):
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
         if self.interface() is None:
             return [self._import_error]
-        return self.package_reasons() + cuda_reasons(call, self.max_head_dim, self.min_capability) + \
-            self.band_reasons(call)
+        return self.package_reasons() + cuda_reasons(call, self.max_head_dim, self.min_capability)
 
     def package_reasons(self) -> list[str]:
         return []
@@ -84,9 +83,9 @@ class FlashAttn2Backend(_PackageBackend):
     def package_reasons(self) -> list[str]:
         return [] if self.version() >= (2, 6) else [f"flash-attn {self._version} is older than 2.6"]
 
-    def _common(self, causal: bool, softmax_scale: float, varlen: Optional[VarlenMeta]) -> dict:
-        window = {"window_size": (-1, -1)} if self.version() < (2, 7) else \
-            {"window_size_left": -1, "window_size_right": -1}
+    def _common(self, causal: bool, softmax_scale: float, varlen: Optional[VarlenMeta], window) -> dict:
+        window = {"window_size": tuple(window)} if self.version() < (2, 7) else \
+            {"window_size_left": window[0], "window_size_right": window[1]}
         kw = dict(dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, softcap=self.softcap, alibi_slopes=None,
                   **window)
         if varlen is not None:
@@ -94,21 +93,22 @@ class FlashAttn2Backend(_PackageBackend):
                       max_seqlen_q=varlen.max_seqlen_q, max_seqlen_k=varlen.max_seqlen_k)
         return kw
 
-    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor]:
+    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None, window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
         fi = self.interface()
         fn = fi._flash_attn_forward if varlen is None else fi._flash_attn_varlen_forward
         q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
-        result = fn(q=q, k=k, v=v, return_softmax=False, **self._common(causal, softmax_scale, varlen))
+        result = fn(q=q, k=k, v=v, return_softmax=False, **self._common(causal, softmax_scale, varlen, window))
         lse_index = 5 if len(result) == 8 else 1  # 2.6: (out, q, k, v, out_padded, lse, S, rng); 2.7+: (out, lse, S, rng)
         return result[0], result[lse_index]
 
-    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor, Tensor]:
+    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None,
+                      window=NO_WINDOW) -> Tuple[Tensor, Tensor, Tensor]:
         fi = self.interface()
         fn = fi._flash_attn_backward if varlen is None else fi._flash_attn_varlen_backward
         dout, q, k, v, out = (last_dim_contiguous(x) for x in (dout, q, k, v, out))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         fn(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse.contiguous(), dq=dq, dk=dk, dv=dv,
-           deterministic=False, rng_state=None, **self._common(causal, softmax_scale, varlen))
+           deterministic=False, rng_state=None, **self._common(causal, softmax_scale, varlen, window))
         return dq, dk, dv
 
 
@@ -132,20 +132,22 @@ class FlashAttn3Backend(_PackageBackend):
     module_name = "flash_attn_interface"
     min_capability = (9, 0)
 
-    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor]:
+    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None, window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
         result = self.interface()._flash_attn_forward(
             *(last_dim_contiguous(x) for x in (q, k, v)), softmax_scale=softmax_scale, causal=causal,
-            softcap=self.softcap, **_varlen_kwargs(varlen),
+            softcap=self.softcap, window_size_left=window[0], window_size_right=window[1], **_varlen_kwargs(varlen),
         )
         return result[0], result[1]
 
-    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor, Tensor]:
+    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None,
+                      window=NO_WINDOW) -> Tuple[Tensor, Tensor, Tensor]:
         fn = self.interface()._flash_attn_backward
         causal_name = "is_causal" if "is_causal" in _parameters(fn) else "causal"
         dout, q, k, v, out = (last_dim_contiguous(x) for x in (dout, q, k, v, out))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         fn(dout, q, k, v, out, lse.contiguous(), dq=dq, dk=dk, dv=dv, softmax_scale=softmax_scale,
-           softcap=self.softcap, **{causal_name: causal}, **_varlen_kwargs(varlen))
+           softcap=self.softcap, window_size_left=window[0], window_size_right=window[1],
+           **{causal_name: causal}, **_varlen_kwargs(varlen))
         return dq, dk, dv
 
 
@@ -154,17 +156,23 @@ class FlashAttn4Backend(_PackageBackend):
     module_name = "flash_attn.cute.interface"
     min_capability = (9, 0)  # its backward runs on SM90 and newer
 
-    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor]:
+    @staticmethod
+    def _window(window: Tuple[int, int]) -> dict:  # flash-attn-4 spells "unbounded" None
+        return {"window_size_left": None if window[0] < 0 else window[0],
+                "window_size_right": None if window[1] < 0 else window[1]}
+
+    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None, window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
         result = self.interface()._flash_attn_fwd(
             *(last_dim_contiguous(x) for x in (q, k, v)), softmax_scale=softmax_scale, causal=causal,
-            softcap=self.softcap or None, return_lse=True, **_varlen_kwargs(varlen),
+            softcap=self.softcap or None, return_lse=True, **self._window(window), **_varlen_kwargs(varlen),
         )
         return result[0], result[1]
 
-    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor, Tensor]:
+    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None,
+                      window=NO_WINDOW) -> Tuple[Tensor, Tensor, Tensor]:
         q, k, v, out, dout = (last_dim_contiguous(x) for x in (q, k, v, out, dout))
         result = self.interface()._flash_attn_bwd(
             q, k, v, out, dout, lse.contiguous(), softmax_scale=softmax_scale, causal=causal,
-            softcap=self.softcap, **_varlen_kwargs(varlen),
+            softcap=self.softcap, **self._window(window), **_varlen_kwargs(varlen),
         )
         return result[0], result[1], result[2]

@@ -1,7 +1,7 @@
 """The two fused CUDA kernels every PyTorch build carries, as block kernels:
 
 * ``torch_cuda_flash`` -- FlashAttention-2 inside PyTorch (``aten._flash_attention_forward`` /
-  ``_backward``): flash layout ``(B, S, H, D)``, GQA native, bottom-right causal.
+  ``_backward``): flash layout ``(B, S, H, D)``, GQA native, bottom-right causal and windows.
 * ``cudnn`` -- cuDNN's fused attention (``aten._scaled_dot_product_cudnn_attention`` /
   ``_backward``): ``(B, H, S, D)``, GQA native, top-left causal, LSE ``(B, H, S, 1)``; ~2x FA2 on
   Hopper.
@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from .base import KernelCall, Tensor, VarlenMeta
-from .bottom_right import BottomRightCausalBackend
+from .bottom_right import NO_WINDOW, BottomRightCausalBackend
 from .cuda_common import cuda_reasons, last_dim_contiguous
 from .schemas import missing_ops
 from .trimmed import TrimmedCausalBackend
@@ -34,6 +34,7 @@ _FA2_OPS = {
         ("scale",),
     ),
 }
+_FA2_WINDOW_OPS = {name: ((), ("window_size_left", "window_size_right")) for name in _FA2_OPS}
 _CUDNN_OPS = {
     "_scaled_dot_product_cudnn_attention": (
         ("query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal", "return_debug_mask"),
@@ -51,21 +52,32 @@ class TorchCudaFlashBackend(BottomRightCausalBackend):
     name = "torch_cuda_flash"
 
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
-        return missing_ops(_FA2_OPS) + cuda_reasons(call, max_head_dim=256) + self.band_reasons(call)
+        reasons = missing_ops(_FA2_OPS) + cuda_reasons(call, max_head_dim=256)
+        if any(band.lo is not None for band in call.bands):
+            reasons += missing_ops(_FA2_WINDOW_OPS)
+        return reasons
 
-    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor]:
+    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None, window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
         sizes = _sizes(q, k, varlen)
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
-            *(last_dim_contiguous(x) for x in (q, k, v)), *sizes, 0.0, causal, False, scale=softmax_scale
+            *(last_dim_contiguous(x) for x in (q, k, v)), *sizes, 0.0, causal, False, scale=softmax_scale,
+            **_window_kwargs(window),
         )
         return out, lse
 
-    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None) -> Tuple[Tensor, Tensor, Tensor]:
+    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None,
+                      window=NO_WINDOW) -> Tuple[Tensor, Tensor, Tensor]:
         rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # only read with dropout
         return torch.ops.aten._flash_attention_backward(
             *(last_dim_contiguous(x) for x in (dout, q, k, v, out)), lse.contiguous(), *_sizes(q, k, varlen), 0.0,
-            causal, rng_state, torch.empty(0, device=q.device), scale=softmax_scale,
+            causal, rng_state, torch.empty(0, device=q.device), scale=softmax_scale, **_window_kwargs(window),
         )
+
+
+def _window_kwargs(window: Tuple[int, int]) -> dict:
+    if window == NO_WINDOW:
+        return {}
+    return {"window_size_left": window[0], "window_size_right": window[1]}
 
 
 def _sizes(q: Tensor, k: Tensor, varlen: Optional[VarlenMeta]) -> tuple:

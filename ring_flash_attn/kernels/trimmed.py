@@ -16,7 +16,8 @@ class TrimmedCausalBackend(Backend):
         odd = [band for band in call.bands if not fits_top_left_causal(band)]
         if not odd:
             return []
-        return [f"masks {odd} are neither full nor causal (sliding windows run on the reference backend for now)"]
+        return [f"masks {odd} are neither full nor causal (sliding windows need a flash-style kernel: "
+                "torch_cuda_flash, flash-attn 2/3/4, or the reference backend)"]
 
     def run_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
