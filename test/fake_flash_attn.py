@@ -199,3 +199,21 @@ def flash_attn_3(backward_causal_name: str = "is_causal") -> types.ModuleType:
 
     m._flash_attn_forward, m._flash_attn_backward = _flash_attn_forward, _flash_attn_backward
     return m
+
+
+def run_rank_with_fake_fa2(rank: int, world_size: int, case):
+    """Worker entry: register a flash-attn-2.7 fake that accepts CPU tensors as ``fake_fa2``, then run
+    the case through it (the ring with a bottom-right, window-taking kernel, on CPU)."""
+    from attention_cases import run_rank
+    from ring_flash_attn.kernels import BACKENDS, register_backend
+    from ring_flash_attn.kernels.flash_attn_pkg import FlashAttn2Backend
+
+    if "fake_fa2" not in BACKENDS:
+        class CpuFakeFlashAttn2(FlashAttn2Backend):
+            name = "fake_fa2"
+
+            def not_supported_reasons(self, call):
+                return []
+
+        register_backend(CpuFakeFlashAttn2(interface=flash_attn_2_7(), version="2.7.4"))
+    return run_rank(rank, world_size, case)

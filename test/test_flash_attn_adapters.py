@@ -14,6 +14,7 @@ import fake_flash_attn
 from ring_flash_attn.kernels import KernelCall
 from ring_flash_attn.kernels.base import Band
 from ring_flash_attn.kernels.flash_attn_pkg import FlashAttn2Backend, FlashAttn3Backend, FlashAttn4Backend
+from attention_cases import Case, check
 from test_kernels import VARLEN_DOCS, check_block, check_varlen_block, varlen_meta
 
 FAKES = {
@@ -28,7 +29,7 @@ FAKES = {
 
 @pytest.mark.parametrize("fake", sorted(FAKES))
 @pytest.mark.parametrize("band", [Band(), Band(None, 0), Band(None, -1), Band(None, -3), Band(-2, 0), Band(-3, 1),
-                                  Band(1, 3), Band(-6, -1), Band(0, None)], ids=repr)
+                                  Band(1, 3), Band(-6, -1), Band(0, None), Band(None, 2), Band(None, 5)], ids=repr)
 @pytest.mark.parametrize("sq,sk,h,hk", [(6, 6, 4, 2), (8, 4, 3, 1), (5, 7, 2, 2), (11, 3, 2, 1)])
 def test_block(fake, band, sq, sk, h, hk):
     check_block(FAKES[fake](), "cpu", band, torch.float32, sq, sk, h, hk)
@@ -55,7 +56,7 @@ def test_window_pieces_reproduce_every_band_under_fa2_rules():
     for sq, sk in itertools.product(range(1, 9), repeat=2):
         for lo, hi in itertools.product(range(-9, 9), [None, *range(-9, 9)]):
             band = Band(lo, hi).normalized(sq, sk)
-            if band is None or band.lo is None:
+            if band is None:
                 continue
             got = torch.zeros(sq, sk, dtype=torch.long)
             for piece in window_pieces(band, sq, sk):
@@ -75,3 +76,18 @@ def test_unavailable_and_old_versions_are_reported():
     assert any("older than 2.6" in r for r in old.not_supported_reasons(call))
     assert FlashAttn4Backend(interface=fake_flash_attn.flash_attn_4()).not_supported_reasons(
         KernelCall("cpu", torch.bfloat16, 64, 8, 2, (Band(),))) == ["runs on CUDA tensors only, got cpu"]
+
+
+RING_WINDOW_CASES = [
+    Case(layout=layout, packing="func", causal=causal, dtype="fp32", backend="fake_fa2", world_size=w,
+         nheads=4, nheads_k=2, local_len=8, window=window, softcap=cap, seed=i)
+    for i, (w, layout, causal, window, cap) in enumerate(itertools.product(
+        (2, 3), ("ring", "zigzag", "stripe"), (True, False), ((5, -1), (3, 2), (20, 11)), (0.0,)))
+] + [Case(layout="zigzag", packing="func", causal=True, dtype="fp32", backend="fake_fa2", world_size=2, softcap=2.0,
+          q_scale=3.0, seed=99)]
+
+
+@pytest.mark.parametrize("case", RING_WINDOW_CASES, ids=[c.id() for c in RING_WINDOW_CASES])
+def test_ring_through_a_flash_style_kernel(dist_pool, case):
+    """The whole ring (windows, softcap) through the FA2 adapter with a CPU fake that follows FA2's rules."""
+    check(case, dist_pool(case.world_size).run("fake_flash_attn:run_rank_with_fake_fa2", case=case))

@@ -19,7 +19,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .base import Band, Tensor, VarlenMeta
+from .base import Band, Tensor, VarlenMeta, fits_top_left_causal
 from .trimmed import TrimmedCausalBackend
 
 NO_WINDOW = (-1, -1)
@@ -32,8 +32,9 @@ class WindowPiece(NamedTuple):
 
 
 def window_pieces(band: Band, sq: int, sk: int) -> List[WindowPiece]:
-    """Cover ``band`` (with a lower bound) on an ``sq x sk`` block by flash window calls."""
-    lo, hi = band.lo, band.hi
+    """Cover ``band`` on an ``sq x sk`` block by flash window calls (a missing lower bound is one
+    below every row: FA2 treats its window as unbounded, which is then right)."""
+    lo, hi = (-sq if band.lo is None else band.lo), band.hi
     r0, r1 = (0 if hi is None else max(0, -hi)), min(sq, sk - lo)  # rows that see at least one key
     if r1 <= r0:
         return []
@@ -44,7 +45,7 @@ def window_pieces(band: Band, sq: int, sk: int) -> List[WindowPiece]:
     right = -1 if hi is None else (hi - shift) - offset
     if hi is not None and right >= keys and (hi - shift) < keys - 1:  # FA2 would drop this right bound
         mid = r0 + rows // 2
-        return _rows_from(band, r0, mid, sk) + _rows_from(band, mid, r1, sk)
+        return _rows_from(Band(lo, hi), r0, mid, sk) + _rows_from(Band(lo, hi), mid, r1, sk)
     assert left >= 0 and (hi is None or right >= 0), (band, sq, sk)
     return [WindowPiece(slice(r0, r1), slice(k0, k1), (left, right))]
 
@@ -71,7 +72,7 @@ class BottomRightCausalBackend(TrimmedCausalBackend):
         raise NotImplementedError
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, band: Band, softmax_scale: float) -> Tuple[Tensor, Tensor]:
-        if band.lo is None:
+        if fits_top_left_causal(band):
             return super().forward(q, k, v, band, softmax_scale)
         b, sq, h, d = q.shape
         out = q.new_zeros(q.shape)
@@ -85,7 +86,7 @@ class BottomRightCausalBackend(TrimmedCausalBackend):
     def backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, band: Band, softmax_scale: float
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        if band.lo is None:
+        if fits_top_left_causal(band):
             return super().backward(dout, q, k, v, out, lse, band, softmax_scale)
         dq = torch.zeros_like(q)
         dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
