@@ -76,8 +76,8 @@ def ring_attention_forward(
     """transformers attention function: ``query (B, H, S, D)`` -> ``(out (B, S, H, D), None)``."""
     if sliding_window is not None:
         raise NotImplementedError(
-            f"{type(module).__name__} uses sliding-window attention (window {sliding_window}); ring_flash_attn "
-            "does not support window_size yet"
+            f"{type(module).__name__} uses sliding-window attention (window {sliding_window}); the transformers "
+            "adapter does not map it to window_size yet (the batch functions take window_size directly)"
         )
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     causal = bool(getattr(module, "is_causal", True))
