@@ -29,11 +29,11 @@ if os.environ.get("RING_FLASH_ATTN_LOG") == "1" and not logger.handlers:
 
 BACKENDS: Dict[str, Backend] = {}
 
-# Preference of `auto`, fastest first; names not registered (not importable here) are passed over.
-# Fastest first, measured on H200 (torch 2.11, cuDNN 9.19, Llama-3.1-8B attention, 8k tokens, causal
-# fwd+bwd): flash-attn-4 287 iter/s, cuDNN 255-258, FA2 154 (benchmark/RESULTS.md). The flash-attn 2
-# package is not installed there; it is ranked with PyTorch's FA2, the same kernels. FA3 (not measured
-# here) goes between flash-attn-4 and cuDNN, as its authors' Hopper numbers place it.
+# Preference of `auto` (backends that cannot serve a call are passed over), fastest first, measured
+# on H200 (torch 2.11, cuDNN 9.19, Llama-3.1-8B attention, 8k tokens, causal fwd+bwd): flash-attn-4
+# 287 iter/s, cuDNN 255-258, FA2 154 (benchmark/RESULTS.md). The flash-attn 2 package is not installed
+# there; it is ranked with PyTorch's FA2, the same kernels. FA3 (not measured here) goes between
+# flash-attn-4 and cuDNN, as its authors' Hopper numbers place it.
 AUTO_ORDER = ("flash_attn_4", "flash_attn_3", "cudnn", "flash_attn_2", "torch_cuda_flash", "torch_cpu_flash",
               "reference")
 
