@@ -310,9 +310,10 @@ def main() -> None:
             err_out = f"{errors[0]:.2e}" if errors else "-"
             err_grad = f"{max(errors[1:]):.2e}" if len(errors) > 1 else "-"
             vs_fa2 = f"{100 * fa2 / seconds:.1f}%" if fa2 == fa2 else "-"
+            peak_text = f"{peak:.2f}" if peak == peak else "-"
             print(f"{variant:<14} {err_out:>9} {err_grad:>9} {1 / seconds:>8.2f} "
                   f"{tflops_per_rank(args, problem, seconds):>8.1f} {100 * best / seconds:>7.1f}% "
-                  f"{vs_fa2:>7} {peak:>8.2f}")
+                  f"{vs_fa2:>7} {peak_text:>8}")
     if dist.is_initialized():
         dist.destroy_process_group()
 
