@@ -5,6 +5,7 @@ the packed batch). Thin wrappers: validate, build an :class:`AllGatherPlan`, cal
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple, Union
 
 import torch
@@ -15,7 +16,7 @@ from .api import default_scale, select_block_kernel
 from .ring import AttentionFunction
 from .kernels.base import Band, VarlenMeta
 from .validation import (call_signature, check_cu_seqlens_tensor, check_options, check_packed, check_qkv,
-                         check_same_call_across_group, group_rank_and_size)
+                         check_same_call_across_group, group_rank_and_size, normalized_window)
 from .varlen import host_offsets
 
 Tensor = torch.Tensor
@@ -24,13 +25,20 @@ Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 def _allgather(q, k, v, meta: VarlenMeta, k_rows, zigzag: bool, heads_k_stride, dropout_p, softmax_scale, causal,
                window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend) -> Result:
-    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs)
+    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, window_supported=True)
+    window = normalized_window(window_size)
+    if window != (-1, -1) and not causal:
+        # a piece's keys run to its document's end, so the bottom-right diagonal is not the query's own
+        # position in every document, and one window per call cannot say where it is
+        raise NotImplementedError("window_size with causal=False is not supported by the all-gather family yet")
+    meta = dataclasses.replace(meta, window=window)  # causal: a piece's keys end at its last query
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device, call_signature(
-        "allgather", "zigzag" if zigzag else "llama3", q, k, causal, softmax_scale, (heads_k_stride, softcap)))
+        "allgather", "zigzag" if zigzag else "llama3", q, k, causal, softmax_scale, (heads_k_stride, softcap, window)))
     if meta.offsets_q[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens_q ends at {meta.offsets_q[-1]} but q holds {q.shape[0]} tokens")
-    band = Band(None, 0) if causal else Band()
+    lo, hi = meta.relative_bounds()
+    band = Band(lo, hi)  # what the kernel must take: full, causal, or a window
     plan = AllGatherPlan(
         rank=rank,
         world_size=world_size,

@@ -93,8 +93,8 @@ def check_options(
         raise NotImplementedError(f"dropout_p={dropout_p}: dropout is not supported yet; use dropout_p=0.0")
     if normalized_window(window_size) != (-1, -1) and not window_supported:
         raise NotImplementedError(
-            f"window_size={tuple(window_size)}: sliding-window attention is supported by the batch functions "
-            "(ring / zigzag / stripe *_func), not yet with packed sequences"
+            f"window_size={tuple(window_size)}: sliding windows are supported by the batch functions and, causal, by "
+            "the llama3 / zigzag_llama3 varlen functions; not yet by the ring / zigzag / stripe varlen functions"
         )
     if not isinstance(softcap, (int, float)) or softcap < 0:
         raise ValueError(f"softcap must be a number >= 0 (0: no soft-capping), got {softcap!r}")

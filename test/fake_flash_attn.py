@@ -5,6 +5,7 @@ lse +inf and treats windows at least as wide as the keys as unbounded, as the re
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Optional
 
@@ -16,8 +17,12 @@ from ring_flash_attn.kernels.reference import ReferenceBackend
 _REF = ReferenceBackend()
 
 
-def _meta(cu_q, cu_k, causal) -> VarlenMeta:
-    return VarlenMeta.build(cu_q.tolist(), cu_k.tolist(), causal, cu_q.device)
+def _meta(cu_q, cu_k, causal, window=(-1, -1), clip=False) -> VarlenMeta:
+    meta = VarlenMeta.build(cu_q.tolist(), cu_k.tolist(), causal, cu_q.device)
+    left, right = (-1 if w is None else w for w in window)
+    if clip:  # FA2 drops a window at least as wide as the longest document's keys
+        left, right = (-1 if w >= meta.max_seqlen_k else w for w in (left, right))
+    return dataclasses.replace(meta, window=(left, right))
 
 
 def _flash_band(sq: int, sk: int, causal: bool, window, clip: bool) -> Band:
@@ -37,7 +42,7 @@ def _fwd(q, k, v, scale, causal, cu_q=None, cu_k=None, softcap=0.0, window=(-1, 
     if cu_q is None:
         out, lse = ref.forward(q, k, v, _flash_band(q.shape[1], k.shape[1], causal, window, clip), scale)
     else:
-        out, lse = ref.forward_varlen(q, k, v, _meta(cu_q, cu_k, causal), scale)
+        out, lse = ref.forward_varlen(q, k, v, _meta(cu_q, cu_k, causal, window, clip), scale)
     return out.to(q.dtype), lse.float()
 
 
@@ -47,7 +52,7 @@ def _bwd(dout, q, k, v, out, lse, scale, causal, cu_q=None, cu_k=None, softcap=0
     if cu_q is None:
         band = _flash_band(q.shape[1], k.shape[1], causal, window, clip)
         return ref.backward(dout, q, k, v, out, lse, band, scale)
-    return ref.backward_varlen(dout, q, k, v, out, lse, _meta(cu_q, cu_k, causal), scale)
+    return ref.backward_varlen(dout, q, k, v, out, lse, _meta(cu_q, cu_k, causal, window, clip), scale)
 
 
 def _fa2_lse(lse):
@@ -67,7 +72,7 @@ def flash_attn_2_6() -> types.ModuleType:
     def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                    softmax_scale, causal, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                    return_softmax=False, block_table=None):
-        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
+        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap, window_size, clip=True)
         return out, q, k, v, out, _fa2_lse(lse), None, torch.zeros(2, dtype=torch.int64)
 
     def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
@@ -81,7 +86,8 @@ def flash_attn_2_6() -> types.ModuleType:
     def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
                                     max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
                                     softcap, alibi_slopes, deterministic, rng_state=None):
-        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap,
+                     window_size, clip=True)
         for buf, g in zip((dq, dk, dv), grads):
             buf.copy_(g)
         return dq, dk, dv, None
@@ -106,7 +112,8 @@ def flash_attn_2_7() -> types.ModuleType:
                                    softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
                                    alibi_slopes=None, return_softmax=False, block_table=None, leftpad_k=None,
                                    seqused_k=None):
-        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
+        out, lse = _fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap,
+                        (window_size_left, window_size_right), clip=True)
         return out, _fa2_lse(lse), None, torch.zeros(2, dtype=torch.int64)
 
     def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
@@ -121,7 +128,8 @@ def flash_attn_2_7() -> types.ModuleType:
     def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
                                     max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left,
                                     window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
-        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap)
+        grads = _bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, softcap,
+                     (window_size_left, window_size_right), clip=True)
         for buf, g in zip((dq, dk, dv), grads):
             buf.copy_(g)
         return torch.empty(0)

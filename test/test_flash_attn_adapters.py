@@ -5,6 +5,7 @@ packages installed, the real modules run through test_kernels / test_ring_gpu in
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -43,8 +44,10 @@ def test_softcap_reaches_the_kernel(fake):
 @pytest.mark.parametrize("fake", sorted(FAKES))
 @pytest.mark.parametrize("docs", VARLEN_DOCS, ids=["square", "offsets"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_varlen(fake, docs, causal):
-    check_varlen_block(FAKES[fake](), "cpu", varlen_meta(docs, causal, "cpu"), torch.float32)
+@pytest.mark.parametrize("window", [(-1, -1), (2, -1), (1, 3), (20, 20)])
+def test_varlen(fake, docs, causal, window):
+    meta = dataclasses.replace(varlen_meta(docs, causal, "cpu"), window=window)
+    check_varlen_block(FAKES[fake](), "cpu", meta, torch.float32)
 
 
 def test_window_pieces_reproduce_every_band_under_fa2_rules():

@@ -34,6 +34,9 @@ def test_window_options():
     with pytest.raises(NotImplementedError, match="packed"):
         rfa.ring_flash_attn_varlen_func(torch.zeros(8, 2, 16), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16),
                                         torch.tensor([0, 8], dtype=torch.int32), 8, window_size=(2, 0))
+    with pytest.raises(NotImplementedError, match="causal=False"):
+        rfa.zigzag_llama3_flash_attn_varlen_func(torch.zeros(8, 2, 16), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16),
+                                                 torch.tensor([0, 8], dtype=torch.int32), 8, window_size=(2, 0))
     with pytest.raises(ValueError, match=">= -1"):
         rfa.ring_flash_attn_func(*qkv(), window_size=(-3, 0))
     with pytest.raises(TypeError, match="pair of ints"):

@@ -48,7 +48,13 @@ def _cases() -> list:
     return cases
 
 
-CASES = _cases() + [  # soft-capped logits through the reference kernel, every family
+CASES = _cases() + [  # sliding windows on the all-gather family (documents cross rank boundaries)
+    VarlenCase(layout=layout, packing=("func", "kvpacked")[w % 2], causal=causal, dtype=("fp32", "bf16")[w % 2],
+               backend="auto", world_size=w, doc_lengths=doc_lengths(layout, w, random.Random(100 + w), 1),
+               window=window, heads_k_stride=1, seed=w)
+    for w, layout, causal, window in itertools.product((2, 3), ("llama3", "zigzag_llama3"), (True,),
+                                                       ((3, -1), (5, 2), (40, 0)))
+] + [  # soft-capped logits through the reference kernel, every family
     VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp32", backend="reference", world_size=w,
                doc_lengths=tuple(m * w * (2 if "zigzag" in layout else 1) for m in (3, 1, 2)), softcap=4.0,
                q_scale=4.0, seed=w)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import ring_flash_attn as rfa
-from attention_cases import DTYPES, compare, results_on_cpu, soft_capped
+from attention_cases import DTYPES, compare, mask, results_on_cpu, soft_capped
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varlen
 
 RING_FAMILY = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
@@ -38,6 +38,7 @@ class VarlenCase:
     device: str = "cpu"
     q_scale: float = 1.0  # > 1: large logits (bf16 near overflow)
     softcap: float = 0.0
+    window: Tuple[int, int] = (-1, -1)
 
     @property
     def cu_seqlens(self) -> torch.Tensor:
@@ -47,6 +48,7 @@ class VarlenCase:
         docs = "-".join(map(str, self.doc_lengths)) if len(self.doc_lengths) <= 4 else f"{len(self.doc_lengths)}docs"
         stride = f"-s{self.heads_k_stride}" if self.heads_k_stride else ""
         stride += f"-cap{self.softcap:g}" if self.softcap else ""
+        stride += f"-win{self.window[0]}_{self.window[1]}" if self.window != (-1, -1) else ""
         return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{'causal' if self.causal else 'full'}-"
                 f"{self.dtype}-h{self.nheads}k{self.nheads_k}-d{self.head_dim}{stride}-docs{docs}-{self.backend}")
 
@@ -68,6 +70,8 @@ def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv):
     common = dict(causal=case.causal, return_attn_probs=case.return_lse, group=group, backend=case.backend)
     if case.softcap:
         common["softcap"] = case.softcap
+    if case.window != (-1, -1):
+        common["window_size"] = case.window
     first = {"func": (q, k, v), "kvpacked": (q, kv), "qkvpacked": (qkv,)}[case.packing]
     if case.layout in RING_FAMILY:
         fn = getattr(rfa, f"{RING_FAMILY[case.layout]}_{SUFFIX[case.packing]}")
@@ -105,9 +109,7 @@ def reference(case: VarlenCase) -> Dict[str, torch.Tensor]:
     g = case.nheads // case.nheads_k
     lengths = torch.tensor(case.doc_lengths)
     doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    allowed = doc[:, None] == doc[None, :]
-    if case.causal:
-        allowed &= torch.ones_like(allowed).tril()
+    allowed = (doc[:, None] == doc[None, :]) & mask(len(doc), case.causal, case.window)
     scores = soft_capped(torch.einsum("ihd,jhd->hij", q, k.repeat_interleave(g, 1)) * case.head_dim ** -0.5,
                          case.softcap)
     scores = scores.masked_fill(~allowed, float("-inf"))

@@ -91,16 +91,17 @@ def pad_rows(block: Tensor, first_row: int, total_rows: int, dim: int, fill: flo
 @dataclass(frozen=True, eq=False)
 class VarlenMeta:
     """Documents of a packed block: document ``i`` has queries ``offsets_q[i]:offsets_q[i+1]`` of
-    the packed q and keys ``offsets_k[i]:offsets_k[i+1]`` of the packed k. ``causal`` is aligned
-    bottom-right per document (flash convention: a document's last query sees all its keys), which
-    for equal lengths is the plain diagonal. Host offsets and device ``cu_seqlens`` are both kept,
-    built once per call so kernels need no host sync."""
+    the packed q and keys ``offsets_k[i]:offsets_k[i+1]`` of the packed k. ``causal`` and
+    ``window`` (flash's ``window_size``) are aligned bottom-right per document (flash convention: a
+    document's last query sits on its last key), which for equal lengths is the plain diagonal. Host
+    offsets and device ``cu_seqlens`` are both kept, built once per call so kernels need no host sync."""
 
     offsets_q: Tuple[int, ...]
     offsets_k: Tuple[int, ...]
     causal: bool
     cu_seqlens_q: Tensor
     cu_seqlens_k: Tensor
+    window: Tuple[int, int] = (-1, -1)
 
     @classmethod
     def build(cls, offsets_q, offsets_k, causal: bool, device) -> "VarlenMeta":
@@ -135,10 +136,21 @@ class VarlenMeta:
         q_pos = torch.arange(len(q_doc)) - torch.tensor(self.offsets_q[:-1], dtype=torch.int64)[q_doc]
         k_pos = torch.arange(len(k_doc)) - torch.tensor(self.offsets_k[:-1], dtype=torch.int64)[k_doc]
         ok = q_doc[:, None] == k_doc[None, :]
-        if self.causal:
-            shift = (lens[:, 1] - lens[:, 0])[q_doc]
-            ok &= k_pos[None, :] <= (q_pos + shift)[:, None]
+        distance = k_pos[None, :] - (q_pos + (lens[:, 1] - lens[:, 0])[q_doc])[:, None]  # from the diagonal
+        lo, hi = self.relative_bounds()
+        if lo is not None:
+            ok &= distance >= lo
+        if hi is not None:
+            ok &= distance <= hi
         return ok.to(device)
+
+    def relative_bounds(self) -> Tuple[Optional[int], Optional[int]]:
+        """The mask as bounds on (key - query) measured from each document's bottom-right diagonal."""
+        left, right = self.window
+        hi = 0 if self.causal else None
+        if right >= 0:
+            hi = right if hi is None else min(hi, right)
+        return (-left if left >= 0 else None), hi
 
 
 @dataclass(frozen=True)
@@ -222,12 +234,21 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 def _document_blocks(meta: VarlenMeta):
     """(band, query rows, key rows) of dense blocks covering every document of ``meta``. A causal
     document with ``lq < lk`` keys is cut into its key prefix (seen by all its queries) and a square
-    causal block, so kernels that only know top-left causal masks can run it."""
+    causal block, so kernels that only know top-left causal masks can run it; a windowed document is
+    one banded block."""
+    lo_rel, hi_rel = meta.relative_bounds()
     for i, (lq, lk) in enumerate(meta.lengths):
         q0, k0 = meta.offsets_q[i], meta.offsets_k[i]
         if lq == 0 or lk == 0:
             continue
         rows = slice(q0, q0 + lq)
+        if tuple(meta.window) != (-1, -1):
+            shift = lk - lq
+            band = Band(None if lo_rel is None else lo_rel + shift, None if hi_rel is None else hi_rel + shift)
+            band = band.normalized(lq, lk)
+            if band is not None:
+                yield band, rows, slice(k0, k0 + lk)
+            continue
         if not meta.causal:
             yield Band(), rows, slice(k0, k0 + lk)
             continue

@@ -121,10 +121,11 @@ class BottomRightCausalBackend(TrimmedCausalBackend):
         return torch.cat([dq_d, dq_r], 1), dk_d + dk_r, dv_d + dv_r
 
     def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, softmax_scale: float) -> Tuple[Tensor, Tensor]:
-        out, lse = self.call_forward(q, k, v, meta.causal, softmax_scale, varlen=meta)
+        out, lse = self.call_forward(q, k, v, meta.causal, softmax_scale, varlen=meta, window=tuple(meta.window))
         return out, lse.masked_fill(torch.isposinf(lse), float("-inf"))
 
     def backward_varlen(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, meta: VarlenMeta, softmax_scale: float
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        return self.call_backward(dout, q, k, v, out, lse, meta.causal, softmax_scale, varlen=meta)
+        return self.call_backward(dout, q, k, v, out, lse, meta.causal, softmax_scale, varlen=meta,
+                                  window=tuple(meta.window))
