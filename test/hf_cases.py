@@ -33,7 +33,7 @@ def model_available(name: str) -> bool:
     import transformers
 
     return hasattr(transformers, {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                  "qwen3": "Qwen3ForCausalLM"}[name])
+                                  "qwen2-sliding": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[name])
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -43,6 +43,9 @@ def build_model(name: str) -> torch.nn.Module:
                   num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.0)
     config, cls = {
         "llama": lambda: (transformers.LlamaConfig(**common), transformers.LlamaForCausalLM),
+        # layer 0 full attention, layer 1 a sliding window of 5 tokens
+        "qwen2-sliding": lambda: (transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=5,
+                                                           max_window_layers=1), transformers.Qwen2ForCausalLM),
         "qwen2": lambda: (transformers.Qwen2Config(**common, use_sliding_window=False), transformers.Qwen2ForCausalLM),
         "qwen3": lambda: (transformers.Qwen3Config(**common, head_dim=16), transformers.Qwen3ForCausalLM),
     }[name]()

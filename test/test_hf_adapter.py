@@ -20,6 +20,8 @@ CASES = (
      itertools.product((2, 3, 4), ("zigzag", "ring"), (False, True))]
     + [ModelCase(m, layout, 2, packed) for m, layout, packed in
        itertools.product(("qwen2", "qwen3"), ("zigzag", "ring"), (False, True))]
+    + [ModelCase("qwen2-sliding", layout, w, packed) for w, layout, packed in
+       itertools.product((2, 3), ("zigzag", "ring"), (False, True))]
     + [ModelCase("llama", "zigzag", 2, batch=2), ModelCase("llama", "ring", 2, True, path="substitute"),
        ModelCase("qwen2", "ring", 3, True, path="substitute")]
 )
@@ -51,9 +53,13 @@ def test_pad_for_layout():
     assert ids.shape == (1, 12) and labels[0, 10:].tolist() == [-100, -100] and cu.tolist() == [0, 4, 10, 12]
 
 
-def test_sliding_window_is_refused():
+def test_sliding_window_maps_to_window_size():
     from ring_flash_attn.adapters.hf import ring_attention_forward
 
-    q = torch.zeros(1, 4, 8, 16)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        ring_attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=4)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    out, _ = ring_attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.25, sliding_window=3)
+    i, j = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    allowed = (j <= i) & (j > i - 3)  # transformers' sliding-window mask: the last 3 keys, itself included
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.25)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)

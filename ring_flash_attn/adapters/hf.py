@@ -73,17 +73,18 @@ def ring_attention_forward(
     softcap: Optional[float] = None,
     **kwargs,
 ) -> Tuple[torch.Tensor, None]:
-    """transformers attention function: ``query (B, H, S, D)`` -> ``(out (B, S, H, D), None)``."""
-    if sliding_window is not None:
-        raise NotImplementedError(
-            f"{type(module).__name__} uses sliding-window attention (window {sliding_window}); the transformers "
-            "adapter does not map it to window_size yet (the batch functions take window_size directly)"
-        )
+    """transformers attention function: ``query (B, H, S, D)`` -> ``(out (B, S, H, D), None)``.
+
+    A sliding-window layer (``sliding_window=w``: a query sees its last ``w`` keys, itself included,
+    as transformers' masks define it) becomes ``window_size=(w - 1, w - 1)``, with causal layers
+    cutting the right side to 0."""
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     causal = bool(getattr(module, "is_causal", True))
     s = SETTINGS
     options = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, softcap=softcap or 0.0, group=s.group,
                    backend=s.backend)
+    if sliding_window is not None:
+        options["window_size"] = (sliding_window - 1, sliding_window - 1)
     layout = MODEL_LAYOUTS[s.layout]
     if s.cu_seqlens is None:
         fn = zigzag_ring_flash_attn_func if layout == "zigzag" else ring_flash_attn_func
