@@ -96,7 +96,7 @@ def ring_attention_varlen(
     check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs)
     check_cu_seqlens_tensor(cu_seqlens)
     offsets = host_offsets(cu_seqlens)
-    check_cu_seqlens(cu_seqlens, offsets, q.shape[0])
+    check_cu_seqlens(offsets, q.shape[0])
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device,
                                  call_signature("varlen", layout, q, k, causal, softmax_scale, (offsets, softcap)))

@@ -15,8 +15,8 @@ from .allgather import AllGatherPlan, check_heads_k_stride, document_meta, local
 from .api import default_scale, select_block_kernel
 from .ring import AttentionFunction
 from .kernels.base import Band, VarlenMeta
-from .validation import (call_signature, check_cu_seqlens_tensor, check_options, check_packed, check_qkv,
-                         check_same_call_across_group, group_rank_and_size, normalized_window)
+from .validation import (call_signature, check_cu_seqlens, check_cu_seqlens_tensor, check_options, check_packed,
+                         check_qkv, check_same_call_across_group, group_rank_and_size, normalized_window)
 from .varlen import host_offsets
 
 Tensor = torch.Tensor
@@ -35,8 +35,7 @@ def _allgather(q, k, v, meta: VarlenMeta, k_rows, zigzag: bool, heads_k_stride, 
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device, call_signature(
         "allgather", "zigzag" if zigzag else "llama3", q, k, causal, softmax_scale, (heads_k_stride, softcap, window)))
-    if meta.offsets_q[-1] != q.shape[0]:
-        raise ValueError(f"cu_seqlens_q ends at {meta.offsets_q[-1]} but q holds {q.shape[0]} tokens")
+    check_cu_seqlens(meta.offsets_q, q.shape[0], "cu_seqlens_q")
     lo, hi = meta.relative_bounds()
     band = Band(lo, hi)  # what the kernel must take: full, causal, or a window
     plan = AllGatherPlan(

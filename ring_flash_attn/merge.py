@@ -34,9 +34,9 @@ _compiled: Optional[Callable] = None
 _compile_failed = False
 
 
-def _fused() -> Optional[Callable]:
+def _fused() -> Callable:
     global _compiled
-    if _compiled is None and not _compile_failed:
+    if _compiled is None:
         _compiled = torch.compile(_merge, dynamic=False, fullgraph=True)
     return _compiled
 

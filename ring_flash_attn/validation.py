@@ -53,10 +53,10 @@ def check_packed(x: torch.Tensor, name: str, dim: int, count: int, ndim: int) ->
         raise ValueError(f"{name} must have {ndim} dims with size {count} at dim {dim}, got shape {tuple(x.shape)}")
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, offsets: Tuple[int, ...], total_tokens: int) -> None:
-    """``cu_seqlens``: 1-D integer tensor whose host copy ``offsets`` ends at ``total_tokens``."""
+def check_cu_seqlens(offsets: Tuple[int, ...], total_tokens: int, name: str = "cu_seqlens") -> None:
+    """The host copy ``offsets`` of a cu_seqlens tensor must end at the ``total_tokens`` q holds."""
     if offsets[-1] != total_tokens:
-        raise ValueError(f"cu_seqlens ends at {offsets[-1]} but q holds {total_tokens} tokens")
+        raise ValueError(f"{name} ends at {offsets[-1]} but q holds {total_tokens} tokens")
 
 
 def check_cu_seqlens_tensor(cu_seqlens: torch.Tensor) -> None:
