@@ -299,8 +299,9 @@ def main() -> None:
         mode = "fwd" if args.fwd_only else "fwd+bwd"
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         docs = f"documents {problem.lengths} (global), " if args.varlen else f"batch={args.batch}, "
+        window = f"window_size={tuple(args.window)}, " if tuple(args.window) != (-1, -1) else ""
         print(f"# {name} x{w}, torch {torch.__version__}, {'varlen ' if args.varlen else ''}{args.packing}, {mode}, "
-              f"{args.dtype}, causal={args.causal}, {docs}{args.seqlen} tokens/rank, heads {args.nheads}/"
+              f"{args.dtype}, causal={args.causal}, {window}{docs}{args.seqlen} tokens/rank, heads {args.nheads}/"
               f"{args.nheads_k}, d={args.head_dim}, backend={args.backend or 'auto'}")
         print("# single-device kernels, local problem: "
               + ", ".join(f"{n} {1 / t:.2f} iter/s (ideal at W={w}: {1 / (t * w):.2f})" for n, t in kernels.items()))
