@@ -5,7 +5,7 @@ Also the asynchronous all-gather / reduce-scatter of the all-gather (llama3) fam
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,13 +22,12 @@ class RingComm:
     def _global(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
-    def start(self, send: Optional[torch.Tensor], recv: Optional[torch.Tensor]) -> List[dist.Work]:
-        """Post ``send`` to the next rank and ``recv`` from the previous one (either may be None)."""
-        ops = []
-        if send is not None:
-            ops.append(dist.P2POp(dist.isend, send, self.next_rank, self.group))
-        if recv is not None:
-            ops.append(dist.P2POp(dist.irecv, recv, self.prev_rank, self.group))
+    def start(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor]) -> List[dist.Work]:
+        """Post the ``send`` tensors to the next rank and receive ``recv`` from the previous one (either
+        may be empty), as one batch: NCCL runs it as one fused transfer. Both sides must post the same
+        number of tensors, in the same order, with matching sizes."""
+        ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group) for t in recv]
         return dist.batch_isend_irecv(ops) if ops else []
 
     @staticmethod

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .comm import RingComm
 from .kernels import Backend
-from .merge import merge_into, start_from
+from .accumulate import add_rows, disjoint, slice_rows, start_sum
 from .schedules import BlockJob, RingSchedule
 
 Tensor = torch.Tensor
@@ -48,71 +48,48 @@ class RingPlan:
 
 
 class KVRotation:
-    """The K/V block of the current hop, and the receive of the next one into a second buffer.
+    """The K/V block of the current hop, and the receive of the next one.
 
-    K and V travel as one message in a ``(2, *k.shape)`` buffer; the two buffers are allocated once
-    per call. Hops the schedule says nobody downstream needs are neither sent nor received.
+    K and V travel in one batched transfer. The first hop sends the caller's k/v as they are (no
+    copy when contiguous); received blocks land in at most two ``(2, *k.shape)`` buffers, allocated
+    once per call and used in turn. Hops the schedule says nobody downstream needs are neither sent
+    nor received.
     """
 
     def __init__(self, plan: RingPlan, k: Tensor, v: Tensor) -> None:
         self.plan = plan
         self.k, self.v = k, v
         self.works: List[dist.Work] = []
-        if plan.world_size > 1:
-            self.buffers = [torch.empty((2, *k.shape), dtype=k.dtype, device=k.device) for _ in range(2)]
-            self.buffers[0][0].copy_(k)
-            self.buffers[0][1].copy_(v)
-            self.current = 0
+        self.buffers: List[Tensor] = []
+        self.current: Optional[int] = None  # index of the buffer holding k/v; None: the caller's tensors
+        self.incoming: Optional[int] = None
 
     def start(self, step: int) -> None:
         plan = self.plan
         if step >= plan.world_size - 1:
             return
         prev = (plan.rank - 1) % plan.world_size
-        send = self.buffers[self.current] if plan.schedule.forwards_kv(plan.rank, step) else None
-        recv = self.buffers[1 - self.current] if plan.schedule.forwards_kv(prev, step) else None
+        send, recv = [], []
+        if plan.schedule.forwards_kv(plan.rank, step):
+            send = [self.k.contiguous(), self.v.contiguous()]
+        self.incoming = None
+        if plan.schedule.forwards_kv(prev, step):
+            self.incoming = 1 if self.current == 0 else 0
+            if len(self.buffers) <= self.incoming:
+                self.buffers.append(torch.empty((2, *self.k.shape), dtype=self.k.dtype, device=self.k.device))
+            recv = list(self.buffers[self.incoming].unbind(0))
         self.works = plan.comm.start(send, recv)
 
     def finish(self) -> None:
-        if self.plan.world_size == 1:
-            return
         RingComm.wait(self.works)
         self.works = []
-        self.current = 1 - self.current
-        self.k, self.v = self.buffers[self.current].unbind(0)
+        if self.incoming is not None:
+            self.current, self.incoming = self.incoming, None
+            self.k, self.v = self.buffers[self.current].unbind(0)
 
 
 def take(x: Tensor, rows: Rows, dim: int = 1) -> Tensor:
     return x[(slice(None),) * dim + (rows,)] if isinstance(rows, slice) else x.index_select(dim, rows)
-
-
-def add_rows(acc: Tensor, rows: Rows, value: Tensor) -> None:
-    if isinstance(rows, slice):
-        acc[:, rows] += value
-    else:
-        acc.index_add_(1, rows, value.to(acc.dtype))
-
-
-def merge_rows(out: Tensor, lse: Tensor, rows: Rows, block_out: Tensor, block_lse: Tensor) -> None:
-    """Fold a block's result into the accumulators at ``rows`` (in place)."""
-    if isinstance(rows, slice):
-        merge_into(out[:, rows], lse[:, :, rows], block_out, block_lse)
-        return
-    out_rows, lse_rows = out.index_select(1, rows), lse.index_select(2, rows)
-    merge_into(out_rows, lse_rows, block_out, block_lse)
-    out.index_copy_(1, rows, out_rows)
-    lse.index_copy_(2, rows, lse_rows)
-
-
-def covers_all(rows: Rows, length: int) -> bool:
-    return isinstance(rows, slice) and rows.indices(length) == (0, length, 1)
-
-
-def first_full_job(plan: RingPlan, length: int) -> Optional[BlockJob]:
-    """The first job of the first hop if it covers every query row (true of all our schedules): its
-    result initialises the accumulators instead of being merged into zeros."""
-    jobs = plan.schedule.jobs_for(plan.rank, plan.rank)
-    return jobs[0] if jobs and covers_all(jobs[0].q, length) else None
 
 
 def block_forward(plan: RingPlan, job: BlockJob, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
@@ -130,70 +107,115 @@ def block_backward(plan: RingPlan, job: BlockJob, dout, q, k, v, out, lse) -> Tu
     return tuple(g[None] for g in grads)
 
 
+def query_rows(plan: RingPlan) -> List[Rows]:
+    """The query rows of every job of this rank, in the order the ring runs them."""
+    w = plan.world_size
+    return [job.q for step in range(w) for job in plan.schedule.jobs_for(plan.rank, (plan.rank - step) % w)]
+
+
 def ring_forward(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """This rank's ``(out, lse)``: out like q in q's dtype, lse ``(B, H, S)`` in the accumulator dtype."""
-    b, s, h, _ = q.shape
-    acc_dtype = accumulator_dtype(q.dtype)
-    first = first_full_job(plan, s)
-    if first is not None:
-        out = torch.empty(q.shape, dtype=acc_dtype, device=q.device)
-        lse = torch.empty((b, h, s), dtype=acc_dtype, device=q.device)
-    else:
-        out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-        lse = torch.full((b, h, s), float("-inf"), dtype=acc_dtype, device=q.device)
+    rows = query_rows(plan)
+    acc = None
     kv = KVRotation(plan, k, v)
     for step in range(plan.world_size):
         src = (plan.rank - step) % plan.world_size
         kv.start(step)
         for job in plan.schedule.jobs_for(plan.rank, src):
             block_out, block_lse = block_forward(plan, job, take(q, job.q), take(kv.k, job.kv), take(kv.v, job.kv))
-            if job is first and step == 0:
-                start_from(out, lse, block_out, block_lse)
+            if acc is None:
+                acc = start_sum(rows, q.shape[1], block_out, block_lse, q.dtype, merge=True)
             else:
-                merge_rows(out, lse, job.q, block_out, block_lse)
+                acc.add(job.q, block_out, block_lse)
         kv.finish()
-    return out.to(q.dtype), lse
+    if acc is None:  # no query sees any key
+        b, s, h, _ = q.shape
+        return torch.zeros_like(q), torch.full((b, h, s), float("-inf"), dtype=accumulator_dtype(q.dtype),
+                                               device=q.device)
+    return acc.result.to(q.dtype), acc.lse
+
+
+def dkv_message_dtype(plan: RingPlan, sender: int, step: int, k: Tensor) -> torch.dtype:
+    """The dtype of the dK/dV accumulator ``sender`` passes on after ``step`` (both sides evaluate it).
+
+    Finished sums (the last hop) and a single kernel output (the first hop, when the owner ran one
+    job over all its keys) lose nothing in the input dtype; partial sums travel in float32."""
+    if step == plan.world_size - 1 or (step == 0 and single_full_job(plan, sender, k.shape[1])):
+        return k.dtype
+    return accumulator_dtype(k.dtype)
+
+
+def single_full_job(plan: RingPlan, rank: int, length: int) -> bool:
+    """Whether ``rank``'s own block is one kernel call over all its keys, answered in the input dtype."""
+    jobs = plan.schedule.jobs_for(rank, rank)
+    return (len(jobs) == 1 and plan.backend.results_in_input_dtype
+            and slice_rows([jobs[0].kv], length) == [slice(0, length)])
+
+
+def fold_dkv(plan: RingPlan, step: int, incoming: Optional[List[Tensor]], partials, k: Tensor) -> List[Tensor]:
+    """The dK/dV accumulator of the block held at ``step``: what came with it plus this rank's parts."""
+    acc_dtype = accumulator_dtype(k.dtype)
+    if incoming is None:  # this rank's own block: nobody has added to it yet
+        if single_full_job(plan, plan.rank, k.shape[1]) and partials[0][1].dtype == k.dtype:
+            return [partials[0][1], partials[0][2]]  # the kernel's output as it is
+        acc = [torch.zeros(k.shape, dtype=acc_dtype, device=k.device) for _ in range(2)]
+    else:
+        acc = incoming
+        if acc[0].dtype != acc_dtype:  # a single earlier contribution, in the input dtype
+            cols = slice_rows([c for c, _, _ in partials], k.shape[1])
+            last = step == plan.world_size - 1
+            if not (last and cols is not None and disjoint(cols) and all(dk.dtype == k.dtype for _, dk, _ in partials)):
+                acc = [t.to(acc_dtype) for t in acc]
+            # else: at most two contributions per key: added in place, float32 math, one rounding
+    for cols, dk_b, dv_b in partials:
+        add_rows(acc[0], cols, dk_b)
+        add_rows(acc[1], cols, dv_b)
+    return acc
 
 
 def ring_backward(
     plan: RingPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of this rank's shard, accumulated in float32 and cast to the input dtypes once."""
-    acc_dtype = accumulator_dtype(q.dtype)
-    first = first_full_job(plan, q.shape[1])
-    dq = (torch.empty if first is not None else torch.zeros)(q.shape, dtype=acc_dtype, device=q.device)
-    dkv_buffers = [torch.zeros((2, *k.shape), dtype=acc_dtype, device=k.device)]
-    if plan.world_size > 1:
-        dkv_buffers.append(torch.empty_like(dkv_buffers[0]))
+    """dq, dk, dv of this rank's shard, each rounded to the input dtype once.
+
+    dq sums this rank's jobs (:mod:`ring_flash_attn.accumulate`). The dK/dV accumulator of each K/V
+    block travels with it and comes home after ``W`` hops; see :func:`dkv_message_dtype` for the
+    dtype of each hop (the last one, which nothing can overlap, carries half the bytes).
+    """
+    w = plan.world_size
+    rows = query_rows(plan)
+    dq_sum = None
     kv = KVRotation(plan, k, v)
+    dkv: List[Tensor] = []
+    incoming: Optional[List[Tensor]] = None
     dkv_works: List[dist.Work] = []
-    acc = 0  # dkv_buffers[acc] holds the dK/dV of the K/V block this rank has now
-    for step in range(plan.world_size):
-        src = (plan.rank - step) % plan.world_size
+    for step in range(w):
+        src = (plan.rank - step) % w
         kv.start(step)
-        block_grads = []
+        partials = []
         for job in plan.schedule.jobs_for(plan.rank, src):
-            rows = job.q
             dq_b, dk_b, dv_b = block_backward(
-                plan, job, take(dout, rows), take(q, rows), take(kv.k, job.kv), take(kv.v, job.kv), take(out, rows),
-                take(lse, rows, dim=2),
+                plan, job, take(dout, job.q), take(q, job.q), take(kv.k, job.kv), take(kv.v, job.kv),
+                take(out, job.q), take(lse, job.q, dim=2),
             )
-            if job is first and step == 0:
-                dq.copy_(dq_b)
+            if dq_sum is None:
+                dq_sum = start_sum(rows, q.shape[1], dq_b, None, q.dtype, merge=False)
             else:
-                add_rows(dq, rows, dq_b)
-            block_grads.append((job.kv, dk_b, dv_b))
+                dq_sum.add(job.q, dq_b)
+            partials.append((job.kv, dk_b, dv_b))
         RingComm.wait(dkv_works)  # the previous ranks' part of this block's dK/dV has arrived
-        dkv = dkv_buffers[acc]
-        for cols, dk_b, dv_b in block_grads:
-            add_rows(dkv[0], cols, dk_b)
-            add_rows(dkv[1], cols, dv_b)
-        if plan.world_size > 1:
-            dkv_works = plan.comm.start(dkv, dkv_buffers[1 - acc])
-            acc = 1 - acc
+        dkv = fold_dkv(plan, step, incoming, partials, k)
+        if w == 1:
+            break
+        send_dtype = dkv_message_dtype(plan, plan.rank, step, k)
+        recv_dtype = dkv_message_dtype(plan, (plan.rank - 1) % w, step, k)
+        incoming = [torch.empty(k.shape, dtype=recv_dtype, device=k.device) for _ in range(2)]
+        dkv_works = plan.comm.start([t.to(send_dtype) for t in dkv], incoming)
         kv.finish()
     RingComm.wait(dkv_works)  # after W hops every block's dK/dV is back with its owner
-    dkv = dkv_buffers[acc]
+    if w > 1:
+        dkv = incoming
+    dq = dq_sum.result if dq_sum is not None else torch.zeros_like(q)
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 

@@ -178,6 +178,7 @@ class Backend:
     backend with :meth:`with_options`; a backend declares ``supports_softcap``."""
 
     name: str = "?"
+    results_in_input_dtype: bool = True  # out and gradients come back in q's dtype (else wider)
     supports_softcap: bool = False
     softcap: float = 0.0
 

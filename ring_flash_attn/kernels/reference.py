@@ -50,6 +50,7 @@ def _probs(scores: Tensor, lse: Tensor) -> Tensor:
 
 class ReferenceBackend(Backend):
     name = "reference"
+    results_in_input_dtype = False  # float32 math and results for 16-bit inputs
     supports_softcap = True
 
     def not_supported_reasons(self, call: KernelCall) -> list[str]:

@@ -1,0 +1,143 @@
+"""Summing block results with one rounding and as few memory passes as possible.
+
+A rank's queries get one partial result per job: ``(out, lse)`` to merge in the forward, ``dq`` to
+add in the backward. Summing in float32 and casting once costs a copy into float32, a pass per job
+and a final cast. The schedule says beforehand how many jobs touch each row, so:
+
+* the first job that covers every row hands over its kernel output as the result (no copy);
+* rows touched by exactly two jobs are combined in place in the input dtype -- the arithmetic runs
+  in float32 and rounds once, which is bit for bit what float32 accumulation and a final cast give;
+* rows touched three or more times get a float32 accumulator from their second contribution on.
+
+Packed jobs (rows gathered by index) and kernels that answer in a wider dtype take the plain path:
+float32 accumulators for every row.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .merge import merge_into
+
+Tensor = torch.Tensor
+Rows = Union[slice, Tensor]
+
+
+def row_intervals(job_rows: Sequence[slice], length: int) -> List[Tuple[int, int, int]]:
+    """``(start, stop, jobs touching it)`` for the pieces the jobs' row slices cut ``[0, length)`` into."""
+    cuts = sorted({0, length, *(r.start for r in job_rows), *(r.stop for r in job_rows)})
+    pieces = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        count = sum(1 for r in job_rows if r.start <= a and b <= r.stop)
+        if count:
+            pieces.append((a, b, count))
+    return pieces
+
+
+def slice_rows(all_rows: Sequence[Rows], length: int) -> Optional[List[slice]]:
+    """The rows as plain unit-step slices within ``[0, length)``, or None if any is an index tensor."""
+    out = []
+    for rows in all_rows:
+        if not isinstance(rows, slice):
+            return None
+        start, stop, step = rows.indices(length)
+        if step != 1:
+            return None
+        out.append(slice(start, stop))
+    return out
+
+
+def disjoint(rows: Sequence[slice]) -> bool:
+    ordered = sorted(rows, key=lambda r: r.start)
+    return all(a.stop <= b.start for a, b in zip(ordered[:-1], ordered[1:]))
+
+
+class RowCombiner:
+    """The sum (``merge=False``) or online-softmax merge (``merge=True``) of job results over rows.
+
+    ``first`` is the result of a job covering every row, in the input dtype: it becomes the result.
+    Then :meth:`add` each later job's result for its rows, in schedule order.
+    """
+
+    def __init__(self, job_rows: Sequence[slice], length: int, first: Tensor, first_lse: Optional[Tensor] = None,
+                 merge: bool = False) -> None:
+        self.pieces = row_intervals(job_rows, length)
+        self.seen = [1] * len(self.pieces)  # the first job touched every piece
+        self.wide: Dict[int, Tensor] = {}  # float32 accumulators of pieces with three or more jobs
+        self.result, self.lse, self.merge = first, first_lse, merge
+
+    def add(self, rows: slice, value: Tensor, value_lse: Optional[Tensor] = None) -> None:
+        for i, (a, b, count) in enumerate(self.pieces):
+            if b <= rows.start or a >= rows.stop:
+                continue
+            self.seen[i] += 1
+            part = value[:, a - rows.start : b - rows.start]
+            part_lse = None if value_lse is None else value_lse[:, :, a - rows.start : b - rows.start]
+            target = self.result[:, a:b]
+            if count >= 3 and self.seen[i] == 2:
+                self.wide[i] = target.to(torch.float64 if target.dtype == torch.float64 else torch.float32)
+            acc = self.wide.get(i, target)
+            if self.merge:
+                merge_into(acc, self.lse[:, :, a:b], part, part_lse)
+            else:
+                acc += part  # in place: float32 math, one rounding to acc's dtype
+            if i in self.wide and self.seen[i] == count:
+                target.copy_(self.wide.pop(i))
+
+
+def add_rows(acc: Tensor, rows: Rows, value: Tensor) -> None:
+    if isinstance(rows, slice):
+        acc[:, rows] += value
+    else:
+        acc.index_add_(1, rows, value.to(acc.dtype))
+
+
+def merge_rows(out: Tensor, lse: Tensor, rows: Rows, block_out: Tensor, block_lse: Tensor) -> None:
+    """Fold a block's result into the accumulators at ``rows`` (in place)."""
+    if isinstance(rows, slice):
+        merge_into(out[:, rows], lse[:, :, rows], block_out, block_lse)
+        return
+    out_rows, lse_rows = out.index_select(1, rows), lse.index_select(2, rows)
+    merge_into(out_rows, lse_rows, block_out, block_lse)
+    out.index_copy_(1, rows, out_rows)
+    lse.index_copy_(2, rows, lse_rows)
+
+
+class WideAccumulator:
+    """Float32 (float64 for float64 inputs) accumulators for every row; rows may be index tensors."""
+
+    def __init__(self, like: Tensor, lse_like: Optional[Tensor], length: int, first_rows: Rows, merge: bool) -> None:
+        shape = (like.shape[0], length, *like.shape[2:])
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        self.merge = merge
+        if covers_all(first_rows, length):  # the first result is copied in, not merged into zeros
+            self.result = like.to(dtype, copy=True)
+            self.lse = None if lse_like is None else lse_like.to(dtype, copy=True)
+            return
+        self.result = torch.zeros(shape, dtype=dtype, device=like.device)
+        self.lse = None
+        if merge:
+            self.lse = torch.full((like.shape[0], like.shape[2], length), float("-inf"), dtype=dtype, device=like.device)
+        self.add(first_rows, like, lse_like)
+
+    def add(self, rows: Rows, value: Tensor, value_lse: Optional[Tensor] = None) -> None:
+        if self.merge:
+            merge_rows(self.result, self.lse, rows, value, value_lse)
+        else:
+            add_rows(self.result, rows, value)
+
+
+def covers_all(rows: Rows, length: int) -> bool:
+    return isinstance(rows, slice) and rows.indices(length) == (0, length, 1)
+
+
+def start_sum(job_rows: Sequence[Rows], length: int, value: Tensor, value_lse: Optional[Tensor], dtype: torch.dtype,
+              merge: bool) -> Union[RowCombiner, WideAccumulator]:
+    """The accumulator of one rank's results, begun with the first job's. ``job_rows`` are the rows of
+    every job in schedule order (the first included); ``dtype`` is the result's."""
+    slices = slice_rows(job_rows, length)
+    if slices is not None and covers_all(job_rows[0], length) and value.dtype == dtype and value.is_contiguous():
+        return RowCombiner(slices, length, value, value_lse, merge)
+    return WideAccumulator(value, value_lse, length, job_rows[0], merge)
