@@ -3,9 +3,10 @@ the layout, so each rank holds the same document structure (local lengths = glob
 
 The batch schedule, derived once for a template length, is applied to every document: a job's
 slices scale with each document's length, and a causal band is trimmed per document into a square
-causal block. The result is one varlen kernel call per job for all documents together (rows
-gathered by index where a job takes part of each document), built once per call -- or once for
-many calls, since :func:`varlen_ring_schedule` is cached on the offsets.
+causal block. The result is one varlen kernel call per job for all documents together, over all
+local rows (the parts of a document a job does not use are documents without keys or queries, so
+nothing is gathered by index), built once per call -- or once for many calls, since
+:func:`varlen_ring_schedule` is cached on the offsets.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import List, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 
@@ -47,17 +48,20 @@ def _scaled(rows: slice, length: int) -> Tuple[int, int]:
     return start // TEMPLATE_LEN, stop // TEMPLATE_LEN
 
 
-def _rows(ranges: List[Tuple[int, int]], total: int, device) -> Union[slice, Tensor]:
-    """The union of ``ranges`` (in order) as a slice when it is everything, else an index tensor."""
-    if sum(b - a for a, b in ranges) == total:
-        return slice(0, total)
-    index = torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in ranges])
-    return index.to(device, non_blocking=True)
-
-
 def _document_job(template: BlockJob, offsets: Sequence[int], causal: bool, device) -> Union[BlockJob, None]:
-    """The template job applied to every document of the packed local sequence."""
-    q_ranges, k_ranges, q_offsets, k_offsets = [], [], [0], [0]
+    """The template job applied to every document of the packed local sequence.
+
+    The job runs over all local rows: each document's unused queries and keys become documents of
+    their own with no keys (or no queries), which the kernel answers with 0 / -inf and zero
+    gradients. So nothing is gathered by index, and results add up over whole rows.
+    """
+    q_offsets, k_offsets, used = [0], [0], False
+
+    def pair(lq: int, lk: int) -> None:
+        if lq or lk:
+            q_offsets.append(q_offsets[-1] + lq)
+            k_offsets.append(k_offsets[-1] + lk)
+
     for start, stop in zip(offsets[:-1], offsets[1:]):
         length = stop - start
         qa, qb = _scaled(template.q, length)
@@ -65,20 +69,21 @@ def _document_job(template: BlockJob, offsets: Sequence[int], causal: bool, devi
         if template.band.hi is not None:  # trim to a square causal block: rows that see nothing go
             if template.band.lo is not None or qb - qa != kb - ka:
                 raise NotImplementedError("packed sequences support full and causal masks only")
-            qa -= template.band.hi
-            kb += template.band.hi
-        lq, lk = max(0, qb - qa), max(0, kb - ka)
-        if lq == 0 or lk == 0:
-            lq = lk = 0
-        q_ranges.append((start + qa, start + qa + lq))
-        k_ranges.append((start + ka, start + ka + lk))
-        q_offsets.append(q_offsets[-1] + lq)
-        k_offsets.append(k_offsets[-1] + lk)
-    if q_offsets[-1] == 0:
+            qa, kb = qa - template.band.hi, kb + template.band.hi
+        qb, kb = max(qa, qb), max(ka, kb)
+        if qb == qa or kb == ka:  # nothing of this document: all of it unused
+            qa = qb = ka = kb = length
+        used = used or qb > qa
+        pair(qa, 0)
+        pair(0, ka)
+        pair(qb - qa, kb - ka)
+        pair(length - qb, 0)
+        pair(0, length - kb)
+    if not used:
         return None
-    total = offsets[-1]
     meta = VarlenMeta.build(q_offsets, k_offsets, causal and template.band.hi is not None, device)
-    return BlockJob(_rows(q_ranges, total, device), _rows(k_ranges, total, device), Band(), meta)
+    total = offsets[-1]
+    return BlockJob(slice(0, total), slice(0, total), Band(), meta)
 
 
 @dataclass(frozen=True, eq=False)

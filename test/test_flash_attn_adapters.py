@@ -15,6 +15,7 @@ import fake_flash_attn
 from ring_flash_attn.kernels import KernelCall
 from ring_flash_attn.kernels.base import Band
 from ring_flash_attn.kernels.flash_attn_pkg import FlashAttn2Backend, FlashAttn3Backend, FlashAttn4Backend
+import varlen_cases
 from attention_cases import Case, check
 from test_kernels import VARLEN_DOCS, check_block, check_varlen_block, varlen_meta
 
@@ -94,3 +95,17 @@ RING_WINDOW_CASES = [
 def test_ring_through_a_flash_style_kernel(dist_pool, case):
     """The whole ring (windows, softcap) through the FA2 adapter with a CPU fake that follows FA2's rules."""
     check(case, dist_pool(case.world_size).run("fake_flash_attn:run_rank_with_fake_fa2", case=case))
+
+
+RING_VARLEN_CASES = [
+    varlen_cases.VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp32", backend="fake_fa2",
+                            world_size=w, doc_lengths=(4 * w, 12 * w, 2 * w), seed=i)
+    for i, (w, layout, causal) in enumerate(itertools.product((2, 3), ("ring", "zigzag", "stripe"), (True, False)))
+]
+
+
+@pytest.mark.parametrize("case", RING_VARLEN_CASES, ids=[c.id() for c in RING_VARLEN_CASES])
+def test_ring_varlen_through_a_flash_style_kernel(dist_pool, case):
+    """Packed documents through the FA2 adapter: the jobs' unused rows (documents without keys or
+    queries) are left out before the package kernel runs and filled back with 0 / -inf."""
+    varlen_cases.check(case, dist_pool(case.world_size).run("fake_flash_attn:run_rank_with_fake_fa2", case=case))

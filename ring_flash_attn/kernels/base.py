@@ -14,7 +14,9 @@ no key). Packed (varlen) blocks: q ``(Tq, H, D)``, k/v ``(Tk, Hk, D)``, lse ``(H
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
@@ -124,6 +126,11 @@ class VarlenMeta:
         return max((lk for _, lk in self.lengths), default=0)
 
     @property
+    def has_empty_documents(self) -> bool:
+        """Documents with queries but no keys or keys but no queries (the ring's unused rows)."""
+        return any((lq == 0) != (lk == 0) for lq, lk in self.lengths)
+
+    @property
     def square(self) -> bool:
         """True when every causal document has as many queries as keys (top-left == bottom-right)."""
         return not self.causal or all(lq == lk for lq, lk in self.lengths)
@@ -179,6 +186,7 @@ class Backend:
 
     name: str = "?"
     results_in_input_dtype: bool = True  # out and gradients come back in q's dtype (else wider)
+    handles_empty_documents: bool = True  # varlen: documents without keys (or queries) give 0 / -inf
     supports_softcap: bool = False
     softcap: float = 0.0
 
@@ -226,6 +234,23 @@ class Backend:
             dk[keys] += g[1][0]
             dv[keys] += g[2][0]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@lru_cache(maxsize=256)
+def nonempty_documents(meta: VarlenMeta) -> Tuple[VarlenMeta, Tensor, Tensor]:
+    """``meta`` without its empty documents, and the query and key rows it keeps (device indices)."""
+    q_offsets, k_offsets, q_ranges, k_ranges = [0], [0], [], []
+    for i, (lq, lk) in enumerate(meta.lengths):
+        if lq and lk:
+            q_offsets.append(q_offsets[-1] + lq)
+            k_offsets.append(k_offsets[-1] + lk)
+            q_ranges.append(torch.arange(meta.offsets_q[i], meta.offsets_q[i] + lq))
+            k_ranges.append(torch.arange(meta.offsets_k[i], meta.offsets_k[i] + lk))
+    device = meta.cu_seqlens_q.device
+    kept = VarlenMeta.build(q_offsets, k_offsets, meta.causal, device)
+    kept = dataclasses.replace(kept, window=meta.window)
+    index = lambda r: (torch.cat(r) if r else torch.zeros(0, dtype=torch.int64)).to(device)  # noqa: E731
+    return kept, index(q_ranges), index(k_ranges)
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:

@@ -19,7 +19,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .base import Band, Tensor, VarlenMeta, fits_top_left_causal
+from .base import Band, Tensor, VarlenMeta, fits_top_left_causal, nonempty_documents
 from .trimmed import TrimmedCausalBackend
 
 NO_WINDOW = (-1, -1)
@@ -121,11 +121,23 @@ class BottomRightCausalBackend(TrimmedCausalBackend):
         return torch.cat([dq_d, dq_r], 1), dk_d + dk_r, dv_d + dv_r
 
     def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+        if meta.has_empty_documents and not self.handles_empty_documents:
+            kept, q_rows, k_rows = nonempty_documents(meta)
+            out_kept, lse_kept = self.forward_varlen(q[q_rows], k[k_rows], v[k_rows], kept, softmax_scale)
+            out = out_kept.new_zeros((q.shape[0], *out_kept.shape[1:])).index_copy_(0, q_rows, out_kept)
+            lse = lse_kept.new_full((lse_kept.shape[0], q.shape[0]), float("-inf")).index_copy_(1, q_rows, lse_kept)
+            return out, lse
         out, lse = self.call_forward(q, k, v, meta.causal, softmax_scale, varlen=meta, window=tuple(meta.window))
         return out, lse.masked_fill(torch.isposinf(lse), float("-inf"))
 
     def backward_varlen(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, meta: VarlenMeta, softmax_scale: float
     ) -> Tuple[Tensor, Tensor, Tensor]:
+        if meta.has_empty_documents and not self.handles_empty_documents:
+            kept, q_rows, k_rows = nonempty_documents(meta)
+            grads = self.backward_varlen(dout[q_rows], q[q_rows], k[k_rows], v[k_rows], out[q_rows], lse[:, q_rows],
+                                         kept, softmax_scale)
+            return tuple(torch.zeros_like(x, dtype=g.dtype).index_copy_(0, rows, g)
+                         for x, g, rows in zip((q, k, v), grads, (q_rows, k_rows, k_rows)))
         return self.call_backward(dout, q, k, v, out, lse, meta.causal, softmax_scale, varlen=meta,
                                   window=tuple(meta.window))
