@@ -27,9 +27,10 @@ Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 
 def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: bool, backend: Optional[str],
-                        varlen: bool = False, varlen_offsets: bool = False, softcap: float = 0.0):
+                        varlen: bool = False, varlen_offsets: bool = False, softcap: float = 0.0,
+                        dropout_p: float = 0.0):
     """The block kernel for ``(B, S, H, D)`` tensors (see :func:`ring_flash_attn.kernels.select_backend`),
-    bound to the call's soft-cap."""
+    bound to the call's soft-cap and dropout."""
     call = KernelCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -42,8 +43,9 @@ def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: b
         varlen=varlen,
         varlen_offsets=varlen_offsets,
         softcap=bool(softcap),
+        dropout=bool(dropout_p),
     )
-    return select_backend(call, backend).with_options(softcap=float(softcap))
+    return select_backend(call, backend).with_options(softcap=float(softcap), dropout_p=float(dropout_p))
 
 
 def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:
@@ -51,14 +53,15 @@ def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, group, softmax_scale, deterministic,
-         backend: Optional[str], varlen: bool, softcap: float) -> Tuple[Tensor, Tensor]:
+         backend: Optional[str], varlen: bool, softcap: float, dropout_p: float) -> Tuple[Tensor, Tensor]:
     """Select the block kernel and run the ring on 4-D ``(B, S, H, D)`` tensors."""
     plan = RingPlan(
         rank=rank,
         world_size=world_size,
         comm=RingComm(group) if world_size > 1 else None,
         schedule=schedule,
-        backend=select_block_kernel(q, k, v, schedule.bands(), deterministic, backend, varlen, softcap=softcap),
+        backend=select_block_kernel(q, k, v, schedule.bands(), deterministic, backend, varlen, softcap=softcap,
+                                    dropout_p=dropout_p),
         softmax_scale=default_scale(q, softmax_scale),
     )
     return AttentionFunction.apply(q, k, v, plan)
@@ -73,14 +76,16 @@ def ring_attention(
     """Attention of this rank's queries ``(B, S, H, D)`` over the whole sharded sequence."""
     check_layout(layout)
     check_qkv(q, k, v)
-    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, window_supported=True)
+    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, window_supported=True,
+                  dropout_supported=True)
     check_local_seqlen(layout, q.shape[1])
     window = normalized_window(window_size)
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device,
-                                 call_signature("batch", layout, q, k, causal, softmax_scale, (window, softcap)))
+                                 call_signature("batch", layout, q, k, causal, softmax_scale, (window, softcap, dropout_p)))
     schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal), window)
-    out, lse = _run(q, k, v, schedule, rank, world_size, group, softmax_scale, deterministic, backend, False, softcap)
+    out, lse = _run(q, k, v, schedule, rank, world_size, group, softmax_scale, deterministic, backend, False, softcap,
+                    dropout_p)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -93,16 +98,17 @@ def ring_attention_varlen(
     """Packed documents: q ``(T, H, D)``, local ``cu_seqlens``; lse ``(H, T)``."""
     check_layout(layout)
     check_qkv(q, k, v, packed=True)
-    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs)
+    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, dropout_supported=True)
     check_cu_seqlens_tensor(cu_seqlens)
     offsets = host_offsets(cu_seqlens)
     check_cu_seqlens(offsets, q.shape[0])
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device,
-                                 call_signature("varlen", layout, q, k, causal, softmax_scale, (offsets, softcap)))
+                                 call_signature("varlen", layout, q, k, causal, softmax_scale,
+                                                (offsets, softcap, dropout_p)))
     schedule = varlen_ring_schedule(layout, offsets, world_size, bool(causal), q.device)
     out, lse = _run(q[None], k[None], v[None], schedule, rank, world_size, group, softmax_scale, deterministic,
-                    backend, True, softcap)
+                    backend, True, softcap, dropout_p)
     return (out[0], lse[0], None) if return_attn_probs else out[0]
 
 

@@ -9,6 +9,7 @@ layouts: it asks the schedule which jobs to run for each (rank, K/V source) pair
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from .comm import RingComm
 from .kernels import Backend
+from .kernels.dropout import dropout_stream
 from .accumulate import add_rows, disjoint, slice_rows, start_sum
 from .schedules import BlockJob, RingSchedule
 
@@ -118,16 +120,18 @@ def ring_forward(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tenso
     rows = query_rows(plan)
     acc = None
     kv = KVRotation(plan, k, v)
-    for step in range(plan.world_size):
-        src = (plan.rank - step) % plan.world_size
-        kv.start(step)
-        for job in plan.schedule.jobs_for(plan.rank, src):
-            block_out, block_lse = block_forward(plan, job, take(q, job.q), take(kv.k, job.kv), take(kv.v, job.kv))
-            if acc is None:
-                acc = start_sum(rows, q.shape[1], block_out, block_lse, q.dtype, merge=True)
-            else:
-                acc.add(job.q, block_out, block_lse)
-        kv.finish()
+    randomness = dropout_stream(q.device, plan.rank) if plan.backend.dropout is not None else contextlib.nullcontext()
+    with randomness:
+        for step in range(plan.world_size):
+            src = (plan.rank - step) % plan.world_size
+            kv.start(step)
+            for job in plan.schedule.jobs_for(plan.rank, src):
+                block_out, block_lse = block_forward(plan, job, take(q, job.q), take(kv.k, job.kv), take(kv.v, job.kv))
+                if acc is None:
+                    acc = start_sum(rows, q.shape[1], block_out, block_lse, q.dtype, merge=True)
+                else:
+                    acc.add(job.q, block_out, block_lse)
+            kv.finish()
     if acc is None:  # no query sees any key
         b, s, h, _ = q.shape
         return torch.zeros_like(q), torch.full((b, h, s), float("-inf"), dtype=accumulator_dtype(q.dtype),
@@ -184,6 +188,8 @@ def ring_backward(
     """
     w = plan.world_size
     rows = query_rows(plan)
+    if plan.backend.dropout is not None:
+        plan.backend.dropout.rewind()  # the same kernel calls as the forward, in the same order
     dq_sum = None
     kv = KVRotation(plan, k, v)
     dkv: List[Tensor] = []

@@ -87,10 +87,16 @@ def check_options(
     alibi_slopes: Optional[torch.Tensor],
     return_attn_probs: bool,
     window_supported: bool = False,
+    dropout_supported: bool = False,
 ) -> None:
     """Refuse what this version does not compute rather than ignore it."""
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p={dropout_p}: dropout is not supported yet; use dropout_p=0.0")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if dropout_p != 0.0 and not dropout_supported:
+        raise NotImplementedError(
+            f"dropout_p={dropout_p}: dropout is supported by the ring / zigzag / stripe functions (batch and varlen), "
+            "not yet by the llama3 / zigzag_llama3 functions; use dropout_p=0.0"
+        )
     if normalized_window(window_size) != (-1, -1) and not window_supported:
         raise NotImplementedError(
             f"window_size={tuple(window_size)}: sliding windows are supported by the batch functions and, causal, by "

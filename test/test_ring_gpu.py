@@ -15,6 +15,8 @@ import torch
 import attention_cases
 import varlen_cases
 from attention_cases import PACKINGS, Case
+from dropout_cases import DropoutCase
+from test_dropout import check_dropout
 from ring_flash_attn.kernels import BACKENDS
 from varlen_cases import VarlenCase
 
@@ -83,3 +85,19 @@ def test_gpu_matches_float64_reference(dist_pool, case):
     module = varlen_cases if isinstance(case, VarlenCase) else attention_cases
     per_rank = dist_pool(case.world_size, "nccl").run(f"{module.__name__}:run_rank", case=case)
     module.check(case, per_rank)
+
+
+DROPOUT_CASES = [
+    DropoutCase(layout=layout, causal=causal, world_size=w, dtype=dtype, device="cuda", local_len=128,
+                nheads=8, nheads_k=2, head_dim=64, mean_samples=100, seed=n)
+    for n, (w, layout, causal, dtype) in enumerate(itertools.product(
+        WORLD_SIZES or [2], ("ring", "zigzag", "stripe"), (True, False), ("fp16", "bf16")))
+] + [DropoutCase(layout="zigzag", causal=True, world_size=max(WORLD_SIZES or [2]), dtype="fp16", device="cuda",
+                 doc_lengths=(256, 64, 192), nheads=8, nheads_k=2, head_dim=64, mean_samples=100, seed=99)]
+
+
+@pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=[c.id() for c in DROPOUT_CASES])
+def test_gpu_dropout_is_replayed_exactly(dist_pool, case):
+    """PyTorch's FA2 with dropout: each block's philox state replayed in the backward (test_dropout.py)."""
+    check_dropout(case, dist_pool(case.world_size, "nccl").run("dropout_cases:run_rank", case=case))

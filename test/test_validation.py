@@ -45,13 +45,21 @@ def test_window_options():
         rfa.ring_flash_attn_func(*qkv(), window_size=(2, 0), backend="torch_cpu_flash")
 
 
-@pytest.mark.parametrize("option,match", [
-    (dict(dropout_p=0.1), "dropout"),
-    (dict(alibi_slopes=torch.ones(4)), "ALiBi"),
-])
-def test_unsupported_options_raise(option, match):
-    with pytest.raises(NotImplementedError, match=match):
-        rfa.zigzag_ring_flash_attn_func(*qkv(), **option)
+def test_alibi_is_refused():
+    with pytest.raises(NotImplementedError, match="ALiBi"):
+        rfa.zigzag_ring_flash_attn_func(*qkv(), alibi_slopes=torch.ones(4))
+
+
+def test_dropout_options():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        rfa.ring_flash_attn_func(*qkv(), dropout_p=1.0)
+    with pytest.raises(ValueError, match="no dropout"):
+        rfa.ring_flash_attn_func(*qkv(), dropout_p=0.1, backend="torch_cpu_flash")
+    q, k, v = (t[0] for t in qkv())
+    cu = torch.tensor([0, q.shape[0]], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="not yet by the llama3"):
+        rfa.llama3_flash_attn_varlen_func(q, k, v, cu, cu, q.shape[0], q.shape[0], heads_k_stride=1,
+                                          local_k_slice=slice(0, q.shape[0]), dropout_p=0.1)
 
 
 def test_softcap_options():

@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .dropout import DropoutRecord
+
 Tensor = torch.Tensor
 
 
@@ -175,6 +177,7 @@ class KernelCall:
     varlen: bool = False  # packed documents (VarlenMeta)
     varlen_offsets: bool = False  # some causal document has fewer queries than keys (llama3)
     softcap: bool = False  # logits soft-capped: cap * tanh(scores / cap)
+    dropout: bool = False  # dropout_p > 0
 
 
 class Backend:
@@ -188,16 +191,27 @@ class Backend:
     results_in_input_dtype: bool = True  # out and gradients come back in q's dtype (else wider)
     handles_empty_documents: bool = True  # varlen: documents without keys (or queries) give 0 / -inf
     supports_softcap: bool = False
+    supports_dropout: bool = False  # records each call's random state and replays it in backward
     softcap: float = 0.0
+    dropout: Optional[DropoutRecord] = None
 
-    def with_options(self, softcap: float = 0.0) -> "Backend":
+    def with_options(self, softcap: float = 0.0, dropout_p: float = 0.0) -> "Backend":
+        """This backend bound to one call's options; with dropout, a fresh copy every call (it keeps
+        the call's random states)."""
         if softcap and not self.supports_softcap:
             raise ValueError(f"backend {self.name!r} cannot soft-cap logits")
-        if softcap == self.softcap:
+        if dropout_p and not self.supports_dropout:
+            raise ValueError(f"backend {self.name!r} cannot apply dropout")
+        if softcap == self.softcap and not dropout_p:
             return self
         bound = copy.copy(self)
         bound.softcap = float(softcap)
+        bound.dropout = DropoutRecord(dropout_p) if dropout_p else None
         return bound
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if self.dropout is not None else 0.0
 
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
         raise NotImplementedError

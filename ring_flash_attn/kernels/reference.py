@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from .base import Backend, Band, KernelCall, Tensor, VarlenMeta
+from .dropout import keep_mask
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,6 +52,7 @@ def _probs(scores: Tensor, lse: Tensor) -> Tensor:
 class ReferenceBackend(Backend):
     name = "reference"
     results_in_input_dtype = False  # float32 math and results for 16-bit inputs
+    supports_dropout = True  # a seed per call, the mask regenerated from it in backward
     supports_softcap = True
 
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
@@ -82,8 +84,17 @@ class ReferenceBackend(Backend):
         scores, _ = _scores(q, k, allowed, softmax_scale, self.softcap)
         lse = torch.logsumexp(scores, dim=-1)  # -inf on rows with no key
         probs = _probs(scores, lse)
+        if self.dropout is not None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            self.dropout.record(seed)
+            probs = probs * self._kept(seed, probs)
         out = torch.einsum("bhgij,bjhd->bihgd", probs, v.to(probs.dtype)).reshape(b, sq, h, d)
         return out, lse.reshape(b, h, sq)
+
+    def _kept(self, seed: int, probs: Tensor) -> Tensor:
+        """Dropout's keep mask scaled by 1 / (1 - p), as the probabilities' dtype."""
+        p = self.dropout.p
+        return keep_mask(seed, probs.shape, p, probs.device).to(probs.dtype) / (1.0 - p)
 
     def _backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, allowed: Optional[Tensor],
@@ -95,8 +106,9 @@ class ReferenceBackend(Backend):
         scores, slope = _scores(q, k, allowed, softmax_scale, self.softcap)
         probs = _probs(scores, lse.reshape(b, hk, h // hk, sq))
         dout_g = _grouped(dout.to(dt), hk)
-        dv = torch.einsum("bhgij,bihgd->bjhd", probs, dout_g)
-        dprobs = torch.einsum("bihgd,bjhd->bhgij", dout_g, v.to(dt))
+        kept = self._kept(self.dropout.replay(), probs) if self.dropout is not None else 1.0
+        dv = torch.einsum("bhgij,bihgd->bjhd", probs * kept, dout_g)
+        dprobs = torch.einsum("bihgd,bjhd->bhgij", dout_g, v.to(dt)) * kept
         delta = (dout_g * _grouped(out.to(dt), hk)).sum(-1).permute(0, 2, 3, 1)  # (B, Hk, G, Sq)
         dscores = probs * (dprobs - delta[..., None]) * softmax_scale
         if slope is not None:

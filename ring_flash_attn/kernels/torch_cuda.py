@@ -50,6 +50,7 @@ _CUDNN_OPS = {
 
 class TorchCudaFlashBackend(BottomRightCausalBackend):
     name = "torch_cuda_flash"
+    supports_dropout = True  # the forward returns its philox state, the backward takes it
 
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
         reasons = missing_ops(_FA2_OPS) + cuda_reasons(call, max_head_dim=256)
@@ -59,18 +60,23 @@ class TorchCudaFlashBackend(BottomRightCausalBackend):
 
     def call_forward(self, q, k, v, causal, softmax_scale, varlen=None, window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
         sizes = _sizes(q, k, varlen)
-        out, lse, *_ = torch.ops.aten._flash_attention_forward(
-            *(last_dim_contiguous(x) for x in (q, k, v)), *sizes, 0.0, causal, False, scale=softmax_scale,
+        out, lse, rng_state, rng_extra, _ = torch.ops.aten._flash_attention_forward(
+            *(last_dim_contiguous(x) for x in (q, k, v)), *sizes, self.dropout_p, causal, False, scale=softmax_scale,
             **_window_kwargs(window),
         )
+        if self.dropout is not None:
+            self.dropout.record((rng_state, rng_extra))
         return out, lse
 
     def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None,
                       window=NO_WINDOW) -> Tuple[Tensor, Tensor, Tensor]:
-        rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # only read with dropout
+        if self.dropout is not None:
+            rng_state, rng_extra = self.dropout.replay()
+        else:  # only read with dropout
+            rng_state, rng_extra = torch.zeros(2, dtype=torch.uint64, device=q.device), torch.empty(0, device=q.device)
         return torch.ops.aten._flash_attention_backward(
-            *(last_dim_contiguous(x) for x in (dout, q, k, v, out)), lse.contiguous(), *_sizes(q, k, varlen), 0.0,
-            causal, rng_state, torch.empty(0, device=q.device), scale=softmax_scale, **_window_kwargs(window),
+            *(last_dim_contiguous(x) for x in (dout, q, k, v, out)), lse.contiguous(), *_sizes(q, k, varlen),
+            self.dropout_p, causal, rng_state, rng_extra, scale=softmax_scale, **_window_kwargs(window),
         )
 
 

@@ -1,0 +1,141 @@
+"""Dropout checks that need no access to the realised masks, run on every rank of a pool.
+
+With the random state fixed (``torch.manual_seed``), ring attention with dropout is one fixed
+function of q, k, v. So:
+
+* the same seed gives the same outputs and gradients (reproducibility), another seed other ones;
+* the output is linear in v, and the gradient of ``L = <out, G>`` satisfies
+  ``L(v + D) - L(v) = <dL/dv, D>`` exactly -- the backward used the forward's masks;
+* for q and k (float64 on CPU), central differences of ``L`` match ``<dL/dq, D>``, ``<dL/dk, D>``;
+* averaged over many seeds the output is attention without dropout (the 1 / (1 - p) scaling and
+  dropout applied to the globally normalised probabilities): a per-element t statistic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+import torch.distributed as dist
+
+import ring_flash_attn as rfa
+from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen
+
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FUNCS = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
+
+
+@dataclass(frozen=True)
+class DropoutCase:
+    layout: str
+    causal: bool
+    world_size: int
+    p: float = 0.3
+    dtype: str = "fp64"
+    device: str = "cpu"
+    doc_lengths: Tuple[int, ...] = ()  # packed documents (varlen) when given
+    local_len: int = 8  # batch mode
+    nheads: int = 4
+    nheads_k: int = 2
+    head_dim: int = 16
+    window: Tuple[int, int] = (-1, -1)
+    mean_samples: int = 150
+    seed: int = 0
+
+    def id(self) -> str:
+        mode = f"varlen{len(self.doc_lengths)}" if self.doc_lengths else f"L{self.local_len}"
+        window = "" if self.window == (-1, -1) else f"-win{self.window[0]}_{self.window[1]}"
+        return (f"{self.device}-W{self.world_size}-{self.layout}-{'causal' if self.causal else 'full'}{window}-"
+                f"{self.dtype}-p{self.p}-{mode}")
+
+
+def _inputs(case: DropoutCase, rank: int, device: torch.device) -> Dict[str, torch.Tensor]:
+    """This rank's shards of q, k, v, G (the loss weights) and directions Dq, Dk, Dv."""
+    gen = torch.Generator().manual_seed(case.seed)
+    dtype = DTYPES[case.dtype]
+    rows = (sum(case.doc_lengths),) if case.doc_lengths else (2, case.local_len * case.world_size)
+    heads = dict(q=case.nheads, k=case.nheads_k, v=case.nheads_k, G=case.nheads, Dq=case.nheads,
+                 Dk=case.nheads_k, Dv=case.nheads_k)
+    shards = {}
+    for name, h in heads.items():
+        full = torch.randn(*rows, h, case.head_dim, generator=gen, dtype=torch.float64).to(dtype)
+        if case.doc_lengths:
+            cu = torch.tensor([0, *torch.tensor(case.doc_lengths).cumsum(0).tolist()], dtype=torch.int32)
+            shards[name] = shard_varlen(full, cu, case.layout, rank, case.world_size).to(device)
+        else:
+            shards[name] = rfa.shard(full, case.layout, rank, case.world_size).to(device)
+    return shards
+
+
+def _attention(case: DropoutCase, q, k, v, p: float, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    group = dist.group.WORLD if case.world_size > 1 else None
+    kw = dict(dropout_p=p, causal=case.causal, group=group)
+    if case.window != (-1, -1):
+        kw["window_size"] = case.window
+    if not case.doc_lengths:
+        return getattr(rfa, f"{FUNCS[case.layout]}_func")(q, k, v, **kw)
+    cu = torch.tensor([0, *torch.tensor(case.doc_lengths).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
+    local_cu = local_cu_seqlens(cu, case.layout, case.world_size)
+    max_len = int((local_cu[1:] - local_cu[:-1]).max())
+    return getattr(rfa, f"{FUNCS[case.layout]}_varlen_func")(q, k, v, local_cu, max_len, **kw)
+
+
+def _total(x: torch.Tensor) -> torch.Tensor:
+    """Sum over every rank (float64)."""
+    x = x.detach().double().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x[0]
+
+
+def run_rank(rank: int, world_size: int, case: DropoutCase) -> Dict[str, torch.Tensor]:
+    assert world_size == case.world_size
+    device = torch.device("cuda", rank) if case.device == "cuda" else torch.device("cpu")
+    x = _inputs(case, rank, device)
+    q, k, v, g = x["q"], x["k"], x["v"], x["G"]
+    res: Dict[str, torch.Tensor] = {}
+
+    def loss_and_grads(seed: int):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = _attention(case, *leaves, p=case.p, seed=seed)
+        local = (out.double() * g.double()).sum()
+        grads = torch.autograd.grad(local, leaves)
+        return out.detach(), _total(local), grads
+
+    out_a, loss, grads_a = loss_and_grads(seed=11)
+    out_b, _, grads_b = loss_and_grads(seed=11)
+    out_c, _, _ = loss_and_grads(seed=12)
+    res["out_a"], res["out_b"], res["out_c"] = out_a, out_b, out_c
+    for name, ga, gb in zip("qkv", grads_a, grads_b):
+        res[f"d{name}_a"], res[f"d{name}_b"] = ga, gb
+
+    # linear in v: out(v1 + v2) = out(v1) + out(v2) with the same masks
+    with torch.no_grad():
+        v2 = x["Dv"]
+        res["linear_sum"] = _attention(case, q, k, v + v2, case.p, seed=11)
+        res["linear_parts"] = out_a.double() + _attention(case, q, k, v2, case.p, seed=11).double()
+
+    # directional derivatives: exact for v (linear), central differences for q and k
+    with torch.no_grad():
+        for name, eps in (("v", 1.0), ("q", 1e-5), ("k", 1e-5)):
+            d = x[f"D{name}"]
+            args = {"q": q, "k": k, "v": v}
+            plus = dict(args, **{name: args[name] + eps * d})
+            minus = dict(args, **{name: args[name] - eps * d}) if name != "v" else args
+            l_plus = _total((_attention(case, **plus, p=case.p, seed=11).double() * g.double()).sum())
+            l_minus = _total((_attention(case, **minus, p=case.p, seed=11).double() * g.double()).sum())
+            numeric = (l_plus - l_minus) / (eps if name == "v" else 2 * eps)
+            analytic = _total((grads_a["qkv".index(name)].double() * d.double()).sum())
+            res[f"directional_{name}"] = torch.stack([numeric, analytic]).cpu()
+
+    # the mean over seeds is attention without dropout
+    if case.mean_samples:
+        with torch.no_grad():
+            samples = torch.stack([_attention(case, q, k, v, case.p, seed=1000 + i).double()
+                                   for i in range(case.mean_samples)])
+            res["mean"], res["stderr"] = samples.mean(0), samples.std(0) / case.mean_samples ** 0.5
+            res["no_dropout"] = _attention(case, q, k, v, 0.0, seed=0).double()
+    return {n: t.detach().cpu() for n, t in res.items()}
