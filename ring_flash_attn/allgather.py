@@ -163,6 +163,10 @@ class KVGather:
 def allgather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """``(out (T, H, D), lse (H, T))`` for packed local queries ``q (T, H, D)``."""
     group_size = q.shape[1] // k.shape[1]
+    if plan.heads_k_stride == k.shape[1]:  # one chunk: the kernel's output is the result
+        (_, heads, k_c, v_c), = KVGather(plan, k, v).chunks(group_size)
+        out, lse = plan.backend.forward_varlen(q, k_c, v_c, plan.meta, plan.softmax_scale)
+        return out.to(q.dtype), lse
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
     for _, heads, k_c, v_c in KVGather(plan, k, v).chunks(group_size):
@@ -185,16 +189,21 @@ def allgather_backward(
             work.wait()
         dk[:, kv_heads], dv[:, kv_heads] = result[:, 0], result[:, 1]
 
+    # Each rank adds one partial per key: with two ranks that is two terms, rounded once by the
+    # reduction as the final cast would have -- so they travel in the input dtype, else in float32
+    # (also for zigzag-llama3, whose two chunks can both need a key). Every rank must agree.
+    in_input_dtype = w <= 2 and plan.backend.results_in_input_dtype and not plan.zigzag
+    sum_dtype = k.dtype if in_input_dtype else accumulator_dtype(k.dtype)
     for kv_heads, heads, k_c, v_c in KVGather(plan, k, v).chunks(group_size):
         dq[:, heads], dk_c, dv_c = plan.backend.backward_varlen(
             dout[:, heads], q[:, heads], k_c, v_c, out[:, heads], lse[heads], plan.meta, plan.softmax_scale
         )
-        full = torch.zeros((w * tokens, 2, *dk_c.shape[1:]), dtype=torch.float32, device=k.device)
+        full = torch.zeros((w * tokens, 2, *dk_c.shape[1:]), dtype=sum_dtype, device=k.device)
         if isinstance(plan.k_rows, slice):
-            full[plan.k_rows, 0] += dk_c
-            full[plan.k_rows, 1] += dv_c
+            full[plan.k_rows, 0] = dk_c
+            full[plan.k_rows, 1] = dv_c
         else:
-            full.index_add_(0, plan.k_rows, torch.stack([dk_c, dv_c], 1).float())
+            full.index_add_(0, plan.k_rows, torch.stack([dk_c, dv_c], 1).to(sum_dtype))
         if pending is not None:
             finish(pending)
         if w == 1:
@@ -202,7 +211,7 @@ def allgather_backward(
             continue
         if plan.zigzag:
             full = _rank_order(full, w)
-        mine = torch.empty((tokens, *full.shape[1:]), dtype=torch.float32, device=k.device)
+        mine = torch.empty((tokens, *full.shape[1:]), dtype=sum_dtype, device=k.device)
         pending = (reduce_scatter_async(mine, full, plan.group), mine, kv_heads)
     finish(pending)
     return dq, dk, dv

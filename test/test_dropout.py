@@ -38,7 +38,10 @@ def check_dropout(case: DropoutCase, per_rank: List[Dict[str, torch.Tensor]]) ->
     for r in per_rank:
         scale = float(r["linear_parts"].abs().max())
         assert float((r["linear_sum"].double() - r["linear_parts"]).abs().max()) <= tol * scale, "not linear in v"
-    names = "vqk" if case.dtype == "fp64" else "v"  # central differences need float64
+    # Central differences need float64; the exact v check needs more mantissa than bf16 has (L sums ~1e5
+    # rounded terms). dV matching exactly in fp16 shows the backward got the forward's philox state;
+    # dq and dk come from the same kernel call with that state.
+    names = {"fp64": "vqk", "fp32": "v", "fp16": "v"}.get(case.dtype, "")
     for name in names:
         numeric, analytic = per_rank[0][f"directional_{name}"].tolist()
         assert abs(numeric - analytic) <= (1e-6 if case.dtype == "fp64" else 3e-2) * max(1.0, abs(analytic)), (
