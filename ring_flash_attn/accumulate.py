@@ -119,7 +119,8 @@ class WideAccumulator:
         self.result = torch.zeros(shape, dtype=dtype, device=like.device)
         self.lse = None
         if merge:
-            self.lse = torch.full((like.shape[0], like.shape[2], length), float("-inf"), dtype=dtype, device=like.device)
+            self.lse = torch.full((like.shape[0], like.shape[2], length), float("-inf"), dtype=dtype,
+                                  device=like.device)
         self.add(first_rows, like, lse_like)
 
     def add(self, rows: Rows, value: Tensor, value_lse: Optional[Tensor] = None) -> None:

@@ -15,10 +15,11 @@ import torch.distributed as dist
 
 from .comm import RingComm
 from .kernels import KernelCall, select_backend
-from .layouts import check_layout, check_local_seqlen
+from .layouts import check_layout, check_local_seqlen, position_ids, varlen_token_index
 from .ring import AttentionFunction, RingPlan
 from .schedules import ring_schedule
-from .validation import (call_signature, check_cu_seqlens, check_cu_seqlens_tensor, check_options, check_packed,
+from .validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
+                         check_packed,
                          check_qkv, check_same_call_across_group, group_rank_and_size, normalized_window)
 from .varlen import host_offsets, varlen_ring_schedule
 
@@ -28,9 +29,9 @@ Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: bool, backend: Optional[str],
                         varlen: bool = False, varlen_offsets: bool = False, softcap: float = 0.0,
-                        dropout_p: float = 0.0):
+                        dropout_p: float = 0.0, alibi_slopes: Optional[Tensor] = None):
     """The block kernel for ``(B, S, H, D)`` tensors (see :func:`ring_flash_attn.kernels.select_backend`),
-    bound to the call's soft-cap and dropout."""
+    bound to the call's soft-cap, dropout and ALiBi slopes."""
     call = KernelCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -44,8 +45,10 @@ def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: b
         varlen_offsets=varlen_offsets,
         softcap=bool(softcap),
         dropout=bool(dropout_p),
+        alibi=alibi_slopes is not None,
     )
-    return select_backend(call, backend).with_options(softcap=float(softcap), dropout_p=float(dropout_p))
+    return select_backend(call, backend).with_options(softcap=float(softcap), dropout_p=float(dropout_p),
+                                                      alibi_slopes=alibi_slopes)
 
 
 def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:
@@ -53,7 +56,8 @@ def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, group, softmax_scale, deterministic,
-         backend: Optional[str], varlen: bool, softcap: float, dropout_p: float) -> Tuple[Tensor, Tensor]:
+         backend: Optional[str], varlen: bool, softcap: float, dropout_p: float,
+         alibi_slopes: Optional[Tensor] = None, positions=None) -> Tuple[Tensor, Tensor]:
     """Select the block kernel and run the ring on 4-D ``(B, S, H, D)`` tensors."""
     plan = RingPlan(
         rank=rank,
@@ -61,8 +65,9 @@ def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, 
         comm=RingComm(group) if world_size > 1 else None,
         schedule=schedule,
         backend=select_block_kernel(q, k, v, schedule.bands(), deterministic, backend, varlen, softcap=softcap,
-                                    dropout_p=dropout_p),
+                                    dropout_p=dropout_p, alibi_slopes=alibi_slopes),
         softmax_scale=default_scale(q, softmax_scale),
+        positions=positions if alibi_slopes is not None else None,
     )
     return AttentionFunction.apply(q, k, v, plan)
 
@@ -76,16 +81,21 @@ def ring_attention(
     """Attention of this rank's queries ``(B, S, H, D)`` over the whole sharded sequence."""
     check_layout(layout)
     check_qkv(q, k, v)
-    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, window_supported=True,
+    check_options(dropout_p, window_size, softcap, None, return_attn_probs, window_supported=True,
                   dropout_supported=True)
+    check_alibi_slopes(alibi_slopes, q, batch=q.shape[0])
     check_local_seqlen(layout, q.shape[1])
     window = normalized_window(window_size)
     rank, world_size = group_rank_and_size(group)
-    check_same_call_across_group(group, q.device,
-                                 call_signature("batch", layout, q, k, causal, softmax_scale, (window, softcap, dropout_p)))
+    extras = (window, softcap, dropout_p, alibi_slopes is not None)
+    check_same_call_across_group(group, q.device, call_signature("batch", layout, q, k, causal, softmax_scale, extras))
     schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal), window)
+    positions = None
+    if alibi_slopes is not None:
+        positions = tuple(position_ids(layout, r, world_size, q.shape[1] * world_size, q.device)
+                          for r in range(world_size))
     out, lse = _run(q, k, v, schedule, rank, world_size, group, softmax_scale, deterministic, backend, False, softcap,
-                    dropout_p)
+                    dropout_p, alibi_slopes, positions)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -98,17 +108,23 @@ def ring_attention_varlen(
     """Packed documents: q ``(T, H, D)``, local ``cu_seqlens``; lse ``(H, T)``."""
     check_layout(layout)
     check_qkv(q, k, v, packed=True)
-    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, dropout_supported=True)
+    check_options(dropout_p, window_size, softcap, None, return_attn_probs, dropout_supported=True)
+    check_alibi_slopes(alibi_slopes, q, batch=None)
     check_cu_seqlens_tensor(cu_seqlens)
     offsets = host_offsets(cu_seqlens)
     check_cu_seqlens(offsets, q.shape[0])
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device,
                                  call_signature("varlen", layout, q, k, causal, softmax_scale,
-                                                (offsets, softcap, dropout_p)))
+                                                (offsets, softcap, dropout_p, alibi_slopes is not None)))
     schedule = varlen_ring_schedule(layout, offsets, world_size, bool(causal), q.device)
+    positions = None
+    if alibi_slopes is not None:  # positions in the global packed sequence (documents never mix)
+        global_offsets = torch.tensor(offsets, dtype=torch.int64) * world_size
+        positions = tuple(varlen_token_index(global_offsets, layout, r, world_size).to(q.device)
+                          for r in range(world_size))
     out, lse = _run(q[None], k[None], v[None], schedule, rank, world_size, group, softmax_scale, deterministic,
-                    backend, True, softcap, dropout_p)
+                    backend, True, softcap, dropout_p, alibi_slopes, positions)
     return (out[0], lse[0], None) if return_attn_probs else out[0]
 
 

@@ -41,6 +41,7 @@ class RingPlan:
     schedule: RingSchedule  # or a VarlenRingSchedule: anything with jobs_for() and forwards_kv()
     backend: Backend
     softmax_scale: float
+    positions: Optional[Tuple[Tensor, ...]] = None  # every rank's global token positions (ALiBi only)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         return ring_forward(self, q, k, v)
@@ -94,18 +95,28 @@ def take(x: Tensor, rows: Rows, dim: int = 1) -> Tensor:
     return x[(slice(None),) * dim + (rows,)] if isinstance(rows, slice) else x.index_select(dim, rows)
 
 
-def block_forward(plan: RingPlan, job: BlockJob, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+def job_backend(plan: RingPlan, job: BlockJob, src: int) -> Backend:
+    """The block kernel for one job: with ALiBi, told where the job's queries and keys sit."""
+    if plan.positions is None:
+        return plan.backend
+    return plan.backend.at_positions(take(plan.positions[plan.rank], job.q, dim=0),
+                                     take(plan.positions[src], job.kv, dim=0))
+
+
+def block_forward(plan: RingPlan, job: BlockJob, src: int, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """One job's (out, lse) with the tensors already cut to its rows; packed jobs run varlen."""
+    backend = job_backend(plan, job, src)
     if job.varlen is None:
-        return plan.backend.forward(q, k, v, job.band, plan.softmax_scale)
-    out, lse = plan.backend.forward_varlen(q[0], k[0], v[0], job.varlen, plan.softmax_scale)
+        return backend.forward(q, k, v, job.band, plan.softmax_scale)
+    out, lse = backend.forward_varlen(q[0], k[0], v[0], job.varlen, plan.softmax_scale)
     return out[None], lse[None]
 
 
-def block_backward(plan: RingPlan, job: BlockJob, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+def block_backward(plan: RingPlan, job: BlockJob, src: int, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+    backend = job_backend(plan, job, src)
     if job.varlen is None:
-        return plan.backend.backward(dout, q, k, v, out, lse, job.band, plan.softmax_scale)
-    grads = plan.backend.backward_varlen(dout[0], q[0], k[0], v[0], out[0], lse[0], job.varlen, plan.softmax_scale)
+        return backend.backward(dout, q, k, v, out, lse, job.band, plan.softmax_scale)
+    grads = backend.backward_varlen(dout[0], q[0], k[0], v[0], out[0], lse[0], job.varlen, plan.softmax_scale)
     return tuple(g[None] for g in grads)
 
 
@@ -126,7 +137,8 @@ def ring_forward(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tenso
             src = (plan.rank - step) % plan.world_size
             kv.start(step)
             for job in plan.schedule.jobs_for(plan.rank, src):
-                block_out, block_lse = block_forward(plan, job, take(q, job.q), take(kv.k, job.kv), take(kv.v, job.kv))
+                block_out, block_lse = block_forward(plan, job, src, take(q, job.q), take(kv.k, job.kv),
+                                                     take(kv.v, job.kv))
                 if acc is None:
                     acc = start_sum(rows, q.shape[1], block_out, block_lse, q.dtype, merge=True)
                 else:
@@ -201,7 +213,7 @@ def ring_backward(
         partials = []
         for job in plan.schedule.jobs_for(plan.rank, src):
             dq_b, dk_b, dv_b = block_backward(
-                plan, job, take(dout, job.q), take(q, job.q), take(kv.k, job.kv), take(kv.v, job.kv),
+                plan, job, src, take(dout, job.q), take(q, job.q), take(kv.k, job.kv), take(kv.v, job.kv),
                 take(out, job.q), take(lse, job.q, dim=2),
             )
             if dq_sum is None:

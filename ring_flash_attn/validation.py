@@ -105,9 +105,26 @@ def check_options(
     if not isinstance(softcap, (int, float)) or softcap < 0:
         raise ValueError(f"softcap must be a number >= 0 (0: no soft-capping), got {softcap!r}")
     if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not supported yet")
+        raise NotImplementedError(
+            "alibi_slopes: ALiBi is supported by the ring / zigzag / stripe functions (through the reference "
+            "kernel), not yet by the llama3 / zigzag_llama3 functions"
+        )
     if not isinstance(return_attn_probs, bool):
         raise TypeError(f"return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
+
+
+def check_alibi_slopes(slopes: Optional[torch.Tensor], q: torch.Tensor, batch: Optional[int]) -> None:
+    """flash-attn's convention: float32 ``(nheads,)`` or, for a batch, ``(batch, nheads)``; q's device."""
+    if slopes is None:
+        return
+    if not isinstance(slopes, torch.Tensor) or slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be a float32 tensor, got {getattr(slopes, 'dtype', type(slopes))}")
+    nheads = q.shape[-2]
+    shapes = [(nheads,)] + ([(batch, nheads)] if batch is not None else [])
+    if tuple(slopes.shape) not in shapes:
+        raise ValueError(f"alibi_slopes must have shape {' or '.join(map(str, shapes))}, got {tuple(slopes.shape)}")
+    if slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {slopes.device}, q on {q.device}")
 
 
 def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:

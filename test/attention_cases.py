@@ -49,6 +49,7 @@ class Case:
     q_scale: float = 1.0  # > 1: large logits (bf16 near overflow)
     window: Tuple[int, int] = (-1, -1)  # window_size (left, right)
     softcap: float = 0.0
+    alibi: bool = False  # ALiBi slopes alibi_slopes(nheads) (or per batch row)
 
     @property
     def seqlen(self) -> int:
@@ -59,6 +60,7 @@ class Case:
         causal = "causal" if self.causal else "full"
         window = "" if self.window == (-1, -1) else f"-win{self.window[0]}_{self.window[1]}"
         window += f"-cap{self.softcap:g}" if self.softcap else ""
+        window += "-alibi" if self.alibi else ""
         return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{causal}{window}-{self.dtype}-{heads}-"
                 f"d{self.head_dim}-b{self.batch}-L{self.local_len}-{self.backend}")
 
@@ -86,6 +88,8 @@ def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
     kwargs = dict(softmax_scale=case.softmax_scale, causal=case.causal, window_size=case.window, softcap=case.softcap,
                   return_attn_probs=case.return_lse,
                   group=dist.group.WORLD if world_size > 1 else None, backend=case.backend)
+    if case.alibi:
+        kwargs["alibi_slopes"] = alibi_slopes(case.nheads, case.batch).to(device)
     q, k, v = x["q"], x["k"], x["v"]
     if case.packing == "func":
         leaves, result = (q, k, v), func(q, k, v, **kwargs)
@@ -116,6 +120,20 @@ def results_on_cpu(out, lse, leaves, dout, packing: str, pack_dim: int) -> Dict[
     return {name: t.cpu() for name, t in res.items()}
 
 
+def alibi_slopes(nheads: int, batch: Optional[int] = None) -> torch.Tensor:
+    """ALiBi's geometric slopes (float32 ``(nheads,)``), or per batch row ``(batch, nheads)`` scaled apart."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, nheads + 1, dtype=torch.float64) / nheads)
+    if batch is not None:
+        slopes = slopes[None] * torch.arange(1, batch + 1, dtype=torch.float64)[:, None]
+    return slopes.float()
+
+
+def alibi_bias(slopes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``-slope * |i - j|`` for the given global positions: ``(..., H, S, S)``, float64."""
+    distance = (positions[:, None] - positions[None, :]).abs().double()
+    return -slopes.double()[..., None, None] * distance
+
+
 def soft_capped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
     return softcap * torch.tanh(scores / softcap) if softcap else scores
 
@@ -141,6 +159,9 @@ def reference(case: Case) -> Dict[str, torch.Tensor]:
     kr, vr = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scale = case.softmax_scale if case.softmax_scale is not None else case.head_dim ** -0.5
     scores = soft_capped(torch.einsum("bihd,bjhd->bhij", q, kr) * scale, case.softcap)
+    if case.alibi:
+        bias = alibi_bias(alibi_slopes(case.nheads, case.batch), torch.arange(case.seqlen))
+        scores = scores + bias
     scores = scores.masked_fill(~mask(case.seqlen, case.causal, case.window), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), vr)

@@ -45,11 +45,6 @@ def test_window_options():
         rfa.ring_flash_attn_func(*qkv(), window_size=(2, 0), backend="torch_cpu_flash")
 
 
-def test_alibi_is_refused():
-    with pytest.raises(NotImplementedError, match="ALiBi"):
-        rfa.zigzag_ring_flash_attn_func(*qkv(), alibi_slopes=torch.ones(4))
-
-
 def test_dropout_options():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         rfa.ring_flash_attn_func(*qkv(), dropout_p=1.0)

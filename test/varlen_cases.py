@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import ring_flash_attn as rfa
-from attention_cases import DTYPES, compare, mask, results_on_cpu, soft_capped
+from attention_cases import DTYPES, alibi_bias, alibi_slopes, compare, mask, results_on_cpu, soft_capped
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varlen
 
 RING_FAMILY = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
@@ -39,6 +39,7 @@ class VarlenCase:
     q_scale: float = 1.0  # > 1: large logits (bf16 near overflow)
     softcap: float = 0.0
     window: Tuple[int, int] = (-1, -1)
+    alibi: bool = False  # ALiBi slopes attention_cases.alibi_slopes(nheads)
 
     @property
     def cu_seqlens(self) -> torch.Tensor:
@@ -49,6 +50,7 @@ class VarlenCase:
         stride = f"-s{self.heads_k_stride}" if self.heads_k_stride else ""
         stride += f"-cap{self.softcap:g}" if self.softcap else ""
         stride += f"-win{self.window[0]}_{self.window[1]}" if self.window != (-1, -1) else ""
+        stride += "-alibi" if self.alibi else ""
         return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{'causal' if self.causal else 'full'}-"
                 f"{self.dtype}-h{self.nheads}k{self.nheads_k}-d{self.head_dim}{stride}-docs{docs}-{self.backend}")
 
@@ -72,6 +74,8 @@ def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv):
         common["softcap"] = case.softcap
     if case.window != (-1, -1):
         common["window_size"] = case.window
+    if case.alibi:
+        common["alibi_slopes"] = alibi_slopes(case.nheads).to(q.device)
     first = {"func": (q, k, v), "kvpacked": (q, kv), "qkvpacked": (qkv,)}[case.packing]
     if case.layout in RING_FAMILY:
         fn = getattr(rfa, f"{RING_FAMILY[case.layout]}_{SUFFIX[case.packing]}")
@@ -112,6 +116,8 @@ def reference(case: VarlenCase) -> Dict[str, torch.Tensor]:
     allowed = (doc[:, None] == doc[None, :]) & mask(len(doc), case.causal, case.window)
     scores = soft_capped(torch.einsum("ihd,jhd->hij", q, k.repeat_interleave(g, 1)) * case.head_dim ** -0.5,
                          case.softcap)
+    if case.alibi:
+        scores = scores + alibi_bias(alibi_slopes(case.nheads), torch.arange(len(doc)))
     scores = scores.masked_fill(~allowed, float("-inf"))
     out = torch.einsum("hij,jhd->ihd", torch.softmax(scores, -1), v.repeat_interleave(g, 1))
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), x["dout"])

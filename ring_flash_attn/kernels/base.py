@@ -178,6 +178,7 @@ class KernelCall:
     varlen_offsets: bool = False  # some causal document has fewer queries than keys (llama3)
     softcap: bool = False  # logits soft-capped: cap * tanh(scores / cap)
     dropout: bool = False  # dropout_p > 0
+    alibi: bool = False  # ALiBi position biases
 
 
 class Backend:
@@ -192,21 +193,34 @@ class Backend:
     handles_empty_documents: bool = True  # varlen: documents without keys (or queries) give 0 / -inf
     supports_softcap: bool = False
     supports_dropout: bool = False  # records each call's random state and replays it in backward
+    supports_alibi: bool = False  # adds -slope * |query position - key position| given positions
     softcap: float = 0.0
     dropout: Optional[DropoutRecord] = None
+    alibi_slopes: Optional[Tensor] = None  # (H,) or (B, H) float32
+    positions: Optional[Tuple[Tensor, Tensor]] = None  # global positions of a block's queries and keys
 
-    def with_options(self, softcap: float = 0.0, dropout_p: float = 0.0) -> "Backend":
+    def with_options(self, softcap: float = 0.0, dropout_p: float = 0.0,
+                     alibi_slopes: Optional[Tensor] = None) -> "Backend":
         """This backend bound to one call's options; with dropout, a fresh copy every call (it keeps
         the call's random states)."""
         if softcap and not self.supports_softcap:
             raise ValueError(f"backend {self.name!r} cannot soft-cap logits")
         if dropout_p and not self.supports_dropout:
             raise ValueError(f"backend {self.name!r} cannot apply dropout")
-        if softcap == self.softcap and not dropout_p:
+        if alibi_slopes is not None and not self.supports_alibi:
+            raise ValueError(f"backend {self.name!r} cannot add ALiBi biases")
+        if softcap == self.softcap and not dropout_p and alibi_slopes is None:
             return self
         bound = copy.copy(self)
         bound.softcap = float(softcap)
         bound.dropout = DropoutRecord(dropout_p) if dropout_p else None
+        bound.alibi_slopes = alibi_slopes
+        return bound
+
+    def at_positions(self, q_positions: Tensor, k_positions: Tensor) -> "Backend":
+        """This backend for one block whose queries / keys sit at these global positions (ALiBi)."""
+        bound = copy.copy(self)
+        bound.positions = (q_positions, k_positions)
         return bound
 
     @property

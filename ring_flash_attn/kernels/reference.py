@@ -23,9 +23,10 @@ def _grouped(q: Tensor, nheads_k: int) -> Tensor:
 
 
 def _scores(q: Tensor, k: Tensor, allowed: Optional[Tensor], softmax_scale: float,
-            softcap: float = 0.0) -> Tuple[Tensor, Optional[Tensor]]:
+            softcap: float = 0.0, bias: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Scaled (and soft-capped: ``cap * tanh(s / cap)``) scores (B, Hk, G, Sq, Sk) in the math dtype,
-    -inf where ``allowed`` is False; with a cap, also ``1 - tanh^2`` for the backward."""
+    plus ``bias`` (added after the cap, as flash-attn adds ALiBi), -inf where ``allowed`` is False;
+    with a cap, also ``1 - tanh^2`` for the backward."""
     dt = _math_dtype(q.dtype)
     qg = _grouped(q.to(dt), k.shape[2])
     scores = torch.einsum("bihgd,bjhd->bhgij", qg, k.to(dt)) * softmax_scale
@@ -34,6 +35,8 @@ def _scores(q: Tensor, k: Tensor, allowed: Optional[Tensor], softmax_scale: floa
         capped = torch.tanh(scores / softcap)
         slope = 1 - capped * capped
         scores = capped * softcap
+    if bias is not None:
+        scores = scores + bias
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     return scores, slope
@@ -54,6 +57,7 @@ class ReferenceBackend(Backend):
     results_in_input_dtype = False  # float32 math and results for 16-bit inputs
     supports_dropout = True  # a seed per call, the mask regenerated from it in backward
     supports_softcap = True
+    supports_alibi = True
 
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
         if call.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -81,7 +85,7 @@ class ReferenceBackend(Backend):
 
     def _forward(self, q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], softmax_scale: float) -> Tuple[Tensor, Tensor]:
         b, sq, h, d = q.shape
-        scores, _ = _scores(q, k, allowed, softmax_scale, self.softcap)
+        scores, _ = _scores(q, k, allowed, softmax_scale, self.softcap, self._alibi(q, k))
         lse = torch.logsumexp(scores, dim=-1)  # -inf on rows with no key
         probs = _probs(scores, lse)
         if self.dropout is not None:
@@ -90,6 +94,17 @@ class ReferenceBackend(Backend):
             probs = probs * self._kept(seed, probs)
         out = torch.einsum("bhgij,bjhd->bihgd", probs, v.to(probs.dtype)).reshape(b, sq, h, d)
         return out, lse.reshape(b, h, sq)
+
+    def _alibi(self, q: Tensor, k: Tensor) -> Optional[Tensor]:
+        """``-slope * |query position - key position|`` as (B|1, Hk, G, Sq, Sk), or None."""
+        if self.alibi_slopes is None:
+            return None
+        if self.positions is None:
+            raise RuntimeError("ALiBi needs the block's global positions (Backend.at_positions)")
+        q_pos, k_pos = (p.to(torch.float64) for p in self.positions)
+        distance = (q_pos[:, None] - k_pos[None, :]).abs()
+        slopes = self.alibi_slopes.to(_math_dtype(q.dtype)).reshape(-1, k.shape[2], q.shape[2] // k.shape[2], 1, 1)
+        return -slopes * distance.to(slopes.dtype)
 
     def _kept(self, seed: int, probs: Tensor) -> Tensor:
         """Dropout's keep mask scaled by 1 / (1 - p), as the probabilities' dtype."""
@@ -103,7 +118,7 @@ class ReferenceBackend(Backend):
         b, sq, h, d = q.shape
         hk = k.shape[2]
         dt = _math_dtype(q.dtype)
-        scores, slope = _scores(q, k, allowed, softmax_scale, self.softcap)
+        scores, slope = _scores(q, k, allowed, softmax_scale, self.softcap, self._alibi(q, k))
         probs = _probs(scores, lse.reshape(b, hk, h // hk, sq))
         dout_g = _grouped(dout.to(dt), hk)
         kept = self._kept(self.dropout.replay(), probs) if self.dropout is not None else 1.0
