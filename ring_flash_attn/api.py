@@ -48,7 +48,7 @@ def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: b
         alibi=alibi_slopes is not None,
     )
     return select_backend(call, backend).with_options(softcap=float(softcap), dropout_p=float(dropout_p),
-                                                      alibi_slopes=alibi_slopes)
+                                                      alibi_slopes=alibi_slopes, deterministic=bool(deterministic))
 
 
 def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:

@@ -50,6 +50,7 @@ class Case:
     window: Tuple[int, int] = (-1, -1)  # window_size (left, right)
     softcap: float = 0.0
     alibi: bool = False  # ALiBi slopes alibi_slopes(nheads) (or per batch row)
+    deterministic: bool = False
 
     @property
     def seqlen(self) -> int:
@@ -61,6 +62,7 @@ class Case:
         window = "" if self.window == (-1, -1) else f"-win{self.window[0]}_{self.window[1]}"
         window += f"-cap{self.softcap:g}" if self.softcap else ""
         window += "-alibi" if self.alibi else ""
+        window += "-det" if self.deterministic else ""
         return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{causal}{window}-{self.dtype}-{heads}-"
                 f"d{self.head_dim}-b{self.batch}-L{self.local_len}-{self.backend}")
 
@@ -87,7 +89,8 @@ def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
     func = getattr(rfa, FUNCS[case.layout][PACKINGS.index(case.packing)])
     kwargs = dict(softmax_scale=case.softmax_scale, causal=case.causal, window_size=case.window, softcap=case.softcap,
                   return_attn_probs=case.return_lse,
-                  group=dist.group.WORLD if world_size > 1 else None, backend=case.backend)
+                  group=dist.group.WORLD if world_size > 1 else None, backend=case.backend,
+                  deterministic=case.deterministic)
     if case.alibi:
         kwargs["alibi_slopes"] = alibi_slopes(case.nheads, case.batch).to(device)
     q, k, v = x["q"], x["k"], x["v"]

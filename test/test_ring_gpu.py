@@ -101,3 +101,24 @@ DROPOUT_CASES = [
 def test_gpu_dropout_is_replayed_exactly(dist_pool, case):
     """PyTorch's FA2 with dropout: each block's philox state replayed in the backward (test_dropout.py)."""
     check_dropout(case, dist_pool(case.world_size, "nccl").run("dropout_cases:run_rank", case=case))
+
+
+DETERMINISTIC_CASES = [
+    Case(layout=layout, packing="func", causal=causal, dtype="bf16", backend="auto", world_size=w, batch=2,
+         local_len=512, nheads=8, nheads_k=2, head_dim=128, deterministic=True, seed=n, device="cuda")
+    for n, (w, layout, causal) in enumerate(itertools.product(WORLD_SIZES or [2], ("zigzag", "stripe"), (True, False)))
+]
+
+
+@pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")
+@pytest.mark.parametrize("case", DETERMINISTIC_CASES, ids=[c.id() for c in DETERMINISTIC_CASES])
+def test_gpu_deterministic_runs_are_bitwise_equal(dist_pool, case):
+    """deterministic=True: auto picks a kernel with a deterministic backward (not cuDNN); two runs
+    give the same bits on every rank, and match the float64 reference."""
+    pool = dist_pool(case.world_size, "nccl")
+    first = pool.run("attention_cases:run_rank", case=case)
+    second = pool.run("attention_cases:run_rank", case=case)
+    for a, b in zip(first, second):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    attention_cases.check(case, first)

@@ -112,3 +112,14 @@ def not_a_member(rank: int, world_size: int):
 def test_process_outside_group_is_refused(dist_pool):
     answers = dist_pool(2).run("test_validation:not_a_member")
     assert "not a member" in answers[1]
+
+
+def test_deterministic_calls_avoid_kernels_without_a_deterministic_backward():
+    from ring_flash_attn.kernels import BACKENDS, KernelCall
+    from ring_flash_attn.kernels import reasons as kernel_reasons
+    from ring_flash_attn.kernels.base import Band
+
+    call = KernelCall("cuda", torch.bfloat16, 128, 8, 2, (Band(None, 0),), deterministic=True)
+    for name in ("cudnn", "flash_attn_3", "flash_attn_4"):
+        assert any("no deterministic backward" in r for r in kernel_reasons(BACKENDS[name], call)), name
+    assert not any("deterministic" in r for r in kernel_reasons(BACKENDS["torch_cuda_flash"], call))

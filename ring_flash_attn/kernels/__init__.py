@@ -56,6 +56,8 @@ def reasons(backend: Backend, call: KernelCall) -> list:
     found = backend.not_supported_reasons(call)
     if call.softcap and not backend.supports_softcap:
         found = found + ["no softcap (install flash-attn >= 2.6, flash-attn 3 or 4, or use the reference backend)"]
+    if call.deterministic and not backend.supports_deterministic:
+        found = found + ["no deterministic backward (torch_cuda_flash, flash_attn_2 and the CPU kernels have one)"]
     if call.alibi and not backend.supports_alibi:
         found = found + ["no ALiBi (only the reference backend adds position biases)"]
     if call.dropout and not backend.supports_dropout:

@@ -194,13 +194,15 @@ class Backend:
     supports_softcap: bool = False
     supports_dropout: bool = False  # records each call's random state and replays it in backward
     supports_alibi: bool = False  # adds -slope * |query position - key position| given positions
+    supports_deterministic: bool = True  # can run its backward with a fixed reduction order
     softcap: float = 0.0
+    deterministic: bool = False
     dropout: Optional[DropoutRecord] = None
     alibi_slopes: Optional[Tensor] = None  # (H,) or (B, H) float32
     positions: Optional[Tuple[Tensor, Tensor]] = None  # global positions of a block's queries and keys
 
     def with_options(self, softcap: float = 0.0, dropout_p: float = 0.0,
-                     alibi_slopes: Optional[Tensor] = None) -> "Backend":
+                     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False) -> "Backend":
         """This backend bound to one call's options; with dropout, a fresh copy every call (it keeps
         the call's random states)."""
         if softcap and not self.supports_softcap:
@@ -209,10 +211,11 @@ class Backend:
             raise ValueError(f"backend {self.name!r} cannot apply dropout")
         if alibi_slopes is not None and not self.supports_alibi:
             raise ValueError(f"backend {self.name!r} cannot add ALiBi biases")
-        if softcap == self.softcap and not dropout_p and alibi_slopes is None:
+        if softcap == self.softcap and not dropout_p and alibi_slopes is None and deterministic == self.deterministic:
             return self
         bound = copy.copy(self)
         bound.softcap = float(softcap)
+        bound.deterministic = bool(deterministic)
         bound.dropout = DropoutRecord(dropout_p) if dropout_p else None
         bound.alibi_slopes = alibi_slopes
         return bound

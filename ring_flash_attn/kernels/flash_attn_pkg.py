@@ -109,7 +109,7 @@ class FlashAttn2Backend(_PackageBackend):
         dout, q, k, v, out = (last_dim_contiguous(x) for x in (dout, q, k, v, out))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         fn(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse.contiguous(), dq=dq, dk=dk, dv=dv,
-           deterministic=False, rng_state=None, **self._common(causal, softmax_scale, varlen, window))
+           deterministic=self.deterministic, rng_state=None, **self._common(causal, softmax_scale, varlen, window))
         return dq, dk, dv
 
 
@@ -130,6 +130,7 @@ def _parameters(fn) -> set:
 
 class FlashAttn3Backend(_PackageBackend):
     name = "flash_attn_3"
+    supports_deterministic = False  # its deterministic switch is not wired up here
     module_name = "flash_attn_interface"
     min_capability = (9, 0)
 
@@ -154,6 +155,7 @@ class FlashAttn3Backend(_PackageBackend):
 
 class FlashAttn4Backend(_PackageBackend):
     name = "flash_attn_4"
+    supports_deterministic = False  # its deterministic switch is not wired up here
     module_name = "flash_attn.cute.interface"
     min_capability = (9, 0)  # its backward runs on SM90 and newer
 

@@ -12,7 +12,8 @@ Both go through :class:`TrimmedCausalBackend`, which hands them a top-left causa
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -74,10 +75,27 @@ class TorchCudaFlashBackend(BottomRightCausalBackend):
             rng_state, rng_extra = self.dropout.replay()
         else:  # only read with dropout
             rng_state, rng_extra = torch.zeros(2, dtype=torch.uint64, device=q.device), torch.empty(0, device=q.device)
-        return torch.ops.aten._flash_attention_backward(
-            *(last_dim_contiguous(x) for x in (dout, q, k, v, out)), lse.contiguous(), *_sizes(q, k, varlen),
-            self.dropout_p, causal, rng_state, rng_extra, scale=softmax_scale, **_window_kwargs(window),
-        )
+        with deterministic_algorithms(self.deterministic):  # aten's FA2 backward reads the global flag
+            return torch.ops.aten._flash_attention_backward(
+                *(last_dim_contiguous(x) for x in (dout, q, k, v, out)), lse.contiguous(), *_sizes(q, k, varlen),
+                self.dropout_p, causal, rng_state, rng_extra, scale=softmax_scale, **_window_kwargs(window),
+            )
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(wanted: bool) -> Iterator[None]:
+    """PyTorch's deterministic mode (not warn-only) for the duration, if ``wanted``; restored after."""
+    if not wanted or (torch.are_deterministic_algorithms_enabled()
+                      and not torch.is_deterministic_algorithms_warn_only_enabled()):
+        yield
+        return
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def _window_kwargs(window: Tuple[int, int]) -> dict:
@@ -99,6 +117,7 @@ def _heads_first(x: Tensor) -> Tensor:
 
 class CudnnBackend(TrimmedCausalBackend):
     name = "cudnn"
+    supports_deterministic = False  # PyTorch exposes no deterministic mode for cuDNN's fused backward
 
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
         reasons = missing_ops(_CUDNN_OPS) + cuda_reasons(call, max_head_dim=128) + self.band_reasons(call)
