@@ -81,8 +81,7 @@ def ring_attention(
     """Attention of this rank's queries ``(B, S, H, D)`` over the whole sharded sequence."""
     check_layout(layout)
     check_qkv(q, k, v)
-    check_options(dropout_p, window_size, softcap, None, return_attn_probs, window_supported=True,
-                  dropout_supported=True)
+    check_options(dropout_p, softcap, None, return_attn_probs, dropout_supported=True)
     check_alibi_slopes(alibi_slopes, q, batch=q.shape[0])
     check_local_seqlen(layout, q.shape[1])
     window = normalized_window(window_size)
@@ -108,16 +107,17 @@ def ring_attention_varlen(
     """Packed documents: q ``(T, H, D)``, local ``cu_seqlens``; lse ``(H, T)``."""
     check_layout(layout)
     check_qkv(q, k, v, packed=True)
-    check_options(dropout_p, window_size, softcap, None, return_attn_probs, dropout_supported=True)
+    check_options(dropout_p, softcap, None, return_attn_probs, dropout_supported=True)
     check_alibi_slopes(alibi_slopes, q, batch=None)
+    window = normalized_window(window_size)
     check_cu_seqlens_tensor(cu_seqlens)
     offsets = host_offsets(cu_seqlens)
     check_cu_seqlens(offsets, q.shape[0])
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device,
                                  call_signature("varlen", layout, q, k, causal, softmax_scale,
-                                                (offsets, softcap, dropout_p, alibi_slopes is not None)))
-    schedule = varlen_ring_schedule(layout, offsets, world_size, bool(causal), q.device)
+                                                (offsets, window, softcap, dropout_p, alibi_slopes is not None)))
+    schedule = varlen_ring_schedule(layout, offsets, world_size, bool(causal), q.device, window)
     positions = None
     if alibi_slopes is not None:  # positions in the global packed sequence (documents never mix)
         global_offsets = torch.tensor(offsets, dtype=torch.int64) * world_size

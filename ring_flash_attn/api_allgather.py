@@ -25,7 +25,7 @@ Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 def _allgather(q, k, v, meta: VarlenMeta, k_rows, zigzag: bool, heads_k_stride, dropout_p, softmax_scale, causal,
                window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend) -> Result:
-    check_options(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, window_supported=True)
+    check_options(dropout_p, softcap, alibi_slopes, return_attn_probs)
     window = normalized_window(window_size)
     if window != (-1, -1) and not causal:
         # a piece's keys run to its document's end, so the bottom-right diagonal is not the query's own

@@ -82,11 +82,9 @@ def normalized_window(window_size) -> Tuple[int, int]:
 
 def check_options(
     dropout_p: float,
-    window_size: Tuple[int, int],
     softcap: float,
     alibi_slopes: Optional[torch.Tensor],
     return_attn_probs: bool,
-    window_supported: bool = False,
     dropout_supported: bool = False,
 ) -> None:
     """Refuse what this version does not compute rather than ignore it."""
@@ -96,11 +94,6 @@ def check_options(
         raise NotImplementedError(
             f"dropout_p={dropout_p}: dropout is supported by the ring / zigzag / stripe functions (batch and varlen), "
             "not yet by the llama3 / zigzag_llama3 functions; use dropout_p=0.0"
-        )
-    if normalized_window(window_size) != (-1, -1) and not window_supported:
-        raise NotImplementedError(
-            f"window_size={tuple(window_size)}: sliding windows are supported by the batch functions and, causal, by "
-            "the llama3 / zigzag_llama3 varlen functions; not yet by the ring / zigzag / stripe varlen functions"
         )
     if not isinstance(softcap, (int, float)) or softcap < 0:
         raise ValueError(f"softcap must be a number >= 0 (0: no soft-capping), got {softcap!r}")

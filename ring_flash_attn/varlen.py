@@ -11,16 +11,18 @@ nothing is gathered by index), built once per call -- or once for many calls, si
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 
 from .kernels.base import Band, Tensor, VarlenMeta
+from .kernels.bottom_right import WindowPiece, window_pieces
 from .layouts import check_layout, local_divisor
-from .schedules import BlockJob, RingSchedule, ring_schedule
+from .schedules import BlockJob, RingSchedule, block_jobs, ring_schedule
 
 TEMPLATE_LEN = 64  # local length of the template schedule; a multiple of every layout's divisor
 
@@ -86,39 +88,106 @@ def _document_job(template: BlockJob, offsets: Sequence[int], causal: bool, devi
     return BlockJob(slice(0, total), slice(0, total), Band(), meta)
 
 
+def _tiled_job(pieces: Sequence[Tuple[int, int, int, int]], total: int, causal: bool, window: Tuple[int, int],
+               device) -> BlockJob:
+    """One varlen call over all ``total`` local rows running ``pieces`` (query rows ``qa:qb`` against
+    keys ``ka:kb``, increasing on both sides); the rows and keys between them become documents
+    without keys or queries."""
+    q_offsets, k_offsets, q_at, k_at = [0], [0], 0, 0
+
+    def pair(lq: int, lk: int) -> None:
+        if lq or lk:
+            q_offsets.append(q_offsets[-1] + lq)
+            k_offsets.append(k_offsets[-1] + lk)
+
+    for qa, qb, ka, kb in pieces:
+        pair(qa - q_at, 0)
+        pair(0, ka - k_at)
+        pair(qb - qa, kb - ka)
+        q_at, k_at = qb, kb
+    pair(total - q_at, 0)
+    pair(0, total - k_at)
+    meta = dataclasses.replace(VarlenMeta.build(q_offsets, k_offsets, causal, device), window=window)
+    return BlockJob(slice(0, total), slice(0, total), Band(), meta)
+
+
+def _flash_window(piece: WindowPiece) -> Tuple[bool, Tuple[int, int]]:
+    """(causal, window) of a piece with bounds that cut nothing dropped, so equal masks group."""
+    rows, keys = piece.rows.stop - piece.rows.start, piece.keys.stop - piece.keys.start
+    left, right = piece.window
+    left = -1 if left >= keys - 1 else left
+    right = -1 if right < 0 or right >= rows - 1 else right
+    if (left, right) == (-1, 0):
+        return True, (-1, -1)
+    return False, (left, right)
+
+
+def _windowed_jobs(layout: str, offsets: Sequence[int], world_size: int, rank: int, src: int, causal: bool,
+                   window: Tuple[int, int], device) -> Tuple[Tuple[BlockJob, ...], Tuple[Band, ...]]:
+    """Jobs with a sliding window: each document's own batch schedule (the window is in tokens, so it
+    does not scale with the document), its blocks cut into flash window pieces, pieces with the same
+    mask run together -- one varlen call per distinct mask (more where pieces of one document
+    overlap). Also the blocks' bands, for choosing a kernel."""
+    calls: Dict[Tuple[bool, Tuple[int, int]], List[List[Tuple[int, int, int, int]]]] = {}
+    bands = set()
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        if stop == start:
+            continue
+        for job in block_jobs(layout, rank, src, world_size, stop - start, causal, window):
+            bands.add(job.band)
+            sq, sk = job.q.stop - job.q.start, job.kv.stop - job.kv.start
+            for piece in window_pieces(job.band, sq, sk):
+                qa, ka = start + job.q.start + piece.rows.start, start + job.kv.start + piece.keys.start
+                span = (qa, qa + piece.rows.stop - piece.rows.start, ka, ka + piece.keys.stop - piece.keys.start)
+                lists = calls.setdefault(_flash_window(piece), [])
+                fits = [c for c in lists if c[-1][1] <= span[0] and c[-1][3] <= span[2]]
+                (fits[0] if fits else lists.append([]) or lists[-1]).append(span)
+    jobs = tuple(_tiled_job(pieces, offsets[-1], mask[0], mask[1], device)
+                 for mask, lists in sorted(calls.items()) for pieces in lists)
+    return jobs, tuple(bands)
+
+
 @dataclass(frozen=True, eq=False)
 class VarlenRingSchedule:
-    """Per-(rank, source) jobs over packed documents; K/V hops as in the batch template."""
+    """Per-(rank, source) jobs over packed documents; ``hops`` says which K/V hops are sent and
+    ``kernel_bands`` what the block kernel must handle."""
 
-    template: RingSchedule
+    hops: RingSchedule
     jobs: Tuple[Tuple[Tuple[BlockJob, ...], ...], ...]
+    kernel_bands: Tuple[Band, ...]
 
     def jobs_for(self, rank: int, src: int) -> Tuple[BlockJob, ...]:
         return self.jobs[rank][src]
 
     def forwards_kv(self, sender: int, step: int) -> bool:
-        return self.template.forwards_kv(sender, step)
+        return self.hops.forwards_kv(sender, step)
 
     def bands(self) -> Tuple[Band, ...]:
-        return self.template.bands()
+        return self.kernel_bands
 
 
 @lru_cache(maxsize=64)
 def varlen_ring_schedule(
-    layout: str, offsets: Tuple[int, ...], world_size: int, causal: bool, device: torch.device
+    layout: str, offsets: Tuple[int, ...], world_size: int, causal: bool, device: torch.device,
+    window: Tuple[int, int] = (-1, -1),
 ) -> VarlenRingSchedule:
     """Jobs for a packed local sequence with local cu_seqlens ``offsets`` (host ints)."""
     check_layout(layout)
     check_local_offsets(layout, offsets)
+    ranks = range(world_size)
+    if tuple(window) != (-1, -1):
+        built = [[_windowed_jobs(layout, offsets, world_size, r, s, causal, window, device) for s in ranks]
+                 for r in ranks]
+        jobs = tuple(tuple(built[r][s][0] for s in ranks) for r in ranks)
+        bands = tuple(sorted({b for row in built for _, bs in row for b in bs}, key=repr))
+        return VarlenRingSchedule(RingSchedule(world_size, jobs), jobs, bands)
     template = ring_schedule(layout, world_size, TEMPLATE_LEN, causal)
     jobs = tuple(
-        tuple(
-            tuple(j for j in (_document_job(t, offsets, causal, device) for t in template.jobs_for(r, s)) if j)
-            for s in range(world_size)
-        )
-        for r in range(world_size)
+        tuple(tuple(j for j in (_document_job(t, offsets, causal, device) for t in template.jobs_for(r, s)) if j)
+              for s in ranks)
+        for r in ranks
     )
-    return VarlenRingSchedule(template, jobs)
+    return VarlenRingSchedule(template, jobs, template.bands())
 
 
 _HOST_OFFSETS: dict = {}

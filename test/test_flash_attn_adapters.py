@@ -101,6 +101,11 @@ RING_VARLEN_CASES = [
     varlen_cases.VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp32", backend="fake_fa2",
                             world_size=w, doc_lengths=(4 * w, 12 * w, 2 * w), seed=i)
     for i, (w, layout, causal) in enumerate(itertools.product((2, 3), ("ring", "zigzag", "stripe"), (True, False)))
+] + [  # sliding windows: flash window pieces grouped into varlen calls
+    varlen_cases.VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp32", backend="fake_fa2",
+                            world_size=w, doc_lengths=(4 * w, 12 * w, 2 * w), window=window, seed=i)
+    for i, (w, layout, causal, window) in enumerate(itertools.product(
+        (2, 3), ("ring", "zigzag", "stripe"), (True, False), ((3, -1), (5, 2), (1, 9))))
 ]
 
 

@@ -109,3 +109,18 @@ def test_band_normalized_and_trim():
     assert (trim.first_row, trim.key_end, trim.causal) == (1, 3, True)
     assert trim_to_top_left_causal(Band(None, 1), 4, 4) is None
     assert trim_to_top_left_causal(Band(-1, None), 4, 4) is None
+
+
+def test_windowed_varlen_schedule_skips_hops_beyond_the_window():
+    """Packed documents with a causal window shorter than a rank's share of each document: only the
+    previous rank's K/V is needed, so the ring stops after one hop."""
+    import torch
+
+    from ring_flash_attn.varlen import varlen_ring_schedule
+
+    schedule = varlen_ring_schedule("ring", (0, 8, 24), 4, True, torch.device("cpu"), (3, 0))
+    assert all(schedule.forwards_kv(rank, 0) for rank in range(3))
+    assert not any(schedule.forwards_kv(rank, step) for rank in range(4) for step in (1, 2))
+    assert all(not schedule.jobs_for(rank, src) for rank in range(4) for src in range(4)
+               if (rank - src) % 4 not in (0, 1) or src > rank)
+    assert any(band.lo is not None for band in schedule.bands())  # kernels without windows are not chosen

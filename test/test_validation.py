@@ -31,9 +31,10 @@ def test_bad_tensors(make, error, match):
 
 
 def test_window_options():
-    with pytest.raises(NotImplementedError, match="not yet by the ring / zigzag / stripe varlen"):
+    with pytest.raises(ValueError, match="sliding windows need a flash-style kernel"):
         rfa.ring_flash_attn_varlen_func(torch.zeros(8, 2, 16), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16),
-                                        torch.tensor([0, 8], dtype=torch.int32), 8, window_size=(2, 0))
+                                        torch.tensor([0, 8], dtype=torch.int32), 8, window_size=(2, 0),
+                                        backend="torch_cpu_flash")
     with pytest.raises(NotImplementedError, match="causal=False"):
         rfa.zigzag_llama3_flash_attn_varlen_func(torch.zeros(8, 2, 16), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16),
                                                  torch.tensor([0, 8], dtype=torch.int32), 8, window_size=(2, 0))

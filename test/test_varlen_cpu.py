@@ -54,6 +54,13 @@ CASES = _cases() + [  # sliding windows on the all-gather family (documents cros
                window=window, heads_k_stride=1, seed=w)
     for w, layout, causal, window in itertools.product((2, 3), ("llama3", "zigzag_llama3"), (True,),
                                                        ((3, -1), (5, 2), (40, 0)))
+] + [  # sliding windows on the ring family: the window in tokens, each document its own schedule
+    VarlenCase(layout=layout, packing=("func", "kvpacked")[n % 2], causal=causal, dtype=("fp64", "bf16")[n % 2],
+               backend="auto", world_size=w, doc_lengths=doc_lengths(layout, w, random.Random(200 + n), 1),
+               window=window, seed=n)
+    for n, (w, layout, causal, window) in enumerate(itertools.product(
+        (1, 2, 3, 4), ("ring", "zigzag", "stripe"), (True, False), ((3, -1), (5, 2), (40, 0), (0, 7))))
+    if causal or window[1] != 0
 ] + [  # soft-capped logits through the reference kernel, every family
     VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp32", backend="reference", world_size=w,
                doc_lengths=tuple(m * w * (2 if "zigzag" in layout else 1) for m in (3, 1, 2)), softcap=4.0,
