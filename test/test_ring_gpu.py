@@ -57,6 +57,13 @@ def _cases() -> list:
                                 backend=backend, world_size=w, doc_lengths=docs, nheads=8, nheads_k=8 if mha else 2,
                                 head_dim=(64, 128)[n % 2], heads_k_stride=(None, 1)[n % 2] if not mha else None,
                                 seed=n, device="cuda"))
+    # sliding windows on packed documents (ring family): per-document flash window pieces, FA2 varlen
+    for n, (w, layout, causal, window) in enumerate(itertools.product(
+            WORLD_SIZES or [2], ("ring", "zigzag", "stripe"), (True, False), ((100, -1), (300, 50)))):
+        unit = 2 * w * 8
+        cases.append(VarlenCase(layout=layout, packing="func", causal=causal, dtype="bf16", backend="torch_cuda_flash",
+                                world_size=w, doc_lengths=(unit * 3, unit, unit * 5, unit * 2), nheads=8, nheads_k=2,
+                                head_dim=128, window=window, seed=n, device="cuda"))
     if BACKENDS["flash_attn_4"].interface() is not None:  # a few cases: every new shape JIT-compiles
         for layout, causal in itertools.product(("ring", "zigzag", "stripe"), (True, False)):
             cases.append(Case(layout=layout, packing="func", causal=causal, dtype="bf16", backend="flash_attn_4",
