@@ -19,8 +19,8 @@ from .layouts import check_layout, check_local_seqlen, position_ids, varlen_toke
 from .ring import AttentionFunction, RingPlan
 from .schedules import ring_schedule
 from .validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
-                         check_packed,
-                         check_qkv, check_same_call_across_group, group_rank_and_size, normalized_window)
+                         check_packed, check_qkv, check_same_call_across_group, group_rank_and_size,
+                         normalized_window)
 from .varlen import host_offsets, varlen_ring_schedule
 
 Tensor = torch.Tensor

@@ -66,6 +66,7 @@ class KVRotation:
         self.buffers: List[Tensor] = []
         self.current: Optional[int] = None  # index of the buffer holding k/v; None: the caller's tensors
         self.incoming: Optional[int] = None
+        self.sending: List[Tensor] = []
 
     def start(self, step: int) -> None:
         plan = self.plan
@@ -75,6 +76,7 @@ class KVRotation:
         send, recv = [], []
         if plan.schedule.forwards_kv(plan.rank, step):
             send = [self.k.contiguous(), self.v.contiguous()]
+        self.sending = send  # alive until the transfer is waited for
         self.incoming = None
         if plan.schedule.forwards_kv(prev, step):
             self.incoming = 1 if self.current == 0 else 0
@@ -85,7 +87,7 @@ class KVRotation:
 
     def finish(self) -> None:
         RingComm.wait(self.works)
-        self.works = []
+        self.works, self.sending = [], []
         if self.incoming is not None:
             self.current, self.incoming = self.incoming, None
             self.k, self.v = self.buffers[self.current].unbind(0)
@@ -228,7 +230,8 @@ def ring_backward(
         send_dtype = dkv_message_dtype(plan, plan.rank, step, k)
         recv_dtype = dkv_message_dtype(plan, (plan.rank - 1) % w, step, k)
         incoming = [torch.empty(k.shape, dtype=recv_dtype, device=k.device) for _ in range(2)]
-        dkv_works = plan.comm.start([t.to(send_dtype) for t in dkv], incoming)
+        outgoing = [t.to(send_dtype) for t in dkv]  # alive until the next wait
+        dkv_works = plan.comm.start(outgoing, incoming)
         kv.finish()
     RingComm.wait(dkv_works)  # after W hops every block's dK/dV is back with its owner
     if w > 1:

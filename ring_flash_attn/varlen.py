@@ -51,19 +51,9 @@ def _scaled(rows: slice, length: int) -> Tuple[int, int]:
 
 
 def _document_job(template: BlockJob, offsets: Sequence[int], causal: bool, device) -> Union[BlockJob, None]:
-    """The template job applied to every document of the packed local sequence.
-
-    The job runs over all local rows: each document's unused queries and keys become documents of
-    their own with no keys (or no queries), which the kernel answers with 0 / -inf and zero
-    gradients. So nothing is gathered by index, and results add up over whole rows.
-    """
-    q_offsets, k_offsets, used = [0], [0], False
-
-    def pair(lq: int, lk: int) -> None:
-        if lq or lk:
-            q_offsets.append(q_offsets[-1] + lq)
-            k_offsets.append(k_offsets[-1] + lk)
-
+    """The template job applied to every document of the packed local sequence, as one call over all
+    local rows (see :func:`_tiled_job`)."""
+    spans = []
     for start, stop in zip(offsets[:-1], offsets[1:]):
         length = stop - start
         qa, qb = _scaled(template.q, length)
@@ -72,27 +62,19 @@ def _document_job(template: BlockJob, offsets: Sequence[int], causal: bool, devi
             if template.band.lo is not None or qb - qa != kb - ka:
                 raise NotImplementedError("packed sequences support full and causal masks only")
             qa, kb = qa - template.band.hi, kb + template.band.hi
-        qb, kb = max(qa, qb), max(ka, kb)
-        if qb == qa or kb == ka:  # nothing of this document: all of it unused
-            qa = qb = ka = kb = length
-        used = used or qb > qa
-        pair(qa, 0)
-        pair(0, ka)
-        pair(qb - qa, kb - ka)
-        pair(length - qb, 0)
-        pair(0, length - kb)
-    if not used:
+        if qb > qa and kb > ka:
+            spans.append((start + qa, start + qb, start + ka, start + kb))
+    if not spans:
         return None
-    meta = VarlenMeta.build(q_offsets, k_offsets, causal and template.band.hi is not None, device)
-    total = offsets[-1]
-    return BlockJob(slice(0, total), slice(0, total), Band(), meta)
+    return _tiled_job(spans, offsets[-1], causal and template.band.hi is not None, (-1, -1), device)
 
 
 def _tiled_job(pieces: Sequence[Tuple[int, int, int, int]], total: int, causal: bool, window: Tuple[int, int],
                device) -> BlockJob:
     """One varlen call over all ``total`` local rows running ``pieces`` (query rows ``qa:qb`` against
-    keys ``ka:kb``, increasing on both sides); the rows and keys between them become documents
-    without keys or queries."""
+    keys ``ka:kb``, increasing on both sides). The rows and keys between them become documents
+    without keys or queries, which the kernel answers with 0 / -inf and zero gradients: nothing is
+    gathered by index, and results add up over whole rows."""
     q_offsets, k_offsets, q_at, k_at = [0], [0], 0, 0
 
     def pair(lq: int, lk: int) -> None:
@@ -140,8 +122,11 @@ def _windowed_jobs(layout: str, offsets: Sequence[int], world_size: int, rank: i
                 qa, ka = start + job.q.start + piece.rows.start, start + job.kv.start + piece.keys.start
                 span = (qa, qa + piece.rows.stop - piece.rows.start, ka, ka + piece.keys.stop - piece.keys.start)
                 lists = calls.setdefault(_flash_window(piece), [])
-                fits = [c for c in lists if c[-1][1] <= span[0] and c[-1][3] <= span[2]]
-                (fits[0] if fits else lists.append([]) or lists[-1]).append(span)
+                call = next((c for c in lists if c[-1][1] <= span[0] and c[-1][3] <= span[2]), None)
+                if call is None:  # overlaps every call of this mask so far: a call of its own
+                    call = []
+                    lists.append(call)
+                call.append(span)
     jobs = tuple(_tiled_job(pieces, offsets[-1], mask[0], mask[1], device)
                  for mask, lists in sorted(calls.items()) for pieces in lists)
     return jobs, tuple(bands)
