@@ -15,6 +15,8 @@ tokens; documents cross rank boundaries freely, no divisibility per document) an
 from __future__ import annotations
 
 import bisect
+import contextlib
+import copy
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import List, Optional, Tuple, Union
@@ -25,6 +27,7 @@ import torch.distributed as dist
 from .comm import all_gather_async, reduce_scatter_async
 from .kernels import Backend
 from .kernels.base import VarlenMeta
+from .kernels.dropout import dropout_stream
 from .ring import accumulator_dtype, take
 
 Tensor = torch.Tensor
@@ -48,6 +51,14 @@ class AllGatherPlan:
 
     def backward(self, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
         return allgather_backward(self, dout, q, k, v, out, lse)
+
+    def chunk_backend(self, heads: slice) -> Backend:
+        """The kernel for one chunk of query heads (ALiBi slopes cut to them)."""
+        if self.backend.alibi_slopes is None or heads == slice(0, self.backend.alibi_slopes.shape[-1]):
+            return self.backend
+        chunk = copy.copy(self.backend)
+        chunk.alibi_slopes = self.backend.alibi_slopes[..., heads]
+        return chunk
 
 
 def local_pieces(layout: str, rank: int, world_size: int, local_tokens: int) -> Tuple[Tuple[int, int], ...]:
@@ -163,14 +174,17 @@ class KVGather:
 def allgather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """``(out (T, H, D), lse (H, T))`` for packed local queries ``q (T, H, D)``."""
     group_size = q.shape[1] // k.shape[1]
-    if plan.heads_k_stride == k.shape[1]:  # one chunk: the kernel's output is the result
-        (_, heads, k_c, v_c), = KVGather(plan, k, v).chunks(group_size)
-        out, lse = plan.backend.forward_varlen(q, k_c, v_c, plan.meta, plan.softmax_scale)
-        return out.to(q.dtype), lse
-    out = torch.empty_like(q)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
-    for _, heads, k_c, v_c in KVGather(plan, k, v).chunks(group_size):
-        out[:, heads], lse[heads] = plan.backend.forward_varlen(q[:, heads], k_c, v_c, plan.meta, plan.softmax_scale)
+    randomness = dropout_stream(q.device, plan.rank) if plan.backend.dropout is not None else contextlib.nullcontext()
+    with randomness:
+        if plan.heads_k_stride == k.shape[1]:  # one chunk: the kernel's output is the result
+            (_, heads, k_c, v_c), = KVGather(plan, k, v).chunks(group_size)
+            out, lse = plan.backend.forward_varlen(q, k_c, v_c, plan.meta, plan.softmax_scale)
+            return out.to(q.dtype), lse
+        out = torch.empty_like(q)
+        lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
+        for _, heads, k_c, v_c in KVGather(plan, k, v).chunks(group_size):
+            out[:, heads], lse[heads] = plan.chunk_backend(heads).forward_varlen(q[:, heads], k_c, v_c, plan.meta,
+                                                                                 plan.softmax_scale)
     return out, lse
 
 
@@ -179,6 +193,8 @@ def allgather_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     group_size = q.shape[1] // k.shape[1]
     w, tokens = plan.world_size, k.shape[0]
+    if plan.backend.dropout is not None:
+        plan.backend.dropout.rewind()  # the same kernel calls as the forward, in the same order
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     pending: Optional[Tuple[dist.Work, Tensor, slice]] = None
@@ -195,7 +211,7 @@ def allgather_backward(
     in_input_dtype = w <= 2 and plan.backend.results_in_input_dtype and not plan.zigzag
     sum_dtype = k.dtype if in_input_dtype else accumulator_dtype(k.dtype)
     for kv_heads, heads, k_c, v_c in KVGather(plan, k, v).chunks(group_size):
-        dq[:, heads], dk_c, dv_c = plan.backend.backward_varlen(
+        dq[:, heads], dk_c, dv_c = plan.chunk_backend(heads).backward_varlen(
             dout[:, heads], q[:, heads], k_c, v_c, out[:, heads], lse[heads], plan.meta, plan.softmax_scale
         )
         full = torch.zeros((w * tokens, 2, *dk_c.shape[1:]), dtype=sum_dtype, device=k.device)

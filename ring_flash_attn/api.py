@@ -81,7 +81,7 @@ def ring_attention(
     """Attention of this rank's queries ``(B, S, H, D)`` over the whole sharded sequence."""
     check_layout(layout)
     check_qkv(q, k, v)
-    check_options(dropout_p, softcap, None, return_attn_probs, dropout_supported=True)
+    check_options(dropout_p, softcap, return_attn_probs)
     check_alibi_slopes(alibi_slopes, q, batch=q.shape[0])
     check_local_seqlen(layout, q.shape[1])
     window = normalized_window(window_size)
@@ -107,7 +107,7 @@ def ring_attention_varlen(
     """Packed documents: q ``(T, H, D)``, local ``cu_seqlens``; lse ``(H, T)``."""
     check_layout(layout)
     check_qkv(q, k, v, packed=True)
-    check_options(dropout_p, softcap, None, return_attn_probs, dropout_supported=True)
+    check_options(dropout_p, softcap, return_attn_probs)
     check_alibi_slopes(alibi_slopes, q, batch=None)
     window = normalized_window(window_size)
     check_cu_seqlens_tensor(cu_seqlens)

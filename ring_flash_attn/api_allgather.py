@@ -15,8 +15,9 @@ from .allgather import AllGatherPlan, check_heads_k_stride, document_meta, local
 from .api import default_scale, select_block_kernel
 from .ring import AttentionFunction
 from .kernels.base import Band, VarlenMeta
-from .validation import (call_signature, check_cu_seqlens, check_cu_seqlens_tensor, check_options, check_packed,
-                         check_qkv, check_same_call_across_group, group_rank_and_size, normalized_window)
+from .validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
+                         check_packed, check_qkv, check_same_call_across_group, group_rank_and_size,
+                         normalized_window)
 from .varlen import host_offsets
 
 Tensor = torch.Tensor
@@ -25,7 +26,8 @@ Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 def _allgather(q, k, v, meta: VarlenMeta, k_rows, zigzag: bool, heads_k_stride, dropout_p, softmax_scale, causal,
                window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend) -> Result:
-    check_options(dropout_p, softcap, alibi_slopes, return_attn_probs)
+    check_options(dropout_p, softcap, return_attn_probs)
+    check_alibi_slopes(alibi_slopes, q, batch=None)
     window = normalized_window(window_size)
     if window != (-1, -1) and not causal:
         # a piece's keys run to its document's end, so the bottom-right diagonal is not the query's own
@@ -34,16 +36,23 @@ def _allgather(q, k, v, meta: VarlenMeta, k_rows, zigzag: bool, heads_k_stride, 
     meta = dataclasses.replace(meta, window=window)  # causal: a piece's keys end at its last query
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device, call_signature(
-        "allgather", "zigzag" if zigzag else "llama3", q, k, causal, softmax_scale, (heads_k_stride, softcap, window)))
+        "allgather", "zigzag" if zigzag else "llama3", q, k, causal, softmax_scale,
+        (heads_k_stride, softcap, window, dropout_p, alibi_slopes is not None)))
     check_cu_seqlens(meta.offsets_q, q.shape[0], "cu_seqlens_q")
     lo, hi = meta.relative_bounds()
     band = Band(lo, hi)  # what the kernel must take: full, causal, or a window
+    kernel = select_block_kernel(q, k, v, (band,), deterministic, backend, varlen=True, varlen_offsets=bool(causal),
+                                 softcap=softcap, dropout_p=dropout_p, alibi_slopes=alibi_slopes)
+    if alibi_slopes is not None:  # the gathered keys are in global order; k_rows picks this rank's
+        pieces = local_pieces("zigzag" if zigzag else "llama3", rank, world_size, q.shape[0])
+        q_positions = torch.cat([torch.arange(start, start + n) for start, n in pieces]).to(q.device)
+        k_positions = torch.arange(q.shape[0] * world_size, device=q.device)[k_rows]
+        kernel = kernel.at_positions(q_positions, k_positions)
     plan = AllGatherPlan(
         rank=rank,
         world_size=world_size,
         group=group,
-        backend=select_block_kernel(q, k, v, (band,), deterministic, backend, varlen=True,
-                                    varlen_offsets=bool(causal), softcap=softcap),
+        backend=kernel,
         softmax_scale=default_scale(q, softmax_scale),
         heads_k_stride=check_heads_k_stride(heads_k_stride, k.shape[1]),
         meta=meta,

@@ -80,28 +80,12 @@ def normalized_window(window_size) -> Tuple[int, int]:
     return left, right
 
 
-def check_options(
-    dropout_p: float,
-    softcap: float,
-    alibi_slopes: Optional[torch.Tensor],
-    return_attn_probs: bool,
-    dropout_supported: bool = False,
-) -> None:
-    """Refuse what this version does not compute rather than ignore it."""
+def check_options(dropout_p: float, softcap: float, return_attn_probs: bool) -> None:
+    """The scalar options' types and ranges."""
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if dropout_p != 0.0 and not dropout_supported:
-        raise NotImplementedError(
-            f"dropout_p={dropout_p}: dropout is supported by the ring / zigzag / stripe functions (batch and varlen), "
-            "not yet by the llama3 / zigzag_llama3 functions; use dropout_p=0.0"
-        )
     if not isinstance(softcap, (int, float)) or softcap < 0:
         raise ValueError(f"softcap must be a number >= 0 (0: no soft-capping), got {softcap!r}")
-    if alibi_slopes is not None:
-        raise NotImplementedError(
-            "alibi_slopes: ALiBi is supported by the ring / zigzag / stripe functions (through the reference "
-            "kernel), not yet by the llama3 / zigzag_llama3 functions"
-        )
     if not isinstance(return_attn_probs, bool):
         raise TypeError(f"return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
 

@@ -77,6 +77,12 @@ def _attention(case: DropoutCase, q, k, v, p: float, seed: int) -> torch.Tensor:
     if not case.doc_lengths:
         return getattr(rfa, f"{FUNCS[case.layout]}_func")(q, k, v, **kw)
     cu = torch.tensor([0, *torch.tensor(case.doc_lengths).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
+    if case.layout == "llama3":
+        rank = dist.get_rank() if group is not None else 0
+        prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, case.causal, rank, case.world_size)
+        return rfa.llama3_flash_attn_varlen_func(q, k, v, *prepared[:4], case.nheads_k, prepared[4], **kw)
+    if case.layout == "zigzag_llama3":
+        return rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu, max(case.doc_lengths), heads_k_stride=1, **kw)
     local_cu = local_cu_seqlens(cu, case.layout, case.world_size)
     max_len = int((local_cu[1:] - local_cu[:-1]).max())
     return getattr(rfa, f"{FUNCS[case.layout]}_varlen_func")(q, k, v, local_cu, max_len, **kw)

@@ -31,6 +31,12 @@ VARLEN = [
     VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp64", backend="auto", world_size=w,
                doc_lengths=(4 * w, 10 * w, 2 * w), alibi=True, seed=n)
     for n, (w, layout, causal) in enumerate(itertools.product((2, 3), ("ring", "zigzag", "stripe"), (True, False)))
+] + [  # the all-gather family: documents cross rank boundaries; head chunks cut the slopes
+    VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp64", backend="auto", world_size=w,
+               doc_lengths=(5, 3 * w + 1, (-(3 * w + 6)) % (2 * w) + 2 * w), heads_k_stride=stride, alibi=True,
+               seed=n)
+    for n, (w, layout, causal, stride) in enumerate(itertools.product(
+        (2, 3), ("llama3", "zigzag_llama3"), (True, False), (1, None)))
 ]
 
 
@@ -55,6 +61,3 @@ def test_alibi_errors():
     cu = torch.tensor([0, 8], dtype=torch.int32)
     with pytest.raises(ValueError, match="shape"):  # packed documents: one slope per head
         rfa.ring_flash_attn_varlen_func(q[0], k[0], v[0], cu, 8, alibi_slopes=torch.ones(2, 4))
-    with pytest.raises(NotImplementedError, match="not yet by the llama3"):
-        rfa.llama3_flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 8, 8, heads_k_stride=4,
-                                          local_k_slice=slice(0, 8), alibi_slopes=torch.ones(4))

@@ -20,6 +20,8 @@ CPU_CASES = [
     DropoutCase(layout="zigzag", causal=True, world_size=2, doc_lengths=(8, 20, 4), seed=40),
     DropoutCase(layout="stripe", causal=False, world_size=3, doc_lengths=(6, 12), seed=41),
     DropoutCase(layout="zigzag", causal=True, world_size=3, window=(5, 0), seed=42),
+    DropoutCase(layout="llama3", causal=True, world_size=2, doc_lengths=(5, 9, 2), seed=43),
+    DropoutCase(layout="zigzag_llama3", causal=False, world_size=3, doc_lengths=(7, 11), seed=44),  # heads_k_stride 1
 ]
 
 

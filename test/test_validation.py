@@ -51,11 +51,6 @@ def test_dropout_options():
         rfa.ring_flash_attn_func(*qkv(), dropout_p=1.0)
     with pytest.raises(ValueError, match="no dropout"):
         rfa.ring_flash_attn_func(*qkv(), dropout_p=0.1, backend="torch_cpu_flash")
-    q, k, v = (t[0] for t in qkv())
-    cu = torch.tensor([0, q.shape[0]], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="not yet by the llama3"):
-        rfa.llama3_flash_attn_varlen_func(q, k, v, cu, cu, q.shape[0], q.shape[0], heads_k_stride=1,
-                                          local_k_slice=slice(0, q.shape[0]), dropout_p=0.1)
 
 
 def test_softcap_options():
