@@ -19,16 +19,18 @@ import contextlib
 import copy
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from .comm import all_gather_async, reduce_scatter_async
 from .kernels import Backend
-from .kernels.base import VarlenMeta
+from .kernels.base import Band, VarlenMeta
 from .kernels.dropout import dropout_stream
+from .merge import merge_into
 from .ring import accumulator_dtype, take
+from .varlen import WindowCalls
 
 Tensor = torch.Tensor
 Rows = Union[slice, Tensor]
@@ -42,9 +44,10 @@ class AllGatherPlan:
     backend: Backend
     softmax_scale: float
     heads_k_stride: int
-    meta: VarlenMeta  # local query documents against the selected keys
-    k_rows: Rows  # rows of the gathered keys (global order) that ``meta``'s keys are
+    metas: Tuple[VarlenMeta, ...]  # varlen calls: local query documents against the selected keys
+    k_rows: Rows  # rows of the gathered keys (global order) that the metas' keys are
     zigzag: bool  # shards are zigzag chunks: gathered K/V are reordered to global order
+    windowed: bool = False  # a non-causal window: several calls per chunk (same on every rank)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         return allgather_forward(self, q, k, v)
@@ -74,9 +77,10 @@ def local_pieces(layout: str, rank: int, world_size: int, local_tokens: int) -> 
 @lru_cache(maxsize=64)
 def document_meta(
     global_offsets: Tuple[int, ...], pieces: Tuple[Tuple[int, int], ...], causal: bool, device: torch.device
-) -> Tuple[VarlenMeta, Rows]:
-    """Per-document query/key extents of this rank's pieces: ``(meta, rows of the global keys)``."""
-    q_offsets, k_offsets, k_ranges = [0], [0], []
+) -> Tuple[VarlenMeta, Rows, Tuple[Tuple[int, int], ...]]:
+    """Per-document query/key extents of this rank's pieces: ``(meta, rows of the global keys,
+    (global position of the first query, of the first key) per document of meta)``."""
+    q_offsets, k_offsets, k_ranges, starts = [0], [0], [], []
     for start, length in pieces:
         stop = start + length
         first = bisect.bisect_right(global_offsets, start) - 1
@@ -91,12 +95,29 @@ def document_meta(
             q_offsets.append(q_offsets[-1] + q_hi - q_lo)
             k_offsets.append(k_offsets[-1] + k_hi - doc_start)
             k_ranges.append((doc_start, k_hi))
+            starts.append((q_lo, doc_start))
     contiguous = all(a[1] == b[0] for a, b in zip(k_ranges[:-1], k_ranges[1:]))
     if contiguous:
         rows: Rows = slice(k_ranges[0][0], k_ranges[-1][1])
     else:
         rows = torch.cat([torch.arange(a, b) for a, b in k_ranges]).to(device)
-    return VarlenMeta.build(q_offsets, k_offsets, causal, device), rows
+    return VarlenMeta.build(q_offsets, k_offsets, causal, device), rows, tuple(starts)
+
+
+def window_metas(meta: VarlenMeta, starts: Sequence[Tuple[int, int]], causal: bool, window: Tuple[int, int],
+                 device: torch.device) -> Tuple[VarlenMeta, ...]:
+    """A sliding window on global positions as flash window calls over all rows. A document's keys can
+    run past its queries (non-causal), so the kernels' bottom-right diagonal is not a query's own
+    position: each document's band is cut into window pieces and those grouped into calls."""
+    left, right = window
+    calls = WindowCalls()
+    for i, ((lq, lk), (q_start, k_start)) in enumerate(zip(meta.lengths, starts)):
+        shift = q_start - k_start  # key j of the document is query i's position when j - i == shift
+        his = [b for b in (shift + right if right >= 0 else None, shift if causal else None) if b is not None]
+        band = Band(shift - left if left >= 0 else None, min(his) if his else None).normalized(lq, lk)
+        if lq and lk and band is not None:
+            calls.add(band, lq, lk, meta.offsets_q[i], meta.offsets_k[i])
+    return tuple(calls.metas(meta.offsets_q[-1], meta.offsets_k[-1], device))
 
 
 def llama3_flash_attn_prepare_cu_seqlens(
@@ -110,7 +131,7 @@ def llama3_flash_attn_prepare_cu_seqlens(
     if total % world_size:
         raise ValueError(f"the packed batch ({total} tokens) must split evenly over {world_size} ranks")
     pieces = local_pieces("llama3", rank, world_size, total // world_size)
-    meta, rows = document_meta(offsets, pieces, causal, cu_seqlens.device)
+    meta, rows, _ = document_meta(offsets, pieces, causal, cu_seqlens.device)
     return meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, rows
 
 
@@ -178,14 +199,35 @@ def allgather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> T
     with randomness:
         if plan.heads_k_stride == k.shape[1]:  # one chunk: the kernel's output is the result
             (_, heads, k_c, v_c), = KVGather(plan, k, v).chunks(group_size)
-            out, lse = plan.backend.forward_varlen(q, k_c, v_c, plan.meta, plan.softmax_scale)
+            out, lse = attend(plan, plan.backend, q, k_c, v_c)
             return out.to(q.dtype), lse
         out = torch.empty_like(q)
         lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
         for _, heads, k_c, v_c in KVGather(plan, k, v).chunks(group_size):
-            out[:, heads], lse[heads] = plan.chunk_backend(heads).forward_varlen(q[:, heads], k_c, v_c, plan.meta,
-                                                                                 plan.softmax_scale)
+            out[:, heads], lse[heads] = attend(plan, plan.chunk_backend(heads), q[:, heads], k_c, v_c)
     return out, lse
+
+
+def attend(plan: AllGatherPlan, backend: Backend, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """The varlen calls of the plan; their rows are disjoint, so merging them is exact."""
+    out, lse = backend.forward_varlen(q, k, v, plan.metas[0], plan.softmax_scale)
+    for meta in plan.metas[1:]:
+        out_m, lse_m = backend.forward_varlen(q, k, v, meta, plan.softmax_scale)
+        merge_into(out[None], lse[None], out_m[None], lse_m[None])
+    return out, lse
+
+
+def attend_backward(plan: AllGatherPlan, backend: Backend, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`attend`: dq over disjoint rows; dK/dV summed in float32 over the calls."""
+    grads = [backend.backward_varlen(dout, q, k, v, out, lse, meta, plan.softmax_scale) for meta in plan.metas]
+    if len(grads) == 1:
+        return grads[0]
+    dq, dk, dv = grads[0][0].clone(), grads[0][1].float(), grads[0][2].float()
+    for dq_m, dk_m, dv_m in grads[1:]:
+        dq += dq_m  # each row's gradient comes from one call: adding zeros, exact
+        dk += dk_m
+        dv += dv_m
+    return dq, dk, dv
 
 
 def allgather_backward(
@@ -208,12 +250,11 @@ def allgather_backward(
     # Each rank adds one partial per key: with two ranks that is two terms, rounded once by the
     # reduction as the final cast would have -- so they travel in the input dtype, else in float32
     # (also for zigzag-llama3, whose two chunks can both need a key). Every rank must agree.
-    in_input_dtype = w <= 2 and plan.backend.results_in_input_dtype and not plan.zigzag
+    in_input_dtype = w <= 2 and plan.backend.results_in_input_dtype and not plan.zigzag and not plan.windowed
     sum_dtype = k.dtype if in_input_dtype else accumulator_dtype(k.dtype)
     for kv_heads, heads, k_c, v_c in KVGather(plan, k, v).chunks(group_size):
-        dq[:, heads], dk_c, dv_c = plan.chunk_backend(heads).backward_varlen(
-            dout[:, heads], q[:, heads], k_c, v_c, out[:, heads], lse[heads], plan.meta, plan.softmax_scale
-        )
+        dq[:, heads], dk_c, dv_c = attend_backward(plan, plan.chunk_backend(heads), dout[:, heads], q[:, heads], k_c,
+                                                   v_c, out[:, heads], lse[heads])
         full = torch.zeros((w * tokens, 2, *dk_c.shape[1:]), dtype=sum_dtype, device=k.device)
         if isinstance(plan.k_rows, slice):
             full[plan.k_rows, 0] = dk_c

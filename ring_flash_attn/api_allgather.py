@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from .allgather import AllGatherPlan, check_heads_k_stride, document_meta, local_pieces
+from .allgather import AllGatherPlan, check_heads_k_stride, document_meta, local_pieces, window_metas
 from .api import default_scale, select_block_kernel
 from .ring import AttentionFunction
 from .kernels.base import Band, VarlenMeta
@@ -24,16 +24,19 @@ Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 
-def _allgather(q, k, v, meta: VarlenMeta, k_rows, zigzag: bool, heads_k_stride, dropout_p, softmax_scale, causal,
-               window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend) -> Result:
+def _allgather(q, k, v, meta: VarlenMeta, k_rows, starts, zigzag: bool, heads_k_stride, dropout_p, softmax_scale,
+               causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group,
+               backend) -> Result:
+    """``starts``: global positions of each document's first query and first key (for windows)."""
     check_options(dropout_p, softcap, return_attn_probs)
     check_alibi_slopes(alibi_slopes, q, batch=None)
     window = normalized_window(window_size)
-    if window != (-1, -1) and not causal:
-        # a piece's keys run to its document's end, so the bottom-right diagonal is not the query's own
-        # position in every document, and one window per call cannot say where it is
-        raise NotImplementedError("window_size with causal=False is not supported by the all-gather family yet")
+    if causal and window[1] >= 0:  # causal already bounds keys at the query
+        window = (window[0], -1)
     meta = dataclasses.replace(meta, window=window)  # causal: a piece's keys end at its last query
+    metas, windowed = (meta,), window != (-1, -1) and not causal
+    if windowed:  # keys run past the queries: the window is cut per document into flash calls
+        metas = window_metas(meta, starts, bool(causal), window, q.device)
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device, call_signature(
         "allgather", "zigzag" if zigzag else "llama3", q, k, causal, softmax_scale,
@@ -55,9 +58,10 @@ def _allgather(q, k, v, meta: VarlenMeta, k_rows, zigzag: bool, heads_k_stride, 
         backend=kernel,
         softmax_scale=default_scale(q, softmax_scale),
         heads_k_stride=check_heads_k_stride(heads_k_stride, k.shape[1]),
-        meta=meta,
+        metas=metas,
         k_rows=k_rows,
         zigzag=zigzag,
+        windowed=windowed,
     )
     out, lse = AttentionFunction.apply(q, k, v, plan)
     return (out, lse, None) if return_attn_probs else out
@@ -81,7 +85,10 @@ def llama3_flash_attn_varlen_func(
         raise TypeError(f"local_k_slice must be a slice, got {type(local_k_slice).__name__}")
     meta = VarlenMeta(host_offsets(cu_seqlens_q), host_offsets(cu_seqlens_k), bool(causal),
                       cu_seqlens_q.to(q.device, torch.int32), cu_seqlens_k.to(q.device, torch.int32))
-    return _allgather(q, k, v, meta, local_k_slice, False, heads_k_stride, dropout_p, softmax_scale, causal,
+    rank, _ = group_rank_and_size(group)
+    k_start = local_k_slice.start or 0  # contiguous shards: documents' queries and keys in order
+    starts = [(rank * q.shape[0] + meta.offsets_q[i], k_start + meta.offsets_k[i]) for i in range(len(meta.lengths))]
+    return _allgather(q, k, v, meta, local_k_slice, starts, False, heads_k_stride, dropout_p, softmax_scale, causal,
                       window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
@@ -130,9 +137,9 @@ def zigzag_llama3_flash_attn_varlen_func(
         raise ValueError(f"cu_seqlens ends at {offsets[-1]}, but {world_size} ranks x {q.shape[0]} local tokens "
                          f"= {q.shape[0] * world_size}")
     pieces = local_pieces("zigzag", rank, world_size, q.shape[0])
-    meta, k_rows = document_meta(offsets, pieces, bool(causal), q.device)
-    return _allgather(q, k, v, meta, k_rows, True, heads_k_stride, dropout_p, softmax_scale, causal, window_size,
-                      softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+    meta, k_rows, starts = document_meta(offsets, pieces, bool(causal), q.device)
+    return _allgather(q, k, v, meta, k_rows, starts, True, heads_k_stride, dropout_p, softmax_scale, causal,
+                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
 def zigzag_llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,

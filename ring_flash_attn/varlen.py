@@ -69,12 +69,15 @@ def _document_job(template: BlockJob, offsets: Sequence[int], causal: bool, devi
     return _tiled_job(spans, offsets[-1], causal and template.band.hi is not None, (-1, -1), device)
 
 
-def _tiled_job(pieces: Sequence[Tuple[int, int, int, int]], total: int, causal: bool, window: Tuple[int, int],
-               device) -> BlockJob:
-    """One varlen call over all ``total`` local rows running ``pieces`` (query rows ``qa:qb`` against
-    keys ``ka:kb``, increasing on both sides). The rows and keys between them become documents
-    without keys or queries, which the kernel answers with 0 / -inf and zero gradients: nothing is
-    gathered by index, and results add up over whole rows."""
+Span = Tuple[int, int, int, int]  # query rows qa:qb against keys ka:kb of a packed block
+
+
+def tiled_meta(pieces: Sequence[Span], total_q: int, total_k: int, causal: bool, window: Tuple[int, int],
+               device) -> VarlenMeta:
+    """One varlen call over all ``total_q`` query rows and ``total_k`` keys running ``pieces``
+    (increasing on both sides). The rows and keys between them become documents without keys or
+    queries, which the kernel answers with 0 / -inf and zero gradients: nothing is gathered by
+    index, and results add up over whole rows."""
     q_offsets, k_offsets, q_at, k_at = [0], [0], 0, 0
 
     def pair(lq: int, lk: int) -> None:
@@ -87,10 +90,13 @@ def _tiled_job(pieces: Sequence[Tuple[int, int, int, int]], total: int, causal: 
         pair(0, ka - k_at)
         pair(qb - qa, kb - ka)
         q_at, k_at = qb, kb
-    pair(total - q_at, 0)
-    pair(0, total - k_at)
-    meta = dataclasses.replace(VarlenMeta.build(q_offsets, k_offsets, causal, device), window=window)
-    return BlockJob(slice(0, total), slice(0, total), Band(), meta)
+    pair(total_q - q_at, 0)
+    pair(0, total_k - k_at)
+    return dataclasses.replace(VarlenMeta.build(q_offsets, k_offsets, causal, device), window=window)
+
+
+def _tiled_job(pieces: Sequence[Span], total: int, causal: bool, window: Tuple[int, int], device) -> BlockJob:
+    return BlockJob(slice(0, total), slice(0, total), Band(), tiled_meta(pieces, total, total, causal, window, device))
 
 
 def _flash_window(piece: WindowPiece) -> Tuple[bool, Tuple[int, int]]:
@@ -104,31 +110,45 @@ def _flash_window(piece: WindowPiece) -> Tuple[bool, Tuple[int, int]]:
     return False, (left, right)
 
 
+class WindowCalls:
+    """Flash window pieces of many documents, grouped into as few varlen calls as their masks allow:
+    one per distinct mask, more where pieces of one document overlap."""
+
+    def __init__(self) -> None:
+        self.calls: Dict[Tuple[bool, Tuple[int, int]], List[List[Span]]] = {}
+
+    def add(self, band: Band, sq: int, sk: int, q_start: int, k_start: int) -> None:
+        """The ``sq x sk`` block at query row ``q_start`` and key ``k_start``, masked by ``band``."""
+        for piece in window_pieces(band, sq, sk):
+            qa, ka = q_start + piece.rows.start, k_start + piece.keys.start
+            span = (qa, qa + piece.rows.stop - piece.rows.start, ka, ka + piece.keys.stop - piece.keys.start)
+            lists = self.calls.setdefault(_flash_window(piece), [])
+            call = next((c for c in lists if c[-1][1] <= span[0] and c[-1][3] <= span[2]), None)
+            if call is None:  # overlaps every call of this mask so far: a call of its own
+                call = []
+                lists.append(call)
+            call.append(span)
+
+    def metas(self, total_q: int, total_k: int, device) -> List[VarlenMeta]:
+        return [tiled_meta(pieces, total_q, total_k, mask[0], mask[1], device)
+                for mask, lists in sorted(self.calls.items()) for pieces in lists]
+
+
 def _windowed_jobs(layout: str, offsets: Sequence[int], world_size: int, rank: int, src: int, causal: bool,
                    window: Tuple[int, int], device) -> Tuple[Tuple[BlockJob, ...], Tuple[Band, ...]]:
     """Jobs with a sliding window: each document's own batch schedule (the window is in tokens, so it
-    does not scale with the document), its blocks cut into flash window pieces, pieces with the same
-    mask run together -- one varlen call per distinct mask (more where pieces of one document
-    overlap). Also the blocks' bands, for choosing a kernel."""
-    calls: Dict[Tuple[bool, Tuple[int, int]], List[List[Tuple[int, int, int, int]]]] = {}
-    bands = set()
+    does not scale with the document), its blocks cut into flash window pieces and grouped into
+    varlen calls (:class:`WindowCalls`). Also the blocks' bands, for choosing a kernel."""
+    calls, bands = WindowCalls(), set()
     for start, stop in zip(offsets[:-1], offsets[1:]):
         if stop == start:
             continue
         for job in block_jobs(layout, rank, src, world_size, stop - start, causal, window):
             bands.add(job.band)
-            sq, sk = job.q.stop - job.q.start, job.kv.stop - job.kv.start
-            for piece in window_pieces(job.band, sq, sk):
-                qa, ka = start + job.q.start + piece.rows.start, start + job.kv.start + piece.keys.start
-                span = (qa, qa + piece.rows.stop - piece.rows.start, ka, ka + piece.keys.stop - piece.keys.start)
-                lists = calls.setdefault(_flash_window(piece), [])
-                call = next((c for c in lists if c[-1][1] <= span[0] and c[-1][3] <= span[2]), None)
-                if call is None:  # overlaps every call of this mask so far: a call of its own
-                    call = []
-                    lists.append(call)
-                call.append(span)
-    jobs = tuple(_tiled_job(pieces, offsets[-1], mask[0], mask[1], device)
-                 for mask, lists in sorted(calls.items()) for pieces in lists)
+            calls.add(job.band, job.q.stop - job.q.start, job.kv.stop - job.kv.start, start + job.q.start,
+                      start + job.kv.start)
+    total = offsets[-1]
+    jobs = tuple(BlockJob(slice(0, total), slice(0, total), Band(), meta) for meta in calls.metas(total, total, device))
     return jobs, tuple(bands)
 
 

@@ -106,6 +106,12 @@ RING_VARLEN_CASES = [
                             world_size=w, doc_lengths=(4 * w, 12 * w, 2 * w), window=window, seed=i)
     for i, (w, layout, causal, window) in enumerate(itertools.product(
         (2, 3), ("ring", "zigzag", "stripe"), (True, False), ((3, -1), (5, 2), (1, 9))))
+] + [  # the all-gather family: non-causal windows become several varlen calls
+    varlen_cases.VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp32", backend="fake_fa2",
+                            world_size=w, doc_lengths=(5, 6 * w + 1, (-(6 * w + 6)) % (2 * w) + 4 * w),
+                            window=window, heads_k_stride=1, seed=i)
+    for i, (w, layout, causal, window) in enumerate(itertools.product(
+        (2, 3), ("llama3", "zigzag_llama3"), (True, False), ((3, -1), (5, 2), (-1, 4))))
 ]
 
 

@@ -35,9 +35,10 @@ def test_window_options():
         rfa.ring_flash_attn_varlen_func(torch.zeros(8, 2, 16), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16),
                                         torch.tensor([0, 8], dtype=torch.int32), 8, window_size=(2, 0),
                                         backend="torch_cpu_flash")
-    with pytest.raises(NotImplementedError, match="causal=False"):
+    with pytest.raises(ValueError, match="sliding windows need a flash-style kernel"):
         rfa.zigzag_llama3_flash_attn_varlen_func(torch.zeros(8, 2, 16), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16),
-                                                 torch.tensor([0, 8], dtype=torch.int32), 8, window_size=(2, 0))
+                                                 torch.tensor([0, 8], dtype=torch.int32), 8, window_size=(2, 0),
+                                                 backend="torch_cpu_flash")
     with pytest.raises(ValueError, match=">= -1"):
         rfa.ring_flash_attn_func(*qkv(), window_size=(-3, 0))
     with pytest.raises(TypeError, match="pair of ints"):

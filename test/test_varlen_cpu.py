@@ -52,8 +52,8 @@ CASES = _cases() + [  # sliding windows on the all-gather family (documents cros
     VarlenCase(layout=layout, packing=("func", "kvpacked")[w % 2], causal=causal, dtype=("fp32", "bf16")[w % 2],
                backend="auto", world_size=w, doc_lengths=doc_lengths(layout, w, random.Random(100 + w), 1),
                window=window, heads_k_stride=1, seed=w)
-    for w, layout, causal, window in itertools.product((2, 3), ("llama3", "zigzag_llama3"), (True,),
-                                                       ((3, -1), (5, 2), (40, 0)))
+    for w, layout, causal, window in itertools.product((2, 3), ("llama3", "zigzag_llama3"), (True, False),
+                                                       ((3, -1), (5, 2), (40, 0), (-1, 4)))
 ] + [  # sliding windows on the ring family: the window in tokens, each document its own schedule
     VarlenCase(layout=layout, packing=("func", "kvpacked")[n % 2], causal=causal, dtype=("fp64", "bf16")[n % 2],
                backend="auto", world_size=w, doc_lengths=doc_lengths(layout, w, random.Random(200 + n), 1),
