@@ -3,9 +3,10 @@
 Each rank keeps its queries and gathers the K/V of every rank, ``heads_k_stride`` K/V heads at a
 time (the next chunk's all-gather in flight while the current chunk computes), then runs one
 varlen kernel call per chunk: each local document piece attends to its document's keys from the
-document's start (causal: up to the piece's end, bottom-right aligned). Backward gathers again and
-reduce-scatters dK/dV (float32) back to their owners. Memory grows with the stride, not with all
-heads.
+document's start (causal: up to the piece's end, bottom-right aligned; a non-causal sliding window
+takes a few calls, see :func:`window_metas`). Backward gathers again and reduce-scatters dK/dV back
+to their owners (float32; the input dtype where each key gets only two terms). Memory grows with the
+stride, not with all heads.
 
 Two layouts of the packed batch: ``llama3`` (rank r holds the contiguous r-th 1/W of the packed
 tokens; documents cross rank boundaries freely, no divisibility per document) and ``zigzag``
