@@ -64,6 +64,14 @@ def _cases() -> list:
         cases.append(VarlenCase(layout=layout, packing="func", causal=causal, dtype="bf16", backend="torch_cuda_flash",
                                 world_size=w, doc_lengths=(unit * 3, unit, unit * 5, unit * 2), nheads=8, nheads_k=2,
                                 head_dim=128, window=window, seed=n, device="cuda"))
+    # non-causal sliding windows on the all-gather family: several varlen calls per head chunk
+    for n, (w, layout, window) in enumerate(itertools.product(
+            WORLD_SIZES or [2], ("llama3", "zigzag_llama3"), ((100, -1), (300, 50), (-1, 40)))):
+        docs = (200, 1, 37, 700, 5)
+        docs += (2 * w * 16 + (-sum(docs)) % (2 * w),)
+        cases.append(VarlenCase(layout=layout, packing="func", causal=False, dtype="bf16", backend="torch_cuda_flash",
+                                world_size=w, doc_lengths=docs, nheads=8, nheads_k=2, head_dim=128, window=window,
+                                heads_k_stride=1, seed=n, device="cuda"))
     if BACKENDS["flash_attn_4"].interface() is not None:  # a few cases: every new shape JIT-compiles
         for layout, causal in itertools.product(("ring", "zigzag", "stripe"), (True, False)):
             cases.append(Case(layout=layout, packing="func", causal=causal, dtype="bf16", backend="flash_attn_4",
@@ -99,8 +107,9 @@ DROPOUT_CASES = [
                 nheads=8, nheads_k=2, head_dim=64, mean_samples=100, seed=n)
     for n, (w, layout, causal, dtype) in enumerate(itertools.product(
         WORLD_SIZES or [2], ("ring", "zigzag", "stripe"), (True, False), ("fp16", "bf16")))
-] + [DropoutCase(layout="zigzag", causal=True, world_size=max(WORLD_SIZES or [2]), dtype="fp16", device="cuda",
-                 doc_lengths=(256, 64, 192), nheads=8, nheads_k=2, head_dim=64, mean_samples=100, seed=99)]
+] + [DropoutCase(layout=layout, causal=True, world_size=max(WORLD_SIZES or [2]), dtype="fp16", device="cuda",
+                 doc_lengths=(256, 64, 192), nheads=8, nheads_k=2, head_dim=64, mean_samples=100, seed=99)
+     for layout in ("zigzag", "llama3", "zigzag_llama3")]
 
 
 @pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")
