@@ -1,6 +1,6 @@
 """Fuzzing against the float64 reference: random variant (batch ring / zigzag / stripe, every
 packed family), packing, world size, batch, lengths, documents, heads / GQA ratio, head dim,
-dtype, causal, sliding window, kernel and logit scale -- forward and backward, every case checked.
+dtype, causal, sliding window, ALiBi, kernel and logit scale -- forward and backward, every case checked.
 
 CI size by default (30 cases, W <= 4). Larger: ``RING_FLASH_ATTN_FUZZ_CASES=500
 RING_FLASH_ATTN_FUZZ_WORLD=8 RING_FLASH_ATTN_FUZZ_SEED=1 python -m pytest test/test_fuzz.py``.
@@ -35,18 +35,21 @@ def random_case(rng: random.Random):
                   backend=rng.choice(["torch_cpu_flash", "reference", "auto"]), world_size=w, nheads=h, nheads_k=hk,
                   head_dim=rng.choice([8, 16, 24, 32, 64, 80, 128]), seed=rng.randint(0, 10**6),
                   q_scale=rng.choice([1.0, 1.0, 1.0, 8.0]))
+    window = rng.choice([(-1, -1), (-1, -1), (rng.randint(0, 9), rng.choice([-1, rng.randint(0, 9)]))])
+    common["alibi"] = rng.random() < 0.15
+    if (window != (-1, -1) or common["alibi"]) and common["backend"] == "torch_cpu_flash":
+        common["backend"] = "auto"  # the fused CPU kernel takes no sliding window and no ALiBi
+    if common["alibi"]:
+        common["backend"] = "auto"  # only the reference adds ALiBi
     if rng.random() < 0.5:
         layout = rng.choice(["ring", "zigzag", "stripe"])
         unit = 2 if layout == "zigzag" else 1
-        window = rng.choice([(-1, -1), (-1, -1), (rng.randint(0, 9), rng.choice([-1, rng.randint(0, 9)]))])
-        if window != (-1, -1) and common["backend"] == "torch_cpu_flash":
-            common["backend"] = "auto"  # the fused CPU kernel takes no sliding window
         return Case(layout=layout, batch=rng.randint(1, 3), local_len=unit * rng.randint(1, 6), window=window,
                     **common)
     layout = rng.choice(["ring", "zigzag", "stripe", "llama3", "zigzag_llama3"])
     stride = rng.choice([None, 1]) if hk > 1 else None
     return VarlenCase(layout=layout, doc_lengths=doc_lengths(layout, w, rng, rng.random() < 0.2),
-                      heads_k_stride=stride, **common)
+                      heads_k_stride=stride, window=window, **common)
 
 
 CASES = [random_case(random.Random(SEED * 100003 + i)) for i in range(N_CASES)]
