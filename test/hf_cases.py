@@ -36,11 +36,11 @@ def model_available(name: str) -> bool:
                                   "qwen2-sliding": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[name])
 
 
-def build_model(name: str) -> torch.nn.Module:
+def build_model(name: str, attention_dropout: float = 0.0) -> torch.nn.Module:
     import transformers
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.0)
+                  num_key_value_heads=2, max_position_embeddings=128, attention_dropout=attention_dropout)
     config, cls = {
         "llama": lambda: (transformers.LlamaConfig(**common), transformers.LlamaForCausalLM),
         # layer 0 full attention, layer 1 a sliding window of 5 tokens
@@ -95,6 +95,39 @@ def run_rank(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
         "gathered": adapters.gather_sequence(logits.detach(), case.layout, group),
         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
     }
+
+
+def dropout_training_losses(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
+    """A model with attention dropout in train mode through the adapter: the loss share for seeds 5,
+    5, 6 and in eval mode, and whether every gradient is finite."""
+    from ring_flash_attn import adapters
+    from ring_flash_attn.adapters import hf
+
+    group = dist.group.WORLD
+    model = build_model(case.model, attention_dropout=0.3)
+    name = hf.register_ring_attention(group, layout=case.layout)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+    input_ids, labels, _ = batch(case)
+    local = adapters.shard_inputs(input_ids, labels, layout=case.layout, group=group)
+    losses, finite = {}, True
+
+    def step(seed: int, train: bool) -> float:
+        nonlocal finite
+        model.train(train)
+        model.zero_grad()
+        torch.manual_seed(seed)
+        logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+        share = adapters.sharded_causal_lm_loss(logits, local["shift_labels"], group)
+        share.backward()
+        finite = finite and all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+        return adapters.global_loss(share, group).item()
+
+    for key, seed, train in (("a", 5, True), ("b", 5, True), ("c", 6, True), ("eval", 5, False)):
+        losses[key] = step(seed, train)
+    return {"losses": losses, "finite": finite}
 
 
 def reference(case: ModelCase) -> Dict[str, object]:

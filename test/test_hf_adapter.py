@@ -63,3 +63,14 @@ def test_sliding_window_maps_to_window_size():
     allowed = (j <= i) & (j > i - 3)  # transformers' sliding-window mask: the last 3 keys, itself included
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.25)
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_in_training(dist_pool):
+    """transformers passes attention_dropout in train mode: the ring applies it (reproducibly with the
+    seed, differently for another seed, not at all in eval mode), gradients finite."""
+    case = ModelCase("llama", "zigzag", 2)
+    for result in dist_pool(2).run("hf_cases:dropout_training_losses", case=case):
+        losses = result["losses"]
+        assert result["finite"]
+        assert losses["a"] == losses["b"]
+        assert losses["a"] != losses["c"] and losses["a"] != losses["eval"]
