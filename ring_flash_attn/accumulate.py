@@ -19,10 +19,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .kernels.base import accumulator_dtype
 from .merge import merge_into
+from .schedules import Rows
 
 Tensor = torch.Tensor
-Rows = Union[slice, Tensor]
 
 
 def row_intervals(job_rows: Sequence[slice], length: int) -> List[Tuple[int, int, int]]:
@@ -77,7 +78,7 @@ class RowCombiner:
             part_lse = None if value_lse is None else value_lse[:, :, a - rows.start : b - rows.start]
             target = self.result[:, a:b]
             if count >= 3 and self.seen[i] == 2:
-                self.wide[i] = target.to(torch.float64 if target.dtype == torch.float64 else torch.float32)
+                self.wide[i] = target.to(accumulator_dtype(target.dtype))
             acc = self.wide.get(i, target)
             if self.merge:
                 merge_into(acc, self.lse[:, :, a:b], part, part_lse)
@@ -110,7 +111,7 @@ class WideAccumulator:
 
     def __init__(self, like: Tensor, lse_like: Optional[Tensor], length: int, first_rows: Rows, merge: bool) -> None:
         shape = (like.shape[0], length, *like.shape[2:])
-        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        dtype = accumulator_dtype(like.dtype)
         self.merge = merge
         if covers_all(first_rows, length):  # the first result is copied in, not merged into zeros
             self.result = like.to(dtype, copy=True)

@@ -16,25 +16,24 @@ tokens; documents cross rank boundaries freely, no divisibility per document) an
 from __future__ import annotations
 
 import bisect
-import contextlib
 import copy
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .comm import all_gather_async, reduce_scatter_async
 from .kernels import Backend
-from .kernels.base import Band, VarlenMeta
+from .kernels.base import Band, VarlenMeta, accumulator_dtype
 from .kernels.dropout import dropout_stream
 from .merge import merge_into
-from .ring import accumulator_dtype, take
+from .ring import take
+from .schedules import Rows
 from .varlen import WindowCalls
 
 Tensor = torch.Tensor
-Rows = Union[slice, Tensor]
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,8 +195,7 @@ class KVGather:
 def allgather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """``(out (T, H, D), lse (H, T))`` for packed local queries ``q (T, H, D)``."""
     group_size = q.shape[1] // k.shape[1]
-    randomness = dropout_stream(q.device, plan.rank) if plan.backend.dropout is not None else contextlib.nullcontext()
-    with randomness:
+    with dropout_stream(plan.backend.dropout, q.device, plan.rank):
         if plan.heads_k_stride == k.shape[1]:  # one chunk: the kernel's output is the result
             (_, heads, k_c, v_c), = KVGather(plan, k, v).chunks(group_size)
             out, lse = attend(plan, plan.backend, q, k_c, v_c)

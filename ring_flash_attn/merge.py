@@ -56,9 +56,3 @@ def merge_into(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: T
             _compile_failed = True
             warnings.warn(f"ring_flash_attn: fused merge unavailable ({type(err).__name__}: {err}); using eager")
     _merge(out_acc, lse_acc, out_block, lse_block)
-
-
-def start_from(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: Tensor) -> None:
-    """The first block of rows that have seen nothing yet: a copy, no merge."""
-    out_acc.copy_(out_block)
-    lse_acc.copy_(lse_block)

@@ -2,33 +2,28 @@
 
 Forward: each rank keeps its queries; K/V blocks travel ``rank -> rank + 1`` for ``W - 1`` hops,
 the next hop's transfer in flight while the current block computes. Each block's ``(out, lse)``
-is merged into float32 accumulators. Backward rotates K/V again; the float32 dK/dV accumulator of
-each block travels with it and arrives home after ``W`` hops. The engine knows nothing about
-layouts: it asks the schedule which jobs to run for each (rank, K/V source) pair.
+is merged with one rounding (:mod:`ring_flash_attn.accumulate`). Backward rotates K/V again; the
+dK/dV accumulator of each block travels with it and arrives home after ``W`` hops (float32 while
+it is a partial sum, see :func:`dkv_message_dtype`). The engine knows nothing about layouts: it
+asks the schedule which jobs to run for each (rank, K/V source) pair.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .comm import RingComm
-from .kernels import Backend
-from .kernels.dropout import dropout_stream
 from .accumulate import add_rows, disjoint, slice_rows, start_sum
-from .schedules import BlockJob, RingSchedule
+from .kernels import Backend
+from .kernels.base import accumulator_dtype
+from .kernels.dropout import dropout_stream
+from .schedules import BlockJob, RingSchedule, Rows
 
 Tensor = torch.Tensor
-Rows = Union[slice, Tensor]  # a job's rows of the sequence dim (dim 1): a view, or gathered by index
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Partial results accumulate in float32 (float64 for float64 inputs)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -133,8 +128,7 @@ def ring_forward(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tenso
     rows = query_rows(plan)
     acc = None
     kv = KVRotation(plan, k, v)
-    randomness = dropout_stream(q.device, plan.rank) if plan.backend.dropout is not None else contextlib.nullcontext()
-    with randomness:
+    with dropout_stream(plan.backend.dropout, q.device, plan.rank):
         for step in range(plan.world_size):
             src = (plan.rank - step) % plan.world_size
             kv.start(step)

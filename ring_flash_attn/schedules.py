@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Tuple, Union
 from .kernels.base import Band, Tensor, VarlenMeta
 from .layouts import Segment, segments
 
+Rows = Union[slice, Tensor]  # a job's rows of the sequence dim: a view (slice), or gathered by index
+
 
 @dataclass(frozen=True)
 class BlockJob:
@@ -25,8 +27,8 @@ class BlockJob:
     tensors for packed sequences), masked by ``band``. With ``varlen`` set the rows hold several
     documents and the mask is per document (``VarlenMeta.causal``); ``band`` is then unused."""
 
-    q: Union[slice, Tensor]
-    kv: Union[slice, Tensor]
+    q: Rows
+    kv: Rows
     band: Band
     varlen: Optional[VarlenMeta] = None
 

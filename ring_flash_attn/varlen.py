@@ -11,7 +11,6 @@ nothing is gathered by index), built once per call -- or once for many calls, si
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
@@ -52,7 +51,7 @@ def _scaled(rows: slice, length: int) -> Tuple[int, int]:
 
 def _document_job(template: BlockJob, offsets: Sequence[int], causal: bool, device) -> Union[BlockJob, None]:
     """The template job applied to every document of the packed local sequence, as one call over all
-    local rows (see :func:`_tiled_job`)."""
+    local rows (see :func:`tiled_meta`)."""
     spans = []
     for start, stop in zip(offsets[:-1], offsets[1:]):
         length = stop - start
@@ -66,7 +65,9 @@ def _document_job(template: BlockJob, offsets: Sequence[int], causal: bool, devi
             spans.append((start + qa, start + qb, start + ka, start + kb))
     if not spans:
         return None
-    return _tiled_job(spans, offsets[-1], causal and template.band.hi is not None, (-1, -1), device)
+    total = offsets[-1]
+    return _all_rows_job(tiled_meta(spans, total, total, causal and template.band.hi is not None, (-1, -1), device),
+                         total)
 
 
 Span = Tuple[int, int, int, int]  # query rows qa:qb against keys ka:kb of a packed block
@@ -92,11 +93,12 @@ def tiled_meta(pieces: Sequence[Span], total_q: int, total_k: int, causal: bool,
         q_at, k_at = qb, kb
     pair(total_q - q_at, 0)
     pair(0, total_k - k_at)
-    return dataclasses.replace(VarlenMeta.build(q_offsets, k_offsets, causal, device), window=window)
+    return VarlenMeta.build(q_offsets, k_offsets, causal, device, window)
 
 
-def _tiled_job(pieces: Sequence[Span], total: int, causal: bool, window: Tuple[int, int], device) -> BlockJob:
-    return BlockJob(slice(0, total), slice(0, total), Band(), tiled_meta(pieces, total, total, causal, window, device))
+def _all_rows_job(meta: VarlenMeta, total: int) -> BlockJob:
+    """A packed job over all ``total`` local rows and keys (the band is the meta's)."""
+    return BlockJob(slice(0, total), slice(0, total), Band(), meta)
 
 
 def _flash_window(piece: WindowPiece) -> Tuple[bool, Tuple[int, int]]:
@@ -148,7 +150,7 @@ def _windowed_jobs(layout: str, offsets: Sequence[int], world_size: int, rank: i
             calls.add(job.band, job.q.stop - job.q.start, job.kv.stop - job.kv.start, start + job.q.start,
                       start + job.kv.start)
     total = offsets[-1]
-    jobs = tuple(BlockJob(slice(0, total), slice(0, total), Band(), meta) for meta in calls.metas(total, total, device))
+    jobs = tuple(_all_rows_job(meta, total) for meta in calls.metas(total, total, device))
     return jobs, tuple(bands)
 
 

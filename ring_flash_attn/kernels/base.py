@@ -14,7 +14,6 @@ no key). Packed (varlen) blocks: q ``(Tq, H, D)``, k/v ``(Tk, Hk, D)``, lse ``(H
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Tuple
@@ -108,11 +107,11 @@ class VarlenMeta:
     window: Tuple[int, int] = (-1, -1)
 
     @classmethod
-    def build(cls, offsets_q, offsets_k, causal: bool, device) -> "VarlenMeta":
+    def build(cls, offsets_q, offsets_k, causal: bool, device, window: Tuple[int, int] = (-1, -1)) -> "VarlenMeta":
         if len(offsets_q) != len(offsets_k):
             raise ValueError("query and key offsets must describe the same documents")
         to_dev = lambda o: torch.tensor(o, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
-        return cls(tuple(offsets_q), tuple(offsets_k), causal, to_dev(offsets_q), to_dev(offsets_k))
+        return cls(tuple(offsets_q), tuple(offsets_k), causal, to_dev(offsets_q), to_dev(offsets_k), tuple(window))
 
     @property
     def lengths(self) -> Tuple[Tuple[int, int], ...]:
@@ -247,7 +246,7 @@ class Backend:
         """Packed documents: ``(out (Tq, H, D), lse (H, Tq))``; rows with no key give 0 / -inf."""
         from ..merge import merge_into
 
-        out = q.new_zeros(q.shape, dtype=_accumulator(q.dtype))
+        out = q.new_zeros(q.shape, dtype=accumulator_dtype(q.dtype))
         lse = torch.full((1, q.shape[1], q.shape[0]), float("-inf"), dtype=out.dtype, device=q.device)
         for band, rows, keys in _document_blocks(meta):
             o, l = self.forward(q[None, rows], k[None, keys], v[None, keys], band, softmax_scale)
@@ -257,7 +256,7 @@ class Backend:
     def backward_varlen(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, meta: VarlenMeta, softmax_scale: float
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        dq, dk, dv = (torch.zeros_like(t, dtype=_accumulator(q.dtype)) for t in (q, k, v))
+        dq, dk, dv = (torch.zeros_like(t, dtype=accumulator_dtype(q.dtype)) for t in (q, k, v))
         for band, rows, keys in _document_blocks(meta):
             g = self.backward(dout[None, rows], q[None, rows], k[None, keys], v[None, keys], out[None, rows],
                               lse[None, :, rows], band, softmax_scale)
@@ -278,13 +277,13 @@ def nonempty_documents(meta: VarlenMeta) -> Tuple[VarlenMeta, Tensor, Tensor]:
             q_ranges.append(torch.arange(meta.offsets_q[i], meta.offsets_q[i] + lq))
             k_ranges.append(torch.arange(meta.offsets_k[i], meta.offsets_k[i] + lk))
     device = meta.cu_seqlens_q.device
-    kept = VarlenMeta.build(q_offsets, k_offsets, meta.causal, device)
-    kept = dataclasses.replace(kept, window=meta.window)
+    kept = VarlenMeta.build(q_offsets, k_offsets, meta.causal, device, meta.window)
     index = lambda r: (torch.cat(r) if r else torch.zeros(0, dtype=torch.int64)).to(device)  # noqa: E731
     return kept, index(q_ranges), index(k_ranges)
 
 
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Partial results accumulate (and the reference computes) in float32, float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

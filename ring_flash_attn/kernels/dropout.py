@@ -13,7 +13,7 @@ checkpointing's RNG restore included), and different ranks drop different entrie
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Optional
 
 import torch
 
@@ -43,9 +43,13 @@ class DropoutRecord:
 
 
 @contextlib.contextmanager
-def dropout_stream(device: torch.device, rank: int) -> Iterator[None]:
+def dropout_stream(record: Optional[DropoutRecord], device: torch.device, rank: int) -> Iterator[None]:
     """Run a forward's kernels on a random stream of their own (see the module docstring); the
-    default generators come out as if one number had been drawn from the CPU one."""
+    default generators come out as if one number had been drawn from the CPU one. Without dropout
+    (``record`` None) nothing happens."""
+    if record is None:
+        yield
+        return
     seed = (int(torch.randint(0, 2**40, (1,)).item()) << 20) + rank
     cuda = device.type == "cuda"
     with torch.random.fork_rng(devices=[device] if cuda else []):

@@ -8,12 +8,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import Backend, Band, KernelCall, Tensor, VarlenMeta
+from .base import Backend, Band, KernelCall, Tensor, VarlenMeta, accumulator_dtype
 from .dropout import keep_mask
-
-
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _grouped(q: Tensor, nheads_k: int) -> Tensor:
@@ -27,7 +23,7 @@ def _scores(q: Tensor, k: Tensor, allowed: Optional[Tensor], softmax_scale: floa
     """Scaled (and soft-capped: ``cap * tanh(s / cap)``) scores (B, Hk, G, Sq, Sk) in the math dtype,
     plus ``bias`` (added after the cap, as flash-attn adds ALiBi), -inf where ``allowed`` is False;
     with a cap, also ``1 - tanh^2`` for the backward."""
-    dt = _math_dtype(q.dtype)
+    dt = accumulator_dtype(q.dtype)
     qg = _grouped(q.to(dt), k.shape[2])
     scores = torch.einsum("bihgd,bjhd->bhgij", qg, k.to(dt)) * softmax_scale
     slope = None
@@ -103,7 +99,7 @@ class ReferenceBackend(Backend):
             raise RuntimeError("ALiBi needs the block's global positions (Backend.at_positions)")
         q_pos, k_pos = (p.to(torch.float64) for p in self.positions)
         distance = (q_pos[:, None] - k_pos[None, :]).abs()
-        slopes = self.alibi_slopes.to(_math_dtype(q.dtype)).reshape(-1, k.shape[2], q.shape[2] // k.shape[2], 1, 1)
+        slopes = self.alibi_slopes.to(accumulator_dtype(q.dtype)).reshape(-1, k.shape[2], q.shape[2] // k.shape[2], 1, 1)
         return -slopes * distance.to(slopes.dtype)
 
     def _kept(self, seed: int, probs: Tensor) -> Tensor:
@@ -117,7 +113,7 @@ class ReferenceBackend(Backend):
     ) -> Tuple[Tensor, Tensor, Tensor]:
         b, sq, h, d = q.shape
         hk = k.shape[2]
-        dt = _math_dtype(q.dtype)
+        dt = accumulator_dtype(q.dtype)
         scores, slope = _scores(q, k, allowed, softmax_scale, self.softcap, self._alibi(q, k))
         probs = _probs(scores, lse.reshape(b, hk, h // hk, sq))
         dout_g = _grouped(dout.to(dt), hk)
