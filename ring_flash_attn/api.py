@@ -58,7 +58,8 @@ def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:
 def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, group, softmax_scale, deterministic,
          backend: Optional[str], varlen: bool, softcap: float, dropout_p: float,
          alibi_slopes: Optional[Tensor] = None, positions=None) -> Tuple[Tensor, Tensor]:
-    """Select the block kernel and run the ring on 4-D ``(B, S, H, D)`` tensors."""
+    """Select the block kernel and run the ring on 4-D ``(B, S, H, D)`` tensors (``positions``: every
+    rank's global token positions, given with ALiBi)."""
     plan = RingPlan(
         rank=rank,
         world_size=world_size,
@@ -67,7 +68,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, 
         backend=select_block_kernel(q, k, v, schedule.bands(), deterministic, backend, varlen, softcap=softcap,
                                     dropout_p=dropout_p, alibi_slopes=alibi_slopes),
         softmax_scale=default_scale(q, softmax_scale),
-        positions=positions if alibi_slopes is not None else None,
+        positions=positions,
     )
     return AttentionFunction.apply(q, k, v, plan)
 
