@@ -108,6 +108,21 @@ def block_jobs(layout: str, rank: int, src: int, world_size: int, local_len: int
     return tuple(_merge_full_cells(qsegs, ksegs, cells))
 
 
+def without_empty_edges(job: BlockJob) -> BlockJob:
+    """A causal band strictly below the diagonal (``hi < 0``, no lower bound) leaves its first ``-hi``
+    query rows and last ``-hi`` keys unused: the job without them is top-left causal (``Band(None, 0)``)
+    on an aligned block, so kernels that only know that mask need no padded copies of their results.
+    Other jobs are returned as they are."""
+    band = job.band
+    if band.lo is not None or band.hi is None or band.hi >= 0 or not isinstance(job.q, slice):
+        return job
+    cut = -band.hi
+    rows = job.q.stop - job.q.start - cut
+    keys = min(job.kv.stop - job.kv.start, rows)
+    return BlockJob(slice(job.q.start + cut, job.q.stop), slice(job.kv.start, job.kv.start + keys),
+                    Band(None, 0).normalized(rows, keys))
+
+
 @dataclass(frozen=True)
 class RingSchedule:
     """All ranks' jobs for one ring call, plus which K/V hops are worth sending."""
@@ -131,9 +146,13 @@ class RingSchedule:
 
 @lru_cache(maxsize=256)
 def ring_schedule(layout: str, world_size: int, local_len: int, causal: bool,
-                  window: Tuple[int, int] = (-1, -1)) -> RingSchedule:
+                  window: Tuple[int, int] = (-1, -1), trim: bool = True) -> RingSchedule:
+    """Every rank's jobs; ``trim``: drop the unused edges of shifted causal blocks
+    (:func:`without_empty_edges`; packed documents scale an untrimmed template instead)."""
     jobs = tuple(
-        tuple(block_jobs(layout, r, s, world_size, local_len, causal, window) for s in range(world_size))
+        tuple(tuple(without_empty_edges(j) if trim else j
+                    for j in block_jobs(layout, r, s, world_size, local_len, causal, window))
+              for s in range(world_size))
         for r in range(world_size)
     )
     return RingSchedule(world_size, jobs)

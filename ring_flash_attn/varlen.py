@@ -188,7 +188,7 @@ def varlen_ring_schedule(
         jobs = tuple(tuple(built[r][s][0] for s in ranks) for r in ranks)
         bands = tuple(sorted({b for row in built for _, bs in row for b in bs}, key=repr))
         return VarlenRingSchedule(RingSchedule(world_size, jobs), jobs, bands)
-    template = ring_schedule(layout, world_size, TEMPLATE_LEN, causal)
+    template = ring_schedule(layout, world_size, TEMPLATE_LEN, causal, trim=False)
     jobs = tuple(
         tuple(tuple(j for j in (_document_job(t, offsets, causal, device) for t in template.jobs_for(r, s)) if j)
               for s in ranks)

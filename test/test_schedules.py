@@ -11,16 +11,17 @@ import torch
 
 from ring_flash_attn.kernels.base import Band, trim_to_top_left_causal
 from ring_flash_attn.layouts import LAYOUTS, position_ids, segments
-from ring_flash_attn.schedules import block_jobs, ring_schedule, segment_band
+from ring_flash_attn.schedules import BlockJob, block_jobs, ring_schedule, segment_band
 
 
 def covered(layout: str, world_size: int, local_len: int, causal: bool, window=(-1, -1)) -> torch.Tensor:
-    """How many times each global (query, key) pair is computed by the schedule."""
+    """How many times each global (query, key) pair is computed by the schedule the ring runs."""
     seqlen = world_size * local_len
     count = torch.zeros(seqlen, seqlen, dtype=torch.int64)
     pos = [position_ids(layout, r, world_size, seqlen) for r in range(world_size)]
+    schedule = ring_schedule(layout, world_size, local_len, causal, window)
     for rank, src in itertools.product(range(world_size), repeat=2):
-        for job in block_jobs(layout, rank, src, world_size, local_len, causal, window):
+        for job in schedule.jobs_for(rank, src):
             qpos, kpos = pos[rank][job.q], pos[src][job.kv]
             assert len(qpos) and len(kpos)
             allowed = job.band.allowed(len(qpos), len(kpos))
@@ -74,8 +75,10 @@ def test_few_kernel_calls():
     for rank, src in itertools.product(range(4), repeat=2):
         assert len(block_jobs("zigzag", rank, src, 4, 8, True)) == 1
         assert len(block_jobs("zigzag", rank, src, 4, 8, False)) == 1
-    # stripe: strictly-causal band below the diagonal when the source is later in the stripe
+    # stripe: strictly-causal band below the diagonal when the source is later in the stripe,
+    # run as an aligned causal block without the first query row and the last key
     assert block_jobs("stripe", 0, 1, 2, 4, True)[0].band == Band(None, -1)
+    assert ring_schedule("stripe", 2, 4, True).jobs_for(0, 1) == (BlockJob(slice(1, 4), slice(0, 3), Band(None, 0)),)
     # ring: nothing to do for later blocks
     assert block_jobs("ring", 0, 1, 2, 4, True) == ()
 
