@@ -8,9 +8,12 @@ takes a few calls, see :func:`window_metas`). Backward gathers again and reduce-
 to their owners (float32; the input dtype where each key gets only two terms). Memory grows with the
 stride, not with all heads.
 
-Two layouts of the packed batch: ``llama3`` (rank r holds the contiguous r-th 1/W of the packed
-tokens; documents cross rank boundaries freely, no divisibility per document) and ``zigzag``
-(rank r holds chunks r and 2W-1-r of 2W chunks of the packed tokens: balanced causal work).
+Layouts of the packed batch (:func:`local_pieces`): ``llama3`` (rank r holds the contiguous r-th 1/W
+of the packed tokens; documents cross rank boundaries freely, no divisibility per document),
+``zigzag_llama3`` (every document cut into 2W chunks, rank r holding chunks r and 2W-1-r of each:
+the same causal work on every rank whatever the documents, and the layout of the zigzag ring's
+varlen functions) and ``packed_zigzag`` (the whole pack cut so: balanced for one long document).
+Zigzag shards reach the kernel through an index into the gathered buffer, no reordering copy.
 """
 
 from __future__ import annotations
@@ -45,8 +48,7 @@ class AllGatherPlan:
     softmax_scale: float
     heads_k_stride: int
     metas: Tuple[VarlenMeta, ...]  # varlen calls: local query documents against the selected keys
-    k_rows: Rows  # rows of the gathered keys (global order) that the metas' keys are
-    zigzag: bool  # shards are zigzag chunks: gathered K/V are reordered to global order
+    k_rows: Rows  # rows of the all-gather buffer (every rank's shard, rank order) that the metas' keys are
     windowed: bool = False  # a non-causal window: several calls per chunk (same on every rank)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
@@ -64,14 +66,51 @@ class AllGatherPlan:
         return chunk
 
 
-def local_pieces(layout: str, rank: int, world_size: int, local_tokens: int) -> Tuple[Tuple[int, int], ...]:
-    """(global start, length) of the contiguous runs of packed tokens this rank holds, in local order."""
+def local_pieces(layout: str, offsets: Tuple[int, ...], rank: int, world_size: int) -> Tuple[Tuple[int, int], ...]:
+    """(global start, length) of the contiguous runs of packed tokens rank ``rank`` holds, in local
+    order, for the packed batch with global cu_seqlens ``offsets``. Layouts: ``llama3`` (the r-th 1/W
+    of the pack), ``zigzag_llama3`` (chunks r and 2W-1-r of 2W of every document) and
+    ``packed_zigzag`` (chunks r and 2W-1-r of 2W of the whole pack)."""
+    total = offsets[-1]
     if layout == "llama3":
-        return ((rank * local_tokens, local_tokens),)
-    if local_tokens % 2:
-        raise ValueError(f"zigzag layout needs an even number of local tokens, got {local_tokens}")
-    half = local_tokens // 2
-    return ((rank * half, half), ((2 * world_size - 1 - rank) * half, half))
+        local = total // world_size
+        return ((rank * local, local),)
+    chunks = 2 * world_size
+    if layout == "packed_zigzag":
+        spans = ((0, total),)
+    elif layout == "zigzag_llama3":
+        spans = tuple((a, b) for a, b in zip(offsets[:-1], offsets[1:]) if b > a)
+    else:
+        raise ValueError(f"unknown all-gather layout {layout!r}")
+    pieces = []
+    for start, stop in spans:
+        if (stop - start) % chunks:
+            what = "the packed batch" if layout == "packed_zigzag" else "every document"
+            raise ValueError(f"layout {layout!r} cuts {what} into {chunks} equal chunks (2 x world size), but one "
+                             f"has {stop - start} tokens; pad the documents (ring_flash_attn.layouts.pad_cu_seqlens)")
+        size = (stop - start) // chunks
+        pieces += [(start + rank * size, size), (start + (chunks - 1 - rank) * size, size)]
+    return tuple(pieces)
+
+
+def gathered_rows(layout: str, offsets: Tuple[int, ...], world_size: int, rows: Rows, device: torch.device) -> Rows:
+    """Rows of the global packed tokens -> rows of the all-gather buffer, which holds every rank's
+    shard in rank order (the same order for ``llama3``; zigzag layouts index into it)."""
+    if layout == "llama3":
+        return rows
+    order = torch.cat([torch.arange(start, start + n) for r in range(world_size)
+                       for start, n in local_pieces(layout, offsets, r, world_size)])
+    where = torch.empty_like(order)
+    where[order] = torch.arange(order.numel())
+    return where[rows.cpu() if isinstance(rows, Tensor) else rows].to(device)
+
+
+@lru_cache(maxsize=64)
+def pack_plan(layout: str, offsets: Tuple[int, ...], rank: int, world_size: int, causal: bool, device: torch.device):
+    """``(meta, rows of the gathered K/V, rows of the global keys, starts)`` of this rank's pieces
+    (see :func:`document_meta`)."""
+    meta, rows, starts = document_meta(offsets, local_pieces(layout, offsets, rank, world_size), causal, device)
+    return meta, gathered_rows(layout, offsets, world_size, rows, device), rows, starts
 
 
 @lru_cache(maxsize=64)
@@ -130,21 +169,9 @@ def llama3_flash_attn_prepare_cu_seqlens(
     total = offsets[-1]
     if total % world_size:
         raise ValueError(f"the packed batch ({total} tokens) must split evenly over {world_size} ranks")
-    pieces = local_pieces("llama3", rank, world_size, total // world_size)
-    meta, rows, _ = document_meta(offsets, pieces, causal, cu_seqlens.device)
+    meta, rows, _ = document_meta(offsets, local_pieces("llama3", offsets, rank, world_size), causal,
+                                  cu_seqlens.device)
     return meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, rows
-
-
-def _global_order(gathered: Tensor, world_size: int) -> Tensor:
-    """Rank-major zigzag shards ``(W * T, ...)`` -> global token order."""
-    chunks = gathered.unflatten(0, (world_size, 2, -1))
-    return torch.cat([chunks[:, 0], chunks.flip(0)[:, 1]], dim=0).flatten(0, 1)
-
-
-def _rank_order(full: Tensor, world_size: int) -> Tensor:
-    """Inverse of :func:`_global_order`."""
-    chunks = full.unflatten(0, (2 * world_size, -1))
-    return torch.stack([chunks[:world_size], chunks[world_size:].flip(0)], dim=1).flatten(0, 2)
 
 
 class KVGather:
@@ -175,10 +202,7 @@ class KVGather:
         if self.works[slot] is not None:
             self.works[slot].wait()
             self.works[slot] = None
-        kv = self.gathered[slot]
-        if self.plan.zigzag and self.plan.world_size > 1:
-            kv = _global_order(kv, self.plan.world_size)
-        kv = take(kv, self.plan.k_rows, dim=0)
+        kv = take(self.gathered[slot], self.plan.k_rows, dim=0)
         return kv[:, 0], kv[:, 1]
 
     def chunks(self, group_size: int):
@@ -246,10 +270,12 @@ def allgather_backward(
             work.wait()
         dk[:, kv_heads], dv[:, kv_heads] = result[:, 0], result[:, 1]
 
-    # Each rank adds one partial per key: with two ranks that is two terms, rounded once by the
-    # reduction as the final cast would have -- so they travel in the input dtype, else in float32
-    # (also for zigzag-llama3, whose two chunks can both need a key). Every rank must agree.
-    in_input_dtype = w <= 2 and plan.backend.results_in_input_dtype and not plan.zigzag and not plan.windowed
+    # Where each rank adds at most one partial per key (keys selected by a slice, one call), two ranks
+    # make two terms, rounded once by the reduction as the final cast would have: they travel in the
+    # input dtype. Else in float32 (zigzag layouts: a rank's two chunks can both need a key).
+    # Every rank must agree.
+    in_input_dtype = (w <= 2 and plan.backend.results_in_input_dtype and isinstance(plan.k_rows, slice)
+                      and not plan.windowed)
     sum_dtype = k.dtype if in_input_dtype else accumulator_dtype(k.dtype)
     for kv_heads, heads, k_c, v_c in KVGather(plan, k, v).chunks(group_size):
         dq[:, heads], dk_c, dv_c = attend_backward(plan, plan.chunk_backend(heads), dout[:, heads], q[:, heads], k_c,
@@ -265,8 +291,6 @@ def allgather_backward(
         if w == 1:
             pending = (None, full, kv_heads)
             continue
-        if plan.zigzag:
-            full = _rank_order(full, w)
         mine = torch.empty((tokens, *full.shape[1:]), dtype=sum_dtype, device=k.device)
         pending = (reduce_scatter_async(mine, full, plan.group), mine, kv_heads)
     finish(pending)

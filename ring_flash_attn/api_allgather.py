@@ -1,7 +1,7 @@
 """Public functions of the all-gather family: ``llama3_flash_attn_varlen_*`` (ring-flash-attn
 0.1.x's signatures, with its :func:`llama3_flash_attn_prepare_cu_seqlens`) and the load-balanced
 ``zigzag_llama3_flash_attn_varlen_*`` (global ``cu_seqlens``, each rank holding zigzag chunks of
-the packed batch). Thin wrappers: validate, build an :class:`AllGatherPlan`, call the Function."""
+every document). Thin wrappers: validate, build an :class:`AllGatherPlan`, call the Function."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from .allgather import AllGatherPlan, check_heads_k_stride, document_meta, local_pieces, window_metas
+from .allgather import AllGatherPlan, check_heads_k_stride, local_pieces, pack_plan, window_metas
 from .api import default_scale, select_block_kernel
 from .ring import AttentionFunction
 from .kernels.base import Band, VarlenMeta
@@ -24,10 +24,12 @@ Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 
-def _allgather(q, k, v, meta: VarlenMeta, k_rows, starts, zigzag: bool, heads_k_stride, dropout_p, softmax_scale,
-               causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group,
-               backend) -> Result:
-    """``starts``: global positions of each document's first query and first key (for windows)."""
+def _allgather(q, k, v, layout: str, meta: VarlenMeta, pieces, key_rows, gathered_rows, starts, heads_k_stride,
+               dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+               group, backend) -> Result:
+    """``pieces``: (global start, length) of this rank's runs of tokens; ``key_rows``: the global
+    rows of the keys ``meta`` describes, ``gathered_rows`` the same rows in the all-gather buffer;
+    ``starts``: global positions of each document's first query and first key (for windows)."""
     check_options(dropout_p, softcap, return_attn_probs)
     check_alibi_slopes(alibi_slopes, q, batch=None)
     window = normalized_window(window_size)
@@ -39,17 +41,16 @@ def _allgather(q, k, v, meta: VarlenMeta, k_rows, starts, zigzag: bool, heads_k_
         metas = window_metas(meta, starts, bool(causal), window, q.device)
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device, call_signature(
-        "allgather", "zigzag" if zigzag else "llama3", q, k, causal, softmax_scale,
+        "allgather", layout, q, k, causal, softmax_scale,
         (heads_k_stride, softcap, window, dropout_p, alibi_slopes is not None)))
     check_cu_seqlens(meta.offsets_q, q.shape[0], "cu_seqlens_q")
     lo, hi = meta.relative_bounds()
     band = Band(lo, hi)  # what the kernel must take: full, causal, or a window
     kernel = select_block_kernel(q, k, v, (band,), deterministic, backend, varlen=True, varlen_offsets=bool(causal),
                                  softcap=softcap, dropout_p=dropout_p, alibi_slopes=alibi_slopes)
-    if alibi_slopes is not None:  # the gathered keys are in global order; k_rows picks this rank's
-        pieces = local_pieces("zigzag" if zigzag else "llama3", rank, world_size, q.shape[0])
+    if alibi_slopes is not None:  # global positions of the queries and of the selected keys
         q_positions = torch.cat([torch.arange(start, start + n) for start, n in pieces]).to(q.device)
-        k_positions = torch.arange(q.shape[0] * world_size, device=q.device)[k_rows]
+        k_positions = torch.arange(q.shape[0] * world_size, device=q.device)[key_rows]
         kernel = kernel.at_positions(q_positions, k_positions)
     plan = AllGatherPlan(
         rank=rank,
@@ -59,8 +60,7 @@ def _allgather(q, k, v, meta: VarlenMeta, k_rows, starts, zigzag: bool, heads_k_
         softmax_scale=default_scale(q, softmax_scale),
         heads_k_stride=check_heads_k_stride(heads_k_stride, k.shape[1]),
         metas=metas,
-        k_rows=k_rows,
-        zigzag=zigzag,
+        k_rows=gathered_rows,
         windowed=windowed,
     )
     out, lse = AttentionFunction.apply(q, k, v, plan)
@@ -88,8 +88,10 @@ def llama3_flash_attn_varlen_func(
     rank, _ = group_rank_and_size(group)
     k_start = local_k_slice.start or 0  # contiguous shards: documents' queries and keys in order
     starts = [(rank * q.shape[0] + meta.offsets_q[i], k_start + meta.offsets_k[i]) for i in range(len(meta.lengths))]
-    return _allgather(q, k, v, meta, local_k_slice, starts, False, heads_k_stride, dropout_p, softmax_scale, causal,
-                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+    pieces = ((rank * q.shape[0], q.shape[0]),)
+    return _allgather(q, k, v, "llama3", meta, pieces, local_k_slice, local_k_slice, starts, heads_k_stride, dropout_p,
+                      softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                      group, backend)
 
 
 def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -126,9 +128,24 @@ def zigzag_llama3_flash_attn_varlen_func(
     heads_k_stride: Optional[int] = None, backend: Optional[str] = None,
 ) -> Result:
     """Load-balanced all-gather attention over packed documents. ``cu_seqlens`` is the *global*
-    cu_seqlens of the packed batch (documents may cross rank boundaries); rank r holds chunks r and
-    2W-1-r of 2W equal chunks of the packed tokens (``layouts.shard(x, "zigzag", ...)`` on the
-    packed batch). ``heads_k_stride`` K/V heads are gathered at a time (default: all)."""
+    cu_seqlens of the packed batch; every document is cut into 2W equal chunks and rank r holds
+    chunks r and 2W-1-r of each, in document order -- the layout of
+    :func:`zigzag_ring_flash_attn_varlen_func` (``layouts.shard_varlen(x, cu_seqlens, "zigzag", ...)``),
+    so every rank gets the same causal work whatever the documents. Each document must be a multiple
+    of 2W tokens (``layouts.pad_cu_seqlens``). ``heads_k_stride`` K/V heads are gathered at a time
+    (default: all)."""
+    return packed_allgather("zigzag_llama3", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size,
+                            softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend)
+
+
+def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, dropout_p: float = 0.0,
+                     softmax_scale: Optional[float] = None, causal: bool = False,
+                     window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                     return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+                     heads_k_stride: Optional[int] = None, backend: Optional[str] = None) -> Result:
+    """The all-gather family on the global ``cu_seqlens`` for a layout of :func:`allgather.local_pieces`
+    (the model adapter's packed batches use ``packed_zigzag``: the pack cut as one sequence)."""
     check_qkv(q, k, v, packed=True)
     check_cu_seqlens_tensor(cu_seqlens)
     rank, world_size = group_rank_and_size(group)
@@ -136,10 +153,11 @@ def zigzag_llama3_flash_attn_varlen_func(
     if offsets[-1] != q.shape[0] * world_size:
         raise ValueError(f"cu_seqlens ends at {offsets[-1]}, but {world_size} ranks x {q.shape[0]} local tokens "
                          f"= {q.shape[0] * world_size}")
-    pieces = local_pieces("zigzag", rank, world_size, q.shape[0])
-    meta, k_rows, starts = document_meta(offsets, pieces, bool(causal), q.device)
-    return _allgather(q, k, v, meta, k_rows, starts, True, heads_k_stride, dropout_p, softmax_scale, causal,
-                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+    pieces = local_pieces(layout, offsets, rank, world_size)
+    meta, gathered, key_rows, starts = pack_plan(layout, offsets, rank, world_size, bool(causal), q.device)
+    return _allgather(q, k, v, layout, meta, pieces, key_rows, gathered, starts, heads_k_stride, dropout_p,
+                      softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                      group, backend)
 
 
 def zigzag_llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,

@@ -106,12 +106,13 @@ def unshard(shards: Sequence[torch.Tensor], layout: str, dim: int = 1) -> torch.
 
 
 # ---- packed sequences (varlen) -------------------------------------------------------------------
-# Per-document layouts ("ring", "zigzag", "stripe"): every document is split across the ranks as a
-# sequence would be. Whole-pack layouts ("llama3", "zigzag_llama3"): the packed batch is split as one
-# sequence ("ring" / "zigzag"), documents crossing rank boundaries freely.
+# Per-document layouts ("ring", "zigzag", "stripe", and "zigzag_llama3" = "zigzag"): every document is
+# split across the ranks as a sequence would be. Whole-pack layouts ("llama3", "packed_zigzag"): the
+# packed batch is split as one sequence ("ring" / "zigzag"), documents crossing rank boundaries freely.
 
-PACKED_LAYOUTS = {"llama3": "ring", "zigzag_llama3": "zigzag"}
-VARLEN_LAYOUTS = LAYOUTS + tuple(PACKED_LAYOUTS)
+PACKED_LAYOUTS = {"llama3": "ring", "packed_zigzag": "zigzag"}
+PER_DOCUMENT_ALIASES = {"zigzag_llama3": "zigzag"}
+VARLEN_LAYOUTS = LAYOUTS + tuple(PACKED_LAYOUTS) + tuple(PER_DOCUMENT_ALIASES)
 
 
 def _offsets(cu_seqlens) -> Tuple[int, ...]:
@@ -123,6 +124,7 @@ def varlen_token_index(cu_seqlens, layout: str, rank: int, world_size: int) -> t
     offsets = _offsets(cu_seqlens)
     if layout in PACKED_LAYOUTS:
         return position_ids(PACKED_LAYOUTS[layout], rank, world_size, offsets[-1])
+    layout = PER_DOCUMENT_ALIASES.get(layout, layout)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown varlen layout {layout!r}; expected one of {VARLEN_LAYOUTS}")
     runs = []
@@ -134,6 +136,7 @@ def varlen_token_index(cu_seqlens, layout: str, rank: int, world_size: int) -> t
 
 def local_cu_seqlens(cu_seqlens: torch.Tensor, layout: str, world_size: int) -> torch.Tensor:
     """The local cu_seqlens of a per-document layout (global // W), after checking divisibility."""
+    layout = PER_DOCUMENT_ALIASES.get(layout, layout)
     offsets = _offsets(cu_seqlens)
     for start, stop in zip(offsets[:-1], offsets[1:]):
         if stop > start:

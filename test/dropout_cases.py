@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import ring_flash_attn as rfa
+from ring_flash_attn.api_allgather import packed_allgather
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,6 +84,8 @@ def _attention(case: DropoutCase, q, k, v, p: float, seed: int) -> torch.Tensor:
         return rfa.llama3_flash_attn_varlen_func(q, k, v, *prepared[:4], case.nheads_k, prepared[4], **kw)
     if case.layout == "zigzag_llama3":
         return rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu, max(case.doc_lengths), heads_k_stride=1, **kw)
+    if case.layout == "packed_zigzag":
+        return packed_allgather("packed_zigzag", q, k, v, cu, **kw)
     local_cu = local_cu_seqlens(cu, case.layout, case.world_size)
     max_len = int((local_cu[1:] - local_cu[:-1]).max())
     return getattr(rfa, f"{FUNCS[case.layout]}_varlen_func")(q, k, v, local_cu, max_len, **kw)
@@ -124,16 +127,20 @@ def run_rank(rank: int, world_size: int, case: DropoutCase) -> Dict[str, torch.T
         res["linear_sum"] = _attention(case, q, k, v + v2, case.p, seed=11)
         res["linear_parts"] = out_a.double() + _attention(case, q, k, v2, case.p, seed=11).double()
 
-    # directional derivatives: exact for v (linear), central differences for q and k
+    # directional derivatives: exact for v (the loss is linear in v, so <dL/dv, D> is the loss at v = D:
+    # one forward, rounding relative to the answer itself), central differences for q and k
     with torch.no_grad():
         for name, eps in (("v", 1.0), ("q", 1e-5), ("k", 1e-5)):
             d = x[f"D{name}"]
             args = {"q": q, "k": k, "v": v}
-            plus = dict(args, **{name: args[name] + eps * d})
-            minus = dict(args, **{name: args[name] - eps * d}) if name != "v" else args
-            l_plus = _total((_attention(case, **plus, p=case.p, seed=11).double() * g.double()).sum())
-            l_minus = _total((_attention(case, **minus, p=case.p, seed=11).double() * g.double()).sum())
-            numeric = (l_plus - l_minus) / (eps if name == "v" else 2 * eps)
+            if name == "v":
+                numeric = _total((_attention(case, q, k, d, p=case.p, seed=11).double() * g.double()).sum())
+            else:
+                plus = dict(args, **{name: args[name] + eps * d})
+                minus = dict(args, **{name: args[name] - eps * d})
+                l_plus = _total((_attention(case, **plus, p=case.p, seed=11).double() * g.double()).sum())
+                l_minus = _total((_attention(case, **minus, p=case.p, seed=11).double() * g.double()).sum())
+                numeric = (l_plus - l_minus) / (2 * eps)
             analytic = _total((grads_a["qkv".index(name)].double() * d.double()).sum())
             res[f"directional_{name}"] = torch.stack([numeric, analytic]).cpu()
 

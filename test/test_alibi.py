@@ -13,7 +13,7 @@ import attention_cases
 import ring_flash_attn as rfa
 import varlen_cases
 from attention_cases import Case
-from varlen_cases import VarlenCase
+from varlen_cases import VarlenCase, fit_documents
 
 CASES = [
     Case(layout=layout, packing=packing, causal=causal, dtype=dtype, backend="auto", world_size=w, nheads=4,
@@ -33,10 +33,10 @@ VARLEN = [
     for n, (w, layout, causal) in enumerate(itertools.product((2, 3), ("ring", "zigzag", "stripe"), (True, False)))
 ] + [  # the all-gather family: documents cross rank boundaries; head chunks cut the slopes
     VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp64", backend="auto", world_size=w,
-               doc_lengths=(5, 3 * w + 1, (-(3 * w + 6)) % (2 * w) + 2 * w), heads_k_stride=stride, alibi=True,
+               doc_lengths=fit_documents(layout, w, (5, 3 * w + 1, 2 * w)), heads_k_stride=stride, alibi=True,
                seed=n)
     for n, (w, layout, causal, stride) in enumerate(itertools.product(
-        (2, 3), ("llama3", "zigzag_llama3"), (True, False), (1, None)))
+        (2, 3), ("llama3", "zigzag_llama3", "packed_zigzag"), (True, False), (1, None)))
 ]
 
 

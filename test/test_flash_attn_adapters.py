@@ -108,10 +108,10 @@ RING_VARLEN_CASES = [
         (2, 3), ("ring", "zigzag", "stripe"), (True, False), ((3, -1), (5, 2), (1, 9))))
 ] + [  # the all-gather family: non-causal windows become several varlen calls
     varlen_cases.VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp32", backend="fake_fa2",
-                            world_size=w, doc_lengths=(5, 6 * w + 1, (-(6 * w + 6)) % (2 * w) + 4 * w),
+                            world_size=w, doc_lengths=varlen_cases.fit_documents(layout, w, (5, 6 * w + 1, 4 * w)),
                             window=window, heads_k_stride=1, seed=i)
     for i, (w, layout, causal, window) in enumerate(itertools.product(
-        (2, 3), ("llama3", "zigzag_llama3"), (True, False), ((3, -1), (5, 2), (-1, 4))))
+        (2, 3), ("llama3", "zigzag_llama3", "packed_zigzag"), (True, False), ((3, -1), (5, 2), (-1, 4))))
 ]
 
 

@@ -46,7 +46,7 @@ def random_case(rng: random.Random):
         unit = 2 if layout == "zigzag" else 1
         return Case(layout=layout, batch=rng.randint(1, 3), local_len=unit * rng.randint(1, 6), window=window,
                     **common)
-    layout = rng.choice(["ring", "zigzag", "stripe", "llama3", "zigzag_llama3"])
+    layout = rng.choice(["ring", "zigzag", "stripe", "llama3", "zigzag_llama3", "packed_zigzag"])
     stride = rng.choice([None, 1]) if hk > 1 else None
     return VarlenCase(layout=layout, doc_lengths=doc_lengths(layout, w, rng, rng.random() < 0.2),
                       heads_k_stride=stride, window=window, **common)

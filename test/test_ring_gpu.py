@@ -18,7 +18,7 @@ from attention_cases import PACKINGS, Case
 from dropout_cases import DropoutCase
 from test_dropout import check_dropout
 from ring_flash_attn.kernels import BACKENDS
-from varlen_cases import VarlenCase
+from varlen_cases import VarlenCase, fit_documents
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 WORLD_SIZES = [w for w in (1, 2, 4, 8) if w <= GPUS]
@@ -45,13 +45,12 @@ def _cases() -> list:
                           seed=n, device="cuda"))
     # packed documents: FA2 (cuDNN refuses varlen, see kernels/torch_cuda.py), and auto
     for n, (w, backend, layout, packing, causal) in enumerate(itertools.product(
-            WORLD_SIZES or [2], ("torch_cuda_flash", "auto"), ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3"),
-            PACKINGS, (True, False))):
+            WORLD_SIZES or [2], ("torch_cuda_flash", "auto"),
+            ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3", "packed_zigzag"), PACKINGS, (True, False))):
         unit = 2 * w * 8
         docs = (unit * 3, unit, unit * 5, unit * 2) if n % 3 else (unit * 6,)
-        if layout in ("llama3", "zigzag_llama3"):
-            docs = (200, 1, 37, 700, 5) if n % 3 else (unit * 6,)
-            docs += (2 * w * 16 + (-sum(docs)) % (2 * w),)  # the pack splits into 2W equal chunks
+        if layout in ("llama3", "zigzag_llama3", "packed_zigzag"):
+            docs = fit_documents(layout, w, (200, 1, 37, 700, 5, 2 * w * 16) if n % 3 else (unit * 6,))
         mha = packing == "qkvpacked"
         cases.append(VarlenCase(layout=layout, packing=packing, causal=causal, dtype=("bf16", "fp16")[n % 2],
                                 backend=backend, world_size=w, doc_lengths=docs, nheads=8, nheads_k=8 if mha else 2,
@@ -66,9 +65,8 @@ def _cases() -> list:
                                 head_dim=128, window=window, seed=n, device="cuda"))
     # non-causal sliding windows on the all-gather family: several varlen calls per head chunk
     for n, (w, layout, window) in enumerate(itertools.product(
-            WORLD_SIZES or [2], ("llama3", "zigzag_llama3"), ((100, -1), (300, 50), (-1, 40)))):
-        docs = (200, 1, 37, 700, 5)
-        docs += (2 * w * 16 + (-sum(docs)) % (2 * w),)
+            WORLD_SIZES or [2], ("llama3", "zigzag_llama3", "packed_zigzag"), ((100, -1), (300, 50), (-1, 40)))):
+        docs = fit_documents(layout, w, (200, 1, 37, 700, 5, 2 * w * 16))
         cases.append(VarlenCase(layout=layout, packing="func", causal=False, dtype="bf16", backend="torch_cuda_flash",
                                 world_size=w, doc_lengths=docs, nheads=8, nheads_k=2, head_dim=128, window=window,
                                 heads_k_stride=1, seed=n, device="cuda"))

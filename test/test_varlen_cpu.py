@@ -1,5 +1,5 @@
-"""Packed sequences on CPU over gloo: every varlen family (ring, zigzag, stripe per document;
-llama3 and zigzag_llama3 over the whole pack) x packing x causal, W in {1, 2, 3, 4}, random
+"""Packed sequences on CPU over gloo: every varlen family (ring, zigzag, stripe, zigzag_llama3 per
+document; llama3 and packed_zigzag over the whole pack) x packing x causal, W in {1, 2, 3, 4}, random
 document lengths (length-1 documents and single documents included), GQA, fp32 / bf16 / fp16,
 heads_k_stride 1 and nheads_k: out, lse, dq, dk, dv against a float64 per-document reference."""
 
@@ -14,19 +14,19 @@ from attention_cases import PACKINGS
 from varlen_cases import VarlenCase, check
 
 WORLD_SIZES = (1, 2, 3, 4)
-LAYOUTS = ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3")
+LAYOUTS = ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3", "packed_zigzag")
 DTYPES = ("fp32", "bf16", "fp16")
 BACKENDS = ("torch_cpu_flash", "reference")
 
 
 def doc_lengths(layout: str, world_size: int, rng: random.Random, shape: int) -> tuple:
     """Random document lengths the layout accepts; shape 0: a single document, 1: many short ones."""
-    if layout in ("ring", "zigzag", "stripe"):
-        unit = world_size * (2 if layout == "zigzag" else 1)  # each document splits over the ranks
+    if layout in ("ring", "zigzag", "stripe", "zigzag_llama3"):
+        unit = world_size * (2 if "zigzag" in layout else 1)  # each document splits over the ranks
         if shape == 0:
             return (unit * rng.randint(2, 6),)
         return tuple(unit * rng.choice([1, 1, 2, 3, 5]) for _ in range(rng.randint(2, 5)))
-    unit = world_size * (2 if layout == "zigzag_llama3" else 1)  # the whole pack splits over the ranks
+    unit = world_size * (2 if layout == "packed_zigzag" else 1)  # the whole pack splits over the ranks
     if shape == 0:
         return (unit * rng.randint(3, 8),)
     lengths = [rng.choice([1, 1, 2, 3, 7, 11]) for _ in range(rng.randint(2, 7))]
@@ -52,7 +52,7 @@ CASES = _cases() + [  # sliding windows on the all-gather family (documents cros
     VarlenCase(layout=layout, packing=("func", "kvpacked")[w % 2], causal=causal, dtype=("fp32", "bf16")[w % 2],
                backend="auto", world_size=w, doc_lengths=doc_lengths(layout, w, random.Random(100 + w), 1),
                window=window, heads_k_stride=1, seed=w)
-    for w, layout, causal, window in itertools.product((2, 3), ("llama3", "zigzag_llama3"), (True, False),
+    for w, layout, causal, window in itertools.product((2, 3), ("llama3", "zigzag_llama3", "packed_zigzag"), (True, False),
                                                        ((3, -1), (5, 2), (40, 0), (-1, 4)))
 ] + [  # sliding windows on the ring family: the window in tokens, each document its own schedule
     VarlenCase(layout=layout, packing=("func", "kvpacked")[n % 2], causal=causal, dtype=("fp64", "bf16")[n % 2],

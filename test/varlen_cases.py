@@ -1,6 +1,6 @@
 """Packed-sequence (varlen) test cases: inputs of a packed batch of documents, what each rank runs
-for every varlen family (ring / zigzag / stripe per document, llama3 / zigzag_llama3 over the whole
-pack), and the float64 per-document reference on the unsharded batch."""
+for every varlen family (ring / zigzag / stripe / zigzag_llama3 per document, llama3 / packed_zigzag
+over the whole pack), and the float64 per-document reference on the unsharded batch."""
 
 from __future__ import annotations
 
@@ -13,10 +13,21 @@ import torch.distributed as dist
 
 import ring_flash_attn as rfa
 from attention_cases import DTYPES, alibi_bias, alibi_slopes, compare, mask, results_on_cpu, soft_capped
+from ring_flash_attn.api_allgather import packed_allgather
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varlen
 
+
+def fit_documents(layout: str, world_size: int, lengths: Tuple[int, ...]) -> Tuple[int, ...]:
+    """``lengths`` made acceptable to the layout: zigzag_llama3 rounds every document up to a multiple
+    of 2W; the whole-pack layouts lengthen the last one until the pack splits (llama3: W equal parts,
+    packed_zigzag: 2W chunks)."""
+    if layout == "zigzag_llama3":
+        return tuple(n + (-n) % (2 * world_size) for n in lengths)
+    unit = world_size * (2 if layout == "packed_zigzag" else 1)
+    return (*lengths[:-1], lengths[-1] + (-sum(lengths)) % unit)
+
 RING_FAMILY = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
-ALLGATHER = {"llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn"}
+ALLGATHER = {"llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn", "packed_zigzag": None}
 SUFFIX = {"func": "varlen_func", "kvpacked": "varlen_kvpacked_func", "qkvpacked": "varlen_qkvpacked_func"}
 
 
@@ -82,6 +93,10 @@ def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv):
         local_cu = local_cu_seqlens(cu, case.layout, w)
         max_len = int((local_cu[1:] - local_cu[:-1]).max())
         return fn(*first, local_cu, max_len, **common)
+    if case.layout == "packed_zigzag":  # the model adapter's layout for packed batches (no public function)
+        unpacked = {"func": (q, k, v), "kvpacked": (q, *kv.unbind(1)) if kv is not None else None,
+                    "qkvpacked": qkv.unbind(1) if qkv is not None else None}[case.packing]
+        return packed_allgather("packed_zigzag", *unpacked, cu, heads_k_stride=case.heads_k_stride, **common)
     fn = getattr(rfa, f"{ALLGATHER[case.layout]}_{SUFFIX[case.packing]}")
     if case.layout == "llama3":
         prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, case.causal, rank, w)

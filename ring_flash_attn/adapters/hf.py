@@ -12,7 +12,8 @@ Two ways in:
 
 The attention function receives this rank's shard of the sequence (see
 :mod:`ring_flash_attn.adapters.sequence`) and calls the ring for the configured layout:
-``zigzag`` (balanced; packed batches use the zigzag all-gather family) or ``ring`` / ``llama3``
+``zigzag`` (balanced; packed batches use the all-gather family on the pack cut as one zigzag sequence,
+``packed_zigzag``) or ``ring`` / ``llama3``
 (contiguous shards; packed batches use llama3). It ignores ``attention_mask``: causality comes
 from the layer, document boundaries from ``cu_seqlens``.
 """
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from ..allgather import llama3_flash_attn_prepare_cu_seqlens
 from ..api import ring_flash_attn_func, zigzag_ring_flash_attn_func
-from ..api_allgather import llama3_flash_attn_varlen_func, zigzag_llama3_flash_attn_varlen_func
+from ..api_allgather import llama3_flash_attn_varlen_func, packed_allgather
 
 from .sequence import MODEL_LAYOUTS
 
@@ -92,9 +93,8 @@ def ring_attention_forward(
     if q.shape[0] != 1:
         raise ValueError(f"packed batches (cu_seqlens set) need batch size 1, got {q.shape[0]}")
     cu = s.cu_seqlens
-    if layout == "zigzag":  # max_seqlen (0 here) is only for signature compatibility: computed from cu_seqlens
-        out = zigzag_llama3_flash_attn_varlen_func(q[0], k[0], v[0], cu, 0, heads_k_stride=s.heads_k_stride,
-                                                   **options)
+    if layout == "zigzag":  # the pack is sharded as one sequence (sequence.shard_inputs)
+        out = packed_allgather("packed_zigzag", q[0], k[0], v[0], cu, heads_k_stride=s.heads_k_stride, **options)
         return out[None], None
     prepared = _llama3_args(cu, causal, s.group)
     stride = s.heads_k_stride or k.shape[2]
