@@ -10,7 +10,10 @@ against single-device attention on the whole sequence (float32 SDPA per document
 achieved TFLOP/s per rank, peak memory, and % of ideal: the best single-device kernel on the
 local problem (``--seqlen`` tokens, the same document proportions), divided by W -- a rank's share
 of the global work is W local problems' worth. "% FA2" uses PyTorch's FA2 as the single-device
-kernel instead (what ring-flash-attn's published tables compare with).
+kernel instead (what ring-flash-attn's published tables compare with). "balance": the attended
+(query, key) pairs of the busiest rank over the mean -- the layout's own limit, about 1 / balance of
+the ideal. "host ms": time the host took to issue one call (the device runs behind it unless this
+is close to 1 / iter/s).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 import ring_flash_attn as rfa
 from ring_flash_attn.kernels import AUTO_ORDER, BACKENDS, KernelCall
 from ring_flash_attn.kernels.base import Band, VarlenMeta
-from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen
+from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, varlen_token_index
 
 BATCH_VARIANTS = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
 VARLEN_VARIANTS = {**BATCH_VARIANTS, "llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn"}
@@ -91,18 +94,25 @@ def sync(device: torch.device) -> None:
         dist.barrier()
 
 
+HOST_SECONDS: Dict[int, float] = {}  # id(fn) -> seconds per call the host spent issuing it
+
+
 def time_per_iter(fn: Callable[[], object], args, device) -> float:
-    """Median seconds per call over ``repeats`` runs of ``iters`` calls, after warm-up."""
+    """Median seconds per call over ``repeats`` runs of ``iters`` calls, after warm-up. Also records
+    in HOST_SECONDS the median time the host took to issue the calls (the loop before the final
+    synchronization): close to the total means the host, not the device, sets the pace."""
     for _ in range(args.warmup):
         fn()
-    samples = []
+    samples, issued = [], []
     for _ in range(args.repeats):
         sync(device)
         t0 = time.perf_counter()
         for _ in range(args.iters):
             fn()
+        issued.append((time.perf_counter() - t0) / args.iters)
         sync(device)
         samples.append((time.perf_counter() - t0) / args.iters)
+    HOST_SECONDS[id(fn)] = statistics.median(issued)
     return statistics.median(samples)
 
 
@@ -263,6 +273,26 @@ def single_device_seconds(args, device, backend_name: str) -> Optional[float]:
     return time_per_iter(run, args, device)
 
 
+def work_balance(args, problem: Problem, variant: str) -> float:
+    """Attended (query, key) pairs of the busiest rank over the mean: a variant can reach at most
+    about 1 / balance of the ideal, whatever its kernels and communication."""
+    _, w = world()
+    lengths = torch.tensor(problem.lengths)
+    doc_len = torch.repeat_interleave(lengths, lengths)
+    pos = torch.arange(problem.total) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    left, right = args.window
+    inf = problem.total
+    before = pos.clamp(max=left if left >= 0 else inf)
+    after = (doc_len - 1 - pos).clamp(max=0 if args.causal else (right if right >= 0 else inf))
+    keys_seen = before + after + 1
+    pairs = []
+    for r in range(w):
+        index = (varlen_token_index(problem.cu_seqlens.cpu(), variant, r, w) if args.varlen
+                 else rfa.position_ids(variant, r, w, problem.total))
+        pairs.append(float(keys_seen[index].sum()))
+    return max(pairs) / (sum(pairs) / w)
+
+
 def tflops_per_rank(args, problem: Problem, seconds: float) -> float:
     _, w = world()
     pairs = sum(n * n for n in problem.lengths) * (0.5 if args.causal else 1.0)
@@ -293,7 +323,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         seconds = time_per_iter(step, args, device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        rows.append((variant, errors, seconds, peak))
+        rows.append((variant, errors, seconds, peak, work_balance(args, problem, variant), HOST_SECONDS[id(step)]))
 
     if rank == 0:
         mode = "fwd" if args.fwd_only else "fwd+bwd"
@@ -306,15 +336,15 @@ def main() -> None:
         print("# single-device kernels, local problem: "
               + ", ".join(f"{n} {1 / t:.2f} iter/s (ideal at W={w}: {1 / (t * w):.2f})" for n, t in kernels.items()))
         print(f"{'variant':<14} {'err out':>9} {'err grads':>9} {'iter/s':>8} {'TFLOP/s':>8} {'% ideal':>8} "
-              f"{'% FA2':>7} {'peak GiB':>8}")
-        for variant, errors, seconds, peak in rows:
+              f"{'% FA2':>7} {'peak GiB':>8} {'balance':>7} {'host ms':>7}")
+        for variant, errors, seconds, peak, balance, host in rows:
             err_out = f"{errors[0]:.2e}" if errors else "-"
             err_grad = f"{max(errors[1:]):.2e}" if len(errors) > 1 else "-"
             vs_fa2 = f"{100 * fa2 / seconds:.1f}%" if fa2 == fa2 else "-"
             peak_text = f"{peak:.2f}" if peak == peak else "-"
             print(f"{variant:<14} {err_out:>9} {err_grad:>9} {1 / seconds:>8.2f} "
                   f"{tflops_per_rank(args, problem, seconds):>8.1f} {100 * best / seconds:>7.1f}% "
-                  f"{vs_fa2:>7} {peak_text:>8}")
+                  f"{vs_fa2:>7} {peak_text:>8} {balance:>7.3f} {1e3 * host:>7.3f}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

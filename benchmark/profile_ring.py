@@ -1,67 +1,90 @@
-"""Profile a few fwd+bwd iterations of one variant with torch.profiler (rank 0 prints the table of
-the most expensive ops; every rank writes a Chrome trace to $OUT or the current folder).
+"""Profile a few iterations of one benchmark variant with torch.profiler: rank 0 prints the table of
+the most expensive GPU ops and a timeline summary of its trace (per iteration: wall time, busy time
+of the compute and communication streams, the idle gaps of the compute stream and whether the CPU
+or another stream kept it waiting); every rank writes a Chrome trace to $OUT or the current folder.
 
-    torchrun --nproc_per_node 2 benchmark/profile_ring.py [--variant zigzag] [--backend cudnn] [--varlen]
+    torchrun --nproc_per_node 2 benchmark/profile_ring.py [benchmark_func.py flags] --variants zigzag
 
-``--varlen`` packs the benchmark's documents (global 6144:4096:2048:2048:1024:1024 scaled to the
-sequence) and runs the variant's varlen function.
+Takes the flags of ``benchmark_func.py`` (the first of ``--variants`` is profiled; ``--iters``
+iterations are recorded after ``--warmup``).
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
+from collections import defaultdict
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-import ring_flash_attn as rfa
+from benchmark_func import Problem, make_step, parse_args, setup, world
+
+GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def timeline_summary(trace_path: str, iters: int) -> str:
+    """Per-iteration figures of one rank's Chrome trace (see the module docstring)."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    gpu = [e for e in events if e.get("cat") in GPU_EVENTS and "dur" in e]
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    streams: Dict[int, List[dict]] = defaultdict(list)
+    for e in gpu:
+        streams[e["args"].get("stream", -1)].append(e)
+    is_comm = {s: any("nccl" in e["name"].lower() for e in evs) for s, evs in streams.items()}
+    busy = {s: sum(e["dur"] for e in evs) for s, evs in streams.items()}
+    compute = max((s for s in streams if not is_comm[s]), key=lambda s: busy[s])
+    start = min(e["ts"] for e in gpu)
+    wall = max(e["ts"] + e["dur"] for e in gpu) - start
+    lines = [f"timeline of rank 0 ({iters} iterations, per iteration): wall {wall / iters / 1e3:.3f} ms"]
+    for s in sorted(streams, key=lambda s: -busy[s]):
+        kind = "nccl" if is_comm[s] else ("compute" if s == compute else "other")
+        lines.append(f"  stream {s} ({kind}): busy {busy[s] / iters / 1e3:.3f} ms, {len(streams[s]) // iters} ops")
+    ops = sorted(streams[compute], key=lambda e: e["ts"])
+    gaps = {"cpu": 0.0, "waiting on another stream": 0.0}
+    largest = []
+    for prev, nxt in zip(ops[:-1], ops[1:]):
+        gap = nxt["ts"] - (prev["ts"] + prev["dur"])
+        if gap <= 2:
+            continue
+        launch = launches.get(nxt["args"].get("correlation"))
+        late_launch = launch is not None and launch["ts"] + launch.get("dur", 0) > prev["ts"] + prev["dur"]
+        cause = "cpu" if late_launch else "waiting on another stream"
+        gaps[cause] += gap
+        largest.append((gap, cause, prev["name"][:60], nxt["name"][:60]))
+    lines.append("  compute-stream idle: " + ", ".join(f"{c} {t / iters / 1e3:.3f} ms" for c, t in gaps.items()))
+    for gap, cause, before, after in sorted(largest, reverse=True)[:8]:
+        lines.append(f"    {gap:8.1f} us ({cause}) after {before} / before {after}")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variant", default="zigzag", choices=["ring", "zigzag", "stripe"])
-    p.add_argument("--backend", default=None)
-    p.add_argument("--seqlen", type=int, default=8192, help="tokens per rank")
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--varlen", action="store_true", help="packed documents")
-    args = p.parse_args()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    name = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}[args.variant]
-    shape = (args.seqlen,) if args.varlen else (1, args.seqlen)
-    kw = dict(causal=True, group=dist.group.WORLD, backend=args.backend)
-    if args.varlen:  # every rank holds the same local share of each document
-        parts = (6, 4, 2, 2, 1, 1)
-        lengths = [args.seqlen * n // sum(parts) for n in parts]
-        lengths[0] += args.seqlen - sum(lengths)
-        offsets = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
-        fn = getattr(rfa, f"{name}_varlen_func")
-        kw.update(cu_seqlens=offsets, max_seqlen=max(lengths))
-    else:
-        fn = getattr(rfa, f"{name}_func")
-    q = torch.randn(*shape, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(*shape, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-
-    def step():
-        out = fn(q, k, v, **kw)
-        out.backward(torch.ones_like(out))
-
-    for _ in range(5):
+    args = parse_args()
+    device = setup()
+    rank, w = world()
+    variant = args.variants[0]
+    step = make_step(args, Problem(args, device), variant)
+    for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.iters):
             step()
         torch.cuda.synchronize()
-    prof.export_chrome_trace(os.path.join(os.environ.get("OUT", "."), f"trace_rank{rank}.json"))
+    trace = os.path.join(os.environ.get("OUT", "."), f"trace_{variant}_rank{rank}.json")
+    prof.export_chrome_trace(trace)
     if rank == 0:
-        print(f"# {torch.cuda.get_device_name()} x{world}, {args.variant}{' varlen' if args.varlen else ''}, backend={args.backend or 'auto'}, "
-              f"{args.iters} fwd+bwd iterations")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
-    dist.destroy_process_group()
+        mode = "fwd" if args.fwd_only else "fwd+bwd"
+        print(f"# {torch.cuda.get_device_name()} x{w}, {variant}{' varlen' if args.varlen else ''}, {mode}, "
+              f"causal={args.causal}, backend={args.backend or 'auto'}, {args.iters} iterations")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+        print(timeline_summary(trace, args.iters))
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
