@@ -25,7 +25,7 @@ from benchmark_func import Problem, make_step, parse_args, setup, world
 GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def timeline_summary(trace_path: str, iters: int) -> str:
+def timeline_summary(trace_path: str, iters: int, rank: int = 0) -> str:
     """Per-iteration figures of one rank's Chrome trace (see the module docstring)."""
     with open(trace_path) as f:
         events = json.load(f)["traceEvents"]
@@ -40,7 +40,7 @@ def timeline_summary(trace_path: str, iters: int) -> str:
     compute = max((s for s in streams if not is_comm[s]), key=lambda s: busy[s])
     start = min(e["ts"] for e in gpu)
     wall = max(e["ts"] + e["dur"] for e in gpu) - start
-    lines = [f"timeline of rank 0 ({iters} iterations, per iteration): wall {wall / iters / 1e3:.3f} ms"]
+    lines = [f"timeline of rank {rank} ({iters} iterations, per iteration): wall {wall / iters / 1e3:.3f} ms"]
     for s in sorted(streams, key=lambda s: -busy[s]):
         kind = "nccl" if is_comm[s] else ("compute" if s == compute else "other")
         lines.append(f"  stream {s} ({kind}): busy {busy[s] / iters / 1e3:.3f} ms, {len(streams[s]) // iters} ops")
@@ -71,6 +71,9 @@ def main() -> None:
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()  # both ranks start recording together: no start-up skew in the timeline
+        torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.iters):
             step()

@@ -1,24 +1,37 @@
 #!/usr/bin/env bash
-# The GPU runs recorded in benchmark/RESULTS.md: the correctness suite, then the benchmarks.
-# Usage (on a machine with N GPUs): bash benchmark/run_gpu.sh [N] [tests|bench|all]   -- logs go to ${OUT:-.}/
+# The GPU runs recorded in benchmark/RESULTS.md: the correctness suite, the benchmarks, the profiles.
+# Usage (on a machine with N GPUs): bash benchmark/run_gpu.sh [N] [tests|bench|profile|all]   -- logs go to ${OUT:-.}/
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 n=${1:-2}
 what=${2:-all}
 out=${OUT:-.}
-if [ "$what" != bench ]; then
-  python3 -m pytest -q test/test_ring_gpu.py test/test_kernels.py -p no:cacheprovider -rf > "$out/gpu_tests.log" 2>&1
+quiet() { grep -v -i -E "warn|\*\*\*\*|return func"; }
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest -q test/test_ring_gpu.py test/test_kernels.py test/test_merge_gpu.py -p no:cacheprovider -rf \
+    > "$out/gpu_tests.log" 2>&1
   grep -E "^FAILED|passed|failed" "$out/gpu_tests.log" | tail -15
 fi
-[ "$what" = tests ] && exit 0
-bench() { torchrun --nproc_per_node "$n" benchmark/benchmark_func.py "$@" 2>&1 | grep -v -i -E "warn|\*\*\*\*"; }
-{
-  bench
-  bench --backend torch_cuda_flash
-  bench --fwd-only
-  bench --no-causal
-  bench --varlen
-  bench --varlen --fwd-only
-  bench --backend torch_cuda_flash --window 4095 0 --variants ring,zigzag
-  RING_FLASH_ATTN_COMPILE=0 bench --variants zigzag
-} | tee "$out/bench.log"
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  bench() { torchrun --nproc_per_node "$n" benchmark/benchmark_func.py "$@" 2>&1 | quiet; }
+  {
+    bench
+    bench --fwd-only
+    bench --no-causal
+    bench --varlen
+    bench --varlen --fwd-only
+    bench --backend torch_cuda_flash
+    RING_FLASH_ATTN_COMPILE=0 bench --fwd-only --variants zigzag,stripe --no-check
+  } | tee "$out/bench.log"
+fi
+if [ "$what" = profile ] || [ "$what" = all ]; then
+  prof() { (cd benchmark && torchrun --nproc_per_node "$n" profile_ring.py --iters 3 "$@" 2>&1 | quiet); }
+  {
+    prof --variants zigzag
+    prof --variants zigzag --fwd-only
+    prof --variants stripe
+    prof --varlen --variants zigzag_llama3
+  } > "$out/profiles.log"
+  grep -A12 "^timeline" "$out/profiles.log"
+fi

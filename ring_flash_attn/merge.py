@@ -4,9 +4,10 @@ Two partial results over disjoint key sets, ``(out_a, lse_a)`` and ``(out_b, lse
 exactly: ``lse = logaddexp(lse_a, lse_b)`` and ``out = out_a * exp(lse_a - lse) + out_b *
 exp(lse_b - lse)``. Rows that have seen no key yet carry ``lse = -inf`` and ``out = 0``.
 
-On CUDA the merge is one fused kernel made by ``torch.compile`` (one read of each input, one write
-of each accumulator, instead of ~8 passes eagerly); set ``RING_FLASH_ATTN_COMPILE=0`` to keep it
-eager. Any compile failure falls back to the eager version with a warning.
+On CUDA the merge is one Triton kernel (:mod:`ring_flash_attn.merge_triton`: one read of each
+input, one write of each accumulator, instead of ~8 passes eagerly); set
+``RING_FLASH_ATTN_COMPILE=0`` to keep it eager. Without Triton, or if the kernel fails, it falls
+back to the eager version (with a warning for a failure).
 """
 
 from __future__ import annotations
@@ -30,29 +31,39 @@ def _merge(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: Tenso
     lse_acc.copy_(lse_new)
 
 
-_compiled: Optional[Callable] = None
-_compile_failed = False
+_fused: Optional[Callable] = None
+_fused_failed = False
 
 
-def _fused() -> Callable:
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_merge, dynamic=False, fullgraph=True)
-    return _compiled
+def _fused_merge() -> Optional[Callable]:
+    """The Triton merge, or None where it is switched off or unavailable."""
+    global _fused, _fused_failed
+    if _fused_failed or os.environ.get("RING_FLASH_ATTN_COMPILE", "1") == "0":
+        return None
+    if _fused is None:
+        try:
+            from .merge_triton import merge_rows_triton
+        except ImportError:
+            _fused_failed = True
+            return None
+        _fused = merge_rows_triton
+    return _fused
 
 
 def merge_into(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: Tensor) -> None:
     """Fold a block result into the accumulators, in place.
 
-    ``out_acc`` (B, S, H, D) and ``lse_acc`` (B, H, S), float32 (float64 for float64 inputs), may be
-    views (a query slice); ``out_block`` (B, S, H, D) any float dtype, ``lse_block`` (B, H, S).
+    ``out_acc`` (B, S, H, D) and ``lse_acc`` (B, H, S) may be views (a query slice); out_acc in float32
+    (float64 for float64 inputs) or, for a row's last contribution, the input dtype (the arithmetic is
+    float32 either way, rounded once); ``out_block`` (B, S, H, D) any float dtype, ``lse_block`` (B, H, S).
     """
-    global _compile_failed
-    if out_acc.is_cuda and os.environ.get("RING_FLASH_ATTN_COMPILE", "1") != "0" and not _compile_failed:
+    global _fused_failed
+    fused = _fused_merge() if out_acc.is_cuda and out_acc.dtype != torch.float64 else None
+    if fused is not None:
         try:
-            _fused()(out_acc, lse_acc, out_block, lse_block)
+            fused(out_acc, lse_acc, out_block, lse_block)
             return
         except Exception as err:  # noqa: BLE001 -- any compiler problem: stay correct, eagerly
-            _compile_failed = True
+            _fused_failed = True
             warnings.warn(f"ring_flash_attn: fused merge unavailable ({type(err).__name__}: {err}); using eager")
     _merge(out_acc, lse_acc, out_block, lse_block)

@@ -134,7 +134,12 @@ def run_rank(rank: int, world_size: int, case: DropoutCase) -> Dict[str, torch.T
             d = x[f"D{name}"]
             args = {"q": q, "k": k, "v": v}
             if name == "v":
-                numeric = _total((_attention(case, q, k, d, p=case.p, seed=11).double() * g.double()).sum())
+                terms = _attention(case, q, k, d, p=case.p, seed=11).double() * g.double()
+                numeric = _total(terms.sum())
+                # the rounding noise of both sides: eps x the 2-norm of their terms (random signs)
+                grad_terms = grads_a[2].double() * d.double()
+                res["directional_v_noise"] = (_total((terms ** 2).sum()).sqrt()
+                                              + _total((grad_terms ** 2).sum()).sqrt()).cpu()
             else:
                 plus = dict(args, **{name: args[name] + eps * d})
                 minus = dict(args, **{name: args[name] - eps * d})

@@ -10,7 +10,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from dropout_cases import DropoutCase
+from dropout_cases import DTYPES, DropoutCase
 
 CPU_CASES = [
     DropoutCase(layout=layout, causal=causal, world_size=w, seed=n)
@@ -44,11 +44,17 @@ def check_dropout(case: DropoutCase, per_rank: List[Dict[str, torch.Tensor]]) ->
     # Central differences need float64; the v identity holds in any dtype (one forward at v = D, see
     # dropout_cases). dV matching shows the backward got the forward's philox state; dq and dk come
     # from the same kernel call with that state.
+    # Rounded dtypes: within 3 eps x the 2-norm of the summed terms (the rounding noise of a sum of
+    # random-sign terms; CPU runs stay under 0.6 of it). Another mask moves the sum by ~100 here
+    # (seeds 11..20 on CPU), far more than the bound (~0.5 fp16, ~4 bf16).
     names = {"fp64": "vqk"}.get(case.dtype, "v")
     for name in names:
         numeric, analytic = per_rank[0][f"directional_{name}"].tolist()
-        assert abs(numeric - analytic) <= (1e-6 if case.dtype == "fp64" else 3e-2) * max(1.0, abs(analytic)), (
-            name, numeric, analytic)
+        if case.dtype == "fp64":
+            bound = 1e-6 * max(1.0, abs(analytic))
+        else:
+            bound = 3 * torch.finfo(DTYPES[case.dtype]).eps * float(per_rank[0]["directional_v_noise"])
+        assert abs(numeric - analytic) <= bound, (name, numeric, analytic, bound)
     if case.mean_samples:
         for r in per_rank:
             t = ((r["mean"] - r["no_dropout"]).abs() - 1e-9).clamp(min=0) / r["stderr"].clamp(min=1e-12)
