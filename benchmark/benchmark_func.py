@@ -19,6 +19,7 @@ is close to 1 / iter/s).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -57,7 +58,10 @@ def parse_args() -> argparse.Namespace:
                    help="sliding window_size (batch variants)")
     p.add_argument("--fwd-only", action="store_true")
     p.add_argument("--backend", default=None, help="block kernel (default: auto)")
-    p.add_argument("--iters", type=int, default=20 if gpu else 5)
+    p.add_argument("--iters", type=int, default=20 if gpu else 5,
+                   help="calls per timed repeat, at least (more when a repeat would last under --repeat-seconds)")
+    p.add_argument("--repeat-seconds", type=float, default=0.5 if gpu else 0.0,
+                   help="minimum length of a timed repeat: the synchronisation between repeats is amortised")
     p.add_argument("--warmup", type=int, default=5 if gpu else 1)
     p.add_argument("--repeats", type=int, default=5 if gpu else 3)
     p.add_argument("--no-check", action="store_true", help="skip the error check (saves memory)")
@@ -103,17 +107,34 @@ def time_per_iter(fn: Callable[[], object], args, device) -> float:
     synchronization): close to the total means the host, not the device, sets the pace."""
     for _ in range(args.warmup):
         fn()
+    iters = calls_per_repeat(fn, args, device)
     samples, issued = [], []
     for _ in range(args.repeats):
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(args.iters):
+        for _ in range(iters):
             fn()
-        issued.append((time.perf_counter() - t0) / args.iters)
+        issued.append((time.perf_counter() - t0) / iters)
         sync(device)
-        samples.append((time.perf_counter() - t0) / args.iters)
+        samples.append((time.perf_counter() - t0) / iters)
     HOST_SECONDS[id(fn)] = statistics.median(issued)
     return statistics.median(samples)
+
+
+def calls_per_repeat(fn: Callable[[], object], args, device) -> int:
+    """``--iters``, or more so that a repeat lasts ``--repeat-seconds`` (the barrier and the pipeline
+    refill between repeats cost ~1 ms, which 20 forward-only calls of 2 ms do not hide). The same on
+    every rank (the calls communicate)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    sync(device)
+    per_call = (time.perf_counter() - t0) / 3
+    wanted = torch.tensor([max(args.iters, math.ceil(args.repeat_seconds / per_call))], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(wanted, op=dist.ReduceOp.MAX)
+    return int(wanted.item())
 
 
 def doc_lengths(total: int, unit: int) -> List[int]:
@@ -333,6 +354,8 @@ def main() -> None:
         print(f"# {name} x{w}, torch {torch.__version__}, {'varlen ' if args.varlen else ''}{args.packing}, {mode}, "
               f"{args.dtype}, causal={args.causal}, {window}{docs}{args.seqlen} tokens/rank, heads {args.nheads}/"
               f"{args.nheads_k}, d={args.head_dim}, backend={args.backend or 'auto'}")
+        print(f"# timing: median of {args.repeats} repeats of >= {args.iters} calls and >= {args.repeat_seconds:g} s "
+              f"each, after {args.warmup} warm-up calls")
         print("# single-device kernels, local problem: "
               + ", ".join(f"{n} {1 / t:.2f} iter/s (ideal at W={w}: {1 / (t * w):.2f})" for n, t in kernels.items()))
         print(f"{'variant':<14} {'err out':>9} {'err grads':>9} {'iter/s':>8} {'TFLOP/s':>8} {'% ideal':>8} "
