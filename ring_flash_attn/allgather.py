@@ -49,6 +49,7 @@ class AllGatherPlan:
     heads_k_stride: int
     metas: Tuple[VarlenMeta, ...]  # varlen calls: local query documents against the selected keys
     k_rows: Rows  # rows of the all-gather buffer (every rank's shard, rank order) that the metas' keys are
+    k_repeats: Optional["RowRepeats"] = None  # k_rows split into first occurrences and repeats (index k_rows)
     windowed: bool = False  # a non-causal window: several calls per chunk (same on every rank)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
@@ -105,12 +106,41 @@ def gathered_rows(layout: str, offsets: Tuple[int, ...], world_size: int, rows: 
     return where[rows.cpu() if isinstance(rows, Tensor) else rows].to(device)
 
 
+@dataclass(frozen=True, eq=False)
+class RowRepeats:
+    """An index with repeated rows (zigzag layouts: a document's two pieces share their first keys),
+    split so that gradients are scattered by a plain copy for each row's first occurrence and an
+    atomic add only for the repeats."""
+
+    first_rows: Tensor
+    first_positions: Tensor
+    repeat_rows: Tensor
+    repeat_positions: Tensor
+
+    @classmethod
+    def of(cls, rows: Tensor) -> "RowRepeats":
+        order = torch.argsort(rows.cpu(), stable=True)
+        ordered = rows.cpu()[order]
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        parts = (ordered[first], order[first], ordered[~first], order[~first])
+        return cls(*(t.to(rows.device) for t in parts))
+
+    def scatter_into(self, target: Tensor, values: Tensor) -> None:
+        """``target[rows[i]] += values[i]`` for every position i (target zero where no row points)."""
+        target.index_copy_(0, self.first_rows, values.index_select(0, self.first_positions).to(target.dtype))
+        if self.repeat_rows.numel():
+            target.index_add_(0, self.repeat_rows, values.index_select(0, self.repeat_positions).to(target.dtype))
+
+
 @lru_cache(maxsize=64)
 def pack_plan(layout: str, offsets: Tuple[int, ...], rank: int, world_size: int, causal: bool, device: torch.device):
-    """``(meta, rows of the gathered K/V, rows of the global keys, starts)`` of this rank's pieces
-    (see :func:`document_meta`)."""
+    """``(meta, rows of the gathered K/V, their RowRepeats (None for a slice), rows of the global keys,
+    starts)`` of this rank's pieces (see :func:`document_meta`)."""
     meta, rows, starts = document_meta(offsets, local_pieces(layout, offsets, rank, world_size), causal, device)
-    return meta, gathered_rows(layout, offsets, world_size, rows, device), rows, starts
+    gathered = gathered_rows(layout, offsets, world_size, rows, device)
+    repeats = None if isinstance(gathered, slice) else RowRepeats.of(gathered)
+    return meta, gathered, repeats, rows, starts
 
 
 @lru_cache(maxsize=64)
@@ -281,11 +311,11 @@ def allgather_backward(
         dq[:, heads], dk_c, dv_c = attend_backward(plan, plan.chunk_backend(heads), dout[:, heads], q[:, heads], k_c,
                                                    v_c, out[:, heads], lse[heads])
         full = torch.zeros((w * tokens, 2, *dk_c.shape[1:]), dtype=sum_dtype, device=k.device)
-        if isinstance(plan.k_rows, slice):
-            full[plan.k_rows, 0] = dk_c
-            full[plan.k_rows, 1] = dv_c
-        else:
-            full.index_add_(0, plan.k_rows, torch.stack([dk_c, dv_c], 1).to(sum_dtype))
+        for i, grad in enumerate((dk_c, dv_c)):
+            if isinstance(plan.k_rows, slice):
+                full[plan.k_rows, i] = grad
+            else:  # an index (zigzag layouts), split by pack_plan
+                plan.k_repeats.scatter_into(full[:, i], grad)
         if pending is not None:
             finish(pending)
         if w == 1:

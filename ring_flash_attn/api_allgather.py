@@ -24,9 +24,9 @@ Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 
-def _allgather(q, k, v, layout: str, meta: VarlenMeta, pieces, key_rows, gathered_rows, starts, heads_k_stride,
-               dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-               group, backend) -> Result:
+def _allgather(q, k, v, layout: str, meta: VarlenMeta, pieces, key_rows, gathered_rows, repeats, starts,
+               heads_k_stride, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+               return_attn_probs, group, backend) -> Result:
     """``pieces``: (global start, length) of this rank's runs of tokens; ``key_rows``: the global
     rows of the keys ``meta`` describes, ``gathered_rows`` the same rows in the all-gather buffer;
     ``starts``: global positions of each document's first query and first key (for windows)."""
@@ -61,6 +61,7 @@ def _allgather(q, k, v, layout: str, meta: VarlenMeta, pieces, key_rows, gathere
         heads_k_stride=check_heads_k_stride(heads_k_stride, k.shape[1]),
         metas=metas,
         k_rows=gathered_rows,
+        k_repeats=repeats,
         windowed=windowed,
     )
     out, lse = AttentionFunction.apply(q, k, v, plan)
@@ -89,9 +90,9 @@ def llama3_flash_attn_varlen_func(
     k_start = local_k_slice.start or 0  # contiguous shards: documents' queries and keys in order
     starts = [(rank * q.shape[0] + meta.offsets_q[i], k_start + meta.offsets_k[i]) for i in range(len(meta.lengths))]
     pieces = ((rank * q.shape[0], q.shape[0]),)
-    return _allgather(q, k, v, "llama3", meta, pieces, local_k_slice, local_k_slice, starts, heads_k_stride, dropout_p,
-                      softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-                      group, backend)
+    return _allgather(q, k, v, "llama3", meta, pieces, local_k_slice, local_k_slice, None, starts, heads_k_stride,
+                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                      return_attn_probs, group, backend)
 
 
 def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -154,8 +155,8 @@ def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: T
         raise ValueError(f"cu_seqlens ends at {offsets[-1]}, but {world_size} ranks x {q.shape[0]} local tokens "
                          f"= {q.shape[0] * world_size}")
     pieces = local_pieces(layout, offsets, rank, world_size)
-    meta, gathered, key_rows, starts = pack_plan(layout, offsets, rank, world_size, bool(causal), q.device)
-    return _allgather(q, k, v, layout, meta, pieces, key_rows, gathered, starts, heads_k_stride, dropout_p,
+    meta, gathered, repeats, key_rows, starts = pack_plan(layout, offsets, rank, world_size, bool(causal), q.device)
+    return _allgather(q, k, v, layout, meta, pieces, key_rows, gathered, repeats, starts, heads_k_stride, dropout_p,
                       softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
                       group, backend)
 

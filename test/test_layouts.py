@@ -41,3 +41,17 @@ def test_bad_layout_and_ragged_shards():
         position_ids("spiral", 0, 2, 8)
     with pytest.raises(ValueError, match="differ in length"):
         unshard([torch.zeros(1, 4), torch.zeros(1, 3)], "ring")
+
+
+def test_row_repeats_scatter_is_index_add():
+    from ring_flash_attn.allgather import RowRepeats
+
+    rows = torch.tensor([5, 0, 1, 2, 0, 1, 7, 2, 2])
+    values = torch.randn(len(rows), 3, dtype=torch.float64)
+    expected = torch.zeros(9, 3, dtype=torch.float64).index_add_(0, rows, values)
+    got = torch.zeros(9, 3, dtype=torch.float64)
+    RowRepeats.of(rows).scatter_into(got, values)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    strided = torch.zeros(9, 2, 3, dtype=torch.float64)  # a view, as allgather_backward passes it
+    RowRepeats.of(rows).scatter_into(strided[:, 1], values)
+    assert torch.allclose(strided[:, 1], expected) and not strided[:, 0].any()
