@@ -6,7 +6,8 @@ or another stream kept it waiting); every rank writes a Chrome trace to $OUT or 
     torchrun --nproc_per_node 2 benchmark/profile_ring.py [benchmark_func.py flags] --variants zigzag
 
 Takes the flags of ``benchmark_func.py`` (the first of ``--variants`` is profiled; ``--iters``
-iterations are recorded after ``--warmup``).
+iterations are recorded after ``--warmup``). Then times the same step without the profiler, over 8
+and over 300 back-to-back iterations (a short burst and a sustained run differ when clocks drop).
 """
 
 from __future__ import annotations
@@ -62,6 +63,20 @@ def timeline_summary(trace_path: str, iters: int, rank: int = 0) -> str:
     return "\n".join(lines)
 
 
+def unprofiled_ms(step, iters: int) -> float:
+    """Milliseconds per call of ``iters`` back-to-back calls (CUDA events, after a barrier)."""
+    torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        step()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) / iters
+
+
 def main() -> None:
     args = parse_args()
     device = setup()
@@ -80,12 +95,15 @@ def main() -> None:
         torch.cuda.synchronize()
     trace = os.path.join(os.environ.get("OUT", "."), f"trace_{variant}_rank{rank}.json")
     prof.export_chrome_trace(trace)
+    burst, sustained = unprofiled_ms(step, 8), unprofiled_ms(step, 300)
     if rank == 0:
         mode = "fwd" if args.fwd_only else "fwd+bwd"
         print(f"# {torch.cuda.get_device_name()} x{w}, {variant}{' varlen' if args.varlen else ''}, {mode}, "
               f"causal={args.causal}, backend={args.backend or 'auto'}, {args.iters} iterations")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
         print(timeline_summary(trace, args.iters))
+        print(f"same step without the profiler: {burst:.3f} ms per iteration over 8 iterations, "
+              f"{sustained:.3f} ms over 300")
     if dist.is_initialized():
         dist.destroy_process_group()
 
