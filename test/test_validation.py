@@ -120,3 +120,11 @@ def test_deterministic_calls_avoid_kernels_without_a_deterministic_backward():
     for name in ("cudnn", "flash_attn_3", "flash_attn_4"):
         assert any("no deterministic backward" in r for r in kernel_reasons(BACKENDS[name], call)), name
     assert not any("deterministic" in r for r in kernel_reasons(BACKENDS["torch_cuda_flash"], call))
+
+
+def test_zigzag_llama3_needs_documents_in_2w_chunks():
+    x = torch.zeros(10, 2, 16)
+    with pytest.raises(ValueError, match="pad the documents"):  # a 5-token document does not cut into 2 chunks
+        rfa.zigzag_llama3_flash_attn_varlen_func(x, x, x, torch.tensor([0, 5, 10], dtype=torch.int32), 5)
+    out = rfa.zigzag_llama3_flash_attn_varlen_func(x, x, x, torch.tensor([0, 4, 10], dtype=torch.int32), 6)
+    assert out.shape == x.shape
