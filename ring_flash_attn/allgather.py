@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import bisect
 import copy
+import functools
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,9 @@ from .merge import merge_into
 from .ring import take
 from .schedules import Rows
 from .varlen import WindowCalls
+
+if TYPE_CHECKING:
+    from .local_first import OwnKeysFirst
 
 Tensor = torch.Tensor
 
@@ -51,19 +55,25 @@ class AllGatherPlan:
     k_rows: Rows  # rows of the all-gather buffer (every rank's shard, rank order) that the metas' keys are
     k_repeats: Optional["RowRepeats"] = None  # k_rows split into first occurrences and repeats (index k_rows)
     windowed: bool = False  # a non-causal window: several calls per chunk (same on every rank)
+    own_keys_first: Optional["OwnKeysFirst"] = None  # local_first.py: own keys while gathering (no window)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.own_keys_first is not None:
+            return self.own_keys_first.forward(self, q, k, v)
         return allgather_forward(self, q, k, v)
 
     def backward(self, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+        if self.own_keys_first is not None:
+            return self.own_keys_first.backward(self, dout, q, k, v, out, lse)
         return allgather_backward(self, dout, q, k, v, out, lse)
 
-    def chunk_backend(self, heads: slice) -> Backend:
-        """The kernel for one chunk of query heads (ALiBi slopes cut to them)."""
-        if self.backend.alibi_slopes is None or heads == slice(0, self.backend.alibi_slopes.shape[-1]):
-            return self.backend
-        chunk = copy.copy(self.backend)
-        chunk.alibi_slopes = self.backend.alibi_slopes[..., heads]
+    def chunk_backend(self, heads: slice, backend: Optional[Backend] = None) -> Backend:
+        """The kernel (default: the plan's) for one chunk of query heads (ALiBi slopes cut to them)."""
+        backend = self.backend if backend is None else backend
+        if backend.alibi_slopes is None or heads == slice(0, backend.alibi_slopes.shape[-1]):
+            return backend
+        chunk = copy.copy(backend)
+        chunk.alibi_slopes = backend.alibi_slopes[..., heads]
         return chunk
 
 
@@ -236,14 +246,16 @@ class KVGather:
         return kv[:, 0], kv[:, 1]
 
     def chunks(self, group_size: int):
-        """Yield ``(kv_heads, q_heads, k, v)`` per head chunk, the next chunk's gather in flight."""
+        """Yield ``(kv_heads, q_heads, fetch)`` per head chunk; ``fetch()`` waits for the chunk's gather
+        and returns its selected K and V. The next chunk's gather is in flight meanwhile."""
         count = self.k.shape[1] // self.plan.heads_k_stride
         self.start(0)
         for c in range(count):
             if c + 1 < count:
                 self.start(c + 1)
             kv_heads = self.heads(c)
-            yield kv_heads, slice(kv_heads.start * group_size, kv_heads.stop * group_size), *self.keys(c)
+            yield kv_heads, slice(kv_heads.start * group_size, kv_heads.stop * group_size), functools.partial(
+                self.keys, c)
 
 
 def allgather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
@@ -251,13 +263,13 @@ def allgather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> T
     group_size = q.shape[1] // k.shape[1]
     with dropout_stream(plan.backend.dropout, q.device, plan.rank):
         if plan.heads_k_stride == k.shape[1]:  # one chunk: the kernel's output is the result
-            (_, heads, k_c, v_c), = KVGather(plan, k, v).chunks(group_size)
-            out, lse = attend(plan, plan.backend, q, k_c, v_c)
+            (_, heads, fetch), = KVGather(plan, k, v).chunks(group_size)
+            out, lse = attend(plan, plan.backend, q, *fetch())
             return out.to(q.dtype), lse
         out = torch.empty_like(q)
         lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
-        for _, heads, k_c, v_c in KVGather(plan, k, v).chunks(group_size):
-            out[:, heads], lse[heads] = attend(plan, plan.chunk_backend(heads), q[:, heads], k_c, v_c)
+        for _, heads, fetch in KVGather(plan, k, v).chunks(group_size):
+            out[:, heads], lse[heads] = attend(plan, plan.chunk_backend(heads), q[:, heads], *fetch())
     return out, lse
 
 
@@ -307,9 +319,9 @@ def allgather_backward(
     in_input_dtype = (w <= 2 and plan.backend.results_in_input_dtype and isinstance(plan.k_rows, slice)
                       and not plan.windowed)
     sum_dtype = k.dtype if in_input_dtype else accumulator_dtype(k.dtype)
-    for kv_heads, heads, k_c, v_c in KVGather(plan, k, v).chunks(group_size):
-        dq[:, heads], dk_c, dv_c = attend_backward(plan, plan.chunk_backend(heads), dout[:, heads], q[:, heads], k_c,
-                                                   v_c, out[:, heads], lse[heads])
+    for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(group_size):
+        dq[:, heads], dk_c, dv_c = attend_backward(plan, plan.chunk_backend(heads), dout[:, heads], q[:, heads],
+                                                   *fetch(), out[:, heads], lse[heads])
         full = torch.zeros((w * tokens, 2, *dk_c.shape[1:]), dtype=sum_dtype, device=k.device)
         for i, grad in enumerate((dk_c, dv_c)):
             if isinstance(plan.k_rows, slice):

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from .allgather import AllGatherPlan, check_heads_k_stride, local_pieces, pack_plan, window_metas
 from .api import default_scale, select_block_kernel
+from .local_first import own_keys_first
 from .ring import AttentionFunction
 from .kernels.base import Band, VarlenMeta
 from .validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
@@ -24,12 +25,14 @@ Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 
-def _allgather(q, k, v, layout: str, meta: VarlenMeta, pieces, key_rows, gathered_rows, repeats, starts,
+def _allgather(q, k, v, layout: str, offsets, meta: VarlenMeta, pieces, key_rows, gathered_rows, repeats, starts,
                heads_k_stride, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                return_attn_probs, group, backend) -> Result:
-    """``pieces``: (global start, length) of this rank's runs of tokens; ``key_rows``: the global
-    rows of the keys ``meta`` describes, ``gathered_rows`` the same rows in the all-gather buffer;
-    ``starts``: global positions of each document's first query and first key (for windows)."""
+    """``offsets``: the global cu_seqlens (``(0, total)`` for llama3); ``pieces``: (global start,
+    length) of this rank's runs of tokens; ``key_rows``: the global rows of the keys ``meta``
+    describes, ``gathered_rows`` the same rows in the all-gather buffer; ``starts``: global positions
+    of each document's first query and first key. Without a sliding window the plan attends to the
+    rank's own keys while the others are gathered (:mod:`ring_flash_attn.local_first`)."""
     check_options(dropout_p, softcap, return_attn_probs)
     check_alibi_slopes(alibi_slopes, q, batch=None)
     window = normalized_window(window_size)
@@ -48,8 +51,14 @@ def _allgather(q, k, v, layout: str, meta: VarlenMeta, pieces, key_rows, gathere
     band = Band(lo, hi)  # what the kernel must take: full, causal, or a window
     kernel = select_block_kernel(q, k, v, (band,), deterministic, backend, varlen=True, varlen_offsets=bool(causal),
                                  softcap=softcap, dropout_p=dropout_p, alibi_slopes=alibi_slopes)
-    if alibi_slopes is not None:  # global positions of the queries and of the selected keys
+    q_positions = None
+    if alibi_slopes is not None:  # global positions of the queries
         q_positions = torch.cat([torch.arange(start, start + n) for start, n in pieces]).to(q.device)
+    own = None
+    if window == (-1, -1):
+        own = own_keys_first(layout, offsets, rank, world_size, meta, starts, q_positions, kernel, q.device)
+        gathered_rows, repeats = own.remote_rows, own.remote_repeats
+    elif alibi_slopes is not None:  # and of the selected keys
         k_positions = torch.arange(q.shape[0] * world_size, device=q.device)[key_rows]
         kernel = kernel.at_positions(q_positions, k_positions)
     plan = AllGatherPlan(
@@ -63,6 +72,7 @@ def _allgather(q, k, v, layout: str, meta: VarlenMeta, pieces, key_rows, gathere
         k_rows=gathered_rows,
         k_repeats=repeats,
         windowed=windowed,
+        own_keys_first=own,
     )
     out, lse = AttentionFunction.apply(q, k, v, plan)
     return (out, lse, None) if return_attn_probs else out
@@ -86,13 +96,13 @@ def llama3_flash_attn_varlen_func(
         raise TypeError(f"local_k_slice must be a slice, got {type(local_k_slice).__name__}")
     meta = VarlenMeta(host_offsets(cu_seqlens_q), host_offsets(cu_seqlens_k), bool(causal),
                       cu_seqlens_q.to(q.device, torch.int32), cu_seqlens_k.to(q.device, torch.int32))
-    rank, _ = group_rank_and_size(group)
+    rank, world_size = group_rank_and_size(group)
     k_start = local_k_slice.start or 0  # contiguous shards: documents' queries and keys in order
     starts = [(rank * q.shape[0] + meta.offsets_q[i], k_start + meta.offsets_k[i]) for i in range(len(meta.lengths))]
     pieces = ((rank * q.shape[0], q.shape[0]),)
-    return _allgather(q, k, v, "llama3", meta, pieces, local_k_slice, local_k_slice, None, starts, heads_k_stride,
-                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                      return_attn_probs, group, backend)
+    return _allgather(q, k, v, "llama3", (0, q.shape[0] * world_size), meta, pieces, local_k_slice, local_k_slice,
+                      None, starts, heads_k_stride, dropout_p, softmax_scale, causal, window_size, softcap,
+                      alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
 def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -156,9 +166,9 @@ def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: T
                          f"= {q.shape[0] * world_size}")
     pieces = local_pieces(layout, offsets, rank, world_size)
     meta, gathered, repeats, key_rows, starts = pack_plan(layout, offsets, rank, world_size, bool(causal), q.device)
-    return _allgather(q, k, v, layout, meta, pieces, key_rows, gathered, repeats, starts, heads_k_stride, dropout_p,
-                      softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-                      group, backend)
+    return _allgather(q, k, v, layout, offsets, meta, pieces, key_rows, gathered, repeats, starts, heads_k_stride,
+                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                      return_attn_probs, group, backend)
 
 
 def zigzag_llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,

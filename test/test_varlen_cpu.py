@@ -72,3 +72,22 @@ CASES = _cases() + [  # sliding windows on the all-gather family (documents cros
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
 def test_varlen_matches_float64_reference(dist_pool, case):
     check(case, dist_pool(case.world_size).run("varlen_cases:run_rank", case=case))
+
+
+def test_allgather_attends_own_keys_first_unless_windowed(monkeypatch):
+    """Without a sliding window the all-gather family runs local_first.OwnKeysFirst (own keys while the
+    others are gathered); with one it keeps the plain path. The cases above check both for exactness."""
+    import torch
+
+    import ring_flash_attn as rfa
+    from ring_flash_attn import local_first
+
+    used = []
+    forward = local_first.OwnKeysFirst.forward
+    monkeypatch.setattr(local_first.OwnKeysFirst, "forward", lambda self, *a: used.append(1) or forward(self, *a))
+    x = torch.randn(12, 2, 16)
+    cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+    rfa.zigzag_llama3_flash_attn_varlen_func(x, x, x, cu, 8, causal=True)
+    assert used == [1]
+    rfa.zigzag_llama3_flash_attn_varlen_func(x, x, x, cu, 8, causal=True, window_size=(3, 0))
+    assert used == [1]

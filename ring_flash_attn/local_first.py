@@ -1,0 +1,169 @@
+"""The all-gather family with its own keys first: while K/V of the other ranks are gathered, each
+rank attends its queries to its own keys; then to the gathered remote keys; the two partial results
+merge exactly (online softmax), the gradients add.
+
+Why it is exact and cheap: positions increase along a rank's local tokens in every layout of the
+family, and a document's local tokens are contiguous in local order, so "local queries against
+local keys" is one varlen call over the local tensors with a plain causal (or full) mask per
+document. Every remote key of a causal piece lies before the piece, so the remote call needs no mask
+at all. Not used with sliding windows (the window is on global positions, not local indices).
+
+Backward in the same order: own keys' gradients stay local, the remote keys' go back to their owners
+in one float32 reduce-scatter, added to the local part once (one rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import torch
+
+from .allgather import AllGatherPlan, KVGather, RowRepeats, local_pieces
+from .comm import reduce_scatter_async
+from .kernels import Backend
+from .kernels.base import VarlenMeta, accumulator_dtype
+from .kernels.dropout import dropout_stream
+from .merge import merge_into
+from .schedules import Rows
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class OwnKeysFirst:
+    """The two calls of a local-first plan (see the module docstring)."""
+
+    local_meta: VarlenMeta  # local queries against local keys: each document's local tokens, q = k
+    remote_meta: VarlenMeta  # the plan's pieces against their keys held by other ranks (no mask)
+    remote_rows: Rows  # rows of the all-gather buffer that remote_meta's keys are
+    remote_repeats: Optional[RowRepeats]  # None when remote_rows is a slice
+    remote_positions: Tensor  # global positions of remote_meta's keys (ALiBi)
+    local_backend: Backend
+    remote_backend: Backend
+
+    @property
+    def has_remote(self) -> bool:
+        return self.remote_meta.offsets_k[-1] > 0
+
+    def forward(self, plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        group_size = q.shape[1] // k.shape[1]
+        out = torch.empty_like(q)
+        lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
+        with dropout_stream(plan.backend.dropout, q.device, plan.rank):
+            for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(group_size):
+                local = plan.chunk_backend(heads, self.local_backend)
+                out_c, lse_c = local.forward_varlen(q[:, heads], k[:, kv_heads], v[:, kv_heads], self.local_meta,
+                                                    plan.softmax_scale)
+                k_r, v_r = fetch()
+                if self.has_remote:
+                    remote = plan.chunk_backend(heads, self.remote_backend)
+                    out_r, lse_r = remote.forward_varlen(q[:, heads], k_r, v_r, self.remote_meta, plan.softmax_scale)
+                    merge_into(out_c[None], lse_c[None], out_r[None], lse_r[None])
+                if heads == slice(0, q.shape[1]):
+                    return out_c.to(q.dtype), lse_c
+                out[:, heads], lse[heads] = out_c, lse_c
+        return out, lse
+
+    def backward(self, plan: AllGatherPlan, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+        group_size = q.shape[1] // k.shape[1]
+        w, tokens = plan.world_size, k.shape[0]
+        if plan.backend.dropout is not None:
+            plan.backend.dropout.rewind()  # the same kernel calls as the forward, in the same order
+        dq = torch.empty_like(q)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        sum_dtype = accumulator_dtype(k.dtype)
+        pending = []
+
+        def finish(work, mine, local_grads, kv_heads):
+            if work is not None:
+                work.wait()
+            for i, (target, grad) in enumerate(zip((dk, dv), local_grads)):
+                target[:, kv_heads] = grad if mine is None else mine[:, i] + grad  # float32 sum, one rounding
+
+        for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(group_size):
+            args = (dout[:, heads], q[:, heads])
+            local = plan.chunk_backend(heads, self.local_backend)
+            dq_c, dk_l, dv_l = local.backward_varlen(*args, k[:, kv_heads], v[:, kv_heads], out[:, heads], lse[heads],
+                                                     self.local_meta, plan.softmax_scale)
+            k_r, v_r = fetch()
+            full = None
+            if w > 1:
+                full = torch.zeros((w * tokens, 2, *dk_l.shape[1:]), dtype=sum_dtype, device=k.device)
+            if self.has_remote:
+                remote = plan.chunk_backend(heads, self.remote_backend)
+                dq_r, dk_r, dv_r = remote.backward_varlen(*args, k_r, v_r, out[:, heads], lse[heads], self.remote_meta,
+                                                          plan.softmax_scale)
+                dq_c = dq_c + dq_r if dq_c.dtype != q.dtype else dq_c.add_(dq_r)  # two terms: one rounding
+                for i, grad in enumerate((dk_r, dv_r)):
+                    if self.remote_repeats is None:
+                        full[self.remote_rows, i] = grad
+                    else:
+                        self.remote_repeats.scatter_into(full[:, i], grad)
+            dq[:, heads] = dq_c
+            for job in pending:
+                finish(*job)
+            pending = []
+            if w == 1:
+                finish(None, None, (dk_l, dv_l), kv_heads)
+                continue
+            mine = torch.empty((tokens, *full.shape[1:]), dtype=sum_dtype, device=k.device)
+            pending = [(reduce_scatter_async(mine, full, plan.group), mine, (dk_l, dv_l), kv_heads)]
+        for job in pending:
+            finish(*job)
+        return dq, dk, dv
+
+
+@lru_cache(maxsize=64)
+def own_keys_split(layout: str, offsets: Tuple[int, ...], rank: int, world_size: int, q_offsets: Tuple[int, ...],
+                   key_ranges: Tuple[Tuple[int, int], ...], causal: bool, device: torch.device):
+    """``(local_meta, remote_meta, remote_rows, remote_repeats, remote_positions)`` for this rank's
+    pieces (``q_offsets``: local query rows per piece; ``key_ranges``: each piece's global keys).
+    ``offsets``: the global cu_seqlens (``(0, total)`` is enough for llama3)."""
+    positions = [torch.cat([torch.arange(s, s + n) for s, n in local_pieces(layout, offsets, r, world_size)])
+                 for r in range(world_size)]
+    total = offsets[-1]
+    local_of = torch.full((total,), -1, dtype=torch.int64)
+    local_of[positions[rank]] = torch.arange(positions[rank].numel())
+    gathered_of = torch.empty(total, dtype=torch.int64)
+    gathered_of[torch.cat(positions)] = torch.arange(total)
+
+    # own keys: each document's local tokens (a contiguous run of local rows) against themselves
+    lengths = torch.tensor([q_offsets[i + 1] - q_offsets[i] for i in range(len(key_ranges))])
+    doc_of_row = torch.repeat_interleave(torch.tensor([s for s, _ in key_ranges]), lengths)  # pieces of a
+    changes = (doc_of_row[1:] != doc_of_row[:-1]).nonzero().flatten() + 1  # document share its first key
+    cuts = [0, *changes.tolist(), q_offsets[-1]]
+    local_meta = VarlenMeta.build(cuts, cuts, causal, device)
+
+    # other ranks' keys of every piece, in the all-gather buffer
+    remote, k_offsets = [], [0]
+    for start, stop in key_ranges:
+        keys = torch.arange(start, stop)
+        keys = keys[local_of[keys] < 0]
+        remote.append(keys)
+        k_offsets.append(k_offsets[-1] + keys.numel())
+    remote_positions = torch.cat(remote) if remote else torch.zeros(0, dtype=torch.int64)
+    rows = gathered_of[remote_positions]
+    if rows.numel() and bool((rows[1:] - rows[:-1] == 1).all()):
+        remote_rows: Rows = slice(int(rows[0]), int(rows[-1]) + 1)
+        repeats = None
+    else:
+        remote_rows, repeats = rows.to(device), RowRepeats.of(rows.to(device))
+    remote_meta = VarlenMeta.build(q_offsets, k_offsets, False, device)
+    return local_meta, remote_meta, remote_rows, repeats, remote_positions.to(device)
+
+
+def own_keys_first(layout: str, offsets: Tuple[int, ...], rank: int, world_size: int, meta: VarlenMeta, starts,
+                   q_positions: Optional[Tensor], kernel: Backend, device: torch.device) -> OwnKeysFirst:
+    """The :class:`OwnKeysFirst` of a call (``starts``: per piece of ``meta``, the global positions of
+    its first query and first key; ``q_positions``: the local tokens' global positions, with ALiBi)."""
+    key_ranges = tuple((ks, ks + lk) for (_, ks), (_, lk) in zip(starts, meta.lengths))
+    local_meta, remote_meta, rows, repeats, remote_positions = own_keys_split(
+        layout, tuple(offsets), rank, world_size, tuple(meta.offsets_q), key_ranges, meta.causal, device)
+    local, remote = kernel, kernel
+    if q_positions is not None:
+        local, remote = kernel.at_positions(q_positions, q_positions), kernel.at_positions(q_positions,
+                                                                                           remote_positions)
+    return OwnKeysFirst(local_meta, remote_meta, rows, repeats, remote_positions, local, remote)
+
