@@ -9,7 +9,8 @@ document. Every remote key of a causal piece lies before the piece, so the remot
 at all. Not used with sliding windows (the window is on global positions, not local indices).
 
 Backward in the same order: own keys' gradients stay local, the remote keys' go back to their owners
-in one float32 reduce-scatter, added to the local part once (one rounding).
+in one reduce-scatter (float32, or the input dtype where that is exact: two ranks), added to the
+local part with one rounding.
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ class OwnKeysFirst:
             plan.backend.dropout.rewind()  # the same kernel calls as the forward, in the same order
         dq = torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        sum_dtype = accumulator_dtype(k.dtype)
+        # With two ranks a key gets at most one remote term, a single kernel output (pieces that share
+        # remote keys are one call document, own keys are never in `full`): the reduce-scatter adds it
+        # to zeros, exact in the input dtype; the owner adds its own term with float32 math, one
+        # rounding. More ranks sum several remote terms: float32.
+        sum_dtype = k.dtype if w == 2 and plan.backend.results_in_input_dtype else accumulator_dtype(k.dtype)
         pending = []
 
         def finish(work, mine, local_grads, kv_heads):
@@ -136,12 +141,17 @@ def own_keys_split(layout: str, offsets: Tuple[int, ...], rank: int, world_size:
     cuts = [0, *changes.tolist(), q_offsets[-1]]
     local_meta = VarlenMeta.build(cuts, cuts, causal, device)
 
-    # other ranks' keys of every piece, in the all-gather buffer
-    remote, k_offsets = [], [0]
-    for start, stop in key_ranges:
+    # other ranks' keys of every piece, in the all-gather buffer; adjacent pieces of a document that
+    # need the same remote keys (zigzag, W = 2) become one call document, so no key appears twice
+    remote, group_q, k_offsets = [], [0], [0]
+    for i, (start, stop) in enumerate(key_ranges):
         keys = torch.arange(start, stop)
         keys = keys[local_of[keys] < 0]
+        if remote and key_ranges[i - 1][0] == start and torch.equal(remote[-1], keys):
+            group_q[-1] = q_offsets[i + 1]
+            continue
         remote.append(keys)
+        group_q.append(q_offsets[i + 1])
         k_offsets.append(k_offsets[-1] + keys.numel())
     remote_positions = torch.cat(remote) if remote else torch.zeros(0, dtype=torch.int64)
     rows = gathered_of[remote_positions]
@@ -150,7 +160,7 @@ def own_keys_split(layout: str, offsets: Tuple[int, ...], rank: int, world_size:
         repeats = None
     else:
         remote_rows, repeats = rows.to(device), RowRepeats.of(rows.to(device))
-    remote_meta = VarlenMeta.build(q_offsets, k_offsets, False, device)
+    remote_meta = VarlenMeta.build(group_q, k_offsets, False, device)
     return local_meta, remote_meta, remote_rows, repeats, remote_positions.to(device)
 
 
