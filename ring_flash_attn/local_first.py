@@ -8,9 +8,10 @@ local keys" is one varlen call over the local tensors with a plain causal (or fu
 document. Every remote key of a causal piece lies before the piece, so the remote call needs no mask
 at all. Not used with sliding windows (the window is on global positions, not local indices).
 
-Backward in the same order: own keys' gradients stay local, the remote keys' go back to their owners
-in one reduce-scatter (float32, or the input dtype where that is exact: two ranks), added to the
-local part with one rounding.
+Backward the other way round: the gathered remote keys first, so their gradients travel back to
+their owners (one reduce-scatter, float32, or the input dtype where that is exact: two ranks) while
+the own keys compute; a rank without remote keys (llama3's first) starts the reduce-scatter at once.
+Own keys' gradients stay local and are added to what comes back with one rounding.
 """
 
 from __future__ import annotations
@@ -79,44 +80,50 @@ class OwnKeysFirst:
         # to zeros, exact in the input dtype; the owner adds its own term with float32 math, one
         # rounding. More ranks sum several remote terms: float32.
         sum_dtype = k.dtype if w == 2 and plan.backend.results_in_input_dtype else accumulator_dtype(k.dtype)
-        pending = []
+        dropout = plan.backend.dropout
 
         def finish(work, mine, local_grads, kv_heads):
             if work is not None:
                 work.wait()
             for i, (target, grad) in enumerate(zip((dk, dv), local_grads)):
-                target[:, kv_heads] = grad if mine is None else mine[:, i] + grad  # float32 sum, one rounding
+                target[:, kv_heads] = grad if mine is None else mine[:, i] + grad  # float32 math, one rounding
 
         for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(group_size):
             args = (dout[:, heads], q[:, heads])
-            local = plan.chunk_backend(heads, self.local_backend)
-            dq_c, dk_l, dv_l = local.backward_varlen(*args, k[:, kv_heads], v[:, kv_heads], out[:, heads], lse[heads],
-                                                     self.local_meta, plan.softmax_scale)
-            k_r, v_r = fetch()
+            local_call = dropout.cursor if dropout is not None else 0  # the forward ran local, then remote
             full = None
             if w > 1:
-                full = torch.zeros((w * tokens, 2, *dk_l.shape[1:]), dtype=sum_dtype, device=k.device)
-            if self.has_remote:
+                full = torch.zeros((w * tokens, 2, *k[:, kv_heads].shape[1:]), dtype=sum_dtype, device=k.device)
+            dq_r = None
+            if self.has_remote:  # remote keys first: their gradients travel home while the own keys compute
+                k_r, v_r = fetch()
+                if dropout is not None:
+                    dropout.seek(local_call + 1)
                 remote = plan.chunk_backend(heads, self.remote_backend)
                 dq_r, dk_r, dv_r = remote.backward_varlen(*args, k_r, v_r, out[:, heads], lse[heads], self.remote_meta,
                                                           plan.softmax_scale)
-                dq_c = dq_c + dq_r if dq_c.dtype != q.dtype else dq_c.add_(dq_r)  # two terms: one rounding
                 for i, grad in enumerate((dk_r, dv_r)):
                     if self.remote_repeats is None:
                         full[self.remote_rows, i] = grad
                     else:
                         self.remote_repeats.scatter_into(full[:, i], grad)
+            work = mine = None
+            if w > 1:
+                mine = torch.empty((tokens, *full.shape[1:]), dtype=sum_dtype, device=k.device)
+                work = reduce_scatter_async(mine, full, plan.group)
+            if dropout is not None:
+                dropout.seek(local_call)
+            local = plan.chunk_backend(heads, self.local_backend)
+            dq_c, dk_l, dv_l = local.backward_varlen(*args, k[:, kv_heads], v[:, kv_heads], out[:, heads], lse[heads],
+                                                     self.local_meta, plan.softmax_scale)
+            if dropout is not None:
+                dropout.seek(local_call + (2 if self.has_remote else 1))
+            if not self.has_remote:
+                fetch()  # the chunk's gather (other ranks need it) completes before its buffer is reused
+            if dq_r is not None:
+                dq_c = dq_c + dq_r if dq_c.dtype != q.dtype else dq_c.add_(dq_r)  # two terms: one rounding
             dq[:, heads] = dq_c
-            for job in pending:
-                finish(*job)
-            pending = []
-            if w == 1:
-                finish(None, None, (dk_l, dv_l), kv_heads)
-                continue
-            mine = torch.empty((tokens, *full.shape[1:]), dtype=sum_dtype, device=k.device)
-            pending = [(reduce_scatter_async(mine, full, plan.group), mine, (dk_l, dv_l), kv_heads)]
-        for job in pending:
-            finish(*job)
+            finish(work, mine, (dk_l, dv_l), kv_heads)
         return dq, dk, dv
 
 

@@ -33,6 +33,10 @@ class DropoutRecord:
         """Start replaying from the first call (each backward pass)."""
         self.cursor = 0
 
+    def seek(self, call: int) -> None:
+        """Replay from the forward's ``call``-th kernel call on (a backward that runs calls out of order)."""
+        self.cursor = call
+
     def replay(self) -> Any:
         if self.cursor >= len(self.states):
             raise RuntimeError("ring_flash_attn: dropout state missing (the backward made more kernel calls than "
