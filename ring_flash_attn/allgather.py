@@ -1,8 +1,9 @@
 """The all-gather (llama3) family for packed documents.
 
 Each rank keeps its queries and gathers the K/V of every rank, ``heads_k_stride`` K/V heads at a
-time (the next chunk's all-gather in flight while the current chunk computes), then runs one
-varlen kernel call per chunk: each local document piece attends to its document's keys from the
+time (the next chunk's all-gather in flight while the current chunk computes). Without a sliding
+window the plan's :mod:`ring_flash_attn.local_first` split runs (own keys while gathering, then the
+remote ones); the plain path below, used with windows, runs one varlen kernel call per chunk: each local document piece attends to its document's keys from the
 document's start (causal: up to the piece's end, bottom-right aligned; a non-causal sliding window
 takes a few calls, see :func:`window_metas`). Backward gathers again and reduce-scatters dK/dV back
 to their owners (float32; the input dtype where each key gets only two terms). Memory grows with the

@@ -41,7 +41,6 @@ class OwnKeysFirst:
     remote_meta: VarlenMeta  # the plan's pieces against their keys held by other ranks (no mask)
     remote_rows: Rows  # rows of the all-gather buffer that remote_meta's keys are
     remote_repeats: Optional[RowRepeats]  # None when remote_rows is a slice
-    remote_positions: Tensor  # global positions of remote_meta's keys (ALiBi)
     local_backend: Backend
     remote_backend: Backend
 
@@ -182,5 +181,5 @@ def own_keys_first(layout: str, offsets: Tuple[int, ...], rank: int, world_size:
     if q_positions is not None:
         local, remote = kernel.at_positions(q_positions, q_positions), kernel.at_positions(q_positions,
                                                                                            remote_positions)
-    return OwnKeysFirst(local_meta, remote_meta, rows, repeats, remote_positions, local, remote)
+    return OwnKeysFirst(local_meta, remote_meta, rows, repeats, local, remote)
 
