@@ -105,15 +105,26 @@ def local_pieces(layout: str, offsets: Tuple[int, ...], rank: int, world_size: i
     return tuple(pieces)
 
 
-def gathered_rows(layout: str, offsets: Tuple[int, ...], world_size: int, rows: Rows, device: torch.device) -> Rows:
-    """Rows of the global packed tokens -> rows of the all-gather buffer, which holds every rank's
-    shard in rank order (the same order for ``llama3``; zigzag layouts index into it)."""
-    if layout == "llama3":
-        return rows
-    order = torch.cat([torch.arange(start, start + n) for r in range(world_size)
-                       for start, n in local_pieces(layout, offsets, r, world_size)])
+def shard_positions(layout: str, offsets: Tuple[int, ...], world_size: int) -> List[Tensor]:
+    """Every rank's global token positions, in its local order (host tensors)."""
+    return [torch.cat([torch.arange(start, start + n) for start, n in local_pieces(layout, offsets, r, world_size)])
+            for r in range(world_size)]
+
+
+def buffer_row_of(positions: List[Tensor]) -> Tensor:
+    """Global position -> row of the all-gather buffer, which holds every rank's shard in rank order."""
+    order = torch.cat(positions)
     where = torch.empty_like(order)
     where[order] = torch.arange(order.numel())
+    return where
+
+
+def gathered_rows(layout: str, offsets: Tuple[int, ...], world_size: int, rows: Rows, device: torch.device) -> Rows:
+    """Rows of the global packed tokens -> rows of the all-gather buffer (the same for ``llama3``;
+    zigzag layouts index into it)."""
+    if layout == "llama3":
+        return rows
+    where = buffer_row_of(shard_positions(layout, offsets, world_size))
     return where[rows.cpu() if isinstance(rows, Tensor) else rows].to(device)
 
 
@@ -296,15 +307,18 @@ def attend_backward(plan: AllGatherPlan, backend: Backend, dout, q, k, v, out, l
     return dq, dk, dv
 
 
+def start_backward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[int, Tensor, Tensor, Tensor]:
+    """``(query heads per K/V head, dq, dk, dv)`` to fill; dropout replays from the forward's first call."""
+    if plan.backend.dropout is not None:
+        plan.backend.dropout.rewind()
+    return q.shape[1] // k.shape[1], torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def allgather_backward(
     plan: AllGatherPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    group_size = q.shape[1] // k.shape[1]
+    group_size, dq, dk, dv = start_backward(plan, q, k, v)
     w, tokens = plan.world_size, k.shape[0]
-    if plan.backend.dropout is not None:
-        plan.backend.dropout.rewind()  # the same kernel calls as the forward, in the same order
-    dq = torch.empty_like(q)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
     pending: Optional[Tuple[dist.Work, Tensor, slice]] = None
 
     def finish(work_result):

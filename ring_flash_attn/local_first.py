@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .allgather import AllGatherPlan, KVGather, RowRepeats, local_pieces
+from .allgather import AllGatherPlan, KVGather, RowRepeats, buffer_row_of, shard_positions, start_backward
 from .comm import reduce_scatter_async
 from .kernels import Backend
 from .kernels.base import VarlenMeta, accumulator_dtype
@@ -68,12 +68,8 @@ class OwnKeysFirst:
         return out, lse
 
     def backward(self, plan: AllGatherPlan, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
-        group_size = q.shape[1] // k.shape[1]
+        group_size, dq, dk, dv = start_backward(plan, q, k, v)
         w, tokens = plan.world_size, k.shape[0]
-        if plan.backend.dropout is not None:
-            plan.backend.dropout.rewind()  # the same kernel calls as the forward, in the same order
-        dq = torch.empty_like(q)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
         # With two ranks a key gets at most one remote term, a single kernel output (pieces that share
         # remote keys are one call document, own keys are never in `full`): the reduce-scatter adds it
         # to zeros, exact in the input dtype; the owner adds its own term with float32 math, one
@@ -132,13 +128,10 @@ def own_keys_split(layout: str, offsets: Tuple[int, ...], rank: int, world_size:
     """``(local_meta, remote_meta, remote_rows, remote_repeats, remote_positions)`` for this rank's
     pieces (``q_offsets``: local query rows per piece; ``key_ranges``: each piece's global keys).
     ``offsets``: the global cu_seqlens (``(0, total)`` is enough for llama3)."""
-    positions = [torch.cat([torch.arange(s, s + n) for s, n in local_pieces(layout, offsets, r, world_size)])
-                 for r in range(world_size)]
-    total = offsets[-1]
-    local_of = torch.full((total,), -1, dtype=torch.int64)
+    positions = shard_positions(layout, offsets, world_size)
+    local_of = torch.full((offsets[-1],), -1, dtype=torch.int64)
     local_of[positions[rank]] = torch.arange(positions[rank].numel())
-    gathered_of = torch.empty(total, dtype=torch.int64)
-    gathered_of[torch.cat(positions)] = torch.arange(total)
+    gathered_of = buffer_row_of(positions)
 
     # own keys: each document's local tokens (a contiguous run of local rows) against themselves
     lengths = torch.tensor([q_offsets[i + 1] - q_offsets[i] for i in range(len(key_ranges))])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, List, Optional, Tuple, Union
 
-from .kernels.base import Band, Tensor, VarlenMeta
+from .kernels.base import Band, Tensor, VarlenMeta, trim_to_top_left_causal
 from .layouts import Segment, segments
 
 Rows = Union[slice, Tensor]  # a job's rows of the sequence dim: a view (slice), or gathered by index
@@ -116,11 +116,10 @@ def without_empty_edges(job: BlockJob) -> BlockJob:
     band = job.band
     if band.lo is not None or band.hi is None or band.hi >= 0 or not isinstance(job.q, slice):
         return job
-    cut = -band.hi
-    rows = job.q.stop - job.q.start - cut
-    keys = min(job.kv.stop - job.kv.start, rows)
-    return BlockJob(slice(job.q.start + cut, job.q.stop), slice(job.kv.start, job.kv.start + keys),
-                    Band(None, 0).normalized(rows, keys))
+    trim = trim_to_top_left_causal(band, job.q.stop - job.q.start, job.kv.stop - job.kv.start)
+    rows = slice(job.q.start + trim.first_row, job.q.stop)
+    return BlockJob(rows, slice(job.kv.start, job.kv.start + trim.key_end),
+                    Band(None, 0).normalized(rows.stop - rows.start, trim.key_end))
 
 
 @dataclass(frozen=True)

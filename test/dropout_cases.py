@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 
 import ring_flash_attn as rfa
+from attention_cases import DTYPES
 from ring_flash_attn.api_allgather import packed_allgather
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen
 
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FUNCS = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
 
 

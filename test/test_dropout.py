@@ -10,7 +10,8 @@ from typing import Dict, List
 import pytest
 import torch
 
-from dropout_cases import DTYPES, DropoutCase
+from attention_cases import DTYPES
+from dropout_cases import DropoutCase
 
 CPU_CASES = [
     DropoutCase(layout=layout, causal=causal, world_size=w, seed=n)
