@@ -23,7 +23,7 @@ import math
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -98,13 +98,10 @@ def sync(device: torch.device) -> None:
         dist.barrier()
 
 
-HOST_SECONDS: Dict[int, float] = {}  # id(fn) -> seconds per call the host spent issuing it
-
-
-def time_per_iter(fn: Callable[[], object], args, device) -> float:
-    """Median seconds per call over ``repeats`` runs of ``iters`` calls, after warm-up. Also records
-    in HOST_SECONDS the median time the host took to issue the calls (the loop before the final
-    synchronization): close to the total means the host, not the device, sets the pace."""
+def time_per_iter(fn: Callable[[], object], args, device) -> Tuple[float, float]:
+    """Median seconds per call over ``repeats`` runs of ``iters`` calls, after warm-up, and the median
+    time the host took to issue a call (the loop before the final synchronization): close to the
+    total means the host, not the device, sets the pace."""
     for _ in range(args.warmup):
         fn()
     iters = calls_per_repeat(fn, args, device)
@@ -117,8 +114,7 @@ def time_per_iter(fn: Callable[[], object], args, device) -> float:
         issued.append((time.perf_counter() - t0) / iters)
         sync(device)
         samples.append((time.perf_counter() - t0) / iters)
-    HOST_SECONDS[id(fn)] = statistics.median(issued)
-    return statistics.median(samples)
+    return statistics.median(samples), statistics.median(issued)
 
 
 def calls_per_repeat(fn: Callable[[], object], args, device) -> int:
@@ -291,7 +287,7 @@ def single_device_seconds(args, device, backend_name: str) -> Optional[float]:
             if not args.fwd_only:
                 backend.backward(out, q, k, v, out.to(dt), lse, band, scale)
 
-    return time_per_iter(run, args, device)
+    return time_per_iter(run, args, device)[0]
 
 
 def work_balance(args, problem: Problem, variant: str) -> float:
@@ -342,9 +338,9 @@ def main() -> None:
             errors = err.tolist()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = time_per_iter(step, args, device)
+        seconds, host = time_per_iter(step, args, device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        rows.append((variant, errors, seconds, peak, work_balance(args, problem, variant), HOST_SECONDS[id(step)]))
+        rows.append((variant, errors, seconds, peak, work_balance(args, problem, variant), host))
 
     if rank == 0:
         mode = "fwd" if args.fwd_only else "fwd+bwd"
