@@ -1,7 +1,12 @@
 """ring_flash_attn: exact attention over sequences sharded across a torch.distributed group.
 
-Drop-in for ring-flash-attn 0.1.x: the same function names, arguments and data layouts.
+Drop-in for ring-flash-attn 0.1.x: the same function names, arguments, data layouts and module
+paths (``ring_flash_attn.zigzag_ring_flash_attn``, ``.utils``, ``.adapters.hf_adapter``, ...; see
+:mod:`ring_flash_attn.compat`). ``substitute_hf_flash_attn`` and ``update_ring_flash_attn_params``
+import transformers when first used.
 """
+
+import sys
 
 from .api import (
     ring_attention,
@@ -35,5 +40,19 @@ from .api_allgather import (
     zigzag_llama3_flash_attn_varlen_qkvpacked_func,
 )
 from .layouts import LAYOUTS, position_ids, shard, unshard
+from .compat import install_module_aliases
 
-__version__ = "0.2.0.dev0"
+__version__ = "0.2.0"
+
+_HF_ADAPTER_NAMES = ("substitute_hf_flash_attn", "update_ring_flash_attn_params")
+
+
+def __getattr__(name: str):  # transformers is optional: imported only when its adapter is asked for
+    if name not in _HF_ADAPTER_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .adapters import hf_adapter
+
+    return getattr(hf_adapter, name)
+
+
+install_module_aliases(sys.modules[__name__])

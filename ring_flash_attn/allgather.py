@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import all_gather_async, reduce_scatter_async
+from .eager import eager_under_compile
 from .kernels import Backend
 from .kernels.base import Band, VarlenMeta, accumulator_dtype
 from .kernels.dropout import dropout_stream
@@ -211,19 +212,21 @@ def window_metas(meta: VarlenMeta, starts: Sequence[Tuple[int, int]], causal: bo
     return tuple(calls.metas(meta.offsets_q[-1], meta.offsets_k[-1], device))
 
 
+@eager_under_compile
 def llama3_flash_attn_prepare_cu_seqlens(
     cu_seqlens: Tensor, causal: bool, rank: int, world_size: int
 ) -> Tuple[Tensor, Tensor, int, int, slice]:
     """ring-flash-attn's helper: from the global ``cu_seqlens`` of the packed batch, this rank's
     ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice)`` for
-    :func:`llama3_flash_attn_varlen_func`. Call once per batch and reuse for every layer."""
+    :func:`llama3_flash_attn_varlen_func`. Call once per batch and reuse for every layer. The
+    tensors are new ones the caller owns (editing them changes no later call)."""
     offsets = tuple(int(x) for x in cu_seqlens.tolist())
     total = offsets[-1]
     if total % world_size:
         raise ValueError(f"the packed batch ({total} tokens) must split evenly over {world_size} ranks")
     meta, rows, _ = document_meta(offsets, local_pieces("llama3", offsets, rank, world_size), causal,
                                   cu_seqlens.device)
-    return meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, rows
+    return meta.cu_seqlens_q.clone(), meta.cu_seqlens_k.clone(), meta.max_seqlen_q, meta.max_seqlen_k, rows
 
 
 class KVGather:

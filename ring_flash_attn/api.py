@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import RingComm
+from .eager import eager_under_compile
 from .kernels import KernelCall, select_backend
 from .layouts import check_layout, check_local_seqlen, position_ids, varlen_token_index
 from .ring import AttentionFunction, RingPlan
@@ -130,47 +131,49 @@ def ring_attention_varlen(
 
 
 def _family(layout: str, prefix: str) -> Tuple[Callable[..., Result], ...]:
-    """The six public functions of one layout: (varlen_)(func, kvpacked_func, qkvpacked_func)."""
+    """The six public functions of one layout: (varlen_)(func, kvpacked_func, qkvpacked_func), with
+    ring-flash-attn 0.1.x's parameters in its order, then our extras as keyword-only arguments."""
 
-    def func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-             alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None, backend=None):
+    def func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+             deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0, backend=None):
         return ring_attention(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                               alibi_slopes, deterministic, return_attn_probs, group, backend)
 
-    def kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                      alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None, backend=None):
+    def kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+                      deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0, backend=None):
         check_packed(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
-        return func(q, *kv.unbind(2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                    deterministic, return_attn_probs, group, backend)
+        return func(q, *kv.unbind(2), dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+                    return_attn_probs, group, softcap=softcap, backend=backend)
 
-    def qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                       alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None, backend=None):
+    def qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+                       deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0, backend=None):
         check_packed(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
-        return func(*qkv.unbind(2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                    deterministic, return_attn_probs, group, backend)
+        return func(*qkv.unbind(2), dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+                    return_attn_probs, group, softcap=softcap, backend=backend)
 
     def varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                    return_attn_probs=False, group=None, backend=None):
+                    window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
+                    *, softcap=0.0, backend=None):
         return ring_attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
                                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group,
                                      backend)
 
     def varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                             return_attn_probs=False, group=None, backend=None):
+                             window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                             group=None, *, softcap=0.0, backend=None):
         check_packed(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
         return varlen_func(q, *kv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
-                           softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                           alibi_slopes, deterministic, return_attn_probs, group, softcap=softcap, backend=backend)
 
     def varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                              return_attn_probs=False, group=None, backend=None):
+                              window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                              group=None, *, softcap=0.0, backend=None):
         check_packed(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
         return varlen_func(*qkv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
-                           softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                           alibi_slopes, deterministic, return_attn_probs, group, softcap=softcap, backend=backend)
 
     funcs = (func, kvpacked_func, qkvpacked_func, varlen_func, varlen_kvpacked_func, varlen_qkvpacked_func)
+    public = []
     for fn in funcs:
         suffix = fn.__name__
         twin = "flash_attn_" + suffix
@@ -181,7 +184,8 @@ def _family(layout: str, prefix: str) -> Tuple[Callable[..., Result], ...]:
             f"ring_flash_attn.layouts). Arguments as flash-attn's ``{twin}`` plus ``group`` and ``backend``. "
             "Returns this rank's output, or ``(out, lse, None)`` with ``return_attn_probs=True``."
         )
-    return funcs
+        public.append(eager_under_compile(fn))
+    return tuple(public)
 
 
 (ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_func,

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from .allgather import AllGatherPlan, check_heads_k_stride, local_pieces, pack_plan, window_metas
 from .api import default_scale, select_block_kernel
+from .eager import eager_under_compile
 from .local_first import own_keys_first
 from .ring import AttentionFunction
 from .kernels.base import Band, VarlenMeta
@@ -78,17 +79,18 @@ def _allgather(q, k, v, layout: str, offsets, meta: VarlenMeta, pieces, key_rows
     return (out, lse, None) if return_attn_probs else out
 
 
+@eager_under_compile
 def llama3_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, heads_k_stride: int, local_k_slice: slice, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None, softcap: float = 0.0,
+    group: Optional[dist.ProcessGroup] = None, *, softcap: float = 0.0, backend: Optional[str] = None,
 ) -> Result:
     """Exact attention over packed documents, each rank holding a contiguous 1/W of the packed tokens;
     ``cu_seqlens_q/k``, ``max_seqlen_q/k`` and ``local_k_slice`` from
     :func:`llama3_flash_attn_prepare_cu_seqlens`. Returns out ``(T, H, D)`` or ``(out, lse (H, T), None)``.
-    ``backend`` and ``softcap`` come after ring-flash-attn's arguments (it has no softcap)."""
+    ``softcap`` and ``backend`` are keyword-only, after ring-flash-attn's arguments."""
     check_qkv(q, k, v, packed=True)
     for cu in (cu_seqlens_q, cu_seqlens_k):
         check_cu_seqlens_tensor(cu)
@@ -105,38 +107,41 @@ def llama3_flash_attn_varlen_func(
                       alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
+@eager_under_compile
 def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
                                            causal=False, window_size=(-1, -1), alibi_slopes=None,
-                                           deterministic=False, return_attn_probs=False, group=None, backend=None,
-                                           softcap=0.0):
+                                           deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0,
+                                           backend=None):
     """:func:`llama3_flash_attn_varlen_func` with ``kv (T, 2, Hk, D)``."""
     check_packed(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
     return llama3_flash_attn_varlen_func(q, *kv.unbind(1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal,
-                                         window_size, alibi_slopes, deterministic, return_attn_probs, group, backend,
-                                         softcap)
+                                         window_size, alibi_slopes, deterministic, return_attn_probs, group,
+                                         softcap=softcap, backend=backend)
 
 
+@eager_under_compile
 def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                             heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
                                             causal=False, window_size=(-1, -1), alibi_slopes=None,
-                                            deterministic=False, return_attn_probs=False, group=None, backend=None,
-                                            softcap=0.0):
+                                            deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0,
+                                            backend=None):
     """:func:`llama3_flash_attn_varlen_func` with ``qkv (T, 3, H, D)``."""
     check_packed(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
     return llama3_flash_attn_varlen_func(*qkv.unbind(1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal,
-                                         window_size, alibi_slopes, deterministic, return_attn_probs, group, backend,
-                                         softcap)
+                                         window_size, alibi_slopes, deterministic, return_attn_probs, group,
+                                         softcap=softcap, backend=backend)
 
 
+@eager_under_compile
 def zigzag_llama3_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
-    softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-    return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    heads_k_stride: Optional[int] = None, backend: Optional[str] = None,
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[dist.ProcessGroup] = None, *, heads_k_stride: Optional[int] = None, softcap: float = 0.0,
+    backend: Optional[str] = None,
 ) -> Result:
     """Load-balanced all-gather attention over packed documents. ``cu_seqlens`` is the *global*
     cu_seqlens of the packed batch; every document is cut into 2W equal chunks and rank r holds
@@ -171,23 +176,27 @@ def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: T
                       return_attn_probs, group, backend)
 
 
+@eager_under_compile
 def zigzag_llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
-                                                  causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                                                  deterministic=False, return_attn_probs=False, group=None,
-                                                  heads_k_stride=None, backend=None):
+                                                  causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                                  deterministic=False, return_attn_probs=False, group=None, *,
+                                                  heads_k_stride=None, softcap=0.0, backend=None):
     """:func:`zigzag_llama3_flash_attn_varlen_func` with ``kv (T, 2, Hk, D)``."""
     check_packed(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
     return zigzag_llama3_flash_attn_varlen_func(q, *kv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                                causal, window_size, softcap, alibi_slopes, deterministic,
-                                                return_attn_probs, group, heads_k_stride, backend)
+                                                causal, window_size, alibi_slopes, deterministic,
+                                                return_attn_probs, group, heads_k_stride=heads_k_stride,
+                                                softcap=softcap, backend=backend)
 
 
+@eager_under_compile
 def zigzag_llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
-                                                   causal=False, window_size=(-1, -1), softcap=0.0,
-                                                   alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                                                   group=None, heads_k_stride=None, backend=None):
+                                                   causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                                   deterministic=False, return_attn_probs=False, group=None, *,
+                                                   heads_k_stride=None, softcap=0.0, backend=None):
     """:func:`zigzag_llama3_flash_attn_varlen_func` with ``qkv (T, 3, H, D)``."""
     check_packed(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
     return zigzag_llama3_flash_attn_varlen_func(*qkv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                                causal, window_size, softcap, alibi_slopes, deterministic,
-                                                return_attn_probs, group, heads_k_stride, backend)
+                                                causal, window_size, alibi_slopes, deterministic,
+                                                return_attn_probs, group, heads_k_stride=heads_k_stride,
+                                                softcap=softcap, backend=backend)

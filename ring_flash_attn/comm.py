@@ -36,11 +36,16 @@ class RingComm:
             work.wait()
 
 
+# torch 2.13 renamed the tensor collectives (the old names warn); older torch has only the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_gather_async(output: torch.Tensor, local: torch.Tensor, group: Optional[dist.ProcessGroup]) -> dist.Work:
     """``output`` (W * n, ...) gets every rank's contiguous ``local`` (n, ...), in rank order."""
-    return dist.all_gather_into_tensor(output, local, group=group, async_op=True)
+    return _all_gather_single(output, local, group=group, async_op=True)
 
 
 def reduce_scatter_async(output: torch.Tensor, full: torch.Tensor, group: Optional[dist.ProcessGroup]) -> dist.Work:
     """``output`` (n, ...) gets the sum over ranks of this rank's part of ``full`` (W * n, ...)."""
-    return dist.reduce_scatter_tensor(output, full, group=group, async_op=True)
+    return _reduce_scatter_single(output, full, group=group, async_op=True)

@@ -13,6 +13,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .comm import all_gather_async
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -147,7 +149,7 @@ def check_same_call_across_group(group: Optional[dist.ProcessGroup], device: tor
         device = torch.device("cpu")
     mine = torch.tensor(list(fields.values()), dtype=torch.int64, device=device)
     every = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
-    work = dist.all_gather_into_tensor(every, mine, group=group, async_op=True)
+    work = all_gather_async(every, mine, group)
     timeout = float(os.environ.get(CHECK_TIMEOUT_ENV, "60"))
     try:
         work.wait(timeout=timedelta(seconds=timeout))

@@ -72,10 +72,12 @@ def run_rank(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
     group = dist.group.WORLD
     model = build_model(case.model)
     input_ids, labels, cu = batch(case)
-    if case.path == "substitute":
-        hf.substitute_hf_flash_attn(group, heads_k_stride=1)
+    if case.path == "substitute":  # ring-flash-attn's path; "ring_attention" is the name to load with sans flash-attn
+        from ring_flash_attn import substitute_hf_flash_attn, update_ring_flash_attn_params
+
+        substitute_hf_flash_attn(group, heads_k_stride=1)
         model.config._attn_implementation = "flash_attention_2"  # what from_pretrained would set
-        hf.update_ring_flash_attn_params(cu, group)
+        update_ring_flash_attn_params(cu, group)
     else:
         name = hf.register_ring_attention(group, layout=case.layout)
         if hasattr(model, "set_attn_implementation"):

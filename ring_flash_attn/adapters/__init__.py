@@ -12,13 +12,14 @@ from .sequence import (
 )
 
 
-_HF_NAMES = ("register_ring_attention", "substitute_hf_flash_attn", "update_ring_flash_attn_params",
-             "set_packed_batch", "ring_attention_forward", "RING_ATTENTION_NAME")
+_HF_NAMES = {"register_ring_attention": "hf", "set_packed_batch": "hf", "ring_attention_forward": "hf",
+             "RING_ATTENTION_NAME": "hf", "substitute_hf_flash_attn": "hf_adapter",
+             "update_ring_flash_attn_params": "hf_adapter"}
 
 
-def __getattr__(name):  # transformers is optional: the HF adapter is imported only when asked for
+def __getattr__(name):  # transformers is optional: the HF adapters are imported only when asked for
     if name not in _HF_NAMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f"{__name__}.hf"), name)
+    return getattr(importlib.import_module(f"{__name__}.{_HF_NAMES[name]}"), name)

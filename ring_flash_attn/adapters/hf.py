@@ -1,14 +1,13 @@
-"""Hugging Face transformers integration (transformers >= 4.48, 5.x; an optional import).
+"""Hugging Face transformers integration through the attention registry (transformers >= 4.48,
+5.x; an optional import).
 
-Two ways in:
-
-* the attention registry -- :func:`register_ring_attention` adds ``"ring_attention"`` to
-  ``AttentionInterface`` (and a no-op mask builder to ``AttentionMaskInterface`` where it exists), so
-  ``from_pretrained(..., attn_implementation="ring_attention")`` or
-  ``model.set_attn_implementation("ring_attention")`` routes every attention layer here;
-* ring-flash-attn's entry points -- :func:`substitute_hf_flash_attn` puts the same function under
-  the ``flash_attention_2/3`` names, and :func:`update_ring_flash_attn_params` sets the global
-  ``cu_seqlens`` of the current packed batch (llama3 layout), as ring-flash-attn 0.1.x did.
+:func:`register_ring_attention` adds ``"ring_attention"`` to ``AttentionInterface`` (and a no-op mask
+builder to ``AttentionMaskInterface`` where it exists), so
+``from_pretrained(..., attn_implementation="ring_attention")`` or
+``model.set_attn_implementation("ring_attention")`` routes every attention layer here;
+:func:`set_packed_batch` gives the global ``cu_seqlens`` of the current packed batch. (ring-flash-attn
+0.1.x's ``substitute_hf_flash_attn`` / ``update_ring_flash_attn_params`` path lives in
+:mod:`ring_flash_attn.adapters.hf_adapter`.)
 
 The attention function receives this rank's shard of the sequence (see
 :mod:`ring_flash_attn.adapters.sequence`) and calls the ring for the configured layout:
@@ -20,8 +19,8 @@ from the layer, document boundaries from ``cu_seqlens``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from ..allgather import llama3_flash_attn_prepare_cu_seqlens
 from ..api import ring_flash_attn_func, zigzag_ring_flash_attn_func
 from ..api_allgather import llama3_flash_attn_varlen_func, packed_allgather
+from ..validation import group_rank_and_size
 
 from .sequence import MODEL_LAYOUTS
 
@@ -42,24 +42,37 @@ class RingAttentionSettings:
     group: Optional[dist.ProcessGroup] = None
     layout: str = "zigzag"  # "zigzag" or "ring" (llama3 for packed batches)
     heads_k_stride: Optional[int] = None
-    cu_seqlens: Optional[torch.Tensor] = None  # global cu_seqlens of the current packed batch
     backend: Optional[str] = None
 
 
 SETTINGS = RingAttentionSettings()
 
 
-_PREPARED: dict = {}
+@dataclass
+class PackedBatch:
+    """The packed batch of the next forwards: its global ``cu_seqlens`` and, once computed, the llama3
+    arguments per ``causal`` (every layer reuses them; a new batch starts empty)."""
+
+    cu_seqlens: torch.Tensor
+    llama3_args: Dict[bool, Tuple] = field(default_factory=dict)
 
 
-def _llama3_args(cu_seqlens: torch.Tensor, causal: bool, group) -> Tuple:
+_BATCH: Optional[PackedBatch] = None
+
+
+def _llama3_args(batch: PackedBatch, causal: bool, group) -> Tuple:
     """llama3_flash_attn_prepare_cu_seqlens once per packed batch, reused by every layer."""
-    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
-    key = (id(cu_seqlens), cu_seqlens._version, causal, rank, world)
-    if key not in _PREPARED:
-        _PREPARED.clear()
-        _PREPARED[key] = llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world)
-    return _PREPARED[key]
+    if causal not in batch.llama3_args:
+        rank, world = group_rank_and_size(group)
+        batch.llama3_args[causal] = llama3_flash_attn_prepare_cu_seqlens(batch.cu_seqlens, causal, rank, world)
+    return batch.llama3_args[causal]
+
+
+def window_size_of(sliding_window: Optional[int]) -> Tuple[int, int]:
+    """transformers' ``sliding_window=w`` (a query sees its last ``w`` keys, itself included, as its
+    masks and its flash path define it) as flash-attn's ``window_size``; causal layers cut the right
+    side to 0 themselves."""
+    return (-1, -1) if sliding_window is None else (sliding_window - 1, sliding_window - 1)
 
 
 def ring_attention_forward(
@@ -83,20 +96,18 @@ def ring_attention_forward(
     causal = bool(getattr(module, "is_causal", True))
     s = SETTINGS
     options = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, softcap=softcap or 0.0, group=s.group,
-                   backend=s.backend)
-    if sliding_window is not None:
-        options["window_size"] = (sliding_window - 1, sliding_window - 1)
+                   backend=s.backend, window_size=window_size_of(sliding_window))
     layout = MODEL_LAYOUTS[s.layout]
-    if s.cu_seqlens is None:
+    if _BATCH is None:
         fn = zigzag_ring_flash_attn_func if layout == "zigzag" else ring_flash_attn_func
         return fn(q, k, v, **options), None
     if q.shape[0] != 1:
         raise ValueError(f"packed batches (cu_seqlens set) need batch size 1, got {q.shape[0]}")
-    cu = s.cu_seqlens
     if layout == "zigzag":  # the pack is sharded as one sequence (sequence.shard_inputs)
-        out = packed_allgather("packed_zigzag", q[0], k[0], v[0], cu, heads_k_stride=s.heads_k_stride, **options)
+        out = packed_allgather("packed_zigzag", q[0], k[0], v[0], _BATCH.cu_seqlens, heads_k_stride=s.heads_k_stride,
+                               **options)
         return out[None], None
-    prepared = _llama3_args(cu, causal, s.group)
+    prepared = _llama3_args(_BATCH, causal, s.group)
     stride = s.heads_k_stride or k.shape[2]
     out = llama3_flash_attn_varlen_func(q[0], k[0], v[0], *prepared[:4], stride, prepared[4], **options)
     return out[None], None
@@ -107,15 +118,19 @@ def _no_mask(*args, **kwargs) -> None:
     return None
 
 
-def _register(name: str) -> None:
+def register_attention_function(name: str, fn) -> None:
+    """Register ``fn`` as transformers attention implementation ``name`` (with a no-op mask builder
+    where transformers builds masks per implementation)."""
     try:
         from transformers import AttentionInterface
     except ImportError:  # transformers 4.48 / 4.49: a plain dict
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        ALL_ATTENTION_FUNCTIONS[name] = ring_attention_forward
+        ALL_ATTENTION_FUNCTIONS[name] = fn
     else:
-        AttentionInterface.register(name, ring_attention_forward)
+        AttentionInterface.register(name, fn)
+    if "flash" in name:  # transformers' own flash mask builder stays: it gives None or the padding mask
+        return
     try:
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError:  # transformers < 4.53 builds masks in the model code; they are ignored here
@@ -135,25 +150,12 @@ def register_ring_attention(
     if layout not in MODEL_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(MODEL_LAYOUTS)}")
     SETTINGS.group, SETTINGS.layout, SETTINGS.heads_k_stride, SETTINGS.backend = group, layout, heads_k_stride, backend
-    _register(name)
+    register_attention_function(name, ring_attention_forward)
     return name
 
 
 def set_packed_batch(cu_seqlens: Optional[torch.Tensor]) -> None:
-    """Global ``cu_seqlens`` (int32) of the packed batch the next forward runs on; ``None``: not packed."""
-    SETTINGS.cu_seqlens = cu_seqlens
-
-
-def update_ring_flash_attn_params(cu_seqlens: torch.Tensor, process_group: Optional[dist.ProcessGroup]) -> None:
-    """ring-flash-attn's call: the global cu_seqlens of the current packed batch (llama3 layout)."""
-    SETTINGS.group = process_group
-    set_packed_batch(cu_seqlens)
-
-
-def substitute_hf_flash_attn(process_group: Optional[dist.ProcessGroup], heads_k_stride: int) -> None:
-    """ring-flash-attn's call: models loaded with ``attn_implementation="flash_attention_2"`` (or 3)
-    run the ring (llama3 layout: contiguous shards) instead; pair with
-    :func:`update_ring_flash_attn_params` for each packed batch."""
-    register_ring_attention(process_group, "llama3", heads_k_stride)
-    for name in ("flash_attention_2", "flash_attention_3"):
-        _register(name)
+    """Global ``cu_seqlens`` (int32) of the packed batch the next forwards run on; ``None``: not packed.
+    Call it for every batch: arguments derived from the previous batch are dropped here."""
+    global _BATCH
+    _BATCH = None if cu_seqlens is None else PackedBatch(cu_seqlens)
