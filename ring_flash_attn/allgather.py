@@ -222,6 +222,8 @@ def llama3_flash_attn_prepare_cu_seqlens(
     tensors are new ones the caller owns (editing them changes no later call)."""
     offsets = tuple(int(x) for x in cu_seqlens.tolist())
     total = offsets[-1]
+    if total == 0:
+        raise ValueError("cu_seqlens describes an empty packed batch (it ends at 0)")
     if total % world_size:
         raise ValueError(f"the packed batch ({total} tokens) must split evenly over {world_size} ranks")
     meta, rows, _ = document_meta(offsets, local_pieces("llama3", offsets, rank, world_size), causal,

@@ -20,7 +20,7 @@ from .layouts import check_layout, check_local_seqlen, position_ids, varlen_toke
 from .ring import AttentionFunction, RingPlan
 from .schedules import ring_schedule
 from .validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
-                         check_packed, check_qkv, check_same_call_across_group, group_rank_and_size,
+                         check_packed, check_qkv, check_same_call_across_group, group_rank_and_size, kernel_ready,
                          normalized_window)
 from .varlen import host_offsets, varlen_ring_schedule
 
@@ -83,7 +83,8 @@ def ring_attention(
     """Attention of this rank's queries ``(B, S, H, D)`` over the whole sharded sequence."""
     check_layout(layout)
     check_qkv(q, k, v)
-    check_options(dropout_p, softcap, return_attn_probs)
+    q, k, v = (kernel_ready(t) for t in (q, k, v))
+    check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
     check_alibi_slopes(alibi_slopes, q, batch=q.shape[0])
     check_local_seqlen(layout, q.shape[1])
     window = normalized_window(window_size)
@@ -109,12 +110,13 @@ def ring_attention_varlen(
     """Packed documents: q ``(T, H, D)``, local ``cu_seqlens``; lse ``(H, T)``."""
     check_layout(layout)
     check_qkv(q, k, v, packed=True)
-    check_options(dropout_p, softcap, return_attn_probs)
+    q, k, v = (kernel_ready(t) for t in (q, k, v))
+    check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
     check_alibi_slopes(alibi_slopes, q, batch=None)
     window = normalized_window(window_size)
     check_cu_seqlens_tensor(cu_seqlens)
     offsets = host_offsets(cu_seqlens)
-    check_cu_seqlens(offsets, q.shape[0])
+    check_cu_seqlens(offsets, q.shape[0], max_seqlen=max_seqlen)
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device,
                                  call_signature("varlen", layout, q, k, causal, softmax_scale,

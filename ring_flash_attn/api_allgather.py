@@ -18,8 +18,8 @@ from .local_first import own_keys_first
 from .ring import AttentionFunction
 from .kernels.base import Band, VarlenMeta
 from .validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
-                         check_packed, check_qkv, check_same_call_across_group, group_rank_and_size,
-                         normalized_window)
+                         check_nonempty_pack, check_packed, check_qkv, check_same_call_across_group,
+                         group_rank_and_size, kernel_ready, normalized_window)
 from .varlen import host_offsets
 
 Tensor = torch.Tensor
@@ -34,7 +34,7 @@ def _allgather(q, k, v, layout: str, offsets, meta: VarlenMeta, pieces, key_rows
     describes, ``gathered_rows`` the same rows in the all-gather buffer; ``starts``: global positions
     of each document's first query and first key. Without a sliding window the plan attends to the
     rank's own keys while the others are gathered (:mod:`ring_flash_attn.local_first`)."""
-    check_options(dropout_p, softcap, return_attn_probs)
+    check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
     check_alibi_slopes(alibi_slopes, q, batch=None)
     window = normalized_window(window_size)
     if causal and window[1] >= 0:  # causal already bounds keys at the query
@@ -92,12 +92,16 @@ def llama3_flash_attn_varlen_func(
     :func:`llama3_flash_attn_prepare_cu_seqlens`. Returns out ``(T, H, D)`` or ``(out, lse (H, T), None)``.
     ``softcap`` and ``backend`` are keyword-only, after ring-flash-attn's arguments."""
     check_qkv(q, k, v, packed=True)
+    q, k, v = (kernel_ready(t) for t in (q, k, v))
     for cu in (cu_seqlens_q, cu_seqlens_k):
         check_cu_seqlens_tensor(cu)
     if not isinstance(local_k_slice, slice):
         raise TypeError(f"local_k_slice must be a slice, got {type(local_k_slice).__name__}")
+    check_nonempty_pack(q)
     meta = VarlenMeta(host_offsets(cu_seqlens_q), host_offsets(cu_seqlens_k), bool(causal),
                       cu_seqlens_q.to(q.device, torch.int32), cu_seqlens_k.to(q.device, torch.int32))
+    check_cu_seqlens(meta.offsets_q, q.shape[0], "cu_seqlens_q", max_seqlen_q, "max_seqlen_q")
+    check_cu_seqlens(meta.offsets_k, meta.offsets_k[-1], "cu_seqlens_k", max_seqlen_k, "max_seqlen_k")
     rank, world_size = group_rank_and_size(group)
     k_start = local_k_slice.start or 0  # contiguous shards: documents' queries and keys in order
     starts = [(rank * q.shape[0] + meta.offsets_q[i], k_start + meta.offsets_k[i]) for i in range(len(meta.lengths))]
@@ -150,6 +154,9 @@ def zigzag_llama3_flash_attn_varlen_func(
     so every rank gets the same causal work whatever the documents. Each document must be a multiple
     of 2W tokens (``layouts.pad_cu_seqlens``). ``heads_k_stride`` K/V heads are gathered at a time
     (default: all)."""
+    check_cu_seqlens_tensor(cu_seqlens)
+    offsets = host_offsets(cu_seqlens)
+    check_cu_seqlens(offsets, offsets[-1], max_seqlen=max_seqlen)
     return packed_allgather("zigzag_llama3", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size,
                             softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend)
 
@@ -163,6 +170,8 @@ def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: T
     """The all-gather family on the global ``cu_seqlens`` for a layout of :func:`allgather.local_pieces`
     (the model adapter's packed batches use ``packed_zigzag``: the pack cut as one sequence)."""
     check_qkv(q, k, v, packed=True)
+    check_nonempty_pack(q)
+    q, k, v = (kernel_ready(t) for t in (q, k, v))
     check_cu_seqlens_tensor(cu_seqlens)
     rank, world_size = group_rank_and_size(group)
     offsets = host_offsets(cu_seqlens)

@@ -8,6 +8,7 @@ and never leaves one rank compiling while the others wait in a collective.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, TypeVar
 
 import torch
@@ -16,5 +17,13 @@ F = TypeVar("F", bound=Callable)
 
 
 def eager_under_compile(fn: F) -> F:
-    """``fn`` unchanged in eager mode; under ``torch.compile`` called as is, never traced."""
-    return torch.compiler.disable(fn, recursive=True)
+    """``fn`` unchanged in eager mode; under ``torch.compile`` called as is, never traced. A plain
+    function around the disabled one: ``torch.compile(fn)`` unwraps a disabled function itself and
+    would trace it, but not one it finds inside a function it compiles."""
+    disabled = torch.compiler.disable(fn, recursive=True)
+
+    @functools.wraps(fn)
+    def public(*args, **kwargs):
+        return disabled(*args, **kwargs)
+
+    return public  # type: ignore[return-value]

@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from .comm import RingComm
 from .accumulate import add_rows, disjoint, slice_rows, start_sum
@@ -248,6 +249,7 @@ class AttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable  # as flash-attn's: double backward raises instead of giving wrong second derivatives
     def backward(ctx, dout: Tensor, _dlse: Optional[Tensor]):
         q, k, v, out, lse = ctx.saved_tensors
         return (*ctx.plan.backward(dout, q, k, v, out, lse), None)

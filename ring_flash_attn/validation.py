@@ -4,6 +4,8 @@ opt-in cross-rank check of a call's arguments."""
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 import struct
 import zlib
@@ -48,6 +50,16 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool = 
         raise ValueError(f"nheads ({h}) must be a multiple of nheads_k ({hk}) for GQA/MQA")
 
 
+def kernel_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is dense and no dim is broadcast (stride 0); otherwise a
+    contiguous copy (gradients flow back through it). Some kernels -- PyTorch's CPU flash op among
+    them -- silently misread other strides."""
+    dense = t.stride(-1) == 1 or t.shape[-1] == 1
+    if dense and all(stride != 0 or size == 1 for size, stride in zip(t.shape, t.stride())):
+        return t
+    return t.contiguous()
+
+
 def check_packed(x: torch.Tensor, name: str, dim: int, count: int, ndim: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -55,10 +67,38 @@ def check_packed(x: torch.Tensor, name: str, dim: int, count: int, ndim: int) ->
         raise ValueError(f"{name} must have {ndim} dims with size {count} at dim {dim}, got shape {tuple(x.shape)}")
 
 
-def check_cu_seqlens(offsets: Tuple[int, ...], total_tokens: int, name: str = "cu_seqlens") -> None:
-    """The host copy ``offsets`` of a cu_seqlens tensor must end at the ``total_tokens`` q holds."""
+def check_cu_seqlens(offsets: Tuple[int, ...], total_tokens: int, name: str = "cu_seqlens",
+                     max_seqlen=None, max_name: str = "max_seqlen") -> None:
+    """The host copy ``offsets`` of a cu_seqlens tensor: starts at 0, never decreases, ends at the
+    ``total_tokens`` q holds; ``max_seqlen`` (when given) is an int at least the longest document
+    (flash kernels size their work from it)."""
+    if offsets[0] != 0 or any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
+        raise ValueError(f"{name} must start at 0 and never decrease, got {list(offsets)}")
     if offsets[-1] != total_tokens:
         raise ValueError(f"{name} ends at {offsets[-1]} but q holds {total_tokens} tokens")
+    if max_seqlen is None:
+        return
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        max_seqlen = _as_int(max_seqlen, max_name)
+    longest = max((b - a for a, b in zip(offsets[:-1], offsets[1:])), default=0)
+    if max_seqlen < longest:
+        raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest document of {name} ({longest} tokens)")
+
+
+def check_nonempty_pack(q: torch.Tensor) -> None:
+    """The all-gather family needs tokens on every rank (an empty pack has nothing to attend)."""
+    if q.shape[0] == 0:
+        raise ValueError("the packed batch is empty (q has 0 tokens on this rank; cu_seqlens like [0, 0])")
+
+
+def _as_int(value, name: str) -> int:
+    """An integer argument: Python / NumPy ints and 0-d integer tensors; floats and bools refused."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
 
 
 def check_cu_seqlens_tensor(cu_seqlens: torch.Tensor) -> None:
@@ -69,12 +109,14 @@ def check_cu_seqlens_tensor(cu_seqlens: torch.Tensor) -> None:
             f"cu_seqlens must be a 1-D int32 tensor [0, len0, len0+len1, ...], got {cu_seqlens.dtype} "
             f"shape {tuple(cu_seqlens.shape)}"
         )
+    if cu_seqlens.device.type == "meta":
+        raise ValueError("cu_seqlens is on the meta device: its values (the document boundaries) are needed")
 
 
 def normalized_window(window_size) -> Tuple[int, int]:
     """flash-attn's ``window_size=(left, right)``: query i sees keys i-left .. i+right; -1 unbounded."""
     try:
-        left, right = (int(w) for w in window_size)
+        left, right = (_as_int(w, "window_size") for w in window_size)
     except (TypeError, ValueError):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
     if left < -1 or right < -1:
@@ -82,8 +124,14 @@ def normalized_window(window_size) -> Tuple[int, int]:
     return left, right
 
 
-def check_options(dropout_p: float, softcap: float, return_attn_probs: bool) -> None:
+def check_options(dropout_p: float, softcap: float, return_attn_probs: bool, softmax_scale: Optional[float] = None,
+                  causal: bool = False) -> None:
     """The scalar options' types and ranges."""
+    if not isinstance(causal, (bool, int)) or causal not in (0, 1):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+                                      or not math.isfinite(softmax_scale) or softmax_scale <= 0):
+        raise ValueError(f"softmax_scale must be a finite number > 0 (None: headdim ** -0.5), got {softmax_scale!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if not isinstance(softcap, (int, float)) or softcap < 0:

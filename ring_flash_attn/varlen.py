@@ -201,9 +201,13 @@ _HOST_OFFSETS: dict = {}
 
 
 def host_offsets(cu_seqlens: Tensor) -> Tuple[int, ...]:
-    """``cu_seqlens`` as host ints. Reading a GPU tensor syncs, so the answer is remembered for the
-    same tensor object (unchanged since): every layer of a model can pass the same cu_seqlens and
-    only the first call pays."""
+    """``cu_seqlens`` as host ints. A CPU tensor is read at every call (free, and no write to it --
+    through ``.data``, NumPy or shared storage -- can go unseen). Reading a GPU tensor syncs, so its
+    answer is remembered for the same tensor object while its version counter is unchanged: every
+    layer of a model can pass the same cu_seqlens and only the first call pays (writes that bypass
+    the version counter are not seen there)."""
+    if cu_seqlens.device.type == "cpu":
+        return tuple(int(x) for x in cu_seqlens.tolist())
     key = id(cu_seqlens)
     hit = _HOST_OFFSETS.get(key)
     if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:

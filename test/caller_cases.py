@@ -346,7 +346,9 @@ def compiled_batch_calls(rank: int, world_size: int) -> Dict[str, float]:
         return ring_flash_attn_func(q, k, v, causal=True).flatten(2).sum()
 
     compiled_block = torch.compile(block)
-    errors = {}
+    q, k, v = torch.randn(3, 1, 4, 2, 8)
+    # dynamo never traces into the function (its graphs would hold our host planning and collectives)
+    errors = {"graphs_traced_in_func": float(torch._dynamo.explain(ring_flash_attn_func)(q, k, v).graph_count)}
     for local_len in (4, 6, 5):
         gen = torch.Generator().manual_seed(local_len)
         q, k, v = torch.randn(3, 1, local_len, 2, 8, generator=gen)
@@ -455,3 +457,43 @@ def utils_comms(rank: int, world_size: int) -> Dict[str, object]:
     gather.wait()
     return {"k": next_k, "v": next_v, "extra": extra, "gathered": out, "send_rank": comm.send_rank,
             "recv_rank": comm.recv_rank}
+
+
+def strided_inputs(rank: int, world_size: int) -> Dict[str, float]:
+    """q/k/v as views of every stride pattern (a strided last dim, a (B, S, D, H) tensor transposed, a
+    stride-0 expand) through the batch, packed and llama3 functions on each CPU kernel; the error of
+    out and of dq/dk/dv against the same call on contiguous copies."""
+    import ring_flash_attn as rfa
+
+    gen = torch.Generator().manual_seed(11)
+    local, h, d = 6, 2, 8
+    views = {
+        "last_dim_step2": lambda t: torch.randn(*t.shape[:-1], 2 * d, generator=gen)[..., ::2],
+        "transposed": lambda t: torch.randn(*t.shape[:-2], d, t.shape[-2], generator=gen).transpose(-1, -2),
+        "expanded": lambda t: torch.randn(*t.shape[:-1], 1, generator=gen).expand(t.shape),
+    }
+    cu = torch.tensor([0, 2 * world_size, 6 * world_size], dtype=torch.int32)
+    calls = {
+        "batch": (lambda q, k, v, b: rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True, backend=b), (1, local)),
+        "varlen": (lambda q, k, v, b: rfa.ring_flash_attn_varlen_func(q, k, v, cu // world_size, 4, causal=True,
+                                                                      backend=b), (local,)),
+        "llama3": (lambda q, k, v, b: rfa.llama3_flash_attn_varlen_func(
+            q, k, v, *rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world_size)[:4], 1,
+            rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world_size)[4], causal=True, backend=b),
+            (local,)),
+    }
+    errors = {}
+    for (name, (call, lead)), (view_name, make), backend in (
+            (c, vw, b) for c in calls.items() for vw in views.items() for b in ("torch_cpu_flash", "reference")):
+        template = torch.empty(*lead, h, d)
+        viewed = [make(template) for _ in range(3)]
+        plain = [t.contiguous().requires_grad_() for t in viewed]
+        viewed = [t.detach().requires_grad_() if t.is_leaf else t for t in viewed]
+        leaves = [t.requires_grad_() for t in viewed]
+        out_view, out_plain = call(*leaves, backend), call(*plain, backend)
+        dout = torch.randn(out_plain.shape, generator=gen)
+        out_view.backward(dout)
+        out_plain.backward(dout)
+        key = f"{name}-{view_name}-{backend}"
+        errors[key] = max([_rel(out_view, out_plain)] + [_rel(a.grad, b.grad) for a, b in zip(leaves, plain)])
+    return errors

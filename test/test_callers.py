@@ -61,7 +61,7 @@ def test_axolotl_path_uses_its_own_forward(dist_pool, world_size):
 
 def test_compiled_calls_with_changing_shapes(dist_pool):
     for errors in dist_pool(3).run("caller_cases:compiled_batch_calls", timeout=600):
-        assert len(errors) == 6 and max(errors.values()) <= 1e-5, errors
+        assert len(errors) == 7 and max(errors.values()) <= 1e-5, errors
 
 
 def test_llama3_under_capture_scalar_outputs(dist_pool):
@@ -86,3 +86,11 @@ def test_utils_comms(dist_pool, world_size):
         assert torch.equal(r["k"], torch.full((2, 3), float(prev))) and torch.equal(r["v"], torch.full((4,), 10.0 + prev))
         assert r["extra"].item() == prev and (r["send_rank"], r["recv_rank"]) == ((rank + 1) % world_size, prev)
         assert r["gathered"].tolist() == [[i, -i] for i in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size", (1, 2))
+def test_strided_views_give_the_contiguous_answer(dist_pool, world_size):
+    for errors in dist_pool(world_size).run("caller_cases:strided_inputs"):
+        assert len(errors) == 18
+        bad = {k: e for k, e in errors.items() if e > 1e-6}
+        assert not bad, bad

@@ -122,3 +122,78 @@ def test_zigzag_llama3_needs_documents_in_2w_chunks():
         rfa.zigzag_llama3_flash_attn_varlen_func(x, x, x, torch.tensor([0, 5, 10], dtype=torch.int32), 5)
     out = rfa.zigzag_llama3_flash_attn_varlen_func(x, x, x, torch.tensor([0, 4, 10], dtype=torch.int32), 6)
     assert out.shape == x.shape
+
+
+def _packed(tokens=8):
+    return torch.randn(tokens, 4, 16), torch.randn(tokens, 2, 16), torch.randn(tokens, 2, 16)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("nan"), float("inf"), True, "0.1"])
+def test_softmax_scale_must_be_finite_and_positive(scale):
+    for call in (lambda: rfa.zigzag_ring_flash_attn_func(*qkv(), softmax_scale=scale, causal=True),
+                 lambda: rfa.zigzag_llama3_flash_attn_varlen_func(*_packed(), torch.tensor([0, 8], dtype=torch.int32),
+                                                                  8, softmax_scale=scale)):
+        with pytest.raises(ValueError, match="softmax_scale"):
+            call()
+
+
+def test_causal_must_be_a_bool():
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        rfa.ring_flash_attn_func(*qkv(), causal="False")
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        rfa.ring_flash_attn_varlen_func(*_packed(), torch.tensor([0, 8], dtype=torch.int32), 8, causal=None)
+
+
+def test_window_size_must_hold_integers():
+    for window in ((2.5, 0), (2.0, 0), (True, 1)):
+        with pytest.raises(TypeError, match="pair of ints"):
+            rfa.ring_flash_attn_func(*qkv(), window_size=window, backend="reference")
+    rfa.ring_flash_attn_func(*qkv(), window_size=(torch.tensor(2), 0), backend="reference")  # int-like: accepted
+
+
+def test_max_seqlen_below_the_longest_document_is_refused():
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen=4 is smaller than the longest document"):
+        rfa.ring_flash_attn_varlen_func(*_packed(), cu, 4)
+    with pytest.raises(ValueError, match="max_seqlen=4 is smaller"):
+        rfa.zigzag_llama3_flash_attn_varlen_func(*_packed(), cu, 4, causal=True)
+    prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, 0, 1)
+    with pytest.raises(ValueError, match="max_seqlen_k=2 is smaller"):
+        rfa.llama3_flash_attn_varlen_func(*_packed(), prepared[0], prepared[1], prepared[2], 2, 1, prepared[4])
+    with pytest.raises(ValueError, match="never decrease"):
+        rfa.ring_flash_attn_varlen_func(*_packed(), torch.tensor([0, 5, 3, 8], dtype=torch.int32), 8)
+
+
+def test_empty_pack_and_meta_cu_seqlens():
+    empty = torch.tensor([0, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="empty"):
+        rfa.llama3_flash_attn_prepare_cu_seqlens(empty, True, 0, 1)
+    with pytest.raises(ValueError, match="empty"):
+        rfa.zigzag_llama3_flash_attn_varlen_func(*_packed(0), empty, 0)
+    with pytest.raises(ValueError, match="meta device"):
+        rfa.ring_flash_attn_varlen_func(*_packed(), torch.tensor([0, 8], dtype=torch.int32, device="meta"), 8)
+
+
+def test_cpu_cu_seqlens_written_behind_the_version_counter_is_seen():
+    """Writes through ``.data`` or NumPy do not bump the version counter: the new boundaries count."""
+    q, k, v = _packed()
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32)
+    out = rfa.ring_flash_attn_varlen_func(q, k, v, cu, 8, causal=True, backend="reference")
+    cu.data[1] = 2
+    changed = rfa.ring_flash_attn_varlen_func(q, k, v, cu, 8, causal=True, backend="reference")
+    cu.numpy()[1] = 4
+    back = rfa.ring_flash_attn_varlen_func(q, k, v, cu, 8, causal=True, backend="reference")
+    fresh = rfa.ring_flash_attn_varlen_func(q, k, v, torch.tensor([0, 2, 8], dtype=torch.int32), 8, causal=True,
+                                            backend="reference")
+    assert torch.equal(changed, fresh) and not torch.equal(changed, out) and torch.equal(back, out)
+
+
+def test_double_backward_is_refused():
+    """Second derivatives are not computed (flash-attn's functions are once-differentiable too): asking
+    for them raises instead of returning wrong values, whatever the kernel."""
+    for backend in ("reference", "torch_cpu_flash"):
+        q, k, v = (t.requires_grad_() for t in qkv())
+        out = rfa.ring_flash_attn_func(q, k, v, causal=True, backend=backend)
+        (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        with pytest.raises(RuntimeError, match="twice"):
+            dq.sum().backward()
