@@ -154,11 +154,9 @@ def zigzag_llama3_flash_attn_varlen_func(
     so every rank gets the same causal work whatever the documents. Each document must be a multiple
     of 2W tokens (``layouts.pad_cu_seqlens``). ``heads_k_stride`` K/V heads are gathered at a time
     (default: all)."""
-    check_cu_seqlens_tensor(cu_seqlens)
-    offsets = host_offsets(cu_seqlens)
-    check_cu_seqlens(offsets, offsets[-1], max_seqlen=max_seqlen)
     return packed_allgather("zigzag_llama3", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size,
-                            softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend)
+                            softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend,
+                            max_seqlen)
 
 
 def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, dropout_p: float = 0.0,
@@ -166,15 +164,18 @@ def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: T
                      window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                      alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
                      return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-                     heads_k_stride: Optional[int] = None, backend: Optional[str] = None) -> Result:
+                     heads_k_stride: Optional[int] = None, backend: Optional[str] = None,
+                     max_seqlen: Optional[int] = None) -> Result:
     """The all-gather family on the global ``cu_seqlens`` for a layout of :func:`allgather.local_pieces`
-    (the model adapter's packed batches use ``packed_zigzag``: the pack cut as one sequence)."""
+    (the model adapter's packed batches use ``packed_zigzag``: the pack cut as one sequence);
+    ``max_seqlen``, when given, is checked against the longest document."""
     check_qkv(q, k, v, packed=True)
     check_nonempty_pack(q)
     q, k, v = (kernel_ready(t) for t in (q, k, v))
     check_cu_seqlens_tensor(cu_seqlens)
     rank, world_size = group_rank_and_size(group)
     offsets = host_offsets(cu_seqlens)
+    check_cu_seqlens(offsets, offsets[-1], max_seqlen=max_seqlen)
     if offsets[-1] != q.shape[0] * world_size:
         raise ValueError(f"cu_seqlens ends at {offsets[-1]}, but {world_size} ranks x {q.shape[0]} local tokens "
                          f"= {q.shape[0] * world_size}")

@@ -14,19 +14,25 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
 Tensor = torch.Tensor
 
 
-def _merge(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: Tensor) -> None:
-    lse_new = torch.logaddexp(lse_acc, lse_block)
+def merge_weights(lse_a: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(lse, weight_a, weight_b)`` of two partial results with log-sum-exps ``lse_a``, ``lse_b`` (same
+    shape): ``lse = logaddexp(lse_a, lse_b)``, ``weight_x = exp(lse_x - lse)``."""
+    lse = torch.logaddexp(lse_a, lse_b)
     # Where both are -inf the row is still empty: use 0 as the reference so the weights are 0, not NaN.
-    ref = torch.where(torch.isneginf(lse_new), torch.zeros_like(lse_new), lse_new)
-    weight_acc = torch.exp(lse_acc - ref).transpose(1, 2).unsqueeze(-1)
-    weight_block = torch.exp(lse_block - ref).transpose(1, 2).unsqueeze(-1)
+    ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    return lse, torch.exp(lse_a - ref), torch.exp(lse_b - ref)
+
+
+def _merge(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: Tensor) -> None:
+    lse_new, weight_acc, weight_block = merge_weights(lse_acc, lse_block)
+    weight_acc, weight_block = (w.transpose(1, 2).unsqueeze(-1) for w in (weight_acc, weight_block))
     out_acc.copy_(out_acc * weight_acc + out_block.to(out_acc.dtype) * weight_block)
     lse_acc.copy_(lse_new)
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import all_gather_async
+from .merge import merge_weights
 
 __all__ = ["update_out_and_lse", "RingComm", "get_default_args", "AllGatherComm", "flatten_varlen_lse",
            "unflatten_varlen_lse"]
@@ -49,11 +50,8 @@ def get_default_args(func: Callable) -> Dict[str, object]:
 
 def _fold(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> Tuple[Tensor, Tensor]:
     """``out`` (..., S, H, D) float32, ``lse`` (..., S, H, 1); ``block_lse`` (..., H, S)."""
-    block_lse = block_lse.transpose(-2, -1).unsqueeze(-1).to(lse.dtype)
-    new_lse = torch.logaddexp(lse, block_lse)
-    ref = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)  # rows with no key yet stay 0
-    out = out * torch.exp(lse - ref) + block_out.to(out.dtype) * torch.exp(block_lse - ref)
-    return out, new_lse
+    new_lse, weight, block_weight = merge_weights(lse, block_lse.transpose(-2, -1).unsqueeze(-1).to(lse.dtype))
+    return out * weight + block_out.to(out.dtype) * block_weight, new_lse
 
 
 def update_out_and_lse(out: Optional[Tensor], lse: Optional[Tensor], block_out: Tensor, block_lse: Tensor,

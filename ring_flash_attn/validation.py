@@ -78,8 +78,7 @@ def check_cu_seqlens(offsets: Tuple[int, ...], total_tokens: int, name: str = "c
         raise ValueError(f"{name} ends at {offsets[-1]} but q holds {total_tokens} tokens")
     if max_seqlen is None:
         return
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        max_seqlen = _as_int(max_seqlen, max_name)
+    max_seqlen = _as_int(max_seqlen, max_name)
     longest = max((b - a for a, b in zip(offsets[:-1], offsets[1:])), default=0)
     if max_seqlen < longest:
         raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest document of {name} ({longest} tokens)")

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from attention_cases import mask
 from hf_cases import build_model
 
 Tensor = torch.Tensor
@@ -24,9 +25,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, cu_seqlens: O
     """float64 attention on the whole sequence, ``(B, S, H, D)``; documents never mix. (out, lse (B, H, S))."""
     q, k, v = (t.double() for t in (q, k, v))
     k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v))
-    seqlen = q.shape[1]
-    i, j = torch.arange(seqlen)[:, None], torch.arange(seqlen)[None, :]
-    allowed = (j <= i) if causal else torch.ones(seqlen, seqlen, dtype=torch.bool)
+    allowed = mask(q.shape[1], causal)
     if cu_seqlens is not None:
         doc = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), torch.tensor(cu_seqlens).diff())
         allowed &= doc[:, None] == doc[None, :]
@@ -473,14 +472,13 @@ def strided_inputs(rank: int, world_size: int) -> Dict[str, float]:
         "expanded": lambda t: torch.randn(*t.shape[:-1], 1, generator=gen).expand(t.shape),
     }
     cu = torch.tensor([0, 2 * world_size, 6 * world_size], dtype=torch.int32)
+    cu_q, cu_k, max_q, max_k, k_slice = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world_size)
     calls = {
         "batch": (lambda q, k, v, b: rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True, backend=b), (1, local)),
         "varlen": (lambda q, k, v, b: rfa.ring_flash_attn_varlen_func(q, k, v, cu // world_size, 4, causal=True,
                                                                       backend=b), (local,)),
         "llama3": (lambda q, k, v, b: rfa.llama3_flash_attn_varlen_func(
-            q, k, v, *rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world_size)[:4], 1,
-            rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world_size)[4], causal=True, backend=b),
-            (local,)),
+            q, k, v, cu_q, cu_k, max_q, max_k, 1, k_slice, causal=True, backend=b), (local,)),
     }
     errors = {}
     for (name, (call, lead)), (view_name, make), backend in (
@@ -488,8 +486,7 @@ def strided_inputs(rank: int, world_size: int) -> Dict[str, float]:
         template = torch.empty(*lead, h, d)
         viewed = [make(template) for _ in range(3)]
         plain = [t.contiguous().requires_grad_() for t in viewed]
-        viewed = [t.detach().requires_grad_() if t.is_leaf else t for t in viewed]
-        leaves = [t.requires_grad_() for t in viewed]
+        leaves = [t.detach().requires_grad_() for t in viewed]  # detach keeps the view's strides
         out_view, out_plain = call(*leaves, backend), call(*plain, backend)
         dout = torch.randn(out_plain.shape, generator=gen)
         out_view.backward(dout)

@@ -109,6 +109,15 @@ def _ring_varlen_attention(process_group, heads_k_stride: int, query_states: tor
     return out[None]
 
 
+def _arguments_by_name(signature: inspect.Signature, args: tuple, kwargs: dict) -> Dict[str, object]:
+    """A call's arguments bound to ``signature``, by name, with what its ``**kwargs`` caught flattened in."""
+    arguments = dict(signature.bind(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is param.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    return arguments
+
+
 def _with_parameters(impl: Callable, names: Sequence[str], var_keyword: bool) -> Callable:
     """``impl`` behind a function whose signature is ``names`` (+ ``**kwargs``): transformers' shape."""
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -118,12 +127,8 @@ def _with_parameters(impl: Callable, names: Sequence[str], var_keyword: bool) ->
         params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
     signature = inspect.Signature(params)
 
-    def forward(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        arguments.update(arguments.pop("kwargs", {}))
-        return impl(**arguments)
+    def forward(*args, **kwargs):  # arguments not passed take _ring_varlen_attention's defaults (the same)
+        return impl(**_arguments_by_name(signature, args, kwargs))
 
     forward.__signature__ = signature
     forward.__name__ = forward.__qualname__ = f"_flash_attention_forward_{len(names)}"
@@ -154,12 +159,7 @@ def _pick(original: Callable, candidates: Sequence[Callable]) -> Callable:
     chosen, signature = accepting[-1], inspect.signature(original)
 
     def by_name(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        for name, param in signature.parameters.items():
-            if param.kind is param.VAR_KEYWORD:
-                arguments.update(arguments.pop(name, {}))
-        return chosen(**arguments)
+        return chosen(**_arguments_by_name(signature, args, kwargs))
 
     return by_name
 
