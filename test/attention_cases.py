@@ -51,6 +51,9 @@ class Case:
     softcap: float = 0.0
     alibi: bool = False  # ALiBi slopes alibi_slopes(nheads) (or per batch row)
     deterministic: bool = False
+    poison: Tuple[Tuple[str, int, int, float], ...] = ()  # (q/k/v, token, head, value) in batch row 0 (token and head modulo the sizes)
+    view: str = ""  # q, k, v passed as strided views of the same values: a key of VIEWS
+    lse_grad: bool = False  # the loss uses lse too: <out, dout> + <lse, dlse>
 
     @property
     def seqlen(self) -> int:
@@ -63,6 +66,7 @@ class Case:
         window += f"-cap{self.softcap:g}" if self.softcap else ""
         window += "-alibi" if self.alibi else ""
         window += "-det" if self.deterministic else ""
+        window += poison_id(self.poison) + (f"-{self.view}" if self.view else "") + ("-dlse" if self.lse_grad else "")
         return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{causal}{window}-{self.dtype}-{heads}-"
                 f"d{self.head_dim}-b{self.batch}-L{self.local_len}-{self.backend}")
 
@@ -77,15 +81,58 @@ def global_inputs(case: Case) -> Dict[str, torch.Tensor]:
 
     b, s, h, hk, d = case.batch, case.seqlen, case.nheads, case.nheads_k, case.head_dim
     q = (torch.randn(b, s, h, d, generator=gen, dtype=torch.float64) * case.q_scale).to(dtype)
-    return {"q": q, "k": randn(b, s, hk, d), "v": randn(b, s, hk, d), "dout": randn(b, s, h, d)}
+    x = {"q": q, "k": randn(b, s, hk, d), "v": randn(b, s, hk, d), "dout": randn(b, s, h, d)}
+    if case.lse_grad:
+        x["dlse"] = randn(b, h, s).float()
+    for name, token, head, value in case.poison:
+        x[name][0, token % s, head % x[name].shape[2], 0] = value
+    return x
+
+
+VIEWS = {
+    "fused": lambda t: torch.cat([t, torch.zeros_like(t[..., :1, :])], dim=-2)[..., :-1, :],  # a fused projection's slice
+    "transposed": lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2),  # (.., D, H) storage
+    "strided_last": lambda t: torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0],  # last-dim stride 2
+}
+
+
+def as_view(case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k, v as the case's kind of strided view (same values, differentiable back to the leaves)."""
+    if not case.view:
+        return q, k, v
+    return tuple(VIEWS[case.view](t) for t in (q, k, v))
+
+
+def poison_id(poison) -> str:
+    return "".join(f"-{name}{token}h{head}={value:g}" for name, token, head, value in poison)
+
+
+def nonfinite_rows(allowed: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Which rows of out / lse / dq / dk / dv depend on a NaN or Inf input, for ``allowed`` ``(S, S)``
+    (query i sees key j) and q ``(B, S, H, D)``, k / v ``(B, S, Hk, D)``: boolean ``(B, S, H)``
+    (lse: ``(B, H, S)``; dk, dv: ``(B, S, Hk)``). A row's scores are non-finite if its query or a key it
+    sees is; its output and dq also if a value it sees is; dk / dv of a key are non-finite if a
+    query that sees it has a non-finite output / scores."""
+    g = q.shape[2] // k.shape[2]
+    bad_q, bad_k, bad_v = ((~torch.isfinite(t)).any(-1) for t in (q, k, v))  # (B, S, heads)
+    bad_k, bad_v = (t.repeat_interleave(g, dim=2) for t in (bad_k, bad_v))
+    sees = lambda bad_keys: torch.einsum("ij,bjh->bih", allowed.double(), bad_keys.double()) > 0  # noqa: E731
+    scores = bad_q | sees(bad_k)
+    out = scores | sees(bad_v)
+    seen_by = lambda bad_rows: torch.einsum("ij,bih->bjh", allowed.double(), bad_rows.double()) > 0  # noqa: E731
+    per_kv_head = lambda rows: rows.reshape(*rows.shape[:2], -1, g).any(-1)  # noqa: E731
+    return {"out": out, "lse": scores.transpose(1, 2), "dq": out, "dk": per_kv_head(seen_by(out)),
+            "dv": per_kv_head(seen_by(scores))}
 
 
 def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
     """What one rank computes: its shard of out (and lse) and of the input gradients."""
     assert world_size == case.world_size, (world_size, case.world_size)
     device = torch.device("cuda", rank) if case.device == "cuda" else torch.device("cpu")
-    x = {name: rfa.shard(t, case.layout, rank, world_size).to(device).requires_grad_(name != "dout")
+    x = {name: rfa.shard(t, case.layout, rank, world_size, dim=2 if name == "dlse" else 1).to(device)
          for name, t in global_inputs(case).items()}
+    for name in "qkv":
+        x[name].requires_grad_()
     func = getattr(rfa, FUNCS[case.layout][PACKINGS.index(case.packing)])
     kwargs = dict(softmax_scale=case.softmax_scale, causal=case.causal, window_size=case.window, softcap=case.softcap,
                   return_attn_probs=case.return_lse,
@@ -95,7 +142,7 @@ def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
         kwargs["alibi_slopes"] = alibi_slopes(case.nheads, case.batch).to(device)
     q, k, v = x["q"], x["k"], x["v"]
     if case.packing == "func":
-        leaves, result = (q, k, v), func(q, k, v, **kwargs)
+        leaves, result = (q, k, v), func(*as_view(case, q, k, v), **kwargs)
     elif case.packing == "kvpacked":
         kv = torch.stack([k, v], dim=2).detach().requires_grad_()
         leaves, result = (q, kv), func(q, kv, **kwargs)
@@ -107,12 +154,16 @@ def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
         assert result[2] is None and lse.dtype == (torch.float64 if case.dtype == "fp64" else torch.float32)
         assert lse.shape == (case.batch, case.nheads, case.local_len), lse.shape
     assert out.dtype == q.dtype and out.shape == q.shape
-    return results_on_cpu(out, lse, leaves, x["dout"], case.packing, pack_dim=2)
+    return results_on_cpu(out, lse, leaves, x["dout"], case.packing, pack_dim=2, dlse=x.get("dlse"))
 
 
-def results_on_cpu(out, lse, leaves, dout, packing: str, pack_dim: int) -> Dict[str, torch.Tensor]:
-    """out, lse and dq/dk/dv (unpacked from kv / qkv gradients) of one rank, moved to the CPU."""
-    grads = torch.autograd.grad(out, leaves, dout)
+def results_on_cpu(out, lse, leaves, dout, packing: str, pack_dim: int, dlse=None) -> Dict[str, torch.Tensor]:
+    """out, lse and dq/dk/dv (unpacked from kv / qkv gradients) of one rank, moved to the CPU; with
+    ``dlse``, the gradients of ``<out, dout> + <lse, dlse>``."""
+    if dlse is None:
+        grads = torch.autograd.grad(out, leaves, dout)
+    else:
+        grads = torch.autograd.grad((out, lse), leaves, (dout, dlse))
     if packing == "kvpacked":
         grads = (grads[0], *grads[1].unbind(pack_dim))
     elif packing == "qkvpacked":
@@ -155,8 +206,10 @@ def mask(seqlen: int, causal: bool, window: Tuple[int, int] = (-1, -1)) -> torch
 
 
 def reference(case: Case) -> Dict[str, torch.Tensor]:
-    """float64 attention on the unsharded sequence, with autograd: out, lse, dq, dk, dv."""
-    x = {n: t.double().requires_grad_(n != "dout") for n, t in global_inputs(case).items()}
+    """float64 attention on the unsharded sequence, with autograd: out, lse, dq, dk, dv (of the inputs
+    without the case's NaN / Inf: see :func:`compare`)."""
+    x = {n: t.double().requires_grad_(n in "qkv")
+         for n, t in global_inputs(dataclasses.replace(case, poison=())).items()}
     q, k, v = x["q"], x["k"], x["v"]
     group = case.nheads // case.nheads_k
     kr, vr = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
@@ -168,7 +221,8 @@ def reference(case: Case) -> Dict[str, torch.Tensor]:
     scores = scores.masked_fill(~mask(case.seqlen, case.causal, case.window), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), vr)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), x["dout"])
+    loss = (out * x["dout"]).sum() + ((lse * x["dlse"]).sum() if case.lse_grad else 0)
+    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
     return dict(out=out.detach(), lse=lse.detach(), dq=dq, dk=dk, dv=dv)
 
 
@@ -191,14 +245,30 @@ def measure(got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Dict[
 
 
 def compare(name_of_case: str, got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], dtype: str,
-            q_scale: float = 1.0, allowance: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+            q_scale: float = 1.0, allowance: Optional[Dict[str, float]] = None,
+            nonfinite: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
     """Assert each whole-sequence tensor is within tolerance of the float64 reference; return the errors.
     Gradients computed from the rounded output (flash convention) lose accuracy with the logit scale,
     so their bound grows with ``q_scale``; lse is compared relative to its magnitude. ``allowance``
-    raises a bound to what a single device makes of the same inputs (the fuzz test measures it)."""
+    raises a bound to what a single device makes of the same inputs (the fuzz test measures it).
+
+    ``nonfinite`` (cases with NaN / Inf inputs, see :func:`nonfinite_rows`): the rows that must come
+    out non-finite -- a finite number there is a hidden NaN; the others are compared with ``ref``
+    computed from the inputs without the NaN / Inf. Other rows may be non-finite too: fused kernels
+    multiply masked-out probabilities (0) by the values of their tile (0 * NaN = NaN), on one device
+    as well."""
     rel_tol, lse_tol = TOLERANCE[dtype]
+    got = dict(got)
     for name, value in got.items():
-        assert torch.isfinite(value).all(), f"{name_of_case}: {name} has non-finite values"
+        bad = ~torch.isfinite(value) if name == "lse" else (~torch.isfinite(value)).any(-1)
+        if nonfinite is None:
+            assert not bad.any(), f"{name_of_case}: {name} has non-finite values"
+            continue
+        hidden = nonfinite[name] & ~bad
+        assert not hidden.any(), (f"{name_of_case}: {int(hidden.sum())} rows of {name} are finite but depend on a "
+                                  f"NaN / Inf input, e.g. {hidden.nonzero()[0].tolist()}")
+        keep = ~(nonfinite[name] | bad)
+        got[name] = torch.where(keep if name == "lse" else keep[..., None], value.double(), ref[name])
     errors = measure(got, ref)
     for name, err in errors.items():
         if name == "lse":
@@ -212,7 +282,12 @@ def compare(name_of_case: str, got: Dict[str, torch.Tensor], ref: Dict[str, torc
 
 def check(case: Case, per_rank: List[Dict[str, torch.Tensor]], allowance=None) -> Dict[str, float]:
     """Every rank's shards against the float64 reference on the whole sequence."""
-    return compare(case.id(), gathered(case, per_rank), reference(case), case.dtype, case.q_scale, allowance)
+    nonfinite = None
+    if case.poison:
+        x = global_inputs(case)
+        nonfinite = nonfinite_rows(mask(case.seqlen, case.causal, case.window), x["q"], x["k"], x["v"])
+    return compare(case.id(), gathered(case, per_rank), reference(case), case.dtype, case.q_scale, allowance,
+                   nonfinite)
 
 
 def single_device(case: Case) -> Case:

@@ -88,3 +88,32 @@ def deterministic_runs(rank: int, world_size: int) -> Dict[str, torch.Tensor]:
     first = _run(*(t.clone().requires_grad_() for t in (q, k, v)), dout, deterministic=True)
     second = _run(*(t.clone().requires_grad_() for t in (q, k, v)), dout, deterministic=True)
     return {name: torch.equal(first[name], second[name]) for name in first}
+
+
+def lse_only_loss(rank: int, world_size: int) -> Dict[str, tuple]:
+    """Each rank's gradients from a loss of lse alone and of out alone, next to float64 autograd of
+    the same loss on the whole sequence (every rank computes it)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 6 * world_size, 2, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    dlse = torch.randn(1, 2, 6 * world_size, generator=gen, dtype=torch.float64)
+    dout = torch.randn(1, 6 * world_size, 2, 8, generator=gen, dtype=torch.float64)
+    pairs = {}
+    for use in ("lse", "out"):
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        scores = torch.einsum("bihd,bjhd->bhij", full[0], full[1]) * 8 ** -0.5
+        scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+        out = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), full[2])
+        loss = (scores.logsumexp(-1) * dlse).sum() if use == "lse" else (out * dout).sum()
+        ref = [torch.zeros_like(t) if g is None else g  # lse does not depend on v
+               for t, g in zip(full, torch.autograd.grad(loss, full, allow_unused=True))]
+        local = [rfa.shard(t.float(), "zigzag", rank, world_size).requires_grad_() for t in (q, k, v)]
+        out, lse, _ = rfa.zigzag_ring_flash_attn_func(*local, causal=True, return_attn_probs=True,
+                                                      group=dist.group.WORLD)
+        if use == "lse":
+            loss = (lse * rfa.shard(dlse.float(), "zigzag", rank, world_size, dim=2)).sum()
+        else:
+            loss = (out * rfa.shard(dout.float(), "zigzag", rank, world_size)).sum()
+        got = torch.autograd.grad(loss, local)
+        for name, g, r in zip("qkv", got, ref):
+            pairs[f"{use}: d{name}"] = (g, rfa.shard(r, "zigzag", rank, world_size).float())
+    return pairs

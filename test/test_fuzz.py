@@ -1,6 +1,7 @@
 """Fuzzing against the float64 reference: random variant (batch ring / zigzag / stripe, every
 packed family), packing, world size, batch, lengths, documents, heads / GQA ratio, head dim,
-dtype, causal, sliding window, ALiBi, kernel and logit scale -- forward and backward, every case checked.
+dtype, causal, sliding window, ALiBi, kernel, logit scale, strided views of q / k / v and NaN / Inf
+inputs -- forward and backward, every case checked.
 
 CI size by default (30 cases, W <= 4). Larger: ``RING_FLASH_ATTN_FUZZ_CASES=500
 RING_FLASH_ATTN_FUZZ_WORLD=8 RING_FLASH_ATTN_FUZZ_SEED=1 python -m pytest test/test_fuzz.py``.
@@ -37,6 +38,12 @@ def random_case(rng: random.Random):
                   q_scale=rng.choice([1.0, 1.0, 1.0, 8.0]))
     window = rng.choice([(-1, -1), (-1, -1), (rng.randint(0, 9), rng.choice([-1, rng.randint(0, 9)]))])
     common["alibi"] = rng.random() < 0.15
+    if rng.random() < 0.15:  # a NaN in q, k or v, or an Inf in v (see test_nonfinite.py), at a random token
+        name = rng.choice("qkv")
+        value = rng.choice([float("nan"), float("inf"), float("-inf")]) if name == "v" else float("nan")
+        common["poison"] = ((name, rng.randint(0, 10**6), rng.randint(0, 7), value),)
+    if packing == "func" and rng.random() < 0.3:
+        common["view"] = rng.choice(sorted(attention_cases.VIEWS))
     if (window != (-1, -1) or common["alibi"]) and common["backend"] == "torch_cpu_flash":
         common["backend"] = "auto"  # the fused CPU kernel takes no sliding window and no ALiBi
     if common["alibi"]:

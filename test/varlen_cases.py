@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 import ring_flash_attn as rfa
-from attention_cases import DTYPES, alibi_bias, alibi_slopes, compare, mask, results_on_cpu, soft_capped
+from attention_cases import (DTYPES, alibi_bias, alibi_slopes, as_view, compare, mask, nonfinite_rows, poison_id,
+                             results_on_cpu, soft_capped)
 from ring_flash_attn.api_allgather import packed_allgather
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varlen
 
@@ -51,6 +52,9 @@ class VarlenCase:
     softcap: float = 0.0
     window: Tuple[int, int] = (-1, -1)
     alibi: bool = False  # ALiBi slopes attention_cases.alibi_slopes(nheads)
+    poison: Tuple[Tuple[str, int, int, float], ...] = ()  # (q/k/v, token of the pack, head, value), modulo the sizes
+    view: str = ""  # q, k, v passed as strided views: a key of attention_cases.VIEWS
+    lse_grad: bool = False  # the loss uses lse too: <out, dout> + <lse, dlse>
 
     @property
     def cu_seqlens(self) -> torch.Tensor:
@@ -62,6 +66,7 @@ class VarlenCase:
         stride += f"-cap{self.softcap:g}" if self.softcap else ""
         stride += f"-win{self.window[0]}_{self.window[1]}" if self.window != (-1, -1) else ""
         stride += "-alibi" if self.alibi else ""
+        stride += poison_id(self.poison) + (f"-{self.view}" if self.view else "") + ("-dlse" if self.lse_grad else "")
         return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{'causal' if self.causal else 'full'}-"
                 f"{self.dtype}-h{self.nheads}k{self.nheads_k}-d{self.head_dim}{stride}-docs{docs}-{self.backend}")
 
@@ -73,8 +78,20 @@ def global_inputs(case: VarlenCase) -> Dict[str, torch.Tensor]:
     def randn(h, scale=1.0):
         return (torch.randn(t, h, case.head_dim, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
-    return {"q": randn(case.nheads, case.q_scale), "k": randn(case.nheads_k), "v": randn(case.nheads_k),
-            "dout": randn(case.nheads)}
+    x = {"q": randn(case.nheads, case.q_scale), "k": randn(case.nheads_k), "v": randn(case.nheads_k),
+         "dout": randn(case.nheads)}
+    if case.lse_grad:
+        x["dlse"] = torch.randn(case.nheads, t, generator=gen)
+    for name, token, head, value in case.poison:
+        x[name][token % t, head % x[name].shape[1], 0] = value
+    return x
+
+
+def allowed_pairs(case: VarlenCase) -> torch.Tensor:
+    """(T, T) boolean over the whole pack: query i sees key j."""
+    lengths = torch.tensor(case.doc_lengths)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return (doc[:, None] == doc[None, :]) & mask(len(doc), case.causal, case.window)
 
 
 def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv):
@@ -87,7 +104,7 @@ def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv):
         common["window_size"] = case.window
     if case.alibi:
         common["alibi_slopes"] = alibi_slopes(case.nheads).to(q.device)
-    first = {"func": (q, k, v), "kvpacked": (q, kv), "qkvpacked": (qkv,)}[case.packing]
+    first = {"func": as_view(case, q, k, v), "kvpacked": (q, kv), "qkvpacked": (qkv,)}[case.packing]
     if case.layout in RING_FAMILY:
         fn = getattr(rfa, f"{RING_FAMILY[case.layout]}_{SUFFIX[case.packing]}")
         local_cu = local_cu_seqlens(cu, case.layout, w)
@@ -108,7 +125,7 @@ def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv):
 def run_rank(rank: int, world_size: int, case: VarlenCase) -> Dict[str, torch.Tensor]:
     assert world_size == case.world_size
     device = torch.device("cuda", rank) if case.device == "cuda" else torch.device("cpu")
-    x = {n: shard_varlen(t, case.cu_seqlens, case.layout, rank, world_size).to(device)
+    x = {n: shard_varlen(t, case.cu_seqlens, case.layout, rank, world_size, dim=1 if n == "dlse" else 0).to(device)
          for n, t in global_inputs(case).items()}
     q, k, v = (x[n].requires_grad_() for n in "qkv")
     kv = torch.stack([k, v], 1).detach().requires_grad_() if case.packing == "kvpacked" else None
@@ -118,31 +135,38 @@ def run_rank(rank: int, world_size: int, case: VarlenCase) -> Dict[str, torch.Te
     leaves = {"func": (q, k, v), "kvpacked": (q, kv), "qkvpacked": (qkv,)}[case.packing]
     if lse is not None:
         assert lse.shape == (case.nheads, q.shape[0]), lse.shape
-    return results_on_cpu(out, lse, leaves, x["dout"], case.packing, pack_dim=1)
+    return results_on_cpu(out, lse, leaves, x["dout"], case.packing, pack_dim=1, dlse=x.get("dlse"))
 
 
 def reference(case: VarlenCase) -> Dict[str, torch.Tensor]:
-    """float64 attention of the whole packed batch, never crossing a document boundary."""
-    x = {n: t.double().requires_grad_(n != "dout") for n, t in global_inputs(case).items()}
+    """float64 attention of the whole packed batch, never crossing a document boundary (of the inputs
+    without the case's NaN / Inf)."""
+    x = {n: t.double().requires_grad_(n in "qkv")
+         for n, t in global_inputs(dataclasses.replace(case, poison=())).items()}
     q, k, v = x["q"], x["k"], x["v"]
     g = case.nheads // case.nheads_k
-    lengths = torch.tensor(case.doc_lengths)
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    allowed = (doc[:, None] == doc[None, :]) & mask(len(doc), case.causal, case.window)
+    allowed = allowed_pairs(case)
     scores = soft_capped(torch.einsum("ihd,jhd->hij", q, k.repeat_interleave(g, 1)) * case.head_dim ** -0.5,
                          case.softcap)
     if case.alibi:
-        scores = scores + alibi_bias(alibi_slopes(case.nheads), torch.arange(len(doc)))
+        scores = scores + alibi_bias(alibi_slopes(case.nheads), torch.arange(allowed.shape[0]))
     scores = scores.masked_fill(~allowed, float("-inf"))
     out = torch.einsum("hij,jhd->ihd", torch.softmax(scores, -1), v.repeat_interleave(g, 1))
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), x["dout"])
-    return dict(out=out.detach(), lse=torch.logsumexp(scores, -1).detach(), dq=dq, dk=dk, dv=dv)
+    lse = torch.logsumexp(scores, -1)
+    loss = (out * x["dout"]).sum() + ((lse * x["dlse"]).sum() if case.lse_grad else 0)
+    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
+    return dict(out=out.detach(), lse=lse.detach(), dq=dq, dk=dk, dv=dv)
 
 
 def check(case: VarlenCase, per_rank: List[Dict[str, torch.Tensor]], allowance=None) -> Dict[str, float]:
     got = {name: unshard_varlen([r[name] for r in per_rank], case.cu_seqlens, case.layout,
                                 dim=1 if name == "lse" else 0) for name in per_rank[0]}
-    return compare(case.id(), got, reference(case), case.dtype, case.q_scale, allowance)
+    nonfinite = None
+    if case.poison:
+        x = global_inputs(case)
+        rows = nonfinite_rows(allowed_pairs(case), x["q"][None], x["k"][None], x["v"][None])
+        nonfinite = {name: t[0] for name, t in rows.items()}
+    return compare(case.id(), got, reference(case), case.dtype, case.q_scale, allowance, nonfinite)
 
 
 def single_device(case: VarlenCase) -> VarlenCase:

@@ -91,6 +91,24 @@ def pad_rows(block: Tensor, first_row: int, total_rows: int, dim: int, fill: flo
     return full
 
 
+def keep_nonfinite_scores(q: Tensor, k: Tensor, out: Tensor, lse: Tensor, causal: bool) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` with NaN in every row whose query, or a key it sees, holds a NaN or Inf -- as
+    attention computed in full gives them -- for kernels that answer a row whose scores are all NaN
+    with a zero output and an lse of 0 (PyTorch's CPU flash op). q and out ``(B, Sq, H, D)``, k
+    ``(B, Sk, Hk, D)``, lse ``(B, H, Sq)``; ``causal``: top-left (row i sees keys ``j <= i``)."""
+    if k.shape[1] == 0:
+        return out, lse
+    bad_q = (~torch.isfinite(q)).any(-1)
+    bad_k = (~torch.isfinite(k)).any(-1)  # (B, Sk, Hk)
+    if causal:
+        seen = bad_k.cummax(dim=1).values  # row i: any bad key among 0..i
+        seen = seen[:, torch.arange(q.shape[1], device=q.device).clamp_max(k.shape[1] - 1)]
+    else:
+        seen = bad_k.any(dim=1, keepdim=True)
+    bad = bad_q | seen.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    return out.masked_fill(bad[..., None], float("nan")), lse.masked_fill(bad.transpose(1, 2), float("nan"))
+
+
 @dataclass(frozen=True, eq=False)
 class VarlenMeta:
     """Documents of a packed block: document ``i`` has queries ``offsets_q[i]:offsets_q[i+1]`` of

@@ -1,6 +1,7 @@
 """PyTorch's fused CPU flash-attention op (``aten._scaled_dot_product_flash_attention_for_cpu`` and
 its ``_backward``) as a block kernel: ``(B, H, S, D)`` layout, GQA native, full or top-left causal
-masks (other causal bands trimmed to those by :class:`TrimmedCausalBackend`)."""
+masks (other causal bands trimmed to those by :class:`TrimmedCausalBackend`). The op answers a
+row whose scores are all NaN with zeros; such rows are set to NaN afterwards."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Tuple
 
 import torch
 
-from .base import KernelCall, Tensor
+from .base import KernelCall, Tensor, keep_nonfinite_scores
 from .schemas import missing_ops
 from .trimmed import TrimmedCausalBackend
 
@@ -43,7 +44,7 @@ class TorchCpuFlashBackend(TrimmedCausalBackend):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _heads_first(q), _heads_first(k), _heads_first(v), 0.0, causal, scale=softmax_scale
         )
-        return _heads_first(out), lse
+        return keep_nonfinite_scores(q, k, _heads_first(out), lse, causal)
 
     def run_backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, softmax_scale: float
