@@ -65,6 +65,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, 
         rank=rank,
         world_size=world_size,
         comm=RingComm(group) if world_size > 1 else None,
+        group=group,
         schedule=schedule,
         backend=select_block_kernel(q, k, v, schedule.bands(), deterministic, backend, varlen, softcap=softcap,
                                     dropout_p=dropout_p, alibi_slopes=alibi_slopes),
@@ -89,8 +90,9 @@ def ring_attention(
     check_local_seqlen(layout, q.shape[1])
     window = normalized_window(window_size)
     rank, world_size = group_rank_and_size(group)
-    extras = (window, softcap, dropout_p, alibi_slopes is not None)
-    check_same_call_across_group(group, q.device, call_signature("batch", layout, q, k, causal, softmax_scale, extras))
+    check_same_call_across_group(group, q.device, call_signature(
+        "batch", layout, q, k, causal, softmax_scale, window_size=window, softcap=softcap, dropout_p=dropout_p,
+        alibi=alibi_slopes is not None))
     schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal), window)
     positions = None
     if alibi_slopes is not None:
@@ -118,9 +120,9 @@ def ring_attention_varlen(
     offsets = host_offsets(cu_seqlens)
     check_cu_seqlens(offsets, q.shape[0], max_seqlen=max_seqlen)
     rank, world_size = group_rank_and_size(group)
-    check_same_call_across_group(group, q.device,
-                                 call_signature("varlen", layout, q, k, causal, softmax_scale,
-                                                (offsets, window, softcap, dropout_p, alibi_slopes is not None)))
+    check_same_call_across_group(group, q.device, call_signature(
+        "varlen", layout, q, k, causal, softmax_scale, cu_seqlens=offsets, window_size=window, softcap=softcap,
+        dropout_p=dropout_p, alibi=alibi_slopes is not None))
     schedule = varlen_ring_schedule(layout, offsets, world_size, bool(causal), q.device, window)
     positions = None
     if alibi_slopes is not None:  # positions in the global packed sequence (documents never mix)

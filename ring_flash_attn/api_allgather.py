@@ -45,8 +45,8 @@ def _allgather(q, k, v, layout: str, offsets, meta: VarlenMeta, pieces, key_rows
         metas = window_metas(meta, starts, bool(causal), window, q.device)
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device, call_signature(
-        "allgather", layout, q, k, causal, softmax_scale,
-        (heads_k_stride, softcap, window, dropout_p, alibi_slopes is not None)))
+        "allgather", layout, q, k, causal, softmax_scale, heads_k_stride=heads_k_stride, softcap=softcap,
+        window_size=window, dropout_p=dropout_p, alibi=alibi_slopes is not None))
     check_cu_seqlens(meta.offsets_q, q.shape[0], "cu_seqlens_q")
     lo, hi = meta.relative_bounds()
     band = Band(lo, hi)  # what the kernel must take: full, causal, or a window

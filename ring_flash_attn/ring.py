@@ -23,13 +23,14 @@ from .kernels import Backend
 from .kernels.base import accumulator_dtype
 from .kernels.dropout import dropout_stream
 from .schedules import BlockJob, RingSchedule, Rows
+from .validation import backward_signature, check_same_call_across_group
 
 Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
 class RingPlan:
-    """Everything a ring call needs besides the tensors; the same on every rank of the group."""
+    """Everything a ring call needs besides the tensors."""
 
     rank: int
     world_size: int
@@ -38,6 +39,7 @@ class RingPlan:
     backend: Backend
     softmax_scale: float
     positions: Optional[Tuple[Tensor, ...]] = None  # every rank's global token positions (ALiBi only)
+    group: Optional[dist.ProcessGroup] = None  # the caller's group (None: the default group)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         return ring_forward(self, q, k, v)
@@ -277,6 +279,7 @@ class AttentionFunction(torch.autograd.Function):
     @once_differentiable  # as flash-attn's: double backward raises instead of giving wrong second derivatives
     def backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor]):
         q, k, v, out, lse = ctx.saved_tensors
+        check_same_call_across_group(ctx.plan.group, q.device, backward_signature(dout, dlse is not None))
         grads = [None, None, None]
         if dout is not None:
             grads = list(ctx.plan.backward(dout.contiguous(), q, k, v, out, lse))

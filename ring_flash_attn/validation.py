@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import operator
 import os
-import struct
 import zlib
 from datetime import timedelta
 from typing import Dict, Optional, Tuple
@@ -167,34 +166,51 @@ def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
 
 CHECK_ENV = "RING_FLASH_ATTN_CHECK"
 CHECK_TIMEOUT_ENV = "RING_FLASH_ATTN_CHECK_TIMEOUT"
-_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+_SIGNATURE_SLOTS = 24  # fixed, so a forward's signature and a backward's can meet in one all-gather
 
 
 def call_signature(kind: str, layout: str, q: torch.Tensor, k: torch.Tensor, causal: bool,
-                   softmax_scale: Optional[float], extra: Tuple = ()) -> Dict[str, int]:
-    """Integers every rank of one ring call must agree on (shapes, dtype, options, layout)."""
-    fields = {"kind": zlib.crc32(kind.encode()), "layout": zlib.crc32(layout.encode()),
-              "dtype": _DTYPE_CODES.get(q.dtype, 0), "causal": int(bool(causal)),
-              "softmax_scale": struct.unpack("<q", struct.pack("<d", float(softmax_scale or 0.0)))[0],
-              "extra": zlib.crc32(repr(tuple(extra)).encode())}
-    for name, t in (("q", q), ("k", k)):
-        dims = list(t.shape) + [0] * (4 - t.dim())
-        fields.update({f"{name}.shape[{i}]": int(n) for i, n in enumerate(dims)})
-    return fields
+                   softmax_scale: Optional[float], **options) -> Dict[str, object]:
+    """What every rank of one forward call must agree on, by name (shapes, dtype, layout, options,
+    whether a backward will follow)."""
+    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k))
+    return {"call": f"{kind} forward", "layout": layout, "dtype": str(q.dtype).replace("torch.", ""),
+            "causal": bool(causal), "softmax_scale": softmax_scale, "q.shape": tuple(q.shape),
+            "k.shape": tuple(k.shape), "backward follows": needs_backward, **options}
+
+
+def backward_signature(dout: Optional[torch.Tensor], lse_used: bool) -> Dict[str, object]:
+    """What every rank of one backward call must agree on."""
+    return {"call": "backward", "dout.shape": None if dout is None else tuple(dout.shape),
+            "loss uses lse": lse_used}
+
+
+def checking_calls() -> bool:
+    return os.environ.get(CHECK_ENV) == "1" and dist.is_available() and dist.is_initialized()
+
+
+def _encoded(fields: Dict[str, object]) -> torch.Tensor:
+    """The fields as a fixed-size int64 vector: a hash of the names, then one hash per value."""
+    codes = [zlib.crc32(repr(list(fields)).encode())] + [zlib.crc32(repr(v).encode()) for v in fields.values()]
+    if len(codes) > _SIGNATURE_SLOTS:
+        raise AssertionError(f"call signature has {len(codes)} fields, room for {_SIGNATURE_SLOTS}")
+    return torch.tensor(codes + [0] * (_SIGNATURE_SLOTS - len(codes)), dtype=torch.int64)
 
 
 def check_same_call_across_group(group: Optional[dist.ProcessGroup], device: torch.device,
-                                 fields: Dict[str, int]) -> None:
-    """Opt-in (``RING_FLASH_ATTN_CHECK=1``): compare this call's signature with every rank's before any
-    hop, so a mismatched call raises a clear ``ValueError`` on all ranks instead of hanging or
-    computing garbage, and a rank that never makes the call turns into a timeout error
-    (``RING_FLASH_ATTN_CHECK_TIMEOUT`` seconds, default 60). Cost: one all-gather of ~20 int64 per call."""
-    if os.environ.get(CHECK_ENV) != "1" or not (dist.is_available() and dist.is_initialized()):
+                                 fields: Dict[str, object]) -> None:
+    """Opt-in (``RING_FLASH_ATTN_CHECK=1``): compare this call's signature (forward or backward) with
+    every rank's before any hop. Ranks that disagree all raise the same ``ValueError``, which names
+    each differing field with every rank's value, and the group stays usable; a rank that never makes
+    the call (or runs something else) turns into a ``RuntimeError`` after
+    ``RING_FLASH_ATTN_CHECK_TIMEOUT`` seconds (default 60), after which the group holds a pending
+    collective and is not usable. Cost: one all-gather of 24 int64 per forward and per backward."""
+    if not checking_calls():
         return
     world = dist.get_world_size(group)
     if dist.get_backend(group) != "nccl":
         device = torch.device("cpu")
-    mine = torch.tensor(list(fields.values()), dtype=torch.int64, device=device)
+    mine = _encoded(fields).to(device)
     every = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
     work = all_gather_async(every, mine, group)
     timeout = float(os.environ.get(CHECK_TIMEOUT_ENV, "60"))
@@ -202,12 +218,20 @@ def check_same_call_across_group(group: Optional[dist.ProcessGroup], device: tor
         work.wait(timeout=timedelta(seconds=timeout))
     except RuntimeError as err:
         raise RuntimeError(
-            f"ring_flash_attn: not every rank of the group reached this attention call within {timeout:.0f}s "
-            f"(a rank skipped the call, or is stuck elsewhere): {err}"
+            f"ring_flash_attn: not every rank of the group reached this attention call ({fields['call']}) within "
+            f"{timeout:.0f}s (a rank skipped the call, or is stuck elsewhere): {err}"
         ) from err
     rows = every.view(world, -1).cpu()
-    names = list(fields)
-    differing = [names[i] for i in range(len(names)) if not bool((rows[:, i] == rows[0, i]).all())]
-    if differing:
-        table = "; ".join(f"{n}: {rows[:, names.index(n)].tolist()}" for n in differing)
-        raise ValueError(f"ring_flash_attn: the ranks called attention with different arguments (per rank) -- {table}")
+    if bool((rows == rows[0]).all()):
+        return
+    readable: list = [None] * world
+    dist.all_gather_object(readable, fields, group=group)  # every rank is here: the values, by name
+    names = list(dict.fromkeys(name for f in readable for name in f))
+    differing = [n for n in names if len({repr(f.get(n, "<absent>")) for f in readable}) > 1]
+    hint = ""
+    if "call" in differing:  # a forward met a backward (or another family): the rest is noise
+        differing = ["call"]
+        hint = (" (a rank skipped or added an attention call or its backward; calls with equal arguments "
+                "cannot be told apart, so the skip may lie one call earlier)")
+    table = "; ".join(f"{n}: {[f.get(n, '<absent>') for f in readable]}" for n in differing)
+    raise ValueError(f"ring_flash_attn: the ranks made different attention calls (values per rank) -- {table}{hint}")

@@ -37,6 +37,60 @@ def mismatched_call(rank: int, world_size: int) -> str:
         del os.environ["RING_FLASH_ATTN_CHECK"]
 
 
+def _checked(fn):
+    """Run ``fn()`` with the cross-rank check on; the error text, or "no error"."""
+    os.environ["RING_FLASH_ATTN_CHECK"] = "1"
+    try:
+        fn()
+        return "no error"
+    except ValueError as err:
+        return str(err)
+    finally:
+        del os.environ["RING_FLASH_ATTN_CHECK"]
+
+
+def _layers(q, k, v, skip_first: bool):
+    """Two attention "layers" and a backward of their sum; rank 1 may skip the first layer."""
+    out = 0
+    for layer in range(2):
+        if layer == 0 and skip_first:
+            continue
+        out = out + rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True, group=dist.group.WORLD)
+    out.sum().backward()
+
+
+def mismatch_cases(rank: int, world_size: int) -> Dict[str, str]:
+    """Call patterns the check must catch on every rank, then a correct call (is the group usable?)."""
+    q, k, v, _ = _inputs(rank, world_size)
+    leaves = lambda: [t.clone().requires_grad_() for t in (q, k, v)]  # noqa: E731
+    answers = {}
+    answers["skipped layer"] = _checked(lambda: _layers(*leaves(), skip_first=rank == 1))
+
+    def no_grad_on_rank_1():
+        with torch.set_grad_enabled(rank != 1):
+            rfa.zigzag_ring_flash_attn_func(*leaves(), causal=True, group=dist.group.WORLD)
+    answers["no_grad forward"] = _checked(no_grad_on_rank_1)
+
+    def skipped_backward():
+        out = rfa.zigzag_ring_flash_attn_func(*leaves(), causal=True, group=dist.group.WORLD)
+        if rank == 0:
+            out.sum().backward()
+        rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True, group=dist.group.WORLD)  # rank 1 goes on
+    answers["skipped backward"] = _checked(skipped_backward)
+
+    def different_options():
+        rfa.zigzag_ring_flash_attn_func(*(t.to(torch.bfloat16 if rank else torch.float16) for t in (q, k, v)),
+                                        causal=True, softmax_scale=0.125 * (rank + 1), group=dist.group.WORLD)
+    answers["options"] = _checked(different_options)
+
+    x = leaves()
+    out = rfa.zigzag_ring_flash_attn_func(*x, causal=True, group=dist.group.WORLD)
+    out.sum().backward()
+    plain = rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True, group=dist.group.WORLD)
+    answers["group usable after"] = "yes" if torch.equal(out.detach(), plain) and x[0].grad is not None else "no"
+    return answers
+
+
 def skipped_call(rank: int, world_size: int) -> str:
     """Rank 1 never calls; rank 0 must fail within the check's timeout instead of hanging."""
     if rank == 1:

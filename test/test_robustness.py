@@ -13,7 +13,20 @@ from dist_pool import DistPool
 def test_mismatched_call_raises_on_every_rank(dist_pool):
     answers = dist_pool(2).run("robustness_cases:mismatched_call")
     for answer in answers:
-        assert "different arguments" in answer and "q.shape[1]" in answer, answer
+        assert "different attention calls" in answer and "q.shape: [(2, 12, 4, 32), (2, 4, 4, 32)]" in answer, answer
+
+
+def test_mismatched_call_patterns_raise_on_every_rank_and_leave_the_group_usable(dist_pool):
+    """A rank that skips a layer, runs its forward under no_grad, or skips the backward; different
+    dtypes and scales: every rank raises, naming the fields readably; then a correct call works."""
+    for answers in dist_pool(2).run("robustness_cases:mismatch_cases"):
+        assert "call: ['backward', 'batch forward']" in answers["skipped layer"] or \
+            "call: ['batch forward', 'backward']" in answers["skipped layer"], answers["skipped layer"]
+        assert "backward follows: [True, False]" in answers["no_grad forward"], answers["no_grad forward"]
+        assert "call: ['backward', 'batch forward']" in answers["skipped backward"], answers["skipped backward"]
+        assert "dtype: ['float16', 'bfloat16']" in answers["options"], answers["options"]
+        assert "softmax_scale: [0.125, 0.25]" in answers["options"], answers["options"]
+        assert answers["group usable after"] == "yes"
 
 
 def test_skipped_call_times_out_instead_of_hanging():
