@@ -43,3 +43,32 @@ def test_triton_merge_matches_eager(dtype, head_dim):
     assert torch.equal(base[:, :pad], old_out[:, :pad]) and torch.equal(base[:, pad + s:], old_out[:, pad + s:])
     assert torch.equal(lse_base[..., :pad], old_lse[..., :pad])
     assert torch.equal(lse_base[..., pad + s:], old_lse[..., pad + s:])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_merge_propagates_nan(dtype):
+    """A row whose lse or output is NaN on either side comes out NaN (out and lse), as the eager merge
+    gives; rows beside it are the eager merge's."""
+    merge_rows_triton = pytest.importorskip("ring_flash_attn.merge_triton").merge_rows_triton
+    g = torch.Generator(device="cuda").manual_seed(7)
+    b, s, h, d = 1, 64, 2, 64
+    out_acc = torch.randn(b, s, h, d, generator=g, device="cuda").to(dtype)
+    lse_acc = torch.randn(b, h, s, generator=g, device="cuda")
+    block = torch.randn(b, s, h, d, generator=g, device="cuda").to(dtype)
+    lse_block = torch.randn(b, h, s, generator=g, device="cuda")
+    lse_acc[:, :, 3] = float("nan")          # NaN lse in the accumulator
+    lse_block[:, :, 5] = float("nan")        # ... in the block
+    lse_block[:, :, 7] = float("nan")        # NaN lse against an empty accumulator row
+    lse_acc[:, :, 7], out_acc[:, 7] = float("-inf"), 0
+    block[:, 9, :, 0] = float("nan")         # NaN in one output element
+    expect_out, expect_lse = out_acc.float().clone(), lse_acc.clone()
+    _merge(expect_out, expect_lse, block, lse_block)
+
+    merge_rows_triton(out_acc, lse_acc, block, lse_block)
+
+    for row in (3, 5, 7):
+        assert torch.isnan(lse_acc[:, :, row]).all() and torch.isnan(out_acc[:, row]).all(), row
+    assert torch.isnan(out_acc[:, 9, :, 0]).all()
+    torch.testing.assert_close(out_acc.float(), expect_out.to(dtype).float(), equal_nan=True, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(lse_acc, expect_lse, equal_nan=True, rtol=1e-6, atol=1e-6)

@@ -136,3 +136,85 @@ def test_gpu_deterministic_runs_are_bitwise_equal(dist_pool, case):
         for name in a:
             assert torch.equal(a[name], b[name]), name
     attention_cases.check(case, first)
+
+
+# Inputs PyTorch can represent but kernels mishandle: NaN / Inf, strided views, a loss that uses lse.
+GPU_KERNELS = ("cudnn", "torch_cuda_flash")
+POISONS = ((("q", float("nan")),), (("k", float("nan")),), (("v", float("nan")),), (("v", float("inf")),),
+           (("q", float("nan")), ("v", float("inf"))))
+
+
+def _unusual_input_cases() -> list:
+    cases = []
+    for n, (w, backend, layout, causal, poison) in enumerate(itertools.product(
+            WORLD_SIZES or [2], GPU_KERNELS, ("ring", "zigzag", "stripe"), (True, False), POISONS)):
+        token = tuple((name, (n * 37 + 101 * i) % (256 * w), n % 8, value) for i, (name, value) in enumerate(poison))
+        cases.append(Case(layout=layout, packing="func", causal=causal, dtype=("bf16", "fp16")[n % 2], backend=backend,
+                          world_size=w, batch=2, local_len=256, nheads=8, nheads_k=2, head_dim=128, poison=token,
+                          seed=n, device="cuda"))
+    for n, (w, backend, layout, view) in enumerate(itertools.product(
+            WORLD_SIZES or [2], GPU_KERNELS, ("ring", "zigzag", "stripe"), attention_cases.VIEWS)):
+        cases.append(Case(layout=layout, packing="func", causal=n % 2 == 0, dtype="bf16", backend=backend, world_size=w,
+                          batch=2, local_len=256, nheads=8, nheads_k=2, head_dim=128, view=view, seed=n, device="cuda"))
+    for n, (w, backend, layout, causal) in enumerate(itertools.product(
+            WORLD_SIZES or [2], GPU_KERNELS, ("ring", "zigzag", "stripe"), (True, False))):
+        cases.append(Case(layout=layout, packing=PACKINGS[n % 3], causal=causal, dtype=("bf16", "fp16")[n % 2],
+                          backend=backend, world_size=w, batch=2, local_len=256, nheads=8, nheads_k=8 if n % 3 == 2 else 2,
+                          head_dim=128, lse_grad=True, seed=n, device="cuda"))
+    for n, (w, layout, extra) in enumerate(itertools.product(
+            WORLD_SIZES or [2], ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3"),
+            ({"view": "fused"}, {"view": "transposed"}, {"lse_grad": True}, {"poison": (("v", 50, 1, float("nan")),)}))):
+        docs = fit_documents(layout, w, (64 * w, 2 * w * 16, 96 * w))
+        cases.append(VarlenCase(layout=layout, packing="func", causal=n % 2 == 0, dtype="bf16",
+                                backend="torch_cuda_flash", world_size=w, doc_lengths=docs, nheads=8, nheads_k=2,
+                                head_dim=128, seed=n, device="cuda", **extra))
+    return cases
+
+
+UNUSUAL_CASES = _unusual_input_cases()
+
+
+def _finite_on_one_device(case: Case) -> dict:
+    """The rows of out / lse / dq / dk / dv that ``case.backend``'s aten op alone, on the whole sequence
+    on one GPU, leaves finite: boolean ``(B, S, heads)`` (lse ``(B, H, S)``)."""
+    x = attention_cases.global_inputs(case)
+    q, k, v = (x[n].cuda().requires_grad_() for n in "qkv")
+    scale, s = case.head_dim ** -0.5, case.seqlen
+    if case.backend == "torch_cuda_flash":
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(q, k, v, None, None, s, s, 0.0, case.causal, False,
+                                                               scale=scale)
+    else:
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), None, True, 0.0, case.causal, False, scale=scale)
+        out = out.transpose(1, 2)
+    grads = torch.autograd.grad(out, (q, k, v), x["dout"].cuda())
+    finite = {name: torch.isfinite(t.detach()).all(-1).cpu() for name, t in zip(("out", "dq", "dk", "dv"), (out, *grads))}
+    finite["lse"] = torch.isfinite(lse.detach().reshape(case.batch, case.nheads, s)).cpu()
+    return finite
+
+
+@pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")
+@pytest.mark.parametrize("case", UNUSUAL_CASES, ids=[c.id() for c in UNUSUAL_CASES])
+def test_gpu_unusual_inputs(dist_pool, case):
+    """Strided views and a loss through lse match the float64 reference. NaN / Inf propagate to every
+    row that depends on them, except rows that the same kernel alone, on one device, leaves finite:
+    PyTorch's FA2 takes its row maximum and sum over the non-NaN scores, so a NaN key leaves lse
+    finite, and its backward then gives a finite, meaningless dv for the keys those rows see (out, dq
+    and dk are NaN there). Such rows hold no checkable value; cuDNN must have none."""
+    if case.world_size > GPUS:
+        pytest.skip(f"needs {case.world_size} GPUs")
+    module = varlen_cases if isinstance(case, VarlenCase) else attention_cases
+    per_rank = dist_pool(case.world_size, "nccl").run(f"{module.__name__}:run_rank", case=case)
+    if not case.poison or isinstance(case, VarlenCase):
+        module.check(case, per_rank)
+        return
+    x = attention_cases.global_inputs(case)
+    nonfinite = attention_cases.nonfinite_rows(attention_cases.mask(case.seqlen, case.causal), x["q"], x["k"], x["v"])
+    got, ref = attention_cases.gathered(case, per_rank), attention_cases.reference(case)
+    for name, finite in _finite_on_one_device(case).items():
+        kernel_keeps = nonfinite[name] & finite
+        assert case.backend == "torch_cuda_flash" or not kernel_keeps.any(), f"{case.backend} hides NaN in {name}"
+        nonfinite[name] &= ~finite
+        rows = kernel_keeps if name == "lse" else kernel_keeps[..., None]
+        got[name] = torch.where(rows, ref[name], got[name].double())
+    attention_cases.compare(case.id(), got, ref, case.dtype, nonfinite=nonfinite)
