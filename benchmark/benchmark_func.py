@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import ring_flash_attn as rfa
 from ring_flash_attn.kernels import AUTO_ORDER, BACKENDS, KernelCall
-from ring_flash_attn.kernels.base import Band, VarlenMeta
+from ring_flash_attn.core.mask import Band, VarlenMeta
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, varlen_token_index
 
 BATCH_VARIANTS = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}

@@ -17,7 +17,7 @@ from typing import Callable, List, Tuple
 import torch
 
 from ring_flash_attn.kernels import BACKENDS
-from ring_flash_attn.kernels.base import Band
+from ring_flash_attn.core.mask import Band
 
 
 def cuda_ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 30) -> float:

@@ -22,7 +22,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     bench --varlen
     bench --varlen --fwd-only
     bench --backend torch_cuda_flash
-    RING_FLASH_ATTN_COMPILE=0 bench --fwd-only --variants zigzag,stripe --no-check
+    RING_FLASH_ATTN_TRITON=0 bench --fwd-only --variants zigzag,stripe --no-check
   } | tee "$out/bench.log"
 fi
 if [ "$what" = profile ] || [ "$what" = all ]; then

@@ -8,7 +8,7 @@ import transformers when first used.
 
 import sys
 
-from .api import (
+from .ring.api import (
     ring_attention,
     ring_attention_varlen,
     ring_flash_attn_varlen_func,
@@ -30,8 +30,8 @@ from .api import (
     zigzag_ring_flash_attn_kvpacked_func,
     zigzag_ring_flash_attn_qkvpacked_func,
 )
-from .allgather import llama3_flash_attn_prepare_cu_seqlens
-from .api_allgather import (
+from .allgather.plan import llama3_flash_attn_prepare_cu_seqlens
+from .allgather.api import (
     llama3_flash_attn_varlen_func,
     llama3_flash_attn_varlen_kvpacked_func,
     llama3_flash_attn_varlen_qkvpacked_func,
@@ -39,7 +39,7 @@ from .api_allgather import (
     zigzag_llama3_flash_attn_varlen_kvpacked_func,
     zigzag_llama3_flash_attn_varlen_qkvpacked_func,
 )
-from .layouts import LAYOUTS, position_ids, shard, unshard
+from .core.layouts import LAYOUTS, position_ids, shard, unshard
 from .compat import install_module_aliases
 
 __version__ = "0.2.0"

@@ -5,10 +5,14 @@ Code written for ring-flash-attn imports functions from the module files it had,
 is registered in ``sys.modules`` as a small module holding the same objects as the top level, so
 those imports work and give the one implementation. ``ring_flash_attn.utils`` and
 ``ring_flash_attn.adapters.hf_adapter`` are real modules of their own.
+
+:data:`PUBLIC_MODULES`: this package's own short public paths for modules that live in a layer
+(``ring_flash_attn.layouts`` is :mod:`ring_flash_attn.core.layouts`).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 from typing import Dict, Tuple
@@ -26,9 +30,12 @@ MODULE_ALIASES: Dict[str, Tuple[str, ...]] = {
     "zigzag_llama3_flash_attn_varlen": tuple(n.format("zigzag_llama3_flash_attn_varlen") for n in _FAMILY),
 }
 
+PUBLIC_MODULES: Dict[str, str] = {"layouts": "core.layouts"}
+
 
 def install_module_aliases(package: types.ModuleType) -> None:
-    """Register ``<package>.<alias>`` for every entry of :data:`MODULE_ALIASES` (idempotent)."""
+    """Register ``<package>.<alias>`` for every entry of :data:`MODULE_ALIASES` and
+    :data:`PUBLIC_MODULES` (idempotent)."""
     for alias, names in MODULE_ALIASES.items():
         full = f"{package.__name__}.{alias}"
         if full in sys.modules:
@@ -38,4 +45,8 @@ def install_module_aliases(package: types.ModuleType) -> None:
             setattr(module, name, getattr(package, name))
         module.__all__ = list(names)
         sys.modules[full] = module
+        setattr(package, alias, module)
+    for alias, target in PUBLIC_MODULES.items():
+        module = importlib.import_module(f"{package.__name__}.{target}")
+        sys.modules.setdefault(f"{package.__name__}.{alias}", module)
         setattr(package, alias, module)

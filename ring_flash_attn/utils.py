@@ -21,8 +21,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .comm import all_gather_async
-from .merge import merge_weights
+from .core.comm import all_gather_async
+from .core.merge import merge_weights
 
 __all__ = ["update_out_and_lse", "RingComm", "get_default_args", "AllGatherComm", "flatten_varlen_lse",
            "unflatten_varlen_lse"]

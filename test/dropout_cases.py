@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import ring_flash_attn as rfa
 from attention_cases import DTYPES
-from ring_flash_attn.api_allgather import packed_allgather
+from ring_flash_attn.allgather.api import packed_allgather
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen
 
 FUNCS = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ring_flash_attn.kernels.base import Band, VarlenMeta
+from ring_flash_attn.core.mask import Band, VarlenMeta
 from ring_flash_attn.kernels.reference import ReferenceBackend
 
 _REF = ReferenceBackend()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ring_flash_attn.accumulate import RowCombiner, WideAccumulator, row_intervals, start_sum
-from ring_flash_attn.merge import _merge
+from ring_flash_attn.core.accumulate import RowCombiner, WideAccumulator, row_intervals, start_sum
+from ring_flash_attn.core.merge import _merge
 
 JOBS = [slice(0, 12), slice(4, 12), slice(0, 4), slice(6, 10), slice(8, 12), slice(6, 8)]  # 1 to 4 jobs per row
 

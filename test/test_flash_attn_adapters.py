@@ -13,7 +13,7 @@ import torch
 
 import fake_flash_attn
 from ring_flash_attn.kernels import KernelCall
-from ring_flash_attn.kernels.base import Band
+from ring_flash_attn.core.mask import Band
 from ring_flash_attn.kernels.flash_attn_pkg import FlashAttn2Backend, FlashAttn3Backend, FlashAttn4Backend
 import varlen_cases
 from attention_cases import Case, check

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ring_flash_attn.kernels import BACKENDS, KernelCall, explain_selection, select_backend
-from ring_flash_attn.kernels.base import Band, VarlenMeta
+from ring_flash_attn.core.mask import Band, VarlenMeta
 
 BANDS = [Band(), Band(None, 0), Band(None, -1), Band(None, -3), Band(None, 2), Band(-2, 1), Band(1, 3)]
 

@@ -44,7 +44,7 @@ def test_bad_layout_and_ragged_shards():
 
 
 def test_row_repeats_scatter_is_index_add():
-    from ring_flash_attn.allgather import RowRepeats
+    from ring_flash_attn.allgather.plan import RowRepeats
 
     rows = torch.tensor([5, 0, 1, 2, 0, 1, 7, 2, 2])
     values = torch.randn(len(rows), 3, dtype=torch.float64)
@@ -52,7 +52,7 @@ def test_row_repeats_scatter_is_index_add():
     got = torch.zeros(9, 3, dtype=torch.float64)
     RowRepeats.of(rows).scatter_into(got, values)
     assert torch.allclose(got, expected, rtol=0, atol=1e-12)
-    strided = torch.zeros(9, 2, 3, dtype=torch.float64)  # a view, as allgather_backward passes it
+    strided = torch.zeros(9, 2, 3, dtype=torch.float64)  # a view, as gather_backward passes it
     RowRepeats.of(rows).scatter_into(strided[:, 1], values)
     assert torch.allclose(strided[:, 1], expected) and not strided[:, 0].any()
 
@@ -60,14 +60,15 @@ def test_row_repeats_scatter_is_index_add():
 @pytest.mark.parametrize("layout", ["llama3", "zigzag_llama3", "packed_zigzag"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_two_ranks_need_each_remote_key_once(layout, causal):
-    """local_first sends dK/dV in the input dtype at W = 2: it relies on no remote key being used
+    """OwnKeysFirst sends dK/dV in the input dtype at W = 2: it relies on no remote key being used
     twice by one rank (pieces of a document with the same remote keys are one call document)."""
-    from ring_flash_attn.allgather import pack_plan
-    from ring_flash_attn.local_first import own_keys_split
+    from ring_flash_attn.allgather.own_keys_first import own_keys_split
+    from ring_flash_attn.allgather.plan import document_meta
+    from ring_flash_attn.core.layouts import local_pieces
 
     for offsets in [(0, 24, 40, 48), (0, 8, 16, 24, 32, 40, 48), (0, 48)]:
         for rank in range(2):
-            meta, _, _, _, starts = pack_plan(layout, offsets, rank, 2, causal, torch.device("cpu"))
+            meta, _, starts = document_meta(offsets, local_pieces(layout, offsets, rank, 2), causal, torch.device("cpu"))
             key_ranges = tuple((ks, ks + lk) for (_, ks), (_, lk) in zip(starts, meta.lengths))
             _, remote_meta, rows, repeats, _ = own_keys_split(layout, offsets, rank, 2, tuple(meta.offsets_q),
                                                               key_ranges, causal, torch.device("cpu"))

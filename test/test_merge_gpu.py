@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ring_flash_attn.merge import _merge
+from ring_flash_attn.core.merge import _merge
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.cuda.is_available()
@@ -17,7 +17,7 @@ CUDA = torch.cuda.is_available()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 def test_triton_merge_matches_eager(dtype, head_dim):
-    merge_rows_triton = pytest.importorskip("ring_flash_attn.merge_triton").merge_rows_triton
+    merge_rows_triton = pytest.importorskip("ring_flash_attn.core.merge_triton").merge_rows_triton
     g = torch.Generator(device="cuda").manual_seed(head_dim)
     b, s, h, pad = 2, 300, 5, 3
     base = torch.randn(b, s + 2 * pad, h, head_dim, generator=g, device="cuda").to(dtype)
@@ -50,7 +50,7 @@ def test_triton_merge_matches_eager(dtype, head_dim):
 def test_triton_merge_propagates_nan(dtype):
     """A row whose lse or output is NaN on either side comes out NaN (out and lse), as the eager merge
     gives; rows beside it are the eager merge's."""
-    merge_rows_triton = pytest.importorskip("ring_flash_attn.merge_triton").merge_rows_triton
+    merge_rows_triton = pytest.importorskip("ring_flash_attn.core.merge_triton").merge_rows_triton
     g = torch.Generator(device="cuda").manual_seed(7)
     b, s, h, d = 1, 64, 2, 64
     out_acc = torch.randn(b, s, h, d, generator=g, device="cuda").to(dtype)

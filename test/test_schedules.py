@@ -9,9 +9,9 @@ import itertools
 import pytest
 import torch
 
-from ring_flash_attn.kernels.base import Band, trim_to_top_left_causal
+from ring_flash_attn.core.mask import Band, trim_to_top_left_causal
 from ring_flash_attn.layouts import LAYOUTS, position_ids, segments
-from ring_flash_attn.schedules import BlockJob, block_jobs, ring_schedule, segment_band
+from ring_flash_attn.ring.schedules import BlockJob, block_jobs, ring_schedule, segment_band
 
 
 def covered(layout: str, world_size: int, local_len: int, causal: bool, window=(-1, -1)) -> torch.Tensor:
@@ -119,7 +119,7 @@ def test_windowed_varlen_schedule_skips_hops_beyond_the_window():
     previous rank's K/V is needed, so the ring stops after one hop."""
     import torch
 
-    from ring_flash_attn.varlen import varlen_ring_schedule
+    from ring_flash_attn.ring.packed import varlen_ring_schedule
 
     schedule = varlen_ring_schedule("ring", (0, 8, 24), 4, True, torch.device("cpu"), (3, 0))
     assert all(schedule.forwards_kv(rank, 0) for rank in range(3))

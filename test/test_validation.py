@@ -108,7 +108,7 @@ def test_process_outside_group_is_refused(dist_pool):
 def test_deterministic_calls_avoid_kernels_without_a_deterministic_backward():
     from ring_flash_attn.kernels import BACKENDS, KernelCall
     from ring_flash_attn.kernels import reasons as kernel_reasons
-    from ring_flash_attn.kernels.base import Band
+    from ring_flash_attn.core.mask import Band
 
     call = KernelCall("cuda", torch.bfloat16, 128, 8, 2, (Band(None, 0),), deterministic=True)
     for name in ("cudnn", "flash_attn_3", "flash_attn_4"):

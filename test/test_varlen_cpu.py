@@ -75,16 +75,16 @@ def test_varlen_matches_float64_reference(dist_pool, case):
 
 
 def test_allgather_attends_own_keys_first_unless_windowed(monkeypatch):
-    """Without a sliding window the all-gather family runs local_first.OwnKeysFirst (own keys while the
+    """Without a sliding window the all-gather family runs the OwnKeysFirst strategy (own keys while the
     others are gathered); with one it keeps the plain path. The cases above check both for exactness."""
     import torch
 
     import ring_flash_attn as rfa
-    from ring_flash_attn import local_first
+    from ring_flash_attn.allgather.own_keys_first import OwnKeysFirst
 
     used = []
-    forward = local_first.OwnKeysFirst.forward
-    monkeypatch.setattr(local_first.OwnKeysFirst, "forward", lambda self, *a: used.append(1) or forward(self, *a))
+    forward = OwnKeysFirst.forward
+    monkeypatch.setattr(OwnKeysFirst, "forward", lambda self, *a: used.append(1) or forward(self, *a))
     x = torch.randn(12, 2, 16)
     cu = torch.tensor([0, 4, 12], dtype=torch.int32)
     rfa.zigzag_llama3_flash_attn_varlen_func(x, x, x, cu, 8, causal=True)

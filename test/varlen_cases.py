@@ -14,7 +14,7 @@ import torch.distributed as dist
 import ring_flash_attn as rfa
 from attention_cases import (DTYPES, alibi_bias, alibi_slopes, as_view, compare, mask, nonfinite_rows, poison_id,
                              results_on_cpu, soft_capped)
-from ring_flash_attn.api_allgather import packed_allgather
+from ring_flash_attn.allgather.api import packed_allgather
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varlen
 
 

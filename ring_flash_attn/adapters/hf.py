@@ -25,10 +25,10 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..allgather import llama3_flash_attn_prepare_cu_seqlens
-from ..api import ring_flash_attn_func, zigzag_ring_flash_attn_func
-from ..api_allgather import llama3_flash_attn_varlen_func, packed_allgather
-from ..validation import group_rank_and_size
+from ..allgather.api import llama3_flash_attn_varlen_func, packed_allgather
+from ..allgather.plan import llama3_flash_attn_prepare_cu_seqlens
+from ..core.validation import group_rank_and_size
+from ..ring.api import ring_flash_attn_func, zigzag_ring_flash_attn_func
 
 from .sequence import MODEL_LAYOUTS
 

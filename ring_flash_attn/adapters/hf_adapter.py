@@ -33,9 +33,9 @@ import torch.distributed as dist
 import transformers
 import transformers.modeling_flash_attention_utils
 
-from ..allgather import llama3_flash_attn_prepare_cu_seqlens
-from ..api_allgather import llama3_flash_attn_varlen_func
-from ..validation import group_rank_and_size
+from ..allgather.api import llama3_flash_attn_varlen_func
+from ..allgather.plan import llama3_flash_attn_prepare_cu_seqlens
+from ..core.validation import group_rank_and_size
 from .hf import RING_ATTENTION_NAME, register_attention_function, window_size_of
 
 DATA_PARAMS: Dict[str, object] = {}

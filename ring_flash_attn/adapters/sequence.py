@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..layouts import local_divisor, shard, unshard
+from ..core.layouts import local_divisor, shard, unshard
 
 MODEL_LAYOUTS = {"zigzag": "zigzag", "ring": "ring", "llama3": "ring"}
 IGNORE_INDEX = -100

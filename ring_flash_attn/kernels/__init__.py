@@ -15,7 +15,8 @@ import os
 from functools import lru_cache
 from typing import Dict, Optional
 
-from .base import Backend, Band, KernelCall
+from ..core.mask import Band
+from .base import Backend, KernelCall
 from .flash_attn_pkg import FlashAttn2Backend, FlashAttn3Backend, FlashAttn4Backend
 from .reference import ReferenceBackend
 from .torch_cpu import TorchCpuFlashBackend

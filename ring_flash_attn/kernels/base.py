@@ -20,64 +20,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..core.mask import Band, VarlenMeta
+from ..core.merge import accumulator_dtype, merge_into
 from .dropout import DropoutRecord
 
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class Band:
-    """Query row ``i`` may see key column ``j`` iff ``lo <= j - i <= hi`` (``None``: unbounded)."""
-
-    lo: Optional[int] = None
-    hi: Optional[int] = None
-
-    @property
-    def is_full(self) -> bool:
-        return self.lo is None and self.hi is None
-
-    def normalized(self, sq: int, sk: int) -> Optional["Band"]:
-        """The same band on an ``sq x sk`` block with bounds that cut nothing dropped;
-        ``None`` if it allows no pair at all."""
-        lo = -(sq - 1) if self.lo is None else max(self.lo, -(sq - 1))
-        hi = sk - 1 if self.hi is None else min(self.hi, sk - 1)
-        if lo > hi:
-            return None
-        return Band(None if lo == -(sq - 1) else lo, None if hi == sk - 1 else hi)
-
-    def allowed(self, sq: int, sk: int, device: torch.device | str | None = None) -> Tensor:
-        """Dense boolean mask ``(sq, sk)``: True where the pair is attended."""
-        diff = torch.arange(sk, device=device)[None, :] - torch.arange(sq, device=device)[:, None]
-        ok = torch.ones(sq, sk, dtype=torch.bool, device=device)
-        if self.lo is not None:
-            ok &= diff >= self.lo
-        if self.hi is not None:
-            ok &= diff <= self.hi
-        return ok
-
-
-@dataclass(frozen=True)
-class CausalTrim:
-    """A band with no lower bound, rewritten as ``q[:, first_row:]`` against ``k[:, :key_end]``
-    under a plain mask: full (``causal=False``) or top-left causal (``j <= i``)."""
-
-    first_row: int
-    key_end: int
-    causal: bool
-
-
-def trim_to_top_left_causal(band: Band, sq: int, sk: int) -> Optional[CausalTrim]:
-    """Express ``band`` for kernels that only know full and top-left causal masks, or ``None``."""
-    if not fits_top_left_causal(band):
-        return None
-    if band.hi is None:
-        return CausalTrim(0, sk, False)
-    return CausalTrim(first_row=-band.hi, key_end=min(sk, sq + band.hi), causal=True)
-
-
-def fits_top_left_causal(band: Band) -> bool:
-    """True for full bands and causal ones on or below the diagonal (``hi <= 0``, no ``lo``)."""
-    return band.lo is None and (band.hi is None or band.hi <= 0)
 
 
 def pad_rows(block: Tensor, first_row: int, total_rows: int, dim: int, fill: float) -> Tensor:
@@ -107,76 +54,6 @@ def keep_nonfinite_scores(q: Tensor, k: Tensor, out: Tensor, lse: Tensor, causal
         seen = bad_k.any(dim=1, keepdim=True)
     bad = bad_q | seen.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
     return out.masked_fill(bad[..., None], float("nan")), lse.masked_fill(bad.transpose(1, 2), float("nan"))
-
-
-@dataclass(frozen=True, eq=False)
-class VarlenMeta:
-    """Documents of a packed block: document ``i`` has queries ``offsets_q[i]:offsets_q[i+1]`` of
-    the packed q and keys ``offsets_k[i]:offsets_k[i+1]`` of the packed k. ``causal`` and
-    ``window`` (flash's ``window_size``) are aligned bottom-right per document (flash convention: a
-    document's last query sits on its last key), which for equal lengths is the plain diagonal. Host
-    offsets and device ``cu_seqlens`` are both kept, built once per call so kernels need no host sync."""
-
-    offsets_q: Tuple[int, ...]
-    offsets_k: Tuple[int, ...]
-    causal: bool
-    cu_seqlens_q: Tensor
-    cu_seqlens_k: Tensor
-    window: Tuple[int, int] = (-1, -1)
-
-    @classmethod
-    def build(cls, offsets_q, offsets_k, causal: bool, device, window: Tuple[int, int] = (-1, -1)) -> "VarlenMeta":
-        if len(offsets_q) != len(offsets_k):
-            raise ValueError("query and key offsets must describe the same documents")
-        to_dev = lambda o: torch.tensor(o, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
-        return cls(tuple(offsets_q), tuple(offsets_k), causal, to_dev(offsets_q), to_dev(offsets_k), tuple(window))
-
-    @property
-    def lengths(self) -> Tuple[Tuple[int, int], ...]:
-        oq, ok = self.offsets_q, self.offsets_k
-        return tuple((oq[i + 1] - oq[i], ok[i + 1] - ok[i]) for i in range(len(oq) - 1))
-
-    @property
-    def max_seqlen_q(self) -> int:
-        return max((lq for lq, _ in self.lengths), default=0)
-
-    @property
-    def max_seqlen_k(self) -> int:
-        return max((lk for _, lk in self.lengths), default=0)
-
-    @property
-    def has_empty_documents(self) -> bool:
-        """Documents with queries but no keys or keys but no queries (the ring's unused rows)."""
-        return any((lq == 0) != (lk == 0) for lq, lk in self.lengths)
-
-    @property
-    def square(self) -> bool:
-        """True when every causal document has as many queries as keys (top-left == bottom-right)."""
-        return not self.causal or all(lq == lk for lq, lk in self.lengths)
-
-    def dense_mask(self, device) -> Tensor:
-        """``(Tq, Tk)`` boolean: True where a query may see a key."""
-        lens = torch.tensor(self.lengths, dtype=torch.int64).reshape(-1, 2)
-        docs = torch.arange(len(lens))
-        q_doc, k_doc = docs.repeat_interleave(lens[:, 0]), docs.repeat_interleave(lens[:, 1])
-        q_pos = torch.arange(len(q_doc)) - torch.tensor(self.offsets_q[:-1], dtype=torch.int64)[q_doc]
-        k_pos = torch.arange(len(k_doc)) - torch.tensor(self.offsets_k[:-1], dtype=torch.int64)[k_doc]
-        ok = q_doc[:, None] == k_doc[None, :]
-        distance = k_pos[None, :] - (q_pos + (lens[:, 1] - lens[:, 0])[q_doc])[:, None]  # from the diagonal
-        lo, hi = self.relative_bounds()
-        if lo is not None:
-            ok &= distance >= lo
-        if hi is not None:
-            ok &= distance <= hi
-        return ok.to(device)
-
-    def relative_bounds(self) -> Tuple[Optional[int], Optional[int]]:
-        """The mask as bounds on (key - query) measured from each document's bottom-right diagonal."""
-        left, right = self.window
-        hi = 0 if self.causal else None
-        if right >= 0:
-            hi = right if hi is None else min(hi, right)
-        return (-left if left >= 0 else None), hi
 
 
 @dataclass(frozen=True)
@@ -262,8 +139,6 @@ class Backend:
 
     def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, softmax_scale: float) -> Tuple[Tensor, Tensor]:
         """Packed documents: ``(out (Tq, H, D), lse (H, Tq))``; rows with no key give 0 / -inf."""
-        from ..merge import merge_into
-
         out = q.new_zeros(q.shape, dtype=accumulator_dtype(q.dtype))
         lse = torch.full((1, q.shape[1], q.shape[0]), float("-inf"), dtype=out.dtype, device=q.device)
         for band, rows, keys in _document_blocks(meta):
@@ -298,11 +173,6 @@ def nonempty_documents(meta: VarlenMeta) -> Tuple[VarlenMeta, Tensor, Tensor]:
     kept = VarlenMeta.build(q_offsets, k_offsets, meta.causal, device, meta.window)
     index = lambda r: (torch.cat(r) if r else torch.zeros(0, dtype=torch.int64)).to(device)  # noqa: E731
     return kept, index(q_ranges), index(k_ranges)
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Partial results accumulate (and the reference computes) in float32, float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _document_blocks(meta: VarlenMeta):

@@ -15,46 +15,15 @@ the block has more rows than keys; such blocks are split by rows until it is not
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from .base import Band, Tensor, VarlenMeta, fits_top_left_causal, nonempty_documents
+from ..core.mask import Band, VarlenMeta, fits_top_left_causal, window_pieces
+from .base import Tensor, nonempty_documents
 from .trimmed import TrimmedCausalBackend
 
 NO_WINDOW = (-1, -1)
-
-
-class WindowPiece(NamedTuple):
-    rows: slice
-    keys: slice
-    window: Tuple[int, int]  # (left, right) in flash's bottom-right terms; -1: unbounded
-
-
-def window_pieces(band: Band, sq: int, sk: int) -> List[WindowPiece]:
-    """Cover ``band`` on an ``sq x sk`` block by flash window calls (a missing lower bound is one
-    below every row: FA2 treats its window as unbounded, which is then right)."""
-    lo, hi = (-sq if band.lo is None else band.lo), band.hi
-    r0, r1 = (0 if hi is None else max(0, -hi)), min(sq, sk - lo)  # rows that see at least one key
-    if r1 <= r0:
-        return []
-    k0, k1 = max(0, r0 + lo), (sk if hi is None else min(sk, r1 + hi))  # keys some row sees
-    rows, keys, shift = r1 - r0, k1 - k0, k0 - r0
-    offset = keys - rows  # flash aligns the window on the bottom-right diagonal
-    left = offset - (lo - shift)
-    right = -1 if hi is None else (hi - shift) - offset
-    if hi is not None and right >= keys and (hi - shift) < keys - 1:  # FA2 would drop this right bound
-        mid = r0 + rows // 2
-        return _rows_from(Band(lo, hi), r0, mid, sk) + _rows_from(Band(lo, hi), mid, r1, sk)
-    assert left >= 0 and (hi is None or right >= 0), (band, sq, sk)
-    return [WindowPiece(slice(r0, r1), slice(k0, k1), (left, right))]
-
-
-def _rows_from(band: Band, start: int, stop: int, sk: int) -> List[WindowPiece]:
-    """Pieces for rows ``start:stop`` of the block (the band seen from row ``start``)."""
-    sub = Band(band.lo + start, None if band.hi is None else band.hi + start)
-    return [p._replace(rows=slice(p.rows.start + start, p.rows.stop + start))
-            for p in window_pieces(sub, stop - start, sk)]
 
 
 class BottomRightCausalBackend(TrimmedCausalBackend):

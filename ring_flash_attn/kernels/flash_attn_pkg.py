@@ -25,7 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import KernelCall, Tensor, VarlenMeta
+from ..core.mask import VarlenMeta
+from .base import KernelCall, Tensor
 from .bottom_right import NO_WINDOW, BottomRightCausalBackend
 from .cuda_common import cuda_reasons, last_dim_contiguous
 

@@ -8,7 +8,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import Backend, Band, KernelCall, Tensor, VarlenMeta, accumulator_dtype
+from ..core.mask import Band, VarlenMeta
+from ..core.merge import accumulator_dtype
+from .base import Backend, KernelCall, Tensor
 from .dropout import keep_mask
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from .base import Backend, Band, KernelCall, Tensor, fits_top_left_causal, pad_rows, trim_to_top_left_causal
+from ..core.mask import Band, fits_top_left_causal, trim_to_top_left_causal
+from .base import Backend, KernelCall, Tensor, pad_rows
 
 
 class TrimmedCausalBackend(Backend):

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
-from .kernels.base import Band, Tensor, VarlenMeta, trim_to_top_left_causal
-from .layouts import Segment, segments
+from ..core.layouts import Segment, segments
+from ..core.mask import Band, VarlenMeta, position_bounds, trim_to_top_left_causal
+from ..core.rows import Rows
 
-Rows = Union[slice, Tensor]  # a job's rows of the sequence dim: a view (slice), or gathered by index
 
 
 @dataclass(frozen=True)
@@ -76,15 +76,6 @@ def _merge_full_cells(qsegs, ksegs, cells: Dict[Tuple[int, int], Band]) -> List[
         if (qi, kj) not in done:
             jobs.append(BlockJob(_span(qsegs[qi : qi + 1]), _span(ksegs[kj : kj + 1]), band))
     return jobs
-
-
-def position_bounds(causal: bool, window: Tuple[int, int]) -> Tuple[Optional[int], Optional[int]]:
-    """The attention mask as bounds on ``key position - query position`` (None: unbounded)."""
-    left, right = window
-    hi = 0 if causal else None
-    if right >= 0:
-        hi = right if hi is None else min(hi, right)
-    return (-left if left >= 0 else None), hi
 
 
 @lru_cache(maxsize=4096)

@@ -14,9 +14,11 @@ derive the block masks from them, so a new layout needs nothing but its segments
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+Tensor = torch.Tensor
 
 LAYOUTS = ("ring", "zigzag", "stripe")
 
@@ -132,6 +134,47 @@ def varlen_token_index(cu_seqlens, layout: str, rank: int, world_size: int) -> t
         if stop - start:
             runs.append(start + position_ids(layout, rank, world_size, stop - start))
     return torch.cat(runs) if runs else torch.zeros(0, dtype=torch.int64)
+
+
+def local_pieces(layout: str, offsets: Tuple[int, ...], rank: int, world_size: int) -> Tuple[Tuple[int, int], ...]:
+    """(global start, length) of the contiguous runs of packed tokens rank ``rank`` holds, in local
+    order, for the packed batch with global cu_seqlens ``offsets``. Layouts: ``llama3`` (the r-th 1/W
+    of the pack), ``zigzag_llama3`` (chunks r and 2W-1-r of 2W of every document) and
+    ``packed_zigzag`` (chunks r and 2W-1-r of 2W of the whole pack)."""
+    total = offsets[-1]
+    if layout == "llama3":
+        local = total // world_size
+        return ((rank * local, local),)
+    chunks = 2 * world_size
+    if layout == "packed_zigzag":
+        spans = ((0, total),)
+    elif layout == "zigzag_llama3":
+        spans = tuple((a, b) for a, b in zip(offsets[:-1], offsets[1:]) if b > a)
+    else:
+        raise ValueError(f"unknown all-gather layout {layout!r}")
+    pieces = []
+    for start, stop in spans:
+        if (stop - start) % chunks:
+            what = "the packed batch" if layout == "packed_zigzag" else "every document"
+            raise ValueError(f"layout {layout!r} cuts {what} into {chunks} equal chunks (2 x world size), but one "
+                             f"has {stop - start} tokens; pad the documents (ring_flash_attn.layouts.pad_cu_seqlens)")
+        size = (stop - start) // chunks
+        pieces += [(start + rank * size, size), (start + (chunks - 1 - rank) * size, size)]
+    return tuple(pieces)
+
+
+def shard_positions(layout: str, offsets: Tuple[int, ...], world_size: int) -> List[Tensor]:
+    """Every rank's global token positions, in its local order (host tensors)."""
+    return [torch.cat([torch.arange(start, start + n) for start, n in local_pieces(layout, offsets, r, world_size)])
+            for r in range(world_size)]
+
+
+def buffer_row_of(positions: List[Tensor]) -> Tensor:
+    """Global position -> row of the all-gather buffer, which holds every rank's shard in rank order."""
+    order = torch.cat(positions)
+    where = torch.empty_like(order)
+    where[order] = torch.arange(order.numel())
+    return where
 
 
 def local_cu_seqlens(cu_seqlens: torch.Tensor, layout: str, world_size: int) -> torch.Tensor:

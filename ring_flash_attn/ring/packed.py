@@ -11,16 +11,14 @@ nothing is gathered by index), built once per call -- or once for many calls, si
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 
-from .kernels.base import Band, Tensor, VarlenMeta
-from .kernels.bottom_right import WindowPiece, window_pieces
-from .layouts import check_layout, local_divisor
+from ..core.layouts import check_layout, local_divisor
+from ..core.mask import Band, VarlenMeta, WindowCalls, tiled_meta
 from .schedules import BlockJob, RingSchedule, block_jobs, ring_schedule
 
 TEMPLATE_LEN = 64  # local length of the template schedule; a multiple of every layout's divisor
@@ -70,70 +68,9 @@ def _document_job(template: BlockJob, offsets: Sequence[int], causal: bool, devi
                          total)
 
 
-Span = Tuple[int, int, int, int]  # query rows qa:qb against keys ka:kb of a packed block
-
-
-def tiled_meta(pieces: Sequence[Span], total_q: int, total_k: int, causal: bool, window: Tuple[int, int],
-               device) -> VarlenMeta:
-    """One varlen call over all ``total_q`` query rows and ``total_k`` keys running ``pieces``
-    (increasing on both sides). The rows and keys between them become documents without keys or
-    queries, which the kernel answers with 0 / -inf and zero gradients: nothing is gathered by
-    index, and results add up over whole rows."""
-    q_offsets, k_offsets, q_at, k_at = [0], [0], 0, 0
-
-    def pair(lq: int, lk: int) -> None:
-        if lq or lk:
-            q_offsets.append(q_offsets[-1] + lq)
-            k_offsets.append(k_offsets[-1] + lk)
-
-    for qa, qb, ka, kb in pieces:
-        pair(qa - q_at, 0)
-        pair(0, ka - k_at)
-        pair(qb - qa, kb - ka)
-        q_at, k_at = qb, kb
-    pair(total_q - q_at, 0)
-    pair(0, total_k - k_at)
-    return VarlenMeta.build(q_offsets, k_offsets, causal, device, window)
-
-
 def _all_rows_job(meta: VarlenMeta, total: int) -> BlockJob:
     """A packed job over all ``total`` local rows and keys (the band is the meta's)."""
     return BlockJob(slice(0, total), slice(0, total), Band(), meta)
-
-
-def _flash_window(piece: WindowPiece) -> Tuple[bool, Tuple[int, int]]:
-    """(causal, window) of a piece with bounds that cut nothing dropped, so equal masks group."""
-    rows, keys = piece.rows.stop - piece.rows.start, piece.keys.stop - piece.keys.start
-    left, right = piece.window
-    left = -1 if left >= keys - 1 else left
-    right = -1 if right < 0 or right >= rows - 1 else right
-    if (left, right) == (-1, 0):
-        return True, (-1, -1)
-    return False, (left, right)
-
-
-class WindowCalls:
-    """Flash window pieces of many documents, grouped into as few varlen calls as their masks allow:
-    one per distinct mask, more where pieces of one document overlap."""
-
-    def __init__(self) -> None:
-        self.calls: Dict[Tuple[bool, Tuple[int, int]], List[List[Span]]] = {}
-
-    def add(self, band: Band, sq: int, sk: int, q_start: int, k_start: int) -> None:
-        """The ``sq x sk`` block at query row ``q_start`` and key ``k_start``, masked by ``band``."""
-        for piece in window_pieces(band, sq, sk):
-            qa, ka = q_start + piece.rows.start, k_start + piece.keys.start
-            span = (qa, qa + piece.rows.stop - piece.rows.start, ka, ka + piece.keys.stop - piece.keys.start)
-            lists = self.calls.setdefault(_flash_window(piece), [])
-            call = next((c for c in lists if c[-1][1] <= span[0] and c[-1][3] <= span[2]), None)
-            if call is None:  # overlaps every call of this mask so far: a call of its own
-                call = []
-                lists.append(call)
-            call.append(span)
-
-    def metas(self, total_q: int, total_k: int, device) -> List[VarlenMeta]:
-        return [tiled_meta(pieces, total_q, total_k, mask[0], mask[1], device)
-                for mask, lists in sorted(self.calls.items()) for pieces in lists]
 
 
 def _windowed_jobs(layout: str, offsets: Sequence[int], world_size: int, rank: int, src: int, causal: bool,
@@ -197,23 +134,3 @@ def varlen_ring_schedule(
     return VarlenRingSchedule(template, jobs, template.bands())
 
 
-_HOST_OFFSETS: dict = {}
-
-
-def host_offsets(cu_seqlens: Tensor) -> Tuple[int, ...]:
-    """``cu_seqlens`` as host ints. A CPU tensor is read at every call (free, and no write to it --
-    through ``.data``, NumPy or shared storage -- can go unseen). Reading a GPU tensor syncs, so its
-    answer is remembered for the same tensor object while its version counter is unchanged: every
-    layer of a model can pass the same cu_seqlens and only the first call pays (writes that bypass
-    the version counter are not seen there)."""
-    if cu_seqlens.device.type == "cpu":
-        return tuple(int(x) for x in cu_seqlens.tolist())
-    key = id(cu_seqlens)
-    hit = _HOST_OFFSETS.get(key)
-    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
-        return hit[2]
-    offsets = tuple(int(x) for x in cu_seqlens.tolist())
-    if len(_HOST_OFFSETS) > 256:
-        _HOST_OFFSETS.clear()
-    _HOST_OFFSETS[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, offsets)
-    return offsets

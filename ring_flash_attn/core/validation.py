@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import weakref
 import zlib
 from datetime import timedelta
 from typing import Dict, Optional, Tuple
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from .comm import all_gather_async
 
+Tensor = torch.Tensor
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -235,3 +237,25 @@ def check_same_call_across_group(group: Optional[dist.ProcessGroup], device: tor
                 "cannot be told apart, so the skip may lie one call earlier)")
     table = "; ".join(f"{n}: {[f.get(n, '<absent>') for f in readable]}" for n in differing)
     raise ValueError(f"ring_flash_attn: the ranks made different attention calls (values per rank) -- {table}{hint}")
+
+
+_HOST_OFFSETS: dict = {}
+
+
+def host_offsets(cu_seqlens: Tensor) -> Tuple[int, ...]:
+    """``cu_seqlens`` as host ints. A CPU tensor is read at every call (free, and no write to it --
+    through ``.data``, NumPy or shared storage -- can go unseen). Reading a GPU tensor syncs, so its
+    answer is remembered for the same tensor object while its version counter is unchanged: every
+    layer of a model can pass the same cu_seqlens and only the first call pays (writes that bypass
+    the version counter are not seen there)."""
+    if cu_seqlens.device.type == "cpu":
+        return tuple(int(x) for x in cu_seqlens.tolist())
+    key = id(cu_seqlens)
+    hit = _HOST_OFFSETS.get(key)
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2]
+    offsets = tuple(int(x) for x in cu_seqlens.tolist())
+    if len(_HOST_OFFSETS) > 256:
+        _HOST_OFFSETS.clear()
+    _HOST_OFFSETS[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, offsets)
+    return offsets

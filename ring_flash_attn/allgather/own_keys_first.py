@@ -22,33 +22,46 @@ from typing import Optional, Tuple
 
 import torch
 
-from .allgather import AllGatherPlan, KVGather, RowRepeats, buffer_row_of, shard_positions, start_backward
-from .comm import reduce_scatter_async
-from .kernels import Backend
-from .kernels.base import VarlenMeta, accumulator_dtype
-from .kernels.dropout import dropout_stream
-from .merge import merge_into
-from .schedules import Rows
+import torch.distributed as dist
+
+from ..core.comm import reduce_scatter_async
+from ..core.layouts import buffer_row_of, shard_positions
+from ..core.mask import VarlenMeta
+from ..core.merge import accumulator_dtype, merge_into
+from ..core.rows import Rows
+from ..kernels import Backend
+from ..kernels.dropout import dropout_stream
+from .gather import KVGather, start_backward
+from .plan import AllGatherPlan, RowRepeats
 
 Tensor = torch.Tensor
 
 
 @dataclass(frozen=True, eq=False)
 class OwnKeysFirst:
-    """The two calls of a local-first plan (see the module docstring)."""
+    """The own-keys-first strategy on a plan whose one varlen call (``plan.metas[0]``) is this rank's
+    pieces against their keys held by other ranks (no mask), at ``plan.k_rows`` of the all-gather
+    buffer (see :func:`own_keys_split`)."""
 
+    plan: AllGatherPlan
     local_meta: VarlenMeta  # local queries against local keys: each document's local tokens, q = k
-    remote_meta: VarlenMeta  # the plan's pieces against their keys held by other ranks (no mask)
-    remote_rows: Rows  # rows of the all-gather buffer that remote_meta's keys are
-    remote_repeats: Optional[RowRepeats]  # None when remote_rows is a slice
     local_backend: Backend
     remote_backend: Backend
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        return self.plan.group
+
+    @property
+    def remote_meta(self) -> VarlenMeta:
+        return self.plan.metas[0]
 
     @property
     def has_remote(self) -> bool:
         return self.remote_meta.offsets_k[-1] > 0
 
-    def forward(self, plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        plan = self.plan
         group_size = q.shape[1] // k.shape[1]
         out = torch.empty_like(q)
         lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
@@ -67,7 +80,8 @@ class OwnKeysFirst:
                 out[:, heads], lse[heads] = out_c, lse_c
         return out, lse
 
-    def backward(self, plan: AllGatherPlan, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+    def backward(self, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+        plan = self.plan
         group_size, dq, dk, dv = start_backward(plan, q, k, v)
         w, tokens = plan.world_size, k.shape[0]
         # With two ranks a key gets at most one remote term, a single kernel output (pieces that share
@@ -98,10 +112,10 @@ class OwnKeysFirst:
                 dq_r, dk_r, dv_r = remote.backward_varlen(*args, k_r, v_r, out[:, heads], lse[heads], self.remote_meta,
                                                           plan.softmax_scale)
                 for i, grad in enumerate((dk_r, dv_r)):
-                    if self.remote_repeats is None:
-                        full[self.remote_rows, i] = grad
+                    if plan.k_repeats is None:
+                        full[plan.k_rows, i] = grad
                     else:
-                        self.remote_repeats.scatter_into(full[:, i], grad)
+                        plan.k_repeats.scatter_into(full[:, i], grad)
             work = mine = None
             if w > 1:
                 mine = torch.empty((tokens, *full.shape[1:]), dtype=sum_dtype, device=k.device)
@@ -161,18 +175,3 @@ def own_keys_split(layout: str, offsets: Tuple[int, ...], rank: int, world_size:
         remote_rows, repeats = rows.to(device), RowRepeats.of(rows.to(device))
     remote_meta = VarlenMeta.build(group_q, k_offsets, False, device)
     return local_meta, remote_meta, remote_rows, repeats, remote_positions.to(device)
-
-
-def own_keys_first(layout: str, offsets: Tuple[int, ...], rank: int, world_size: int, meta: VarlenMeta, starts,
-                   q_positions: Optional[Tensor], kernel: Backend, device: torch.device) -> OwnKeysFirst:
-    """The :class:`OwnKeysFirst` of a call (``starts``: per piece of ``meta``, the global positions of
-    its first query and first key; ``q_positions``: the local tokens' global positions, with ALiBi)."""
-    key_ranges = tuple((ks, ks + lk) for (_, ks), (_, lk) in zip(starts, meta.lengths))
-    local_meta, remote_meta, rows, repeats, remote_positions = own_keys_split(
-        layout, tuple(offsets), rank, world_size, tuple(meta.offsets_q), key_ranges, meta.causal, device)
-    local, remote = kernel, kernel
-    if q_positions is not None:
-        local, remote = kernel.at_positions(q_positions, q_positions), kernel.at_positions(q_positions,
-                                                                                           remote_positions)
-    return OwnKeysFirst(local_meta, remote_meta, rows, repeats, local, remote)
-

@@ -15,15 +15,14 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
-from .comm import RingComm
-from .accumulate import add_rows, disjoint, slice_rows, start_sum
-from .kernels import Backend
-from .kernels.base import accumulator_dtype
-from .kernels.dropout import dropout_stream
-from .schedules import BlockJob, RingSchedule, Rows
-from .validation import backward_signature, check_same_call_across_group
+from ..core.accumulate import add_rows, disjoint, slice_rows, start_sum
+from ..core.comm import RingComm
+from ..core.merge import accumulator_dtype
+from ..core.rows import Rows, take
+from ..kernels import Backend
+from ..kernels.dropout import dropout_stream
+from .schedules import BlockJob, RingSchedule
 
 Tensor = torch.Tensor
 
@@ -89,10 +88,6 @@ class KVRotation:
         if self.incoming is not None:
             self.current, self.incoming = self.incoming, None
             self.k, self.v = self.buffers[self.current].unbind(0)
-
-
-def take(x: Tensor, rows: Rows, dim: int = 1) -> Tensor:
-    return x[(slice(None),) * dim + (rows,)] if isinstance(rows, slice) else x.index_select(dim, rows)
 
 
 def job_backend(plan: RingPlan, job: BlockJob, src: int) -> Backend:
@@ -237,56 +232,3 @@ def ring_backward(
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-def lse_gradient_inputs(dlse: Tensor, out: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(dout', out')`` that make a flash backward return the gradients of ``sum(dlse * lse)``.
-
-    A flash backward computes ``dS = P * (dout @ v^T - rowsum(dout * out))``. With v = 0, and
-    ``rowsum(dout' * out') = -dlse``, it gives ``dS = P * dlse``: exactly d(lse)/d(scores) applied to
-    dlse, so its dq and dk are lse's share of the gradients (its dv is not: v's gradient has none).
-    dlse is split over two columns (its rounding to the input dtype and the rest), so the kernel's
-    float32 row sum sees it nearly exactly. ``dlse`` like lse ``(..., H, S)``, ``out`` ``(..., S, H, D)``."""
-    per_row = dlse.transpose(-1, -2)  # (..., S, H)
-    head = per_row.to(out.dtype)
-    dout = torch.zeros_like(out)
-    ones = torch.zeros_like(out)
-    dout[..., 0] = -head
-    ones[..., 0] = 1
-    if out.shape[-1] > 1:
-        dout[..., 1] = -(per_row - head.to(per_row.dtype)).to(out.dtype)
-        ones[..., 1] = 1
-    return dout, ones
-
-
-class AttentionFunction(torch.autograd.Function):
-    """Autograd for every family: ``plan.forward(q, k, v) -> (out, lse)`` and
-    ``plan.backward(dout, q, k, v, out, lse) -> (dq, dk, dv)`` (the ring here, the all-gather
-    family in allgather.py).
-
-    lse is differentiable: when a loss uses it, the backward runs the plan a second time with the
-    inputs of :func:`lse_gradient_inputs` (twice the backward's cost, for that call only). Every rank
-    must then use lse's gradient (the same code on every rank does): a rank that does not runs one
-    backward pass fewer and the others wait for it."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan) -> Tuple[Tensor, Tensor]:
-        out, lse = plan.forward(q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan = plan
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-        return out, lse
-
-    @staticmethod
-    @once_differentiable  # as flash-attn's: double backward raises instead of giving wrong second derivatives
-    def backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor]):
-        q, k, v, out, lse = ctx.saved_tensors
-        check_same_call_across_group(ctx.plan.group, q.device, backward_signature(dout, dlse is not None))
-        grads = [None, None, None]
-        if dout is not None:
-            grads = list(ctx.plan.backward(dout.contiguous(), q, k, v, out, lse))
-        if dlse is not None:
-            lse_dout, lse_out = lse_gradient_inputs(dlse, out)
-            dq, dk, _ = ctx.plan.backward(lse_dout, q, k, torch.zeros_like(v), lse_out, lse)
-            grads[0] = dq if grads[0] is None else grads[0] + dq
-            grads[1] = dk if grads[1] is None else grads[1] + dk
-            grads[2] = torch.zeros_like(v) if grads[2] is None else grads[2]
-        return (*grads, None)

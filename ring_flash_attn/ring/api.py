@@ -13,47 +13,20 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from .comm import RingComm
-from .eager import eager_under_compile
-from .kernels import KernelCall, select_backend
-from .layouts import check_layout, check_local_seqlen, position_ids, varlen_token_index
-from .ring import AttentionFunction, RingPlan
-from .schedules import ring_schedule
-from .validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
-                         check_packed, check_qkv, check_same_call_across_group, group_rank_and_size, kernel_ready,
+from ..core.block_kernel import default_scale, select_block_kernel
+from ..core.comm import RingComm
+from ..core.eager import eager_under_compile
+from ..core.function import AttentionFunction
+from ..core.layouts import check_layout, check_local_seqlen, position_ids, varlen_token_index
+from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
+                         check_packed, check_qkv, check_same_call_across_group, group_rank_and_size, host_offsets, kernel_ready,
                          normalized_window)
-from .varlen import host_offsets, varlen_ring_schedule
+from .engine import RingPlan
+from .packed import varlen_ring_schedule
+from .schedules import ring_schedule
 
 Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
-
-
-def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: bool, backend: Optional[str],
-                        varlen: bool = False, varlen_offsets: bool = False, softcap: float = 0.0,
-                        dropout_p: float = 0.0, alibi_slopes: Optional[Tensor] = None):
-    """The block kernel for ``(B, S, H, D)`` tensors (see :func:`ring_flash_attn.kernels.select_backend`),
-    bound to the call's soft-cap, dropout and ALiBi slopes."""
-    call = KernelCall(
-        device_type=q.device.type,
-        dtype=q.dtype,
-        head_dim=q.shape[-1],
-        nheads=q.shape[-2],
-        nheads_k=k.shape[-2],
-        bands=tuple(bands),
-        deterministic=deterministic,
-        needs_backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-        varlen=varlen,
-        varlen_offsets=varlen_offsets,
-        softcap=bool(softcap),
-        dropout=bool(dropout_p),
-        alibi=alibi_slopes is not None,
-    )
-    return select_backend(call, backend).with_options(softcap=float(softcap), dropout_p=float(dropout_p),
-                                                      alibi_slopes=alibi_slopes, deterministic=bool(deterministic))
-
-
-def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:
-    return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, group, softmax_scale, deterministic,

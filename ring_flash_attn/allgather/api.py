@@ -6,76 +6,89 @@ every document). Thin wrappers: validate, build an :class:`AllGatherPlan`, call 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from .allgather import AllGatherPlan, check_heads_k_stride, local_pieces, pack_plan, window_metas
-from .api import default_scale, select_block_kernel
-from .eager import eager_under_compile
-from .local_first import own_keys_first
-from .ring import AttentionFunction
-from .kernels.base import Band, VarlenMeta
-from .validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
+from ..core.block_kernel import default_scale, select_block_kernel
+from ..core.eager import eager_under_compile
+from ..core.function import AttentionFunction
+from ..core.layouts import local_pieces
+from ..core.mask import Band, VarlenMeta
+from ..core.rows import Rows
+from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
                          check_nonempty_pack, check_packed, check_qkv, check_same_call_across_group,
-                         group_rank_and_size, kernel_ready, normalized_window)
-from .varlen import host_offsets
+                         group_rank_and_size, host_offsets, kernel_ready, normalized_window)
+from .gather import PlainGather
+from .own_keys_first import OwnKeysFirst, own_keys_split
+from .plan import AllGatherPlan, check_heads_k_stride, document_meta, gathered_keys, window_metas
 
 Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 
-def _allgather(q, k, v, layout: str, offsets, meta: VarlenMeta, pieces, key_rows, gathered_rows, repeats, starts,
-               heads_k_stride, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-               return_attn_probs, group, backend) -> Result:
-    """``offsets``: the global cu_seqlens (``(0, total)`` for llama3); ``pieces``: (global start,
-    length) of this rank's runs of tokens; ``key_rows``: the global rows of the keys ``meta``
-    describes, ``gathered_rows`` the same rows in the all-gather buffer; ``starts``: global positions
-    of each document's first query and first key. Without a sliding window the plan attends to the
-    rank's own keys while the others are gathered (:mod:`ring_flash_attn.local_first`)."""
+@dataclass(frozen=True, eq=False)
+class LocalPack:
+    """This rank's part of a packed batch, as the family sees it (host data, built once per batch)."""
+
+    layout: str  # llama3, zigzag_llama3 or packed_zigzag
+    offsets: Tuple[int, ...]  # the global cu_seqlens ((0, total) is enough for llama3)
+    pieces: Tuple[Tuple[int, int], ...]  # (global start, length) of this rank's runs of tokens
+    meta: VarlenMeta  # local query documents against their keys
+    key_rows: Rows  # the global rows of meta's keys
+    starts: Tuple[Tuple[int, int], ...]  # per document of meta: global position of its first query, first key
+
+
+def _allgather(q: Tensor, k: Tensor, v: Tensor, pack: LocalPack, heads_k_stride: Optional[int], dropout_p: float,
+               softmax_scale: Optional[float], causal: bool, window_size, softcap: float,
+               alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool, group,
+               backend: Optional[str]) -> Result:
+    """Validate the options, build the plan and its strategy, run them. Without a sliding window the
+    plan attends to the rank's own keys while the others are gathered (:class:`OwnKeysFirst`)."""
     check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
     check_alibi_slopes(alibi_slopes, q, batch=None)
     window = normalized_window(window_size)
     if causal and window[1] >= 0:  # causal already bounds keys at the query
         window = (window[0], -1)
-    meta = dataclasses.replace(meta, window=window)  # causal: a piece's keys end at its last query
-    metas, windowed = (meta,), window != (-1, -1) and not causal
-    if windowed:  # keys run past the queries: the window is cut per document into flash calls
-        metas = window_metas(meta, starts, bool(causal), window, q.device)
+    meta = dataclasses.replace(pack.meta, window=window)  # causal: a piece's keys end at its last query
     rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device, call_signature(
-        "allgather", layout, q, k, causal, softmax_scale, heads_k_stride=heads_k_stride, softcap=softcap,
+        "allgather", pack.layout, q, k, causal, softmax_scale, heads_k_stride=heads_k_stride, softcap=softcap,
         window_size=window, dropout_p=dropout_p, alibi=alibi_slopes is not None))
     check_cu_seqlens(meta.offsets_q, q.shape[0], "cu_seqlens_q")
-    lo, hi = meta.relative_bounds()
-    band = Band(lo, hi)  # what the kernel must take: full, causal, or a window
-    kernel = select_block_kernel(q, k, v, (band,), deterministic, backend, varlen=True, varlen_offsets=bool(causal),
-                                 softcap=softcap, dropout_p=dropout_p, alibi_slopes=alibi_slopes)
+    kernel = select_block_kernel(q, k, v, (Band(*meta.relative_bounds()),), deterministic, backend, varlen=True,
+                                 varlen_offsets=bool(causal), softcap=softcap, dropout_p=dropout_p,
+                                 alibi_slopes=alibi_slopes)
     q_positions = None
     if alibi_slopes is not None:  # global positions of the queries
-        q_positions = torch.cat([torch.arange(start, start + n) for start, n in pieces]).to(q.device)
-    own = None
+        q_positions = torch.cat([torch.arange(start, start + n) for start, n in pack.pieces]).to(q.device)
+    plan = functools.partial(AllGatherPlan, rank=rank, world_size=world_size, group=group,
+                             softmax_scale=default_scale(q, softmax_scale),
+                             heads_k_stride=check_heads_k_stride(heads_k_stride, k.shape[1]))
     if window == (-1, -1):
-        own = own_keys_first(layout, offsets, rank, world_size, meta, starts, q_positions, kernel, q.device)
-        gathered_rows, repeats = own.remote_rows, own.remote_repeats
-    elif alibi_slopes is not None:  # and of the selected keys
-        k_positions = torch.arange(q.shape[0] * world_size, device=q.device)[key_rows]
-        kernel = kernel.at_positions(q_positions, k_positions)
-    plan = AllGatherPlan(
-        rank=rank,
-        world_size=world_size,
-        group=group,
-        backend=kernel,
-        softmax_scale=default_scale(q, softmax_scale),
-        heads_k_stride=check_heads_k_stride(heads_k_stride, k.shape[1]),
-        metas=metas,
-        k_rows=gathered_rows,
-        k_repeats=repeats,
-        windowed=windowed,
-        own_keys_first=own,
-    )
-    out, lse = AttentionFunction.apply(q, k, v, plan)
+        key_ranges = tuple((ks, ks + lk) for (_, ks), (_, lk) in zip(pack.starts, meta.lengths))
+        local_meta, remote_meta, rows, repeats, remote_positions = own_keys_split(
+            pack.layout, pack.offsets, rank, world_size, meta.offsets_q, key_ranges, meta.causal, q.device)
+        local, remote = kernel, kernel
+        if q_positions is not None:
+            local, remote = kernel.at_positions(q_positions, q_positions), kernel.at_positions(q_positions,
+                                                                                               remote_positions)
+        runner = OwnKeysFirst(plan(backend=kernel, metas=(remote_meta,), k_rows=rows, k_repeats=repeats),
+                              local_meta, local, remote)
+    else:
+        windowed = not causal  # keys run past the queries: the window is cut per document into flash calls
+        metas = window_metas(meta, pack.starts, bool(causal), window, q.device) if windowed else (meta,)
+        rows, repeats = pack.key_rows, None
+        if pack.layout != "llama3":
+            rows, repeats = gathered_keys(pack.layout, pack.offsets, rank, world_size, bool(causal), q.device)
+        if alibi_slopes is not None:  # and of the selected keys
+            k_positions = torch.arange(q.shape[0] * world_size, device=q.device)[pack.key_rows]
+            kernel = kernel.at_positions(q_positions, k_positions)
+        runner = PlainGather(plan(backend=kernel, metas=metas, k_rows=rows, k_repeats=repeats, windowed=windowed))
+    out, lse = AttentionFunction.apply(q, k, v, runner)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -105,9 +118,9 @@ def llama3_flash_attn_varlen_func(
     rank, world_size = group_rank_and_size(group)
     k_start = local_k_slice.start or 0  # contiguous shards: documents' queries and keys in order
     starts = [(rank * q.shape[0] + meta.offsets_q[i], k_start + meta.offsets_k[i]) for i in range(len(meta.lengths))]
-    pieces = ((rank * q.shape[0], q.shape[0]),)
-    return _allgather(q, k, v, "llama3", (0, q.shape[0] * world_size), meta, pieces, local_k_slice, local_k_slice,
-                      None, starts, heads_k_stride, dropout_p, softmax_scale, causal, window_size, softcap,
+    pack = LocalPack("llama3", (0, q.shape[0] * world_size), ((rank * q.shape[0], q.shape[0]),), meta, local_k_slice,
+                     tuple(starts))
+    return _allgather(q, k, v, pack, heads_k_stride, dropout_p, softmax_scale, causal, window_size, softcap,
                       alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
@@ -180,10 +193,10 @@ def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: T
         raise ValueError(f"cu_seqlens ends at {offsets[-1]}, but {world_size} ranks x {q.shape[0]} local tokens "
                          f"= {q.shape[0] * world_size}")
     pieces = local_pieces(layout, offsets, rank, world_size)
-    meta, gathered, repeats, key_rows, starts = pack_plan(layout, offsets, rank, world_size, bool(causal), q.device)
-    return _allgather(q, k, v, layout, offsets, meta, pieces, key_rows, gathered, repeats, starts, heads_k_stride,
-                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                      return_attn_probs, group, backend)
+    meta, key_rows, starts = document_meta(offsets, pieces, bool(causal), q.device)
+    pack = LocalPack(layout, offsets, pieces, meta, key_rows, starts)
+    return _allgather(q, k, v, pack, heads_k_stride, dropout_p, softmax_scale, causal, window_size, softcap,
+                      alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
 @eager_under_compile

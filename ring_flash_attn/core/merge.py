@@ -6,7 +6,7 @@ exp(lse_b - lse)``. Rows that have seen no key yet carry ``lse = -inf`` and ``ou
 
 On CUDA the merge is one Triton kernel (:mod:`ring_flash_attn.merge_triton`: one read of each
 input, one write of each accumulator, instead of ~8 passes eagerly); set
-``RING_FLASH_ATTN_COMPILE=0`` to keep it eager. Without Triton, or if the kernel fails, it falls
+``RING_FLASH_ATTN_TRITON=0`` to keep it eager. Without Triton, or if the kernel fails, it falls
 back to the eager version (with a warning for a failure).
 """
 
@@ -19,6 +19,11 @@ from typing import Callable, Optional, Tuple
 import torch
 
 Tensor = torch.Tensor
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Partial results accumulate (and the reference computes) in float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def merge_weights(lse_a: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -44,7 +49,7 @@ _fused_failed = False
 def _fused_merge() -> Optional[Callable]:
     """The Triton merge, or None where it is switched off or unavailable."""
     global _fused, _fused_failed
-    if _fused_failed or os.environ.get("RING_FLASH_ATTN_COMPILE", "1") == "0":
+    if _fused_failed or os.environ.get("RING_FLASH_ATTN_TRITON", os.environ.get("RING_FLASH_ATTN_COMPILE", "1")) == "0":
         return None
     if _fused is None:
         try:

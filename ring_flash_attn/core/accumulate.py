@@ -19,9 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .kernels.base import accumulator_dtype
-from .merge import merge_into
-from .schedules import Rows
+from .merge import accumulator_dtype, merge_into
+from .rows import Rows
 
 Tensor = torch.Tensor
 

@@ -1,0 +1,173 @@
+"""Gathering K/V for the all-gather family, and the plain strategy on top of it.
+
+:class:`KVGather` all-gathers K/V ``heads_k_stride`` heads at a time into two alternating buffers,
+the next chunk's collective in flight while the current chunk computes; memory grows with the
+stride, not with all heads. :class:`PlainGather` runs a plan's varlen calls over the gathered keys
+and, backward, reduce-scatters dK/dV back to their owners (float32; the input dtype where each key
+gets only two terms).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..core.comm import all_gather_async, reduce_scatter_async
+from ..core.merge import accumulator_dtype, merge_into
+from ..core.rows import take
+from ..kernels import Backend
+from ..kernels.dropout import dropout_stream
+from .plan import AllGatherPlan
+
+Tensor = torch.Tensor
+
+
+class KVGather:
+    """All-gathers K/V ``heads_k_stride`` heads at a time into two alternating buffers."""
+
+    def __init__(self, plan: AllGatherPlan, k: Tensor, v: Tensor) -> None:
+        self.plan, self.k, self.v = plan, k, v
+        shape = (k.shape[0], 2, plan.heads_k_stride, k.shape[2])
+        self.local = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in range(2)]
+        self.gathered = [
+            torch.empty((plan.world_size * shape[0], *shape[1:]), dtype=k.dtype, device=k.device) for _ in range(2)
+        ] if plan.world_size > 1 else self.local
+        self.works: List[Optional[dist.Work]] = [None, None]
+
+    def start(self, chunk: int) -> None:
+        slot, heads = chunk % 2, self.heads(chunk)
+        self.local[slot][:, 0].copy_(self.k[:, heads])
+        self.local[slot][:, 1].copy_(self.v[:, heads])
+        if self.plan.world_size > 1:
+            self.works[slot] = all_gather_async(self.gathered[slot], self.local[slot], self.plan.group)
+
+    def heads(self, chunk: int) -> slice:
+        return slice(chunk * self.plan.heads_k_stride, (chunk + 1) * self.plan.heads_k_stride)
+
+    def keys(self, chunk: int) -> Tuple[Tensor, Tensor]:
+        """Wait for ``chunk``'s gather; its K and V rows that this rank's queries need."""
+        slot = chunk % 2
+        if self.works[slot] is not None:
+            self.works[slot].wait()
+            self.works[slot] = None
+        kv = take(self.gathered[slot], self.plan.k_rows, dim=0)
+        return kv[:, 0], kv[:, 1]
+
+    def chunks(self, group_size: int):
+        """Yield ``(kv_heads, q_heads, fetch)`` per head chunk; ``fetch()`` waits for the chunk's gather
+        and returns its selected K and V. The next chunk's gather is in flight meanwhile."""
+        count = self.k.shape[1] // self.plan.heads_k_stride
+        self.start(0)
+        for c in range(count):
+            if c + 1 < count:
+                self.start(c + 1)
+            kv_heads = self.heads(c)
+            yield kv_heads, slice(kv_heads.start * group_size, kv_heads.stop * group_size), functools.partial(
+                self.keys, c)
+
+
+@dataclass(frozen=True, eq=False)
+class PlainGather:
+    """The plain strategy: every chunk of K/V heads is gathered, then this rank's queries attend to
+    the keys the plan selects (one varlen call, or the windowed calls); backward gathers again and
+    reduce-scatters dK/dV to their owners, the next chunk's collective overlapping this chunk's work."""
+
+    plan: AllGatherPlan
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        return self.plan.group
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        return gather_forward(self.plan, q, k, v)
+
+    def backward(self, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+        return gather_backward(self.plan, dout, q, k, v, out, lse)
+
+
+def gather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(out (T, H, D), lse (H, T))`` for packed local queries ``q (T, H, D)``."""
+    group_size = q.shape[1] // k.shape[1]
+    with dropout_stream(plan.backend.dropout, q.device, plan.rank):
+        if plan.heads_k_stride == k.shape[1]:  # one chunk: the kernel's output is the result
+            (_, heads, fetch), = KVGather(plan, k, v).chunks(group_size)
+            out, lse = attend(plan, plan.backend, q, *fetch())
+            return out.to(q.dtype), lse
+        out = torch.empty_like(q)
+        lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
+        for _, heads, fetch in KVGather(plan, k, v).chunks(group_size):
+            out[:, heads], lse[heads] = attend(plan, plan.chunk_backend(heads), q[:, heads], *fetch())
+    return out, lse
+
+
+def attend(plan: AllGatherPlan, backend: Backend, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """The varlen calls of the plan; their rows are disjoint, so merging them is exact."""
+    out, lse = backend.forward_varlen(q, k, v, plan.metas[0], plan.softmax_scale)
+    for meta in plan.metas[1:]:
+        out_m, lse_m = backend.forward_varlen(q, k, v, meta, plan.softmax_scale)
+        merge_into(out[None], lse[None], out_m[None], lse_m[None])
+    return out, lse
+
+
+def attend_backward(plan: AllGatherPlan, backend: Backend, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`attend`: dq over disjoint rows; dK/dV summed in float32 over the calls."""
+    grads = [backend.backward_varlen(dout, q, k, v, out, lse, meta, plan.softmax_scale) for meta in plan.metas]
+    if len(grads) == 1:
+        return grads[0]
+    dq, dk, dv = grads[0][0].clone(), grads[0][1].float(), grads[0][2].float()
+    for dq_m, dk_m, dv_m in grads[1:]:
+        dq += dq_m  # each row's gradient comes from one call: adding zeros, exact
+        dk += dk_m
+        dv += dv_m
+    return dq, dk, dv
+
+
+def start_backward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[int, Tensor, Tensor, Tensor]:
+    """``(query heads per K/V head, dq, dk, dv)`` to fill; dropout replays from the forward's first call."""
+    if plan.backend.dropout is not None:
+        plan.backend.dropout.rewind()
+    return q.shape[1] // k.shape[1], torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def gather_backward(
+    plan: AllGatherPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    group_size, dq, dk, dv = start_backward(plan, q, k, v)
+    w, tokens = plan.world_size, k.shape[0]
+    pending: Optional[Tuple[dist.Work, Tensor, slice]] = None
+
+    def finish(work_result):
+        work, result, kv_heads = work_result
+        if work is not None:
+            work.wait()
+        dk[:, kv_heads], dv[:, kv_heads] = result[:, 0], result[:, 1]
+
+    # Where each rank adds at most one partial per key (keys selected by a slice, one call), two ranks
+    # make two terms, rounded once by the reduction as the final cast would have: they travel in the
+    # input dtype. Else in float32 (zigzag layouts: a rank's two chunks can both need a key).
+    # Every rank must agree.
+    in_input_dtype = (w <= 2 and plan.backend.results_in_input_dtype and isinstance(plan.k_rows, slice)
+                      and not plan.windowed)
+    sum_dtype = k.dtype if in_input_dtype else accumulator_dtype(k.dtype)
+    for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(group_size):
+        dq[:, heads], dk_c, dv_c = attend_backward(plan, plan.chunk_backend(heads), dout[:, heads], q[:, heads],
+                                                   *fetch(), out[:, heads], lse[heads])
+        full = torch.zeros((w * tokens, 2, *dk_c.shape[1:]), dtype=sum_dtype, device=k.device)
+        for i, grad in enumerate((dk_c, dv_c)):
+            if isinstance(plan.k_rows, slice):
+                full[plan.k_rows, i] = grad
+            else:  # an index (zigzag layouts), split by gathered_keys
+                plan.k_repeats.scatter_into(full[:, i], grad)
+        if pending is not None:
+            finish(pending)
+        if w == 1:
+            pending = (None, full, kv_heads)
+            continue
+        mine = torch.empty((tokens, *full.shape[1:]), dtype=sum_dtype, device=k.device)
+        pending = (reduce_scatter_async(mine, full, plan.group), mine, kv_heads)
+    finish(pending)
+    return dq, dk, dv

@@ -1,0 +1,70 @@
+"""The autograd boundary of every family: one :class:`AttentionFunction` over a runner object that
+holds a call's plan (``runner.forward(q, k, v) -> (out, lse)``, ``runner.backward(dout, q, k, v, out,
+lse) -> (dq, dk, dv)``, ``runner.group``): the ring engine's :class:`~ring_flash_attn.ring.engine.RingPlan`,
+or a strategy of the all-gather family. Gradients through lse are exact (:func:`lse_gradient_inputs`)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .validation import backward_signature, check_same_call_across_group
+
+Tensor = torch.Tensor
+
+
+def lse_gradient_inputs(dlse: Tensor, out: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(dout', out')`` that make a flash backward return the gradients of ``sum(dlse * lse)``.
+
+    A flash backward computes ``dS = P * (dout @ v^T - rowsum(dout * out))``. With v = 0, and
+    ``rowsum(dout' * out') = -dlse``, it gives ``dS = P * dlse``: exactly d(lse)/d(scores) applied to
+    dlse, so its dq and dk are lse's share of the gradients (its dv is not: v's gradient has none).
+    dlse is split over two columns (its rounding to the input dtype and the rest), so the kernel's
+    float32 row sum sees it nearly exactly. ``dlse`` like lse ``(..., H, S)``, ``out`` ``(..., S, H, D)``."""
+    per_row = dlse.transpose(-1, -2)  # (..., S, H)
+    head = per_row.to(out.dtype)
+    dout = torch.zeros_like(out)
+    lse_out = torch.zeros_like(out)
+    dout[..., 0] = -head
+    lse_out[..., 0] = 1
+    if out.shape[-1] > 1:
+        dout[..., 1] = -(per_row - head.to(per_row.dtype)).to(out.dtype)
+        lse_out[..., 1] = 1
+    return dout, lse_out
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Autograd for every family: ``runner.forward(q, k, v) -> (out, lse)`` and
+    ``runner.backward(dout, q, k, v, out, lse) -> (dq, dk, dv)`` (the ring engine's plan, or an
+    all-gather strategy).
+
+    lse is differentiable: when a loss uses it, the backward runs the runner a second time with the
+    inputs of :func:`lse_gradient_inputs` (twice the backward's cost, for that call only). Every rank
+    must then use lse's gradient (the same code on every rank does): a rank that does not runs one
+    backward pass fewer and the others wait for it."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, runner) -> Tuple[Tensor, Tensor]:
+        out, lse = runner.forward(q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.runner = runner
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        return out, lse
+
+    @staticmethod
+    @once_differentiable  # as flash-attn's: double backward raises instead of giving wrong second derivatives
+    def backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor]):
+        q, k, v, out, lse = ctx.saved_tensors
+        check_same_call_across_group(ctx.runner.group, q.device, backward_signature(dout, dlse is not None))
+        grads = [None, None, None]
+        if dout is not None:
+            grads = list(ctx.runner.backward(dout.contiguous(), q, k, v, out, lse))
+        if dlse is not None:
+            lse_dout, lse_out = lse_gradient_inputs(dlse, out)
+            dq, dk, _ = ctx.runner.backward(lse_dout, q, k, torch.zeros_like(v), lse_out, lse)
+            grads[0] = dq if grads[0] is None else grads[0] + dq
+            grads[1] = dk if grads[1] is None else grads[1] + dk
+            grads[2] = torch.zeros_like(v) if grads[2] is None else grads[2]
+        return (*grads, None)
