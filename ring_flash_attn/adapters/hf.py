@@ -27,10 +27,10 @@ import torch.distributed as dist
 
 from ..allgather.api import llama3_flash_attn_varlen_func, packed_allgather
 from ..allgather.plan import llama3_flash_attn_prepare_cu_seqlens
+from ..core.layouts import MODEL_LAYOUTS
 from ..core.validation import group_rank_and_size
 from ..ring.api import ring_flash_attn_func, zigzag_ring_flash_attn_func
 
-from .sequence import MODEL_LAYOUTS
 
 # Not "ring_flash_attention": transformers 5 treats every implementation whose name contains "flash"
 # as a flash-attn kernel to import and refuses the model when there is none.

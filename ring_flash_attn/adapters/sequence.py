@@ -15,9 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..core.layouts import local_divisor, shard, unshard
+from ..core.layouts import MODEL_LAYOUTS, document_position_ids, local_divisor, shard, unshard
 
-MODEL_LAYOUTS = {"zigzag": "zigzag", "ring": "ring", "llama3": "ring"}
 IGNORE_INDEX = -100
 
 
@@ -31,14 +30,6 @@ def sequence_layout(layout: str) -> str:
     if layout not in MODEL_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(MODEL_LAYOUTS)}")
     return MODEL_LAYOUTS[layout]
-
-
-def document_position_ids(cu_seqlens: torch.Tensor, device=None) -> torch.Tensor:
-    """Position of every token inside its document, for a packed row with global ``cu_seqlens``."""
-    cu = cu_seqlens.long().cpu()
-    lengths = cu[1:] - cu[:-1]
-    starts = torch.repeat_interleave(cu[:-1], lengths)
-    return (torch.arange(int(cu[-1])) - starts).to(device)
 
 
 def shift_labels(labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,

@@ -115,6 +115,9 @@ def unshard(shards: Sequence[torch.Tensor], layout: str, dim: int = 1) -> torch.
 PACKED_LAYOUTS = {"llama3": "ring", "packed_zigzag": "zigzag"}
 PER_DOCUMENT_ALIASES = {"zigzag_llama3": "zigzag"}
 VARLEN_LAYOUTS = LAYOUTS + tuple(PACKED_LAYOUTS) + tuple(PER_DOCUMENT_ALIASES)
+ALLGATHER_LAYOUTS = ("llama3", "zigzag_llama3", "packed_zigzag")
+# the transformers adapter's layouts -> how it shards the model's inputs (a packed row as one sequence)
+MODEL_LAYOUTS = {"zigzag": "zigzag", "ring": "ring", "llama3": PACKED_LAYOUTS["llama3"]}
 
 
 def _offsets(cu_seqlens) -> Tuple[int, ...]:
@@ -138,35 +141,30 @@ def varlen_token_index(cu_seqlens, layout: str, rank: int, world_size: int) -> t
 
 def local_pieces(layout: str, offsets: Tuple[int, ...], rank: int, world_size: int) -> Tuple[Tuple[int, int], ...]:
     """(global start, length) of the contiguous runs of packed tokens rank ``rank`` holds, in local
-    order, for the packed batch with global cu_seqlens ``offsets``. Layouts: ``llama3`` (the r-th 1/W
-    of the pack), ``zigzag_llama3`` (chunks r and 2W-1-r of 2W of every document) and
-    ``packed_zigzag`` (chunks r and 2W-1-r of 2W of the whole pack)."""
-    total = offsets[-1]
-    if layout == "llama3":
-        local = total // world_size
-        return ((rank * local, local),)
-    chunks = 2 * world_size
-    if layout == "packed_zigzag":
-        spans = ((0, total),)
-    elif layout == "zigzag_llama3":
-        spans = tuple((a, b) for a, b in zip(offsets[:-1], offsets[1:]) if b > a)
+    order, for the packed batch with global cu_seqlens ``offsets`` and a layout of the all-gather
+    family (:data:`ALLGATHER_LAYOUTS`): the :func:`segments` of its sequence layout, over the whole
+    pack or over every document."""
+    if layout not in ALLGATHER_LAYOUTS:
+        raise ValueError(f"unknown all-gather layout {layout!r}; expected one of {ALLGATHER_LAYOUTS}")
+    if layout in PACKED_LAYOUTS:
+        base, spans = PACKED_LAYOUTS[layout], ((0, offsets[-1]),)
     else:
-        raise ValueError(f"unknown all-gather layout {layout!r}")
+        base, spans = PER_DOCUMENT_ALIASES[layout], tuple((a, b) for a, b in zip(offsets[:-1], offsets[1:]) if b > a)
+    unit = world_size * local_divisor(base)
     pieces = []
     for start, stop in spans:
-        if (stop - start) % chunks:
-            what = "the packed batch" if layout == "packed_zigzag" else "every document"
-            raise ValueError(f"layout {layout!r} cuts {what} into {chunks} equal chunks (2 x world size), but one "
-                             f"has {stop - start} tokens; pad the documents (ring_flash_attn.layouts.pad_cu_seqlens)")
-        size = (stop - start) // chunks
-        pieces += [(start + rank * size, size), (start + (chunks - 1 - rank) * size, size)]
+        if (stop - start) % unit:
+            what = "the packed batch" if layout in PACKED_LAYOUTS else "every document"
+            raise ValueError(f"layout {layout!r} cuts {what} into {unit} equal chunks, but one has {stop - start} "
+                             "tokens; pad the documents (ring_flash_attn.layouts.pad_cu_seqlens)")
+        pieces += [(start + seg.global_start, seg.length)
+                   for seg in segments(base, rank, world_size, (stop - start) // world_size)]
     return tuple(pieces)
 
 
 def shard_positions(layout: str, offsets: Tuple[int, ...], world_size: int) -> List[Tensor]:
     """Every rank's global token positions, in its local order (host tensors)."""
-    return [torch.cat([torch.arange(start, start + n) for start, n in local_pieces(layout, offsets, r, world_size)])
-            for r in range(world_size)]
+    return [varlen_token_index(offsets, layout, r, world_size) for r in range(world_size)]
 
 
 def buffer_row_of(positions: List[Tensor]) -> Tensor:
@@ -199,14 +197,16 @@ def unshard_varlen(shards: Sequence[torch.Tensor], cu_seqlens, layout: str, dim:
     return torch.cat(list(shards), dim=dim).index_select(dim, torch.argsort(order).to(shards[0].device))
 
 
+def document_position_ids(cu_seqlens, device=None) -> torch.Tensor:
+    """Position of every token inside its document, for a packed row with global ``cu_seqlens``."""
+    offsets = torch.tensor(_offsets(cu_seqlens), dtype=torch.int64)
+    starts = torch.repeat_interleave(offsets[:-1], offsets[1:] - offsets[:-1])
+    return (torch.arange(int(offsets[-1])) - starts).to(device)
+
+
 def varlen_position_ids(cu_seqlens, layout: str, rank: int, world_size: int) -> torch.Tensor:
     """Position of each local token inside its document (what RoPE needs for packed batches)."""
-    offsets = _offsets(cu_seqlens)
-    total = offsets[-1]
-    lengths = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
-    starts = torch.repeat_interleave(torch.tensor(offsets[:-1]), lengths)
-    within = torch.arange(total) - starts
-    return within[varlen_token_index(offsets, layout, rank, world_size)]
+    return document_position_ids(cu_seqlens)[varlen_token_index(cu_seqlens, layout, rank, world_size)]
 
 
 def pad_cu_seqlens(cu_seqlens, multiple: int) -> Tuple[torch.Tensor, torch.Tensor]:
