@@ -14,14 +14,15 @@ import torch
 import torch.distributed as dist
 
 from ..core.block_kernel import default_scale, select_block_kernel
-from ..core.eager import eager_under_compile
+from ..core.docs import LLAMA3_DOCS, ZIGZAG_LLAMA3_DOCS
+from ..core.eager import public
 from ..core.function import AttentionFunction
 from ..core.layouts import local_pieces
 from ..core.mask import Band, VarlenMeta
 from ..core.rows import Rows
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
-                         check_nonempty_pack, check_packed, check_qkv, check_same_call_across_group,
-                         group_rank_and_size, host_offsets, kernel_ready, normalized_window)
+                         check_nonempty_pack, check_qkv, check_same_call_across_group,
+                         group_rank_and_size, host_offsets, kernel_ready, normalized_window, unpack)
 from .gather import PlainGather
 from .own_keys_first import OwnKeysFirst, own_keys_split
 from .plan import AllGatherPlan, check_heads_k_stride, document_meta, gathered_keys, window_metas
@@ -92,7 +93,7 @@ def _allgather(q: Tensor, k: Tensor, v: Tensor, pack: LocalPack, heads_k_stride:
     return (out, lse, None) if return_attn_probs else out
 
 
-@eager_under_compile
+@public(LLAMA3_DOCS)
 def llama3_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, heads_k_stride: int, local_k_slice: slice, dropout_p: float = 0.0,
@@ -100,10 +101,9 @@ def llama3_flash_attn_varlen_func(
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[dist.ProcessGroup] = None, *, softcap: float = 0.0, backend: Optional[str] = None,
 ) -> Result:
-    """Exact attention over packed documents, each rank holding a contiguous 1/W of the packed tokens;
-    ``cu_seqlens_q/k``, ``max_seqlen_q/k`` and ``local_k_slice`` from
-    :func:`llama3_flash_attn_prepare_cu_seqlens`. Returns out ``(T, H, D)`` or ``(out, lse (H, T), None)``.
-    ``softcap`` and ``backend`` are keyword-only, after ring-flash-attn's arguments."""
+    """Exact attention over packed documents, each rank holding a contiguous 1/W of the packed tokens
+    (documents cross rank boundaries freely; no divisibility per document): flash-attn's
+    ``flash_attn_varlen_func`` on the whole batch, this rank's rows. K/V are all-gathered."""
     check_qkv(q, k, v, packed=True)
     q, k, v = (kernel_ready(t) for t in (q, k, v))
     for cu in (cu_seqlens_q, cu_seqlens_k):
@@ -124,35 +124,39 @@ def llama3_flash_attn_varlen_func(
                       alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@eager_under_compile
-def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
-                                           causal=False, window_size=(-1, -1), alibi_slopes=None,
-                                           deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0,
-                                           backend=None):
-    """:func:`llama3_flash_attn_varlen_func` with ``kv (T, 2, Hk, D)``."""
-    check_packed(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
-    return llama3_flash_attn_varlen_func(q, *kv.unbind(1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+@public(LLAMA3_DOCS)
+def llama3_flash_attn_varlen_kvpacked_func(
+    q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    heads_k_stride: int, local_k_slice: slice, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+    return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, *, softcap: float = 0.0,
+    backend: Optional[str] = None,
+) -> Result:
+    """:func:`llama3_flash_attn_varlen_func` with ``kv (local_tokens, 2, nheads_k, headdim)``."""
+    k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
+    return llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal,
                                          window_size, alibi_slopes, deterministic, return_attn_probs, group,
                                          softcap=softcap, backend=backend)
 
 
-@eager_under_compile
-def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                            heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
-                                            causal=False, window_size=(-1, -1), alibi_slopes=None,
-                                            deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0,
-                                            backend=None):
-    """:func:`llama3_flash_attn_varlen_func` with ``qkv (T, 3, H, D)``."""
-    check_packed(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
-    return llama3_flash_attn_varlen_func(*qkv.unbind(1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+@public(LLAMA3_DOCS)
+def llama3_flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    heads_k_stride: int, local_k_slice: slice, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+    return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, *, softcap: float = 0.0,
+    backend: Optional[str] = None,
+) -> Result:
+    """:func:`llama3_flash_attn_varlen_func` with ``qkv (local_tokens, 3, nheads, headdim)``."""
+    q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
+    return llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal,
                                          window_size, alibi_slopes, deterministic, return_attn_probs, group,
                                          softcap=softcap, backend=backend)
 
 
-@eager_under_compile
+@public(ZIGZAG_LLAMA3_DOCS)
 def zigzag_llama3_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
@@ -160,13 +164,10 @@ def zigzag_llama3_flash_attn_varlen_func(
     group: Optional[dist.ProcessGroup] = None, *, heads_k_stride: Optional[int] = None, softcap: float = 0.0,
     backend: Optional[str] = None,
 ) -> Result:
-    """Load-balanced all-gather attention over packed documents. ``cu_seqlens`` is the *global*
-    cu_seqlens of the packed batch; every document is cut into 2W equal chunks and rank r holds
-    chunks r and 2W-1-r of each, in document order -- the layout of
-    :func:`zigzag_ring_flash_attn_varlen_func` (``layouts.shard_varlen(x, cu_seqlens, "zigzag", ...)``),
-    so every rank gets the same causal work whatever the documents. Each document must be a multiple
-    of 2W tokens (``layouts.pad_cu_seqlens``). ``heads_k_stride`` K/V heads are gathered at a time
-    (default: all)."""
+    """Load-balanced all-gather attention over packed documents: every document is cut into 2W equal
+    chunks and rank r holds chunks r and 2W-1-r of each -- the layout of
+    ``zigzag_ring_flash_attn_varlen_func`` -- so every rank gets the same causal work whatever the
+    documents. flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
     return packed_allgather("zigzag_llama3", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size,
                             softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend,
                             max_seqlen)
@@ -199,27 +200,31 @@ def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: T
                       alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@eager_under_compile
-def zigzag_llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
-                                                  causal=False, window_size=(-1, -1), alibi_slopes=None,
-                                                  deterministic=False, return_attn_probs=False, group=None, *,
-                                                  heads_k_stride=None, softcap=0.0, backend=None):
-    """:func:`zigzag_llama3_flash_attn_varlen_func` with ``kv (T, 2, Hk, D)``."""
-    check_packed(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
-    return zigzag_llama3_flash_attn_varlen_func(q, *kv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                                causal, window_size, alibi_slopes, deterministic,
-                                                return_attn_probs, group, heads_k_stride=heads_k_stride,
-                                                softcap=softcap, backend=backend)
+@public(ZIGZAG_LLAMA3_DOCS)
+def zigzag_llama3_flash_attn_varlen_kvpacked_func(
+    q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+    return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, *,
+    heads_k_stride: Optional[int] = None, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`zigzag_llama3_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
+    k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
+    return zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                                window_size, alibi_slopes, deterministic, return_attn_probs,
+                                                group, heads_k_stride=heads_k_stride, softcap=softcap,
+                                                backend=backend)
 
 
-@eager_under_compile
-def zigzag_llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
-                                                   causal=False, window_size=(-1, -1), alibi_slopes=None,
-                                                   deterministic=False, return_attn_probs=False, group=None, *,
-                                                   heads_k_stride=None, softcap=0.0, backend=None):
-    """:func:`zigzag_llama3_flash_attn_varlen_func` with ``qkv (T, 3, H, D)``."""
-    check_packed(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
-    return zigzag_llama3_flash_attn_varlen_func(*qkv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                                causal, window_size, alibi_slopes, deterministic,
-                                                return_attn_probs, group, heads_k_stride=heads_k_stride,
-                                                softcap=softcap, backend=backend)
+@public(ZIGZAG_LLAMA3_DOCS)
+def zigzag_llama3_flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+    return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, *,
+    heads_k_stride: Optional[int] = None, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`zigzag_llama3_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
+    q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
+    return zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                                window_size, alibi_slopes, deterministic, return_attn_probs,
+                                                group, heads_k_stride=heads_k_stride, softcap=softcap,
+                                                backend=backend)

@@ -9,6 +9,7 @@ and never leaves one rank compiling while the others wait in a collective.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable, TypeVar
 
 import torch
@@ -23,7 +24,18 @@ def eager_under_compile(fn: F) -> F:
     disabled = torch.compiler.disable(fn, recursive=True)
 
     @functools.wraps(fn)
-    def public(*args, **kwargs):
+    def run_eagerly(*args, **kwargs):
         return disabled(*args, **kwargs)
 
-    return public  # type: ignore[return-value]
+    return run_eagerly  # type: ignore[return-value]
+
+
+def public(argument_docs: str) -> Callable[[F], F]:
+    """Decorator of the public functions: ``fn`` with ``argument_docs`` (the arguments and returns
+    that a family's functions share) appended to its docstring, run eagerly under compile."""
+
+    def wrap(fn: F) -> F:
+        fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\n" + inspect.cleandoc(argument_docs)
+        return eager_under_compile(fn)
+
+    return wrap

@@ -68,6 +68,12 @@ def check_packed(x: torch.Tensor, name: str, dim: int, count: int, ndim: int) ->
         raise ValueError(f"{name} must have {ndim} dims with size {count} at dim {dim}, got shape {tuple(x.shape)}")
 
 
+def unpack(x: torch.Tensor, name: str, dim: int, count: int, ndim: int) -> Tuple[torch.Tensor, ...]:
+    """The ``count`` tensors stacked along ``dim`` of a kv / qkv input, after :func:`check_packed`."""
+    check_packed(x, name, dim, count, ndim)
+    return x.unbind(dim)
+
+
 def check_cu_seqlens(offsets: Tuple[int, ...], total_tokens: int, name: str = "cu_seqlens",
                      max_seqlen=None, max_name: str = "max_seqlen") -> None:
     """The host copy ``offsets`` of a cu_seqlens tensor: starts at 0, never decreases, ends at the

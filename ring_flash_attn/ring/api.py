@@ -1,26 +1,27 @@
-"""Public functions: flash-attn's ``flash_attn_func`` / ``flash_attn_varlen_func`` families plus
-``group=``, for the ring, zigzag and stripe layouts. Each unpacks its inputs, validates them,
-builds a :class:`RingPlan` and calls the one autograd Function; no algorithm lives here.
-
-Extra keyword ``backend`` (default: ``$RING_FLASH_ATTN_BACKEND`` or ``"auto"``) forces a block
-kernel by name; see :mod:`ring_flash_attn.kernels`.
+"""Public functions of the ring family: flash-attn's ``flash_attn_func`` / ``flash_attn_varlen_func``
+families (with ``kvpacked`` / ``qkvpacked`` twins) for the ``ring``, ``zigzag`` and ``stripe``
+layouts, with ring-flash-attn 0.1.x's parameters in its order, then ``softcap`` and ``backend``
+keyword-only. Each unpacks its inputs and calls :func:`ring_attention` / :func:`ring_attention_varlen`,
+which validate them, build a :class:`~.engine.RingPlan` and call the one autograd Function; no
+algorithm lives here.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from ..core.block_kernel import default_scale, select_block_kernel
 from ..core.comm import RingComm
-from ..core.eager import eager_under_compile
+from ..core.docs import BATCH_DOCS, VARLEN_DOCS
+from ..core.eager import public
 from ..core.function import AttentionFunction
 from ..core.layouts import check_layout, check_local_seqlen, position_ids, varlen_token_index
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
-                         check_packed, check_qkv, check_same_call_across_group, group_rank_and_size, host_offsets, kernel_ready,
-                         normalized_window)
+                         check_qkv, check_same_call_across_group, group_rank_and_size, host_offsets, kernel_ready,
+                         normalized_window, unpack)
 from .engine import RingPlan
 from .packed import varlen_ring_schedule
 from .schedules import ring_schedule
@@ -46,6 +47,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, 
         positions=positions,
     )
     return AttentionFunction.apply(q, k, v, plan)
+
 
 
 def ring_attention(
@@ -106,72 +108,230 @@ def ring_attention_varlen(
                     backend, True, softcap, dropout_p, alibi_slopes, positions)
     return (out[0], lse[0], None) if return_attn_probs else out[0]
 
-
-def _family(layout: str, prefix: str) -> Tuple[Callable[..., Result], ...]:
-    """The six public functions of one layout: (varlen_)(func, kvpacked_func, qkvpacked_func), with
-    ring-flash-attn 0.1.x's parameters in its order, then our extras as keyword-only arguments."""
-
-    def func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
-             deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0, backend=None):
-        return ring_attention(layout, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                              alibi_slopes, deterministic, return_attn_probs, group, backend)
-
-    def kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
-                      deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0, backend=None):
-        check_packed(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
-        return func(q, *kv.unbind(2), dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-                    return_attn_probs, group, softcap=softcap, backend=backend)
-
-    def qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
-                       deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0, backend=None):
-        check_packed(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
-        return func(*qkv.unbind(2), dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-                    return_attn_probs, group, softcap=softcap, backend=backend)
-
-    def varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                    window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
-                    *, softcap=0.0, backend=None):
-        return ring_attention_varlen(layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                     window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group,
-                                     backend)
-
-    def varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                             window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                             group=None, *, softcap=0.0, backend=None):
-        check_packed(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
-        return varlen_func(q, *kv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
-                           alibi_slopes, deterministic, return_attn_probs, group, softcap=softcap, backend=backend)
-
-    def varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                              window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                              group=None, *, softcap=0.0, backend=None):
-        check_packed(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
-        return varlen_func(*qkv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
-                           alibi_slopes, deterministic, return_attn_probs, group, softcap=softcap, backend=backend)
-
-    funcs = (func, kvpacked_func, qkvpacked_func, varlen_func, varlen_kvpacked_func, varlen_qkvpacked_func)
-    public = []
-    for fn in funcs:
-        suffix = fn.__name__
-        twin = "flash_attn_" + suffix
-        fn.__name__ = fn.__qualname__ = f"{prefix}_{suffix}"
-        fn.__module__ = __name__
-        fn.__doc__ = (
-            f"Exact attention with the sequence sharded across ``group`` in the {layout!r} layout (see "
-            f"ring_flash_attn.layouts). Arguments as flash-attn's ``{twin}`` plus ``group`` and ``backend``. "
-            "Returns this rank's output, or ``(out, lse, None)`` with ``return_attn_probs=True``."
-        )
-        public.append(eager_under_compile(fn))
-    return tuple(public)
+@public(BATCH_DOCS)
+def ring_flash_attn_func(
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """Exact attention over a sequence sharded in the ``ring`` layout (rank r of W holds the contiguous chunk r of W):
+    flash-attn's ``flash_attn_func`` on the whole sequence, this rank's rows."""
+    return ring_attention("ring", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                          deterministic, return_attn_probs, group, backend)
 
 
-(ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_func,
- ring_flash_attn_varlen_func, ring_flash_attn_varlen_kvpacked_func, ring_flash_attn_varlen_qkvpacked_func,
- ) = _family("ring", "ring_flash_attn")
-(zigzag_ring_flash_attn_func, zigzag_ring_flash_attn_kvpacked_func, zigzag_ring_flash_attn_qkvpacked_func,
- zigzag_ring_flash_attn_varlen_func, zigzag_ring_flash_attn_varlen_kvpacked_func,
- zigzag_ring_flash_attn_varlen_qkvpacked_func,
- ) = _family("zigzag", "zigzag_ring_flash_attn")
-(stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func,
- stripe_flash_attn_varlen_func, stripe_flash_attn_varlen_kvpacked_func, stripe_flash_attn_varlen_qkvpacked_func,
- ) = _family("stripe", "stripe_flash_attn")
+@public(BATCH_DOCS)
+def ring_flash_attn_kvpacked_func(
+    q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`ring_flash_attn_func` with k and v stacked: ``kv (batch, local_seqlen, 2, nheads_k, headdim)``."""
+    k, v = unpack(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
+    return ring_attention("ring", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                          deterministic, return_attn_probs, group, backend)
+
+
+@public(BATCH_DOCS)
+def ring_flash_attn_qkvpacked_func(
+    qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`ring_flash_attn_func` with q, k and v stacked: ``qkv (batch, local_seqlen, 3, nheads, headdim)``."""
+    q, k, v = unpack(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
+    return ring_attention("ring", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                          deterministic, return_attn_probs, group, backend)
+
+@public(BATCH_DOCS)
+def zigzag_ring_flash_attn_func(
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """Exact attention over a sequence sharded in the ``zigzag`` layout (rank r of W holds chunks r and 2W-1-r of 2W: the same causal work on every rank):
+    flash-attn's ``flash_attn_func`` on the whole sequence, this rank's rows."""
+    return ring_attention("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                          deterministic, return_attn_probs, group, backend)
+
+
+@public(BATCH_DOCS)
+def zigzag_ring_flash_attn_kvpacked_func(
+    q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`zigzag_ring_flash_attn_func` with k and v stacked: ``kv (batch, local_seqlen, 2, nheads_k, headdim)``."""
+    k, v = unpack(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
+    return ring_attention("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                          deterministic, return_attn_probs, group, backend)
+
+
+@public(BATCH_DOCS)
+def zigzag_ring_flash_attn_qkvpacked_func(
+    qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`zigzag_ring_flash_attn_func` with q, k and v stacked: ``qkv (batch, local_seqlen, 3, nheads, headdim)``."""
+    q, k, v = unpack(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
+    return ring_attention("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                          deterministic, return_attn_probs, group, backend)
+
+@public(BATCH_DOCS)
+def stripe_flash_attn_func(
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """Exact attention over a sequence sharded in the ``stripe`` layout (rank r of W holds tokens r, r+W, r+2W, ...):
+    flash-attn's ``flash_attn_func`` on the whole sequence, this rank's rows."""
+    return ring_attention("stripe", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                          deterministic, return_attn_probs, group, backend)
+
+
+@public(BATCH_DOCS)
+def stripe_flash_attn_kvpacked_func(
+    q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`stripe_flash_attn_func` with k and v stacked: ``kv (batch, local_seqlen, 2, nheads_k, headdim)``."""
+    k, v = unpack(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
+    return ring_attention("stripe", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                          deterministic, return_attn_probs, group, backend)
+
+
+@public(BATCH_DOCS)
+def stripe_flash_attn_qkvpacked_func(
+    qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`stripe_flash_attn_func` with q, k and v stacked: ``qkv (batch, local_seqlen, 3, nheads, headdim)``."""
+    q, k, v = unpack(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
+    return ring_attention("stripe", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                          deterministic, return_attn_probs, group, backend)
+
+@public(VARLEN_DOCS)
+def ring_flash_attn_varlen_func(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """Exact attention over packed documents, every document sharded in the ``ring`` layout
+    (rank r of W holds the contiguous chunk r of W, per document): flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
+    return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+
+@public(VARLEN_DOCS)
+def ring_flash_attn_varlen_kvpacked_func(
+    q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`ring_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
+    k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
+    return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+
+@public(VARLEN_DOCS)
+def ring_flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`ring_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
+    q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
+    return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+@public(VARLEN_DOCS)
+def zigzag_ring_flash_attn_varlen_func(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """Exact attention over packed documents, every document sharded in the ``zigzag`` layout
+    (rank r of W holds chunks r and 2W-1-r of 2W: the same causal work on every rank, per document): flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
+    return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+
+@public(VARLEN_DOCS)
+def zigzag_ring_flash_attn_varlen_kvpacked_func(
+    q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`zigzag_ring_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
+    k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
+    return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+
+@public(VARLEN_DOCS)
+def zigzag_ring_flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`zigzag_ring_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
+    q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
+    return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+@public(VARLEN_DOCS)
+def stripe_flash_attn_varlen_func(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """Exact attention over packed documents, every document sharded in the ``stripe`` layout
+    (rank r of W holds tokens r, r+W, r+2W, ..., per document): flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
+    return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+
+@public(VARLEN_DOCS)
+def stripe_flash_attn_varlen_kvpacked_func(
+    q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`stripe_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
+    k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
+    return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+
+@public(VARLEN_DOCS)
+def stripe_flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None,
+) -> Result:
+    """:func:`stripe_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
+    q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
+    return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
