@@ -13,16 +13,17 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from ..core.block_kernel import default_scale, select_block_kernel
 from ..core.docs import LLAMA3_DOCS, ZIGZAG_LLAMA3_DOCS
 from ..core.eager import public
 from ..core.function import AttentionFunction
 from ..core.layouts import local_pieces
 from ..core.mask import Band, VarlenMeta
 from ..core.rows import Rows
-from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
-                         check_nonempty_pack, check_qkv, check_same_call_across_group,
-                         group_rank_and_size, host_offsets, kernel_ready, normalized_window, unpack)
+from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor,
+                               check_nonempty_pack, check_options, check_qkv, check_same_call_across_group,
+                               default_scale, group_rank_and_size, host_offsets, kernel_ready, normalized_window,
+                               unpack)
+from ..kernels import select_block_kernel
 from .gather import PlainGather
 from .own_keys_first import OwnKeysFirst, own_keys_split
 from .plan import AllGatherPlan, check_heads_k_stride, document_meta, gathered_keys, window_metas

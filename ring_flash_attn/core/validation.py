@@ -61,6 +61,10 @@ def kernel_ready(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:
+    return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+
 def check_packed(x: torch.Tensor, name: str, dim: int, count: int, ndim: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -15,8 +15,10 @@ import os
 from functools import lru_cache
 from typing import Dict, Optional
 
+import torch
+
 from ..core.mask import Band
-from .base import Backend, KernelCall
+from .base import Backend, KernelCall, Tensor
 from .flash_attn_pkg import FlashAttn2Backend, FlashAttn3Backend, FlashAttn4Backend
 from .reference import ReferenceBackend
 from .torch_cpu import TorchCpuFlashBackend
@@ -101,5 +103,29 @@ def _select(call: KernelCall, name: str) -> Backend:
     raise ValueError(f"no block-attention backend supports this call ({report})")
 
 
+def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: bool, backend: Optional[str],
+                        varlen: bool = False, varlen_offsets: bool = False, softcap: float = 0.0,
+                        dropout_p: float = 0.0, alibi_slopes: Optional[Tensor] = None):
+    """The block kernel for ``(B, S, H, D)`` tensors (see :func:`select_backend`),
+    bound to the call's soft-cap, dropout and ALiBi slopes."""
+    call = KernelCall(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        nheads=q.shape[-2],
+        nheads_k=k.shape[-2],
+        bands=tuple(bands),
+        deterministic=deterministic,
+        needs_backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        varlen=varlen,
+        varlen_offsets=varlen_offsets,
+        softcap=bool(softcap),
+        dropout=bool(dropout_p),
+        alibi=alibi_slopes is not None,
+    )
+    return select_backend(call, backend).with_options(softcap=float(softcap), dropout_p=float(dropout_p),
+                                                      alibi_slopes=alibi_slopes, deterministic=bool(deterministic))
+
+
 __all__ = ["Backend", "Band", "KernelCall", "BACKENDS", "AUTO_ORDER", "ENV_VAR", "register_backend",
-           "select_backend", "explain_selection"]
+           "select_backend", "select_block_kernel", "explain_selection"]

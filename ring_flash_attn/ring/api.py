@@ -13,15 +13,15 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from ..core.block_kernel import default_scale, select_block_kernel
 from ..core.comm import RingComm
 from ..core.docs import BATCH_DOCS, VARLEN_DOCS
 from ..core.eager import public
 from ..core.function import AttentionFunction
 from ..core.layouts import check_layout, check_local_seqlen, position_ids, varlen_token_index
-from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor, check_options,
-                         check_qkv, check_same_call_across_group, group_rank_and_size, host_offsets, kernel_ready,
-                         normalized_window, unpack)
+from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor,
+                               check_options, check_qkv, check_same_call_across_group, default_scale,
+                               group_rank_and_size, host_offsets, kernel_ready, normalized_window, unpack)
+from ..kernels import select_block_kernel
 from .engine import RingPlan
 from .packed import varlen_ring_schedule
 from .schedules import ring_schedule
