@@ -265,8 +265,7 @@ def single_device_seconds(args, device, backend_name: str) -> Optional[float]:
     backend = BACKENDS.get(backend_name)
     dt = DTYPES[args.dtype]
     band = Band(None, 0) if args.causal else Band()
-    call = KernelCall(device.type, dt, args.head_dim, args.nheads, args.nheads_k, (band,),
-                      needs_backward=not args.fwd_only, varlen=args.varlen)
+    call = KernelCall(device.type, dt, args.head_dim, (band,), varlen=args.varlen)
     if backend is None or backend.not_supported_reasons(call):
         return None
     lead = () if args.varlen else (args.batch,)

@@ -74,12 +74,12 @@ def test_window_pieces_reproduce_every_band_under_fa2_rules():
 def test_unavailable_and_old_versions_are_reported():
     missing = FlashAttn2Backend()
     missing.module_name = "no_such_flash_attn_module"
-    call = KernelCall("cuda", torch.bfloat16, 64, 8, 2, (Band(None, 0),))
+    call = KernelCall("cuda", torch.bfloat16, 64, (Band(None, 0),))
     assert "not importable" in missing.not_supported_reasons(call)[0]
     old = FlashAttn2Backend(interface=fake_flash_attn.flash_attn_2_6(), version="2.5.9")
     assert any("older than 2.6" in r for r in old.not_supported_reasons(call))
     assert FlashAttn4Backend(interface=fake_flash_attn.flash_attn_4()).not_supported_reasons(
-        KernelCall("cpu", torch.bfloat16, 64, 8, 2, (Band(),))) == ["runs on CUDA tensors only, got cpu"]
+        KernelCall("cpu", torch.bfloat16, 64, (Band(),))) == ["runs on CUDA tensors only, got cpu"]
 
 
 RING_WINDOW_CASES = [

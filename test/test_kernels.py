@@ -35,7 +35,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("sq,sk,h,hk", [(6, 6, 4, 2), (5, 7, 2, 2), (8, 4, 3, 1), (130, 130, 2, 1)])
 def test_block_forward_backward(device, name, band, dtype, sq, sk, h, hk):
     backend = BACKENDS[name]
-    call = KernelCall(device_type=device, dtype=dtype, head_dim=32, nheads=h, nheads_k=hk, bands=(band,))
+    call = KernelCall(device_type=device, dtype=dtype, head_dim=32, bands=(band,))
     reasons = backend.not_supported_reasons(call)
     if reasons:
         pytest.skip("; ".join(reasons))
@@ -72,7 +72,7 @@ def test_reference_softcap(band):
 
 
 def test_softcap_needs_a_backend_that_has_it():
-    call = KernelCall("cpu", torch.float32, 32, 4, 2, (Band(None, 0),), softcap=True)
+    call = KernelCall("cpu", torch.float32, 32, (Band(None, 0),), softcap=True)
     assert select_backend(call).name == "reference"
     assert any("no softcap" in r for r in explain_selection(call)["torch_cpu_flash"])
     with pytest.raises(ValueError, match="cannot soft-cap"):
@@ -80,12 +80,12 @@ def test_softcap_needs_a_backend_that_has_it():
 
 
 def _call(**overrides):
-    base = dict(device_type="cpu", dtype=torch.bfloat16, head_dim=64, nheads=8, nheads_k=2, bands=(Band(), Band(None, 0)))
+    base = dict(device_type="cpu", dtype=torch.bfloat16, head_dim=64, bands=(Band(), Band(None, 0)))
     return KernelCall(**{**base, **overrides})
 
 
 def test_reference_takes_every_band_and_fused_kernels_the_causal_ones():
-    call = KernelCall(device_type="cpu", dtype=torch.float32, head_dim=32, nheads=2, nheads_k=2, bands=tuple(BANDS))
+    call = KernelCall(device_type="cpu", dtype=torch.float32, head_dim=32, bands=tuple(BANDS))
     assert BACKENDS["reference"].not_supported_reasons(call) == []
     assert any("neither full nor causal" in r for r in BACKENDS["torch_cpu_flash"].not_supported_reasons(call))
 
@@ -142,8 +142,8 @@ VARLEN_DOCS = [  # (query length, key length) per document; causal is bottom-rig
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_varlen_block(device, name, docs, causal, dtype):
     meta = varlen_meta(docs, causal, device)
-    call = KernelCall(device_type=device, dtype=dtype, head_dim=32, nheads=4, nheads_k=2,
-                      bands=(Band(None, 0) if causal else Band(),), varlen=True, varlen_offsets=not meta.square)
+    call = KernelCall(device_type=device, dtype=dtype, head_dim=32,
+                      bands=(Band(None, 0) if causal else Band(),), varlen=True)
     backend = BACKENDS[name]
     reasons = backend.not_supported_reasons(call)
     if reasons:
@@ -183,7 +183,7 @@ def check_varlen_block(backend, device, meta: VarlenMeta, dtype) -> None:
 
 
 def test_cudnn_refuses_packed_documents():
-    call = KernelCall(device_type="cuda", dtype=torch.bfloat16, head_dim=64, nheads=4, nheads_k=2,
+    call = KernelCall(device_type="cuda", dtype=torch.bfloat16, head_dim=64,
                       bands=(Band(None, 0),), varlen=True)
     reasons = BACKENDS["cudnn"].not_supported_reasons(call)
     assert reasons and (not torch.cuda.is_available() or any("varlen" in r for r in reasons))

@@ -110,7 +110,7 @@ def test_deterministic_calls_avoid_kernels_without_a_deterministic_backward():
     from ring_flash_attn.kernels import reasons as kernel_reasons
     from ring_flash_attn.core.mask import Band
 
-    call = KernelCall("cuda", torch.bfloat16, 128, 8, 2, (Band(None, 0),), deterministic=True)
+    call = KernelCall("cuda", torch.bfloat16, 128, (Band(None, 0),), deterministic=True)
     for name in ("cudnn", "flash_attn_3", "flash_attn_4"):
         assert any("no deterministic backward" in r for r in kernel_reasons(BACKENDS[name], call)), name
     assert not any("deterministic" in r for r in kernel_reasons(BACKENDS["torch_cuda_flash"], call))

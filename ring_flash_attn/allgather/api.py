@@ -62,7 +62,7 @@ def _allgather(q: Tensor, k: Tensor, v: Tensor, pack: LocalPack, heads_k_stride:
         window_size=window, dropout_p=dropout_p, alibi=alibi_slopes is not None))
     check_cu_seqlens(meta.offsets_q, q.shape[0], "cu_seqlens_q")
     kernel = select_block_kernel(q, k, v, (Band(*meta.relative_bounds()),), deterministic, backend, varlen=True,
-                                 varlen_offsets=bool(causal), softcap=softcap, dropout_p=dropout_p,
+                                 softcap=softcap, dropout_p=dropout_p,
                                  alibi_slopes=alibi_slopes)
     q_positions = None
     if alibi_slopes is not None:  # global positions of the queries

@@ -116,7 +116,7 @@ def check_cu_seqlens_tensor(cu_seqlens: torch.Tensor) -> None:
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f"cu_seqlens must be a 1-D int32 tensor [0, len0, len0+len1, ...], got {cu_seqlens.dtype} "
+            f"cu_seqlens must be a 1-D int32 or int64 tensor [0, len0, len0+len1, ...], got {cu_seqlens.dtype} "
             f"shape {tuple(cu_seqlens.shape)}"
         )
     if cu_seqlens.device.type == "meta":

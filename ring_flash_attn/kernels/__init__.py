@@ -104,7 +104,7 @@ def _select(call: KernelCall, name: str) -> Backend:
 
 
 def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: bool, backend: Optional[str],
-                        varlen: bool = False, varlen_offsets: bool = False, softcap: float = 0.0,
+                        varlen: bool = False, softcap: float = 0.0,
                         dropout_p: float = 0.0, alibi_slopes: Optional[Tensor] = None):
     """The block kernel for ``(B, S, H, D)`` tensors (see :func:`select_backend`),
     bound to the call's soft-cap, dropout and ALiBi slopes."""
@@ -112,13 +112,9 @@ def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: b
         device_type=q.device.type,
         dtype=q.dtype,
         head_dim=q.shape[-1],
-        nheads=q.shape[-2],
-        nheads_k=k.shape[-2],
         bands=tuple(bands),
         deterministic=deterministic,
-        needs_backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
         varlen=varlen,
-        varlen_offsets=varlen_offsets,
         softcap=bool(softcap),
         dropout=bool(dropout_p),
         alibi=alibi_slopes is not None,

@@ -63,13 +63,9 @@ class KernelCall:
     device_type: str
     dtype: torch.dtype
     head_dim: int
-    nheads: int
-    nheads_k: int
     bands: Tuple[Band, ...]  # every band any rank's schedule will use
     deterministic: bool = False
-    needs_backward: bool = True
     varlen: bool = False  # packed documents (VarlenMeta)
-    varlen_offsets: bool = False  # some causal document has fewer queries than keys (llama3)
     softcap: bool = False  # logits soft-capped: cap * tanh(scores / cap)
     dropout: bool = False  # dropout_p > 0
     alibi: bool = False  # ALiBi position biases
