@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dist_pool import DistPool
+from helpers.dist_pool import DistPool
 
 _POOLS: dict = {}
 

@@ -9,11 +9,11 @@ import itertools
 import pytest
 import torch
 
-import attention_cases
+from helpers import attention_cases
 import ring_flash_attn as rfa
-import varlen_cases
-from attention_cases import Case
-from varlen_cases import VarlenCase, fit_documents
+from helpers import varlen_cases
+from helpers.attention_cases import Case
+from helpers.varlen_cases import VarlenCase, fit_documents
 
 CASES = [
     Case(layout=layout, packing=packing, causal=causal, dtype=dtype, backend="auto", world_size=w, nheads=4,
@@ -42,12 +42,12 @@ VARLEN = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
 def test_alibi_matches_float64_reference(dist_pool, case):
-    attention_cases.check(case, dist_pool(case.world_size).run("attention_cases:run_rank", case=case))
+    attention_cases.check(case, dist_pool(case.world_size).run("helpers.attention_cases:run_rank", case=case))
 
 
 @pytest.mark.parametrize("case", VARLEN, ids=[c.id() for c in VARLEN])
 def test_alibi_varlen_matches_float64_reference(dist_pool, case):
-    varlen_cases.check(case, dist_pool(case.world_size).run("varlen_cases:run_rank", case=case))
+    varlen_cases.check(case, dist_pool(case.world_size).run("helpers.varlen_cases:run_rank", case=case))
 
 
 def test_alibi_errors():

@@ -1,4 +1,4 @@
-"""ring-flash-attn 0.1.x's import surface and signatures (test/original_signatures.py), and its
+"""ring-flash-attn 0.1.x's import surface and signatures (test/helpers/original_signatures.py), and its
 helpers in ring_flash_attn.utils / adapters.hf_adapter behaving as the original's."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from original_signatures import REQUIRED, SIGNATURES, TOP_LEVEL
+from helpers.original_signatures import REQUIRED, SIGNATURES, TOP_LEVEL
 
 
 def _public(module_name: str):

@@ -10,8 +10,8 @@ from typing import Dict, List
 import pytest
 import torch
 
-from attention_cases import DTYPES
-from dropout_cases import DropoutCase
+from helpers.attention_cases import DTYPES
+from helpers.dropout_cases import DropoutCase
 
 CPU_CASES = [
     DropoutCase(layout=layout, causal=causal, world_size=w, seed=n)
@@ -64,7 +64,7 @@ def check_dropout(case: DropoutCase, per_rank: List[Dict[str, torch.Tensor]]) ->
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=[c.id() for c in CPU_CASES])
 def test_dropout_is_replayed_exactly(dist_pool, case):
-    check_dropout(case, dist_pool(case.world_size).run("dropout_cases:run_rank", case=case))
+    check_dropout(case, dist_pool(case.world_size).run("helpers.dropout_cases:run_rank", case=case))
 
 
 def test_dropout_without_grad_and_twice_backward():

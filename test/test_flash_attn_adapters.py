@@ -11,12 +11,12 @@ import itertools
 import pytest
 import torch
 
-import fake_flash_attn
+from helpers import fake_flash_attn
 from ring_flash_attn.kernels import KernelCall
 from ring_flash_attn.core.mask import Band
 from ring_flash_attn.kernels.flash_attn_pkg import FlashAttn2Backend, FlashAttn3Backend, FlashAttn4Backend
-import varlen_cases
-from attention_cases import Case, check
+from helpers import varlen_cases
+from helpers.attention_cases import Case, check
 from test_kernels import VARLEN_DOCS, check_block, check_varlen_block, varlen_meta
 
 FAKES = {
@@ -54,7 +54,7 @@ def test_varlen(fake, docs, causal, window):
 def test_window_pieces_reproduce_every_band_under_fa2_rules():
     """Each piece, run with FA2's window semantics (a window at least as wide as the keys counts as
     unbounded), covers its part of the band exactly; together they cover the band once."""
-    from fake_flash_attn import _flash_band
+    from helpers.fake_flash_attn import _flash_band
     from ring_flash_attn.kernels.bottom_right import window_pieces
 
     for sq, sk in itertools.product(range(1, 9), repeat=2):
@@ -94,7 +94,7 @@ RING_WINDOW_CASES = [
 @pytest.mark.parametrize("case", RING_WINDOW_CASES, ids=[c.id() for c in RING_WINDOW_CASES])
 def test_ring_through_a_flash_style_kernel(dist_pool, case):
     """The whole ring (windows, softcap) through the FA2 adapter with a CPU fake that follows FA2's rules."""
-    check(case, dist_pool(case.world_size).run("fake_flash_attn:run_rank_with_fake_fa2", case=case))
+    check(case, dist_pool(case.world_size).run("helpers.fake_flash_attn:run_rank_with_fake_fa2", case=case))
 
 
 RING_VARLEN_CASES = [
@@ -119,4 +119,4 @@ RING_VARLEN_CASES = [
 def test_ring_varlen_through_a_flash_style_kernel(dist_pool, case):
     """Packed documents through the FA2 adapter: the jobs' unused rows (documents without keys or
     queries) are left out before the package kernel runs and filled back with 0 / -inf."""
-    varlen_cases.check(case, dist_pool(case.world_size).run("fake_flash_attn:run_rank_with_fake_fa2", case=case))
+    varlen_cases.check(case, dist_pool(case.world_size).run("helpers.fake_flash_attn:run_rank_with_fake_fa2", case=case))

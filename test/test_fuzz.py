@@ -16,11 +16,11 @@ import sys
 
 import pytest
 
-import attention_cases
-import varlen_cases
-from attention_cases import PACKINGS, Case
+from helpers import attention_cases
+from helpers import varlen_cases
+from helpers.attention_cases import PACKINGS, Case
 from test_varlen_cpu import doc_lengths
-from varlen_cases import VarlenCase
+from helpers.varlen_cases import VarlenCase
 
 N_CASES = int(os.environ.get("RING_FLASH_ATTN_FUZZ_CASES", "30"))
 MAX_WORLD = int(os.environ.get("RING_FLASH_ATTN_FUZZ_WORLD", "4"))
@@ -82,7 +82,7 @@ def test_fuzz(dist_pool, case):
 
 
 if __name__ == "__main__":  # replay one case: python test/test_fuzz.py "Case(...)"
-    from dist_pool import DistPool
+    from helpers.dist_pool import DistPool
 
     replay = eval(sys.argv[1], {"Case": Case, "VarlenCase": VarlenCase})  # noqa: S307 -- a test's own repr
     pool = DistPool(replay.world_size)

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_cases import ModelCase, check, model_available  # noqa: E402
+from helpers.hf_cases import ModelCase, check, model_available  # noqa: E402
 from ring_flash_attn.adapters import pad_for_layout, shard_inputs, shift_labels  # noqa: E402
 
 CASES = (
@@ -31,7 +31,7 @@ CASES = (
 def test_model_matches_single_process(dist_pool, case):
     if not model_available(case.model):
         pytest.skip(f"this transformers has no {case.model}")
-    check(case, dist_pool(case.world_size).run("hf_cases:run_rank", case=case))
+    check(case, dist_pool(case.world_size).run("helpers.hf_cases:run_rank", case=case))
 
 
 def test_shift_labels_never_cross_documents():
@@ -69,7 +69,7 @@ def test_attention_dropout_in_training(dist_pool):
     """transformers passes attention_dropout in train mode: the ring applies it (reproducibly with the
     seed, differently for another seed, not at all in eval mode), gradients finite."""
     case = ModelCase("llama", "zigzag", 2)
-    for result in dist_pool(2).run("hf_cases:dropout_training_losses", case=case):
+    for result in dist_pool(2).run("helpers.hf_cases:dropout_training_losses", case=case):
         losses = result["losses"]
         assert result["finite"]
         assert losses["a"] == losses["b"]

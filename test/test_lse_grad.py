@@ -9,10 +9,10 @@ import itertools
 import pytest
 import torch
 
-import attention_cases
-import varlen_cases
-from attention_cases import Case
-from varlen_cases import VarlenCase
+from helpers import attention_cases
+from helpers import varlen_cases
+from helpers.attention_cases import Case
+from helpers.varlen_cases import VarlenCase
 
 BACKENDS = ("torch_cpu_flash", "reference")
 
@@ -40,16 +40,16 @@ BATCH, VARLEN = _batch_cases(), _varlen_cases()
 
 @pytest.mark.parametrize("case", BATCH, ids=[c.id() for c in BATCH])
 def test_lse_gradient_batch(dist_pool, case):
-    attention_cases.check(case, dist_pool(case.world_size).run("attention_cases:run_rank", case=case))
+    attention_cases.check(case, dist_pool(case.world_size).run("helpers.attention_cases:run_rank", case=case))
 
 
 @pytest.mark.parametrize("case", VARLEN, ids=[c.id() for c in VARLEN])
 def test_lse_gradient_varlen(dist_pool, case):
-    varlen_cases.check(case, dist_pool(case.world_size).run("varlen_cases:run_rank", case=case))
+    varlen_cases.check(case, dist_pool(case.world_size).run("helpers.varlen_cases:run_rank", case=case))
 
 
 def test_loss_of_lse_alone(dist_pool):
     """out unused: dv is zero, dq / dk are lse's alone; lse unused: dq / dk / dv are out's alone."""
-    for rank_result in dist_pool(3).run("robustness_cases:lse_only_loss"):
+    for rank_result in dist_pool(3).run("helpers.robustness_cases:lse_only_loss"):
         for name, (got, ref) in rank_result.items():
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=name)

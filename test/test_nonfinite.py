@@ -9,10 +9,10 @@ import itertools
 
 import pytest
 
-import attention_cases
-import varlen_cases
-from attention_cases import Case
-from varlen_cases import VarlenCase
+from helpers import attention_cases
+from helpers import varlen_cases
+from helpers.attention_cases import Case
+from helpers.varlen_cases import VarlenCase
 
 NAN, INF = float("nan"), float("inf")
 # An Inf in q or k is left out: it makes scores +-Inf, and a -Inf score is a masked pair (weight 0) to
@@ -51,9 +51,9 @@ BATCH, VARLEN = _batch_cases(), _varlen_cases()
 
 @pytest.mark.parametrize("case", BATCH, ids=[c.id() for c in BATCH])
 def test_nonfinite_batch(dist_pool, case):
-    attention_cases.check(case, dist_pool(case.world_size).run("attention_cases:run_rank", case=case))
+    attention_cases.check(case, dist_pool(case.world_size).run("helpers.attention_cases:run_rank", case=case))
 
 
 @pytest.mark.parametrize("case", VARLEN, ids=[c.id() for c in VARLEN])
 def test_nonfinite_varlen(dist_pool, case):
-    varlen_cases.check(case, dist_pool(case.world_size).run("varlen_cases:run_rank", case=case))
+    varlen_cases.check(case, dist_pool(case.world_size).run("helpers.varlen_cases:run_rank", case=case))

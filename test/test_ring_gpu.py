@@ -12,13 +12,13 @@ import itertools
 import pytest
 import torch
 
-import attention_cases
-import varlen_cases
-from attention_cases import PACKINGS, Case
-from dropout_cases import DropoutCase
+from helpers import attention_cases
+from helpers import varlen_cases
+from helpers.attention_cases import PACKINGS, Case
+from helpers.dropout_cases import DropoutCase
 from test_dropout import check_dropout
 from ring_flash_attn.kernels import BACKENDS
-from varlen_cases import VarlenCase, fit_documents
+from helpers.varlen_cases import VarlenCase, fit_documents
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 WORLD_SIZES = [w for w in (1, 2, 4, 8) if w <= GPUS]
@@ -114,7 +114,7 @@ DROPOUT_CASES = [
 @pytest.mark.parametrize("case", DROPOUT_CASES, ids=[c.id() for c in DROPOUT_CASES])
 def test_gpu_dropout_is_replayed_exactly(dist_pool, case):
     """PyTorch's FA2 with dropout: each block's philox state replayed in the backward (test_dropout.py)."""
-    check_dropout(case, dist_pool(case.world_size, "nccl").run("dropout_cases:run_rank", case=case))
+    check_dropout(case, dist_pool(case.world_size, "nccl").run("helpers.dropout_cases:run_rank", case=case))
 
 
 DETERMINISTIC_CASES = [
@@ -130,8 +130,8 @@ def test_gpu_deterministic_runs_are_bitwise_equal(dist_pool, case):
     """deterministic=True: auto picks a kernel with a deterministic backward (not cuDNN); two runs
     give the same bits on every rank, and match the float64 reference."""
     pool = dist_pool(case.world_size, "nccl")
-    first = pool.run("attention_cases:run_rank", case=case)
-    second = pool.run("attention_cases:run_rank", case=case)
+    first = pool.run("helpers.attention_cases:run_rank", case=case)
+    second = pool.run("helpers.attention_cases:run_rank", case=case)
     for a, b in zip(first, second):
         for name in a:
             assert torch.equal(a[name], b[name]), name

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_cases import Case, check, gathered, reference
-from dist_pool import DistPool
+from helpers.attention_cases import Case, check, gathered, reference
+from helpers.dist_pool import DistPool
 
 
 def test_mismatched_call_raises_on_every_rank(dist_pool):
-    answers = dist_pool(2).run("robustness_cases:mismatched_call")
+    answers = dist_pool(2).run("helpers.robustness_cases:mismatched_call")
     for answer in answers:
         assert "different attention calls" in answer and "q.shape: [(2, 12, 4, 32), (2, 4, 4, 32)]" in answer, answer
 
@@ -19,7 +19,7 @@ def test_mismatched_call_raises_on_every_rank(dist_pool):
 def test_mismatched_call_patterns_raise_on_every_rank_and_leave_the_group_usable(dist_pool):
     """A rank that skips a layer, runs its forward under no_grad, or skips the backward; different
     dtypes and scales: every rank raises, naming the fields readably; then a correct call works."""
-    for answers in dist_pool(2).run("robustness_cases:mismatch_cases"):
+    for answers in dist_pool(2).run("helpers.robustness_cases:mismatch_cases"):
         assert "call: ['backward', 'batch forward']" in answers["skipped layer"] or \
             "call: ['batch forward', 'backward']" in answers["skipped layer"], answers["skipped layer"]
         assert "backward follows: [True, False]" in answers["no_grad forward"], answers["no_grad forward"]
@@ -32,7 +32,7 @@ def test_mismatched_call_patterns_raise_on_every_rank_and_leave_the_group_usable
 def test_skipped_call_times_out_instead_of_hanging():
     pool = DistPool(2)  # its group is left with a pending collective: never reused
     try:
-        answers = pool.run("robustness_cases:skipped_call", timeout=60)
+        answers = pool.run("helpers.robustness_cases:skipped_call", timeout=60)
     finally:
         pool.close(force=True)
     assert answers[1] == "skipped"
@@ -40,7 +40,7 @@ def test_skipped_call_times_out_instead_of_hanging():
 
 
 def test_input_forms_give_the_same_result(dist_pool):
-    for rank_result in dist_pool(2).run("robustness_cases:input_forms"):
+    for rank_result in dist_pool(2).run("helpers.robustness_cases:input_forms"):
         plain = rank_result["plain"]
         for form, values in rank_result.items():
             for name, value in values.items():
@@ -49,7 +49,7 @@ def test_input_forms_give_the_same_result(dist_pool):
 
 
 def test_deterministic_flag_gives_bitwise_equal_runs(dist_pool):
-    for rank_result in dist_pool(3).run("robustness_cases:deterministic_runs"):
+    for rank_result in dist_pool(3).run("helpers.robustness_cases:deterministic_runs"):
         assert all(rank_result.values()), rank_result
 
 
@@ -59,7 +59,7 @@ def _bf16_errors(dist_pool, world_size: int) -> dict:
     case = Case(layout="zigzag", packing="func", causal=True, dtype="bf16", backend="torch_cpu_flash",
                 world_size=world_size, batch=1, local_len=128 // world_size, nheads=4, nheads_k=2, head_dim=64,
                 seed=42)
-    per_rank = dist_pool(world_size).run("attention_cases:run_rank", case=case)
+    per_rank = dist_pool(world_size).run("helpers.attention_cases:run_rank", case=case)
     check(case, per_rank)
     got, ref = gathered(case, per_rank), reference(case)
     return {n: ((got[n].double() - ref[n]).norm() / ref[n].norm()).item() for n in ("out", "dq", "dk", "dv")}
@@ -78,4 +78,4 @@ def test_large_logits_in_bf16(dist_pool, layout):
     # q scaled so that logits reach hundreds: the online softmax must not overflow or lose accuracy
     case = Case(layout=layout, packing="func", causal=True, dtype="bf16", backend="torch_cpu_flash", world_size=2,
                 q_scale=30.0, seed=9)
-    check(case, dist_pool(2).run("attention_cases:run_rank", case=case))
+    check(case, dist_pool(2).run("helpers.attention_cases:run_rank", case=case))

@@ -47,7 +47,7 @@ def test_jobs_cover_mask_exactly_once(layout, world_size, causal, local_len):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window", [(0, 0), (3, -1), (-1, 2), (5, 1), (7, 7), (30, 30)])
 def test_windowed_jobs_cover_mask_exactly_once(layout, world_size, causal, window):
-    from attention_cases import mask
+    from helpers.attention_cases import mask
 
     local_len = 6
     expected = mask(world_size * local_len, causal, window).long()

@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from attention_cases import PACKINGS
-from varlen_cases import VarlenCase, check
+from helpers.attention_cases import PACKINGS
+from helpers.varlen_cases import VarlenCase, check
 
 WORLD_SIZES = (1, 2, 3, 4)
 LAYOUTS = ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3", "packed_zigzag")
@@ -71,7 +71,7 @@ CASES = _cases() + [  # sliding windows on the all-gather family (documents cros
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
 def test_varlen_matches_float64_reference(dist_pool, case):
-    check(case, dist_pool(case.world_size).run("varlen_cases:run_rank", case=case))
+    check(case, dist_pool(case.world_size).run("helpers.varlen_cases:run_rank", case=case))
 
 
 def test_allgather_attends_own_keys_first_unless_windowed(monkeypatch):

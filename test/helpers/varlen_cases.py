@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 import ring_flash_attn as rfa
-from attention_cases import (DTYPES, alibi_bias, alibi_slopes, as_view, compare, mask, nonfinite_rows, poison_id,
-                             results_on_cpu, soft_capped)
+from helpers.attention_cases import (DTYPES, alibi_bias, alibi_slopes, as_view, compare, mask, nonfinite_rows, poison_id,
+                                     public_function, results_on_cpu, soft_capped)
 from ring_flash_attn.allgather.api import packed_allgather
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varlen
 
@@ -27,9 +27,6 @@ def fit_documents(layout: str, world_size: int, lengths: Tuple[int, ...]) -> Tup
     unit = world_size * (2 if layout == "packed_zigzag" else 1)
     return (*lengths[:-1], lengths[-1] + (-sum(lengths)) % unit)
 
-RING_FAMILY = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
-ALLGATHER = {"llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn", "packed_zigzag": None}
-SUFFIX = {"func": "varlen_func", "kvpacked": "varlen_kvpacked_func", "qkvpacked": "varlen_qkvpacked_func"}
 
 
 @dataclass(frozen=True)
@@ -105,8 +102,8 @@ def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv):
     if case.alibi:
         common["alibi_slopes"] = alibi_slopes(case.nheads).to(q.device)
     first = {"func": as_view(case, q, k, v), "kvpacked": (q, kv), "qkvpacked": (qkv,)}[case.packing]
-    if case.layout in RING_FAMILY:
-        fn = getattr(rfa, f"{RING_FAMILY[case.layout]}_{SUFFIX[case.packing]}")
+    if case.layout in rfa.LAYOUTS:
+        fn = public_function(case.layout, case.packing, varlen=True)
         local_cu = local_cu_seqlens(cu, case.layout, w)
         max_len = int((local_cu[1:] - local_cu[:-1]).max())
         return fn(*first, local_cu, max_len, **common)
@@ -114,7 +111,7 @@ def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv):
         unpacked = {"func": (q, k, v), "kvpacked": (q, *kv.unbind(1)) if kv is not None else None,
                     "qkvpacked": qkv.unbind(1) if qkv is not None else None}[case.packing]
         return packed_allgather("packed_zigzag", *unpacked, cu, heads_k_stride=case.heads_k_stride, **common)
-    fn = getattr(rfa, f"{ALLGATHER[case.layout]}_{SUFFIX[case.packing]}")
+    fn = public_function(case.layout, case.packing, varlen=True)
     if case.layout == "llama3":
         prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, case.causal, rank, w)
         stride = case.heads_k_stride or case.nheads_k

@@ -212,8 +212,8 @@ def flash_attn_3(backward_causal_name: str = "is_causal") -> types.ModuleType:
 def run_rank_with_fake_fa2(rank: int, world_size: int, case):
     """Worker entry: register a flash-attn-2.7 fake that accepts CPU tensors as ``fake_fa2``, then run
     the case through it (the ring with a bottom-right, window-taking kernel, on CPU); batch or varlen case."""
-    import attention_cases
-    import varlen_cases
+    from helpers import attention_cases
+    from helpers import varlen_cases
     from ring_flash_attn.kernels import BACKENDS, register_backend
     from ring_flash_attn.kernels.flash_attn_pkg import FlashAttn2Backend
 

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from attention_cases import mask
-from hf_cases import build_model
+from helpers.attention_cases import mask
+from helpers.hf_cases import build_model
 
 Tensor = torch.Tensor
 

@@ -21,12 +21,16 @@ DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, 
 # relative max error allowed for out / grads, and absolute error for lse, per input dtype
 TOLERANCE = {"fp64": (1e-12, 1e-12), "fp32": (1e-5, 1e-5), "fp16": (3e-3, 1e-4), "bf16": (2e-2, 1e-3)}
 
-FUNCS = {
-    "ring": ("ring_flash_attn_func", "ring_flash_attn_kvpacked_func", "ring_flash_attn_qkvpacked_func"),
-    "zigzag": ("zigzag_ring_flash_attn_func", "zigzag_ring_flash_attn_kvpacked_func", "zigzag_ring_flash_attn_qkvpacked_func"),
-    "stripe": ("stripe_flash_attn_func", "stripe_flash_attn_kvpacked_func", "stripe_flash_attn_qkvpacked_func"),
-}
 PACKINGS = ("func", "kvpacked", "qkvpacked")
+# the one table of public function names: layout -> name prefix (varlen layouts of the all-gather family too)
+PREFIX = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn",
+          "llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn"}
+
+
+def public_function(layout: str, packing: str = "func", varlen: bool = False):
+    """The public function of ``layout`` for a packing (``func``, ``kvpacked``, ``qkvpacked``)."""
+    suffix = "func" if packing == "func" else f"{packing}_func"
+    return getattr(rfa, f"{PREFIX[layout]}_{'varlen_' if varlen else ''}{suffix}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
          for name, t in global_inputs(case).items()}
     for name in "qkv":
         x[name].requires_grad_()
-    func = getattr(rfa, FUNCS[case.layout][PACKINGS.index(case.packing)])
+    func = public_function(case.layout, case.packing)
     kwargs = dict(softmax_scale=case.softmax_scale, causal=case.causal, window_size=case.window, softcap=case.softcap,
                   return_attn_probs=case.return_lse,
                   group=dist.group.WORLD if world_size > 1 else None, backend=case.backend,

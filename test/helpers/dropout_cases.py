@@ -20,11 +20,10 @@ import torch
 import torch.distributed as dist
 
 import ring_flash_attn as rfa
-from attention_cases import DTYPES
+from helpers.attention_cases import DTYPES, public_function
 from ring_flash_attn.allgather.api import packed_allgather
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen
 
-FUNCS = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def _attention(case: DropoutCase, q, k, v, p: float, seed: int) -> torch.Tensor:
     if case.window != (-1, -1):
         kw["window_size"] = case.window
     if not case.doc_lengths:
-        return getattr(rfa, f"{FUNCS[case.layout]}_func")(q, k, v, **kw)
+        return public_function(case.layout)(q, k, v, **kw)
     cu = torch.tensor([0, *torch.tensor(case.doc_lengths).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
     if case.layout == "llama3":
         rank = dist.get_rank() if group is not None else 0
@@ -88,7 +87,7 @@ def _attention(case: DropoutCase, q, k, v, p: float, seed: int) -> torch.Tensor:
         return packed_allgather("packed_zigzag", q, k, v, cu, **kw)
     local_cu = local_cu_seqlens(cu, case.layout, case.world_size)
     max_len = int((local_cu[1:] - local_cu[:-1]).max())
-    return getattr(rfa, f"{FUNCS[case.layout]}_varlen_func")(q, k, v, local_cu, max_len, **kw)
+    return public_function(case.layout, varlen=True)(q, k, v, local_cu, max_len, **kw)
 
 
 def _total(x: torch.Tensor) -> torch.Tensor:
