@@ -6,14 +6,17 @@ packed-document variants (ring / zigzag / stripe per document, llama3, zigzag_ll
 of several documents with the same total length.
 
 For each variant it prints the max error of out and dq/dk/dv (relative to the largest value)
-against single-device attention on the whole sequence (float32 SDPA per document), iter/s,
+against single-device attention on the whole sequence (float32 SDPA per document), a verdict
+(``ok`` when that error is within the test suite's bound for the dtype, or within twice what the
+same function makes of the same inputs on one rank), iter/s, and on GPUs
 achieved TFLOP/s per rank, peak memory, and % of ideal: the best single-device kernel on the
 local problem (``--seqlen`` tokens, the same document proportions), divided by W -- a rank's share
 of the global work is W local problems' worth. "% FA2" uses PyTorch's FA2 as the single-device
 kernel instead (what ring-flash-attn's published tables compare with). "balance": the attended
 (query, key) pairs of the busiest rank over the mean -- the layout's own limit, about 1 / balance of
 the ideal. "host ms": time the host took to issue one call (the device runs behind it unless this
-is close to 1 / iter/s).
+is close to 1 / iter/s). On CPU the timings say nothing about GPU performance, so the table has no
+TFLOP/s, % ideal or memory columns there.
 """
 
 from __future__ import annotations
@@ -174,11 +177,12 @@ class Problem:
             return {n: shard_varlen(t, self.cu_seqlens, variant, rank, w) for n, t in tensors.items()}
         return {n: rfa.shard(t, variant, rank, w) for n, t in tensors.items()}
 
-    def call_args(self, variant: str) -> tuple:
-        """Positional arguments after q/k/v (or kv, qkv) for the variant's function."""
+    def call_args(self, variant: str, whole: bool = False) -> tuple:
+        """Positional arguments after q/k/v (or kv, qkv) for the variant's function (``whole``: on the
+        whole sequence, one rank)."""
         if not self.args.varlen:
             return ()
-        rank, w = world()
+        rank, w = (0, 1) if whole else world()
         if variant in BATCH_VARIANTS:
             cu = local_cu_seqlens(self.cu_seqlens, variant, w)
             return cu, max(self.lengths) // w
@@ -187,8 +191,9 @@ class Problem:
             return (*prepared[:4], self.args.heads_k_stride or self.args.nheads_k, prepared[4])
         return self.cu_seqlens, max(self.lengths)
 
-    def reference(self, variant: str) -> List[torch.Tensor]:
-        """float32 SDPA per document on the whole sequence; this rank's shard of out (and grads)."""
+    def reference(self, variant: Optional[str]) -> List[torch.Tensor]:
+        """float32 SDPA per document on the whole sequence; this rank's shard of out (and grads), or
+        all of it for ``variant=None``."""
         args, x = self.args, self.x
         q, k, v = (x[n].float().requires_grad_() for n in "qkv")
         group = args.nheads // args.nheads_k
@@ -203,6 +208,8 @@ class Problem:
         tensors = [out]
         if not args.fwd_only:
             tensors += torch.autograd.grad(out, (q, k, v), x["dout"].float())
+        if variant is None:
+            return [t.detach() for t in tensors]
         local = self.shard(variant, {str(i): t.detach() for i, t in enumerate(tensors)})
         return [local[str(i)] for i in range(len(tensors))]
 
@@ -223,19 +230,22 @@ def mask_args(args, length: int, device) -> dict:
     return {"attn_mask": allowed}
 
 
-def make_step(args, problem: Problem, variant: str) -> Callable[[], List[torch.Tensor]]:
-    """One forward (+ backward) of the variant; returns out and dq, dk, dv."""
-    local = problem.shard(variant)
+def make_step(args, problem: Problem, variant: str, whole: bool = False,
+              group: Optional[dist.ProcessGroup] = None) -> Callable[[], List[torch.Tensor]]:
+    """One forward (+ backward) of the variant; returns out and dq, dk, dv. ``whole``: the variant on
+    the whole sequence over ``group``, a group of this rank alone (the single-rank error)."""
+    local = problem.x if whole else problem.shard(variant)
     prefix = (VARLEN_VARIANTS if args.varlen else BATCH_VARIANTS)[variant]
     suffix = {"func": "func", "kvpacked": "kvpacked_func", "qkvpacked": "qkvpacked_func"}[args.packing]
     fn = getattr(rfa, f"{prefix}_{'varlen_' if args.varlen else ''}{suffix}")
-    group = dist.group.WORLD if dist.is_initialized() else None
+    if not whole:
+        group = dist.group.WORLD if dist.is_initialized() else None
     kw = dict(causal=args.causal, group=group, backend=args.backend)
     if tuple(args.window) != (-1, -1):
         kw["window_size"] = tuple(args.window)
     if args.varlen and variant == "zigzag_llama3":
         kw["heads_k_stride"] = args.heads_k_stride
-    extra = problem.call_args(variant)
+    extra = problem.call_args(variant, whole=whole)
     grad = not args.fwd_only
     q, k, v = (local[n].detach().requires_grad_(grad) for n in "qkv")
     pack_dim = 1 if args.varlen else 2
@@ -317,33 +327,76 @@ def tflops_per_rank(args, problem: Problem, seconds: float) -> float:
     return flops / seconds / 1e12
 
 
+def max_errors(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> List[float]:
+    """max |x - ref| / max |ref| per tensor, the largest over the ranks."""
+    err = torch.stack([(g.float() - r).abs().max() / r.abs().max() for g, r in zip(got, ref)])
+    if dist.is_initialized():
+        dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    return err.tolist()
+
+
+def single_rank_groups() -> Optional[dist.ProcessGroup]:
+    """A process group of this rank alone (every rank creates all W of them, in order)."""
+    if not dist.is_initialized():
+        return None
+    rank, w = world()
+    groups = [dist.new_group([r]) for r in range(w)]
+    return groups[rank]
+
+
+TOLERANCE = {"bf16": 2e-2, "fp16": 3e-3, "fp32": 1e-5}  # the test suite's bounds (test/helpers/attention_cases.py)
+
+
+def verdict(errors: List[float], alone: List[float], dtype: str) -> str:
+    """``ok`` when every error is within the test suite's bound for the dtype or within twice the
+    single-rank error of the same inputs; otherwise ``CHECK``."""
+    if not errors:
+        return "-"
+    return "ok" if all(e <= max(TOLERANCE[dtype], 2 * a) for e, a in zip(errors, alone)) else "CHECK"
+
+
+LEGEND = (
+    "# err out / err grads: max |x - ref| / max |ref| of out / of dq, dk, dv against float32 attention on the\n"
+    "#   whole sequence (every rank's shard); 1 rank: the same function on the whole sequence on one rank\n"
+    "# verdict: ok = every error within the tests' bound (bf16 2e-2, fp16 3e-3, fp32 1e-5) or 2x the 1-rank one\n"
+    "# iter/s: calls (fwd or fwd+bwd) per second\n"
+    "# balance: attended pairs of the busiest rank / the mean (1.0: every rank has the same work)\n"
+    "# host ms: time the host takes to issue one call"
+)
+GPU_LEGEND = (
+    "# TFLOP/s: attention FLOPs per rank per second; % ideal: iter/s over the best single-GPU kernel's on\n"
+    "#   the local problem / W (% FA2: PyTorch's FA2 as that kernel); peak GiB: max memory allocated"
+)
+
+
 def main() -> None:
     args = parse_args()
     device = setup()
     rank, w = world()
+    gpu = device.type == "cuda"
     problem = Problem(args, device)
     kernels = {n: t for n in AUTO_ORDER if n != "reference" for t in [single_device_seconds(args, device, n)] if t}
     best = min(kernels.values()) * w if kernels else float("nan")
     fa2 = kernels.get("torch_cuda_flash", float("nan")) * w
+    alone_group = None if args.no_check else single_rank_groups()
     rows = []
     for variant in args.variants:
         step = make_step(args, problem, variant)
         errors: List[float] = []
+        alone: List[float] = []
         if not args.no_check:
-            got, ref = step(), problem.reference(variant)
-            err = torch.stack([(g.float() - r).abs().max() / r.abs().max() for g, r in zip(got, ref)])
-            if dist.is_initialized():
-                dist.all_reduce(err, op=dist.ReduceOp.MAX)
-            errors = err.tolist()
-        if device.type == "cuda":
+            errors = max_errors(step(), problem.reference(variant))
+            alone = max_errors(make_step(args, problem, variant, whole=True, group=alone_group)(),
+                               problem.reference(None))
+        if gpu:
             torch.cuda.reset_peak_memory_stats(device)
         seconds, host = time_per_iter(step, args, device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        rows.append((variant, errors, seconds, peak, work_balance(args, problem, variant), host))
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else float("nan")
+        rows.append((variant, errors, alone, seconds, peak, work_balance(args, problem, variant), host))
 
     if rank == 0:
         mode = "fwd" if args.fwd_only else "fwd+bwd"
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        name = torch.cuda.get_device_name(device) if gpu else "CPU"
         docs = f"documents {problem.lengths} (global), " if args.varlen else f"batch={args.batch}, "
         window = f"window_size={tuple(args.window)}, " if tuple(args.window) != (-1, -1) else ""
         print(f"# {name} x{w}, torch {torch.__version__}, {'varlen ' if args.varlen else ''}{args.packing}, {mode}, "
@@ -351,18 +404,28 @@ def main() -> None:
               f"{args.nheads_k}, d={args.head_dim}, backend={args.backend or 'auto'}")
         print(f"# timing: median of {args.repeats} repeats of >= {args.iters} calls and >= {args.repeat_seconds:g} s "
               f"each, after {args.warmup} warm-up calls")
-        print("# single-device kernels, local problem: "
-              + ", ".join(f"{n} {1 / t:.2f} iter/s (ideal at W={w}: {1 / (t * w):.2f})" for n, t in kernels.items()))
-        print(f"{'variant':<14} {'err out':>9} {'err grads':>9} {'iter/s':>8} {'TFLOP/s':>8} {'% ideal':>8} "
-              f"{'% FA2':>7} {'peak GiB':>8} {'balance':>7} {'host ms':>7}")
-        for variant, errors, seconds, peak, balance, host in rows:
+        print(LEGEND)
+        if gpu:
+            print(GPU_LEGEND)
+            print("# single-device kernels, local problem: "
+                  + ", ".join(f"{n} {1 / t:.2f} iter/s (ideal at W={w}: {1 / (t * w):.2f})" for n, t in kernels.items()))
+        else:
+            print("# CPU (gloo): the errors and verdicts are meaningful, the timings are not (no GPU kernels, two\n"
+                  "#   processes sharing a few cores); run this on GPUs for performance")
+        head = f"{'variant':<14} {'err out':>9} {'err grads':>9} {'1 rank':>9} {'verdict':>7} {'iter/s':>8}"
+        print(head + (f" {'TFLOP/s':>8} {'% ideal':>8} {'% FA2':>7} {'peak GiB':>8}" if gpu else "")
+              + f" {'balance':>7} {'host ms':>7}")
+        for variant, errors, alone, seconds, peak, balance, host in rows:
             err_out = f"{errors[0]:.2e}" if errors else "-"
             err_grad = f"{max(errors[1:]):.2e}" if len(errors) > 1 else "-"
-            vs_fa2 = f"{100 * fa2 / seconds:.1f}%" if fa2 == fa2 else "-"
-            peak_text = f"{peak:.2f}" if peak == peak else "-"
-            print(f"{variant:<14} {err_out:>9} {err_grad:>9} {1 / seconds:>8.2f} "
-                  f"{tflops_per_rank(args, problem, seconds):>8.1f} {100 * best / seconds:>7.1f}% "
-                  f"{vs_fa2:>7} {peak_text:>8} {balance:>7.3f} {1e3 * host:>7.3f}")
+            err_alone = f"{max(alone):.2e}" if alone else "-"
+            line = (f"{variant:<14} {err_out:>9} {err_grad:>9} {err_alone:>9} "
+                    f"{verdict(errors, alone, args.dtype):>7} {1 / seconds:>8.2f}")
+            if gpu:
+                vs_fa2 = f"{100 * fa2 / seconds:.1f}%" if fa2 == fa2 else "-"
+                line += (f" {tflops_per_rank(args, problem, seconds):>8.1f} {100 * best / seconds:>7.1f}% "
+                         f"{vs_fa2:>7} {peak:>8.2f}")
+            print(line + f" {balance:>7.3f} {1e3 * host:>7.3f}")
     if dist.is_initialized():
         dist.destroy_process_group()
 
