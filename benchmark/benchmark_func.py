@@ -427,6 +427,7 @@ def main() -> None:
                          f"{vs_fa2:>7} {peak:>8.2f}")
             print(line + f" {balance:>7.3f} {1e3 * host:>7.3f}")
     if dist.is_initialized():
+        dist.barrier()  # every rank done before the group goes (gloo can abort a process that exits first)
         dist.destroy_process_group()
 
 
