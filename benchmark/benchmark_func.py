@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ring_flash_attn as rfa
-from ring_flash_attn.kernels import AUTO_ORDER, BACKENDS, KernelCall
+from ring_flash_attn.kernels import AUTO_ORDER, BACKENDS, BlockOptions, KernelCall
 from ring_flash_attn.core.mask import Band, VarlenMeta
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, varlen_token_index
 
@@ -287,14 +287,14 @@ def single_device_seconds(args, device, backend_name: str) -> Optional[float]:
         meta = VarlenMeta.build(docs, docs, args.causal, device)
 
         def run():
-            out, lse = backend.forward_varlen(q, k, v, meta, scale)
+            out, lse = backend.forward_varlen(q, k, v, meta, BlockOptions(scale))
             if not args.fwd_only:
-                backend.backward_varlen(out, q, k, v, out, lse, meta, scale)
+                backend.backward_varlen(out, q, k, v, out, lse, meta, BlockOptions(scale))
     else:
         def run():
-            out, lse = backend.forward(q, k, v, band, scale)
+            out, lse = backend.forward(q, k, v, band, BlockOptions(scale))
             if not args.fwd_only:
-                backend.backward(out, q, k, v, out.to(dt), lse, band, scale)
+                backend.backward(out, q, k, v, out.to(dt), lse, band, BlockOptions(scale))
 
     return time_per_iter(run, args, device)[0]
 

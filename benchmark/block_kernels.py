@@ -16,7 +16,7 @@ from typing import Callable, List, Tuple
 
 import torch
 
-from ring_flash_attn.kernels import BACKENDS
+from ring_flash_attn.kernels import BACKENDS, BlockOptions
 from ring_flash_attn.core.mask import Band
 
 
@@ -68,16 +68,16 @@ def main() -> None:
         qb, kb, vb = q[:, rows], k[:, keys], v[:, keys]
         if copy:
             qb, kb, vb = qb.contiguous(), kb.contiguous(), vb.contiguous()
-        out, _ = backend.forward(qb, kb, vb, band, scale)
+        out, _ = backend.forward(qb, kb, vb, band, BlockOptions(scale))
         pairs = int(band.allowed(qb.shape[1], kb.shape[1], device="cuda").sum())
         flops = 4 * pairs * args.nheads * args.head_dim
 
         def fwd():
-            backend.forward(qb, kb, vb, band, scale)
+            backend.forward(qb, kb, vb, band, BlockOptions(scale))
 
         def fwd_bwd():
-            o, l = backend.forward(qb, kb, vb, band, scale)
-            backend.backward(out, qb, kb, vb, o, l, band, scale)
+            o, l = backend.forward(qb, kb, vb, band, BlockOptions(scale))
+            backend.backward(out, qb, kb, vb, o, l, band, BlockOptions(scale))
 
         t_f, t_fb = cuda_ms(fwd), cuda_ms(fwd_bwd)
         print(f"{name:<46} {t_f * 1e3:>8.0f} {flops / t_f / 1e9:>9.0f} {t_fb * 1e3:>11.0f} "

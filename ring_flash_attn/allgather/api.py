@@ -23,7 +23,7 @@ from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seql
                                check_nonempty_pack, check_options, check_qkv, check_same_call_across_group,
                                default_scale, group_rank_and_size, host_offsets, kernel_ready, normalized_window,
                                unpack)
-from ..kernels import select_block_kernel
+from ..kernels import block_options, select_block_kernel
 from .gather import PlainGather
 from .own_keys_first import OwnKeysFirst, own_keys_split
 from .plan import AllGatherPlan, check_heads_k_stride, document_meta, gathered_keys, window_metas
@@ -67,18 +67,18 @@ def _allgather(q: Tensor, k: Tensor, v: Tensor, pack: LocalPack, heads_k_stride:
     q_positions = None
     if alibi_slopes is not None:  # global positions of the queries
         q_positions = torch.cat([torch.arange(start, start + n) for start, n in pack.pieces]).to(q.device)
-    plan = functools.partial(AllGatherPlan, rank=rank, world_size=world_size, group=group,
-                             softmax_scale=default_scale(q, softmax_scale),
+    options = block_options(default_scale(q, softmax_scale), softcap, dropout_p, alibi_slopes, deterministic)
+    plan = functools.partial(AllGatherPlan, rank=rank, world_size=world_size, group=group, backend=kernel,
                              heads_k_stride=check_heads_k_stride(heads_k_stride, k.shape[1]))
     if window == (-1, -1):
         key_ranges = tuple((ks, ks + lk) for (_, ks), (_, lk) in zip(pack.starts, meta.lengths))
         local_meta, remote_meta, rows, repeats, remote_positions = own_keys_split(
             pack.layout, pack.offsets, rank, world_size, meta.offsets_q, key_ranges, meta.causal, q.device)
-        local, remote = kernel, kernel
+        local, remote = options, options
         if q_positions is not None:
-            local, remote = kernel.at_positions(q_positions, q_positions), kernel.at_positions(q_positions,
-                                                                                               remote_positions)
-        runner = OwnKeysFirst(plan(backend=kernel, metas=(remote_meta,), k_rows=rows, k_repeats=repeats),
+            local, remote = options.at_positions(q_positions, q_positions), options.at_positions(q_positions,
+                                                                                                 remote_positions)
+        runner = OwnKeysFirst(plan(options=options, metas=(remote_meta,), k_rows=rows, k_repeats=repeats),
                               local_meta, local, remote)
     else:
         windowed = not causal  # keys run past the queries: the window is cut per document into flash calls
@@ -88,8 +88,8 @@ def _allgather(q: Tensor, k: Tensor, v: Tensor, pack: LocalPack, heads_k_stride:
             rows, repeats = gathered_keys(pack.layout, pack.offsets, rank, world_size, bool(causal), q.device)
         if alibi_slopes is not None:  # and of the selected keys
             k_positions = torch.arange(q.shape[0] * world_size, device=q.device)[pack.key_rows]
-            kernel = kernel.at_positions(q_positions, k_positions)
-        runner = PlainGather(plan(backend=kernel, metas=metas, k_rows=rows, k_repeats=repeats, windowed=windowed))
+            options = options.at_positions(q_positions, k_positions)
+        runner = PlainGather(plan(options=options, metas=metas, k_rows=rows, k_repeats=repeats, windowed=windowed))
     out, lse = AttentionFunction.apply(q, k, v, runner)
     return (out, lse, None) if return_attn_probs else out
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..core.comm import all_gather_async, reduce_scatter_async
 from ..core.merge import accumulator_dtype, merge_into
 from ..core.rows import take
-from ..kernels import Backend
+from ..kernels import BlockOptions
 from ..kernels.dropout import dropout_stream
 from .plan import AllGatherPlan
 
@@ -92,30 +92,30 @@ class PlainGather:
 def gather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """``(out (T, H, D), lse (H, T))`` for packed local queries ``q (T, H, D)``."""
     group_size = q.shape[1] // k.shape[1]
-    with dropout_stream(plan.backend.dropout, q.device, plan.rank):
+    with dropout_stream(plan.options.dropout, q.device, plan.rank):
         if plan.heads_k_stride == k.shape[1]:  # one chunk: the kernel's output is the result
             (_, heads, fetch), = KVGather(plan, k, v).chunks(group_size)
-            out, lse = attend(plan, plan.backend, q, *fetch())
+            out, lse = attend(plan, plan.options, q, *fetch())
             return out.to(q.dtype), lse
         out = torch.empty_like(q)
         lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
         for _, heads, fetch in KVGather(plan, k, v).chunks(group_size):
-            out[:, heads], lse[heads] = attend(plan, plan.chunk_backend(heads), q[:, heads], *fetch())
+            out[:, heads], lse[heads] = attend(plan, plan.options.for_heads(heads), q[:, heads], *fetch())
     return out, lse
 
 
-def attend(plan: AllGatherPlan, backend: Backend, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+def attend(plan: AllGatherPlan, options: BlockOptions, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """The varlen calls of the plan; their rows are disjoint, so merging them is exact."""
-    out, lse = backend.forward_varlen(q, k, v, plan.metas[0], plan.softmax_scale)
+    out, lse = plan.backend.forward_varlen(q, k, v, plan.metas[0], options)
     for meta in plan.metas[1:]:
-        out_m, lse_m = backend.forward_varlen(q, k, v, meta, plan.softmax_scale)
+        out_m, lse_m = plan.backend.forward_varlen(q, k, v, meta, options)
         merge_into(out[None], lse[None], out_m[None], lse_m[None])
     return out, lse
 
 
-def attend_backward(plan: AllGatherPlan, backend: Backend, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+def attend_backward(plan: AllGatherPlan, options: BlockOptions, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`attend`: dq over disjoint rows; dK/dV summed in float32 over the calls."""
-    grads = [backend.backward_varlen(dout, q, k, v, out, lse, meta, plan.softmax_scale) for meta in plan.metas]
+    grads = [plan.backend.backward_varlen(dout, q, k, v, out, lse, meta, options) for meta in plan.metas]
     if len(grads) == 1:
         return grads[0]
     dq, dk, dv = grads[0][0].clone(), grads[0][1].float(), grads[0][2].float()
@@ -128,8 +128,8 @@ def attend_backward(plan: AllGatherPlan, backend: Backend, dout, q, k, v, out, l
 
 def start_backward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[int, Tensor, Tensor, Tensor]:
     """``(query heads per K/V head, dq, dk, dv)`` to fill; dropout replays from the forward's first call."""
-    if plan.backend.dropout is not None:
-        plan.backend.dropout.rewind()
+    if plan.options.dropout is not None:
+        plan.options.dropout.rewind()
     return q.shape[1] // k.shape[1], torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -154,7 +154,7 @@ def gather_backward(
                       and not plan.windowed)
     sum_dtype = k.dtype if in_input_dtype else accumulator_dtype(k.dtype)
     for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(group_size):
-        dq[:, heads], dk_c, dv_c = attend_backward(plan, plan.chunk_backend(heads), dout[:, heads], q[:, heads],
+        dq[:, heads], dk_c, dv_c = attend_backward(plan, plan.options.for_heads(heads), dout[:, heads], q[:, heads],
                                                    *fetch(), out[:, heads], lse[heads])
         full = torch.zeros((w * tokens, 2, *dk_c.shape[1:]), dtype=sum_dtype, device=k.device)
         for i, grad in enumerate((dk_c, dv_c)):

@@ -29,7 +29,7 @@ from ..core.layouts import buffer_row_of, shard_positions
 from ..core.mask import VarlenMeta
 from ..core.merge import accumulator_dtype, merge_into
 from ..core.rows import Rows
-from ..kernels import Backend
+from ..kernels import BlockOptions
 from ..kernels.dropout import dropout_stream
 from .gather import KVGather, start_backward
 from .plan import AllGatherPlan, RowRepeats
@@ -45,8 +45,8 @@ class OwnKeysFirst:
 
     plan: AllGatherPlan
     local_meta: VarlenMeta  # local queries against local keys: each document's local tokens, q = k
-    local_backend: Backend
-    remote_backend: Backend
+    local_options: BlockOptions  # the plan's options, with ALiBi at the local keys' positions
+    remote_options: BlockOptions  # ... at the remote keys' positions
 
     @property
     def group(self) -> Optional[dist.ProcessGroup]:
@@ -65,15 +65,14 @@ class OwnKeysFirst:
         group_size = q.shape[1] // k.shape[1]
         out = torch.empty_like(q)
         lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
-        with dropout_stream(plan.backend.dropout, q.device, plan.rank):
+        with dropout_stream(plan.options.dropout, q.device, plan.rank):
             for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(group_size):
-                local = plan.chunk_backend(heads, self.local_backend)
-                out_c, lse_c = local.forward_varlen(q[:, heads], k[:, kv_heads], v[:, kv_heads], self.local_meta,
-                                                    plan.softmax_scale)
+                out_c, lse_c = plan.backend.forward_varlen(q[:, heads], k[:, kv_heads], v[:, kv_heads],
+                                                           self.local_meta, self.local_options.for_heads(heads))
                 k_r, v_r = fetch()
                 if self.has_remote:
-                    remote = plan.chunk_backend(heads, self.remote_backend)
-                    out_r, lse_r = remote.forward_varlen(q[:, heads], k_r, v_r, self.remote_meta, plan.softmax_scale)
+                    out_r, lse_r = plan.backend.forward_varlen(q[:, heads], k_r, v_r, self.remote_meta,
+                                                               self.remote_options.for_heads(heads))
                     merge_into(out_c[None], lse_c[None], out_r[None], lse_r[None])
                 if heads == slice(0, q.shape[1]):
                     return out_c.to(q.dtype), lse_c
@@ -89,7 +88,7 @@ class OwnKeysFirst:
         # to zeros, exact in the input dtype; the owner adds its own term with float32 math, one
         # rounding. More ranks sum several remote terms: float32.
         sum_dtype = k.dtype if w == 2 and plan.backend.results_in_input_dtype else accumulator_dtype(k.dtype)
-        dropout = plan.backend.dropout
+        dropout = plan.options.dropout
 
         def finish(work, mine, local_grads, kv_heads):
             if work is not None:
@@ -108,9 +107,8 @@ class OwnKeysFirst:
                 k_r, v_r = fetch()
                 if dropout is not None:
                     dropout.seek(local_call + 1)
-                remote = plan.chunk_backend(heads, self.remote_backend)
-                dq_r, dk_r, dv_r = remote.backward_varlen(*args, k_r, v_r, out[:, heads], lse[heads], self.remote_meta,
-                                                          plan.softmax_scale)
+                dq_r, dk_r, dv_r = plan.backend.backward_varlen(*args, k_r, v_r, out[:, heads], lse[heads],
+                                                                self.remote_meta, self.remote_options.for_heads(heads))
                 for i, grad in enumerate((dk_r, dv_r)):
                     if plan.k_repeats is None:
                         full[plan.k_rows, i] = grad
@@ -122,9 +120,9 @@ class OwnKeysFirst:
                 work = reduce_scatter_async(mine, full, plan.group)
             if dropout is not None:
                 dropout.seek(local_call)
-            local = plan.chunk_backend(heads, self.local_backend)
-            dq_c, dk_l, dv_l = local.backward_varlen(*args, k[:, kv_heads], v[:, kv_heads], out[:, heads], lse[heads],
-                                                     self.local_meta, plan.softmax_scale)
+            dq_c, dk_l, dv_l = plan.backend.backward_varlen(*args, k[:, kv_heads], v[:, kv_heads], out[:, heads],
+                                                            lse[heads], self.local_meta,
+                                                            self.local_options.for_heads(heads))
             if dropout is not None:
                 dropout.seek(local_call + (2 if self.has_remote else 1))
             if not self.has_remote:

@@ -16,7 +16,6 @@ gathered buffer, no reordering copy.
 from __future__ import annotations
 
 import bisect
-import copy
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence, Tuple
@@ -28,7 +27,7 @@ from ..core.eager import eager_under_compile
 from ..core.layouts import buffer_row_of, local_pieces, shard_positions
 from ..core.mask import Band, VarlenMeta, WindowCalls
 from ..core.rows import Rows
-from ..kernels import Backend
+from ..kernels import Backend, BlockOptions
 
 Tensor = torch.Tensor
 
@@ -42,21 +41,12 @@ class AllGatherPlan:
     world_size: int
     group: Optional[dist.ProcessGroup]
     backend: Backend
-    softmax_scale: float
+    options: BlockOptions  # the call's scale, soft-cap, dropout record, ALiBi slopes, determinism
     heads_k_stride: int
     metas: Tuple[VarlenMeta, ...]  # varlen calls: local query documents against the selected keys
     k_rows: Rows  # rows of the all-gather buffer (every rank's shard, rank order) that the metas' keys are
     k_repeats: Optional["RowRepeats"] = None  # k_rows split into first occurrences and repeats (index k_rows)
     windowed: bool = False  # a non-causal window: several calls per chunk (same on every rank)
-
-    def chunk_backend(self, heads: slice, backend: Optional[Backend] = None) -> Backend:
-        """The kernel (default: the plan's) for one chunk of query heads (ALiBi slopes cut to them)."""
-        backend = self.backend if backend is None else backend
-        if backend.alibi_slopes is None or heads == slice(0, backend.alibi_slopes.shape[-1]):
-            return backend
-        chunk = copy.copy(backend)
-        chunk.alibi_slopes = backend.alibi_slopes[..., heads]
-        return chunk
 
 
 def gathered_rows(layout: str, offsets: Tuple[int, ...], world_size: int, rows: Rows, device: torch.device) -> Rows:

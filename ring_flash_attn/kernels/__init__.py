@@ -15,10 +15,9 @@ import os
 from functools import lru_cache
 from typing import Dict, Optional
 
-import torch
-
 from ..core.mask import Band
-from .base import Backend, KernelCall, Tensor
+from .base import Backend, BlockOptions, KernelCall, Tensor
+from .dropout import DropoutRecord
 from .flash_attn_pkg import FlashAttn2Backend, FlashAttn3Backend, FlashAttn4Backend
 from .reference import ReferenceBackend
 from .torch_cpu import TorchCpuFlashBackend
@@ -54,17 +53,21 @@ register_backend(FlashAttn3Backend())
 register_backend(FlashAttn4Backend())
 
 
+OPTIONS = (  # (KernelCall field, Backend declaration, what the call lacks)
+    ("softcap", "supports_softcap", "no softcap"),
+    ("deterministic", "supports_deterministic", "no deterministic backward"),
+    ("alibi", "supports_alibi", "no ALiBi"),
+    ("dropout", "supports_dropout", "no dropout"),
+)
+
+
 def reasons(backend: Backend, call: KernelCall) -> list:
-    """Why ``backend`` cannot serve ``call``: its own reasons plus the per-call options it lacks."""
-    found = backend.not_supported_reasons(call)
-    if call.softcap and not backend.supports_softcap:
-        found = found + ["no softcap (install flash-attn >= 2.6, flash-attn 3 or 4, or use the reference backend)"]
-    if call.deterministic and not backend.supports_deterministic:
-        found = found + ["no deterministic backward (torch_cuda_flash, flash_attn_2 and the CPU kernels have one)"]
-    if call.alibi and not backend.supports_alibi:
-        found = found + ["no ALiBi (only the reference backend adds position biases)"]
-    if call.dropout and not backend.supports_dropout:
-        found = found + ["no dropout (torch_cuda_flash on CUDA and the reference backend replay it exactly)"]
+    """Why ``backend`` cannot serve ``call``: its own reasons, plus each per-call option it does not
+    declare, naming the registered backends that do."""
+    found = list(backend.not_supported_reasons(call))
+    for field, declared, missing in OPTIONS:
+        if getattr(call, field) and not getattr(backend, declared):
+            found.append(f"{missing} ({', '.join(n for n, b in BACKENDS.items() if getattr(b, declared))} have it)")
     return found
 
 
@@ -104,24 +107,23 @@ def _select(call: KernelCall, name: str) -> Backend:
 
 
 def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: bool, backend: Optional[str],
-                        varlen: bool = False, softcap: float = 0.0,
-                        dropout_p: float = 0.0, alibi_slopes: Optional[Tensor] = None):
-    """The block kernel for ``(B, S, H, D)`` tensors (see :func:`select_backend`),
-    bound to the call's soft-cap, dropout and ALiBi slopes."""
-    call = KernelCall(
-        device_type=q.device.type,
-        dtype=q.dtype,
-        head_dim=q.shape[-1],
-        bands=tuple(bands),
-        deterministic=deterministic,
-        varlen=varlen,
-        softcap=bool(softcap),
-        dropout=bool(dropout_p),
-        alibi=alibi_slopes is not None,
-    )
-    return select_backend(call, backend).with_options(softcap=float(softcap), dropout_p=float(dropout_p),
-                                                      alibi_slopes=alibi_slopes, deterministic=bool(deterministic))
+                        varlen: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
+                        alibi_slopes: Optional[Tensor] = None) -> Backend:
+    """The block kernel for a call on ``(B, S, H, D)`` (or packed) tensors whose blocks use ``bands``
+    (see :func:`select_backend`)."""
+    call = KernelCall(device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], bands=tuple(bands),
+                      deterministic=deterministic, varlen=varlen, softcap=bool(softcap), dropout=bool(dropout_p),
+                      alibi=alibi_slopes is not None)
+    return select_backend(call, backend)
+
+
+def block_options(softmax_scale: float, softcap: float = 0.0, dropout_p: float = 0.0,
+                  alibi_slopes: Optional[Tensor] = None, deterministic: bool = False) -> BlockOptions:
+    """One call's :class:`BlockOptions`; with dropout a fresh record of the call's random states."""
+    return BlockOptions(softmax_scale=float(softmax_scale), softcap=float(softcap),
+                        dropout=DropoutRecord(dropout_p) if dropout_p else None, alibi_slopes=alibi_slopes,
+                        deterministic=bool(deterministic))
 
 
 __all__ = ["Backend", "Band", "KernelCall", "BACKENDS", "AUTO_ORDER", "ENV_VAR", "register_backend",
-           "select_backend", "select_block_kernel", "explain_selection"]
+           "select_backend", "select_block_kernel", "block_options", "BlockOptions", "explain_selection"]

@@ -13,7 +13,7 @@ no key). Packed (varlen) blocks: q ``(Tq, H, D)``, k/v ``(Tk, Hk, D)``, lse ``(H
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Tuple
@@ -71,12 +71,39 @@ class KernelCall:
     alibi: bool = False  # ALiBi position biases
 
 
-class Backend:
-    """One way of computing a block. Subclasses fill in the three methods; the varlen pair has a
-    generic version (one dense call per document) that fast backends replace.
+@dataclass(frozen=True, eq=False)
+class BlockOptions:
+    """What every block of one attention call shares besides its tensors and mask; handed to each
+    kernel call as an argument (backends hold no per-call state)."""
 
-    Per-call options that every block of a call shares (the soft-cap) are bound to a copy of the
-    backend with :meth:`with_options`; a backend declares ``supports_softcap``."""
+    softmax_scale: float
+    softcap: float = 0.0  # > 0: logits soft-capped as softcap * tanh(scores / softcap)
+    dropout: Optional[DropoutRecord] = None  # the call's dropout probability and each kernel call's random state
+    alibi_slopes: Optional[Tensor] = None  # (H,) or (B, H) float32
+    positions: Optional[Tuple[Tensor, Tensor]] = None  # global positions of this block's queries and keys (ALiBi)
+    deterministic: bool = False  # a backward with a fixed reduction order
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if self.dropout is not None else 0.0
+
+    def at_positions(self, q_positions: Tensor, k_positions: Tensor) -> "BlockOptions":
+        """These options for one block whose queries / keys sit at these global positions (ALiBi)."""
+        return dataclasses.replace(self, positions=(q_positions, k_positions))
+
+    def for_heads(self, heads: slice) -> "BlockOptions":
+        """These options for a chunk of the query heads (the ALiBi slopes cut to them)."""
+        if self.alibi_slopes is None or heads == slice(0, self.alibi_slopes.shape[-1]):
+            return self
+        return dataclasses.replace(self, alibi_slopes=self.alibi_slopes[..., heads])
+
+
+class Backend:
+    """One way of computing a block. Subclasses fill in ``not_supported_reasons``, ``forward`` and
+    ``backward``; the varlen pair has a generic version (one dense call per document) that fast
+    backends replace. A backend declares what it supports where it is defined (the class attributes
+    below, and ``not_supported_reasons`` for devices, dtypes, head dims and masks) and gets each call's
+    options (:class:`BlockOptions`) as an argument: one instance serves every call."""
 
     name: str = "?"
     results_in_input_dtype: bool = True  # out and gradients come back in q's dtype (else wider)
@@ -85,70 +112,36 @@ class Backend:
     supports_dropout: bool = False  # records each call's random state and replays it in backward
     supports_alibi: bool = False  # adds -slope * |query position - key position| given positions
     supports_deterministic: bool = True  # can run its backward with a fixed reduction order
-    softcap: float = 0.0
-    deterministic: bool = False
-    dropout: Optional[DropoutRecord] = None
-    alibi_slopes: Optional[Tensor] = None  # (H,) or (B, H) float32
-    positions: Optional[Tuple[Tensor, Tensor]] = None  # global positions of a block's queries and keys
-
-    def with_options(self, softcap: float = 0.0, dropout_p: float = 0.0,
-                     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False) -> "Backend":
-        """This backend bound to one call's options; with dropout, a fresh copy every call (it keeps
-        the call's random states)."""
-        if softcap and not self.supports_softcap:
-            raise ValueError(f"backend {self.name!r} cannot soft-cap logits")
-        if dropout_p and not self.supports_dropout:
-            raise ValueError(f"backend {self.name!r} cannot apply dropout")
-        if alibi_slopes is not None and not self.supports_alibi:
-            raise ValueError(f"backend {self.name!r} cannot add ALiBi biases")
-        if softcap == self.softcap and not dropout_p and alibi_slopes is None and deterministic == self.deterministic:
-            return self
-        bound = copy.copy(self)
-        bound.softcap = float(softcap)
-        bound.deterministic = bool(deterministic)
-        bound.dropout = DropoutRecord(dropout_p) if dropout_p else None
-        bound.alibi_slopes = alibi_slopes
-        return bound
-
-    def at_positions(self, q_positions: Tensor, k_positions: Tensor) -> "Backend":
-        """This backend for one block whose queries / keys sit at these global positions (ALiBi)."""
-        bound = copy.copy(self)
-        bound.positions = (q_positions, k_positions)
-        return bound
-
-    @property
-    def dropout_p(self) -> float:
-        return self.dropout.p if self.dropout is not None else 0.0
 
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
         raise NotImplementedError
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, band: Band, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, band: Band, options: BlockOptions) -> Tuple[Tensor, Tensor]:
         """Returns ``(out, lse)``: out like q (any float dtype), lse ``(B, H, Sq)`` float32."""
         raise NotImplementedError
 
     def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, band: Band, softmax_scale: float
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, band: Band, options: BlockOptions
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Gradients of this block given the *final* out and lse of its queries (flash convention)."""
         raise NotImplementedError
 
-    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, options: BlockOptions) -> Tuple[Tensor, Tensor]:
         """Packed documents: ``(out (Tq, H, D), lse (H, Tq))``; rows with no key give 0 / -inf."""
         out = q.new_zeros(q.shape, dtype=accumulator_dtype(q.dtype))
         lse = torch.full((1, q.shape[1], q.shape[0]), float("-inf"), dtype=out.dtype, device=q.device)
         for band, rows, keys in _document_blocks(meta):
-            o, l = self.forward(q[None, rows], k[None, keys], v[None, keys], band, softmax_scale)
+            o, l = self.forward(q[None, rows], k[None, keys], v[None, keys], band, options)
             merge_into(out[None, rows], lse[:, :, rows], o, l)
         return out.to(q.dtype), lse[0]
 
     def backward_varlen(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, meta: VarlenMeta, softmax_scale: float
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, meta: VarlenMeta, options: BlockOptions
     ) -> Tuple[Tensor, Tensor, Tensor]:
         dq, dk, dv = (torch.zeros_like(t, dtype=accumulator_dtype(q.dtype)) for t in (q, k, v))
         for band, rows, keys in _document_blocks(meta):
             g = self.backward(dout[None, rows], q[None, rows], k[None, keys], v[None, keys], out[None, rows],
-                              lse[None, :, rows], band, softmax_scale)
+                              lse[None, :, rows], band, options)
             dq[rows] += g[0][0]
             dk[keys] += g[1][0]
             dv[keys] += g[2][0]

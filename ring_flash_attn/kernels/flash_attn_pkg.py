@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..core.mask import VarlenMeta
-from .base import KernelCall, Tensor
+from .base import BlockOptions, KernelCall, Tensor
 from .bottom_right import NO_WINDOW, BottomRightCausalBackend
 from .cuda_common import cuda_reasons, last_dim_contiguous
 
@@ -85,32 +85,33 @@ class FlashAttn2Backend(_PackageBackend):
     def package_reasons(self) -> list[str]:
         return [] if self.version() >= (2, 6) else [f"flash-attn {self._version} is older than 2.6"]
 
-    def _common(self, causal: bool, softmax_scale: float, varlen: Optional[VarlenMeta], window) -> dict:
+    def _common(self, causal: bool, options: BlockOptions, varlen: Optional[VarlenMeta], window) -> dict:
         window = {"window_size": tuple(window)} if self.version() < (2, 7) else \
             {"window_size_left": window[0], "window_size_right": window[1]}
-        kw = dict(dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, softcap=self.softcap, alibi_slopes=None,
+        kw = dict(dropout_p=0.0, softmax_scale=options.softmax_scale, causal=causal, softcap=options.softcap,
+                  alibi_slopes=None,
                   **window)
         if varlen is not None:
             kw.update(cu_seqlens_q=varlen.cu_seqlens_q, cu_seqlens_k=varlen.cu_seqlens_k,
                       max_seqlen_q=varlen.max_seqlen_q, max_seqlen_k=varlen.max_seqlen_k)
         return kw
 
-    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None, window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
+    def call_forward(self, q, k, v, causal, options: BlockOptions, varlen=None, window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
         fi = self.interface()
         fn = fi._flash_attn_forward if varlen is None else fi._flash_attn_varlen_forward
         q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
-        result = fn(q=q, k=k, v=v, return_softmax=False, **self._common(causal, softmax_scale, varlen, window))
+        result = fn(q=q, k=k, v=v, return_softmax=False, **self._common(causal, options, varlen, window))
         lse_index = 5 if len(result) == 8 else 1  # 2.6: (out, q, k, v, out_padded, lse, S, rng); 2.7+: (out, lse, S, rng)
         return result[0], result[lse_index]
 
-    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None,
+    def call_backward(self, dout, q, k, v, out, lse, causal, options: BlockOptions, varlen=None,
                       window=NO_WINDOW) -> Tuple[Tensor, Tensor, Tensor]:
         fi = self.interface()
         fn = fi._flash_attn_backward if varlen is None else fi._flash_attn_varlen_backward
         dout, q, k, v, out = (last_dim_contiguous(x) for x in (dout, q, k, v, out))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         fn(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse.contiguous(), dq=dq, dk=dk, dv=dv,
-           deterministic=self.deterministic, rng_state=None, **self._common(causal, softmax_scale, varlen, window))
+           deterministic=options.deterministic, rng_state=None, **self._common(causal, options, varlen, window))
         return dq, dk, dv
 
 
@@ -135,21 +136,21 @@ class FlashAttn3Backend(_PackageBackend):
     module_name = "flash_attn_interface"
     min_capability = (9, 0)
 
-    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None, window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
+    def call_forward(self, q, k, v, causal, options: BlockOptions, varlen=None, window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
         result = self.interface()._flash_attn_forward(
-            *(last_dim_contiguous(x) for x in (q, k, v)), softmax_scale=softmax_scale, causal=causal,
-            softcap=self.softcap, window_size_left=window[0], window_size_right=window[1], **_varlen_kwargs(varlen),
+            *(last_dim_contiguous(x) for x in (q, k, v)), softmax_scale=options.softmax_scale, causal=causal,
+            softcap=options.softcap, window_size_left=window[0], window_size_right=window[1], **_varlen_kwargs(varlen),
         )
         return result[0], result[1]
 
-    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None,
+    def call_backward(self, dout, q, k, v, out, lse, causal, options: BlockOptions, varlen=None,
                       window=NO_WINDOW) -> Tuple[Tensor, Tensor, Tensor]:
         fn = self.interface()._flash_attn_backward
         causal_name = "is_causal" if "is_causal" in _parameters(fn) else "causal"
         dout, q, k, v, out = (last_dim_contiguous(x) for x in (dout, q, k, v, out))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        fn(dout, q, k, v, out, lse.contiguous(), dq=dq, dk=dk, dv=dv, softmax_scale=softmax_scale,
-           softcap=self.softcap, window_size_left=window[0], window_size_right=window[1],
+        fn(dout, q, k, v, out, lse.contiguous(), dq=dq, dk=dk, dv=dv, softmax_scale=options.softmax_scale,
+           softcap=options.softcap, window_size_left=window[0], window_size_right=window[1],
            **{causal_name: causal}, **_varlen_kwargs(varlen))
         return dq, dk, dv
 
@@ -165,18 +166,18 @@ class FlashAttn4Backend(_PackageBackend):
         return {"window_size_left": None if window[0] < 0 else window[0],
                 "window_size_right": None if window[1] < 0 else window[1]}
 
-    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None, window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
+    def call_forward(self, q, k, v, causal, options: BlockOptions, varlen=None, window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
         result = self.interface()._flash_attn_fwd(
-            *(last_dim_contiguous(x) for x in (q, k, v)), softmax_scale=softmax_scale, causal=causal,
-            softcap=self.softcap or None, return_lse=True, **self._window(window), **_varlen_kwargs(varlen),
+            *(last_dim_contiguous(x) for x in (q, k, v)), softmax_scale=options.softmax_scale, causal=causal,
+            softcap=options.softcap or None, return_lse=True, **self._window(window), **_varlen_kwargs(varlen),
         )
         return result[0], result[1]
 
-    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None,
+    def call_backward(self, dout, q, k, v, out, lse, causal, options: BlockOptions, varlen=None,
                       window=NO_WINDOW) -> Tuple[Tensor, Tensor, Tensor]:
         q, k, v, out, dout = (last_dim_contiguous(x) for x in (q, k, v, out, dout))
         result = self.interface()._flash_attn_bwd(
-            q, k, v, out, dout, lse.contiguous(), softmax_scale=softmax_scale, causal=causal,
-            softcap=self.softcap, **self._window(window), **_varlen_kwargs(varlen),
+            q, k, v, out, dout, lse.contiguous(), softmax_scale=options.softmax_scale, causal=causal,
+            softcap=options.softcap, **self._window(window), **_varlen_kwargs(varlen),
         )
         return result[0], result[1], result[2]

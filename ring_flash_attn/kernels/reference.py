@@ -10,7 +10,7 @@ import torch
 
 from ..core.mask import Band, VarlenMeta
 from ..core.merge import accumulator_dtype
-from .base import Backend, KernelCall, Tensor
+from .base import Backend, BlockOptions, KernelCall, Tensor
 from .dropout import keep_mask
 
 
@@ -62,70 +62,71 @@ class ReferenceBackend(Backend):
             return [f"dtype {call.dtype} is not a floating point type"]
         return []
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, band: Band, softmax_scale: float) -> Tuple[Tensor, Tensor]:
-        return self._forward(q, k, v, _band_mask(band, q, k), softmax_scale)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, band: Band, options: BlockOptions) -> Tuple[Tensor, Tensor]:
+        return self._forward(q, k, v, _band_mask(band, q, k), options)
 
     def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, band: Band, softmax_scale: float
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, band: Band, options: BlockOptions
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        return self._backward(dout, q, k, v, out, lse, _band_mask(band, q, k), softmax_scale)
+        return self._backward(dout, q, k, v, out, lse, _band_mask(band, q, k), options)
 
-    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, softmax_scale: float) -> Tuple[Tensor, Tensor]:
-        out, lse = self._forward(q[None], k[None], v[None], meta.dense_mask(q.device), softmax_scale)
+    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, options: BlockOptions) -> Tuple[Tensor, Tensor]:
+        out, lse = self._forward(q[None], k[None], v[None], meta.dense_mask(q.device), options)
         return out[0], lse[0]
 
     def backward_varlen(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, meta: VarlenMeta, softmax_scale: float
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, meta: VarlenMeta, options: BlockOptions
     ) -> Tuple[Tensor, Tensor, Tensor]:
         grads = self._backward(dout[None], q[None], k[None], v[None], out[None], lse[None], meta.dense_mask(q.device),
-                               softmax_scale)
+                               options)
         return tuple(g[0] for g in grads)
 
-    def _forward(self, q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], softmax_scale: float) -> Tuple[Tensor, Tensor]:
+    def _forward(self, q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], options: BlockOptions) -> Tuple[Tensor, Tensor]:
         b, sq, h, d = q.shape
-        scores, _ = _scores(q, k, allowed, softmax_scale, self.softcap, self._alibi(q, k))
+        scores, _ = _scores(q, k, allowed, options.softmax_scale, options.softcap, _alibi(q, k, options))
         lse = torch.logsumexp(scores, dim=-1)  # -inf on rows with no key
         probs = _probs(scores, lse)
-        if self.dropout is not None:
+        if options.dropout is not None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-            self.dropout.record(seed)
-            probs = probs * self._kept(seed, probs)
+            options.dropout.record(seed)
+            probs = probs * _kept(seed, probs, options.dropout.p)
         out = torch.einsum("bhgij,bjhd->bihgd", probs, v.to(probs.dtype)).reshape(b, sq, h, d)
         return out, lse.reshape(b, h, sq)
 
-    def _alibi(self, q: Tensor, k: Tensor) -> Optional[Tensor]:
-        """``-slope * |query position - key position|`` as (B|1, Hk, G, Sq, Sk), or None."""
-        if self.alibi_slopes is None:
-            return None
-        if self.positions is None:
-            raise RuntimeError("ALiBi needs the block's global positions (Backend.at_positions)")
-        q_pos, k_pos = (p.to(torch.float64) for p in self.positions)
-        distance = (q_pos[:, None] - k_pos[None, :]).abs()
-        slopes = self.alibi_slopes.to(accumulator_dtype(q.dtype)).reshape(-1, k.shape[2], q.shape[2] // k.shape[2], 1, 1)
-        return -slopes * distance.to(slopes.dtype)
-
-    def _kept(self, seed: int, probs: Tensor) -> Tensor:
-        """Dropout's keep mask scaled by 1 / (1 - p), as the probabilities' dtype."""
-        p = self.dropout.p
-        return keep_mask(seed, probs.shape, p, probs.device).to(probs.dtype) / (1.0 - p)
-
     def _backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, allowed: Optional[Tensor],
-        softmax_scale: float,
+        options: BlockOptions,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         b, sq, h, d = q.shape
         hk = k.shape[2]
         dt = accumulator_dtype(q.dtype)
-        scores, slope = _scores(q, k, allowed, softmax_scale, self.softcap, self._alibi(q, k))
+        scores, slope = _scores(q, k, allowed, options.softmax_scale, options.softcap, _alibi(q, k, options))
         probs = _probs(scores, lse.reshape(b, hk, h // hk, sq))
         dout_g = _grouped(dout.to(dt), hk)
-        kept = self._kept(self.dropout.replay(), probs) if self.dropout is not None else 1.0
+        kept = _kept(options.dropout.replay(), probs, options.dropout.p) if options.dropout is not None else 1.0
         dv = torch.einsum("bhgij,bihgd->bjhd", probs * kept, dout_g)
         dprobs = torch.einsum("bihgd,bjhd->bhgij", dout_g, v.to(dt)) * kept
         delta = (dout_g * _grouped(out.to(dt), hk)).sum(-1).permute(0, 2, 3, 1)  # (B, Hk, G, Sq)
-        dscores = probs * (dprobs - delta[..., None]) * softmax_scale
+        dscores = probs * (dprobs - delta[..., None]) * options.softmax_scale
         if slope is not None:
             dscores = dscores * slope
         dq = torch.einsum("bhgij,bjhd->bihgd", dscores, k.to(dt)).reshape(b, sq, h, d)
         dk = torch.einsum("bhgij,bihgd->bjhd", dscores, _grouped(q.to(dt), hk))
         return dq, dk, dv
+
+
+def _alibi(q: Tensor, k: Tensor, options: BlockOptions) -> Optional[Tensor]:
+    """``-slope * |query position - key position|`` as (B|1, Hk, G, Sq, Sk), or None."""
+    if options.alibi_slopes is None:
+        return None
+    if options.positions is None:
+        raise RuntimeError("ALiBi needs the block's global positions (BlockOptions.at_positions)")
+    q_pos, k_pos = (p.to(torch.float64) for p in options.positions)
+    distance = (q_pos[:, None] - k_pos[None, :]).abs()
+    slopes = options.alibi_slopes.to(accumulator_dtype(q.dtype)).reshape(-1, k.shape[2], q.shape[2] // k.shape[2], 1, 1)
+    return -slopes * distance.to(slopes.dtype)
+
+
+def _kept(seed: int, probs: Tensor, p: float) -> Tensor:
+    """Dropout's keep mask scaled by 1 / (1 - p), as the probabilities' dtype."""
+    return keep_mask(seed, probs.shape, p, probs.device).to(probs.dtype) / (1.0 - p)

@@ -9,7 +9,7 @@ from typing import Tuple
 
 import torch
 
-from .base import KernelCall, Tensor, keep_nonfinite_scores
+from .base import BlockOptions, KernelCall, Tensor, keep_nonfinite_scores
 from .schemas import missing_ops
 from .trimmed import TrimmedCausalBackend
 
@@ -40,16 +40,16 @@ class TorchCpuFlashBackend(TrimmedCausalBackend):
             reasons.append(f"dtype {call.dtype} not supported (float16, bfloat16, float32)")
         return reasons
 
-    def run_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+    def run_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, options: BlockOptions) -> Tuple[Tensor, Tensor]:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _heads_first(q), _heads_first(k), _heads_first(v), 0.0, causal, scale=softmax_scale
+            _heads_first(q), _heads_first(k), _heads_first(v), 0.0, causal, scale=options.softmax_scale
         )
         return keep_nonfinite_scores(q, k, _heads_first(out), lse, causal)
 
     def run_backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, softmax_scale: float
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, options: BlockOptions
     ) -> Tuple[Tensor, Tensor, Tensor]:
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            *(_heads_first(x) for x in (dout, q, k, v, out)), lse.contiguous(), 0.0, causal, scale=softmax_scale
+            *(_heads_first(x) for x in (dout, q, k, v, out)), lse.contiguous(), 0.0, causal, scale=options.softmax_scale
         )
         return tuple(_heads_first(g) for g in grads)

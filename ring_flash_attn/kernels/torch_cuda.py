@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from ..core.mask import VarlenMeta
-from .base import KernelCall, Tensor
+from .base import BlockOptions, KernelCall, Tensor
 from .bottom_right import NO_WINDOW, BottomRightCausalBackend
 from .cuda_common import cuda_reasons, last_dim_contiguous
 from .schemas import missing_ops
@@ -60,26 +60,27 @@ class TorchCudaFlashBackend(BottomRightCausalBackend):
             reasons += missing_ops(_FA2_WINDOW_OPS)
         return reasons
 
-    def call_forward(self, q, k, v, causal, softmax_scale, varlen=None, window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
+    def call_forward(self, q, k, v, causal, options: BlockOptions, varlen=None,
+                     window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
         sizes = _sizes(q, k, varlen)
         out, lse, rng_state, rng_extra, _ = torch.ops.aten._flash_attention_forward(
-            *(last_dim_contiguous(x) for x in (q, k, v)), *sizes, self.dropout_p, causal, False, scale=softmax_scale,
-            **_window_kwargs(window),
+            *(last_dim_contiguous(x) for x in (q, k, v)), *sizes, options.dropout_p, causal, False,
+            scale=options.softmax_scale, **_window_kwargs(window),
         )
-        if self.dropout is not None:
-            self.dropout.record((rng_state, rng_extra))
+        if options.dropout is not None:
+            options.dropout.record((rng_state, rng_extra))
         return out, lse
 
-    def call_backward(self, dout, q, k, v, out, lse, causal, softmax_scale, varlen=None,
+    def call_backward(self, dout, q, k, v, out, lse, causal, options: BlockOptions, varlen=None,
                       window=NO_WINDOW) -> Tuple[Tensor, Tensor, Tensor]:
-        if self.dropout is not None:
-            rng_state, rng_extra = self.dropout.replay()
+        if options.dropout is not None:
+            rng_state, rng_extra = options.dropout.replay()
         else:  # only read with dropout
             rng_state, rng_extra = torch.zeros(2, dtype=torch.uint64, device=q.device), torch.empty(0, device=q.device)
-        with deterministic_algorithms(self.deterministic):  # aten's FA2 backward reads the global flag
+        with deterministic_algorithms(options.deterministic):  # aten's FA2 backward reads the global flag
             return torch.ops.aten._flash_attention_backward(
                 *(last_dim_contiguous(x) for x in (dout, q, k, v, out)), lse.contiguous(), *_sizes(q, k, varlen),
-                self.dropout_p, causal, rng_state, rng_extra, scale=softmax_scale, **_window_kwargs(window),
+                options.dropout_p, causal, rng_state, rng_extra, scale=options.softmax_scale, **_window_kwargs(window),
             )
 
 
@@ -130,21 +131,21 @@ class CudnnBackend(TrimmedCausalBackend):
             reasons.append("cuDNN is not available in this PyTorch build")
         return reasons
 
-    def run_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+    def run_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, options: BlockOptions) -> Tuple[Tensor, Tensor]:
         out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
             *(_heads_first(last_dim_contiguous(x)) for x in (q, k, v)), None, True, 0.0, causal, False,
-            scale=softmax_scale,
+            scale=options.softmax_scale,
         )
         return _heads_first(out), lse.squeeze(-1)
 
     def run_backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, softmax_scale: float
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, options: BlockOptions
     ) -> Tuple[Tensor, Tensor, Tensor]:
         empty = torch.empty(0, device=q.device)
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             *(_heads_first(last_dim_contiguous(x)) for x in (dout, q, k, v, out)),
             # cum_seq_q/k undefined (None) mean a dense batch; defined ones would mean varlen
             lse.contiguous().unsqueeze(-1), empty, empty, None, None, None, q.shape[1], k.shape[1], 0.0, causal,
-            scale=softmax_scale,
+            scale=options.softmax_scale,
         )
         return tuple(_heads_first(g) for g in grads)

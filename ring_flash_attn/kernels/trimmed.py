@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Tuple
 
 from ..core.mask import Band, fits_top_left_causal, trim_to_top_left_causal
-from .base import Backend, KernelCall, Tensor, pad_rows
+from .base import Backend, BlockOptions, KernelCall, Tensor, pad_rows
 
 
 class TrimmedCausalBackend(Backend):
@@ -20,32 +20,32 @@ class TrimmedCausalBackend(Backend):
         return [f"masks {odd} are neither full nor causal (sliding windows need a flash-style kernel: "
                 "torch_cuda_flash, flash-attn 2/3/4, or the reference backend)"]
 
-    def run_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+    def run_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, options: BlockOptions) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def run_backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, softmax_scale: float
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, options: BlockOptions
     ) -> Tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, band: Band, softmax_scale: float) -> Tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, band: Band, options: BlockOptions) -> Tuple[Tensor, Tensor]:
         sq = q.shape[1]
         trim = trim_to_top_left_causal(band, sq, k.shape[1])
         keys = slice(None, trim.key_end)
-        out, lse = self.run_forward(q[:, trim.first_row :], k[:, keys], v[:, keys], trim.causal, softmax_scale)
+        out, lse = self.run_forward(q[:, trim.first_row :], k[:, keys], v[:, keys], trim.causal, options)
         return (
             pad_rows(out, trim.first_row, sq, dim=1, fill=0.0),
             pad_rows(lse, trim.first_row, sq, dim=2, fill=float("-inf")),
         )
 
     def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, band: Band, softmax_scale: float
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, band: Band, options: BlockOptions
     ) -> Tuple[Tensor, Tensor, Tensor]:
         sq, sk = q.shape[1], k.shape[1]
         trim = trim_to_top_left_causal(band, sq, sk)
         rows, keys = slice(trim.first_row, None), slice(None, trim.key_end)
         dq, dk, dv = self.run_backward(
-            dout[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, :, rows], trim.causal, softmax_scale
+            dout[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, :, rows], trim.causal, options
         )
         return (
             pad_rows(dq, trim.first_row, sq, dim=1, fill=0.0),

@@ -21,7 +21,7 @@ from ..core.layouts import check_layout, check_local_seqlen, position_ids, varle
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor,
                                check_options, check_qkv, check_same_call_across_group, default_scale,
                                group_rank_and_size, host_offsets, kernel_ready, normalized_window, unpack)
-from ..kernels import select_block_kernel
+from ..kernels import block_options, select_block_kernel
 from .engine import RingPlan
 from .packed import varlen_ring_schedule
 from .schedules import ring_schedule
@@ -43,7 +43,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, 
         schedule=schedule,
         backend=select_block_kernel(q, k, v, schedule.bands(), deterministic, backend, varlen, softcap=softcap,
                                     dropout_p=dropout_p, alibi_slopes=alibi_slopes),
-        softmax_scale=default_scale(q, softmax_scale),
+        options=block_options(default_scale(q, softmax_scale), softcap, dropout_p, alibi_slopes, deterministic),
         positions=positions,
     )
     return AttentionFunction.apply(q, k, v, plan)

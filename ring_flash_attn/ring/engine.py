@@ -20,7 +20,7 @@ from ..core.accumulate import add_rows, disjoint, slice_rows, start_sum
 from ..core.comm import RingComm
 from ..core.merge import accumulator_dtype
 from ..core.rows import Rows, take
-from ..kernels import Backend
+from ..kernels import Backend, BlockOptions
 from ..kernels.dropout import dropout_stream
 from .schedules import BlockJob, RingSchedule
 
@@ -36,7 +36,7 @@ class RingPlan:
     comm: Optional[RingComm]  # None when the world size is 1
     schedule: RingSchedule  # or a VarlenRingSchedule: anything with jobs_for() and forwards_kv()
     backend: Backend
-    softmax_scale: float
+    options: BlockOptions  # the call's scale, soft-cap, dropout record, ALiBi slopes, determinism
     positions: Optional[Tuple[Tensor, ...]] = None  # every rank's global token positions (ALiBi only)
     group: Optional[dist.ProcessGroup] = None  # the caller's group (None: the default group)
 
@@ -90,28 +90,28 @@ class KVRotation:
             self.k, self.v = self.buffers[self.current].unbind(0)
 
 
-def job_backend(plan: RingPlan, job: BlockJob, src: int) -> Backend:
-    """The block kernel for one job: with ALiBi, told where the job's queries and keys sit."""
+def job_options(plan: RingPlan, job: BlockJob, src: int) -> BlockOptions:
+    """The kernel options of one job: with ALiBi, told where the job's queries and keys sit."""
     if plan.positions is None:
-        return plan.backend
-    return plan.backend.at_positions(take(plan.positions[plan.rank], job.q, dim=0),
+        return plan.options
+    return plan.options.at_positions(take(plan.positions[plan.rank], job.q, dim=0),
                                      take(plan.positions[src], job.kv, dim=0))
 
 
 def block_forward(plan: RingPlan, job: BlockJob, src: int, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """One job's (out, lse) with the tensors already cut to its rows; packed jobs run varlen."""
-    backend = job_backend(plan, job, src)
+    options = job_options(plan, job, src)
     if job.varlen is None:
-        return backend.forward(q, k, v, job.band, plan.softmax_scale)
-    out, lse = backend.forward_varlen(q[0], k[0], v[0], job.varlen, plan.softmax_scale)
+        return plan.backend.forward(q, k, v, job.band, options)
+    out, lse = plan.backend.forward_varlen(q[0], k[0], v[0], job.varlen, options)
     return out[None], lse[None]
 
 
 def block_backward(plan: RingPlan, job: BlockJob, src: int, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
-    backend = job_backend(plan, job, src)
+    options = job_options(plan, job, src)
     if job.varlen is None:
-        return backend.backward(dout, q, k, v, out, lse, job.band, plan.softmax_scale)
-    grads = backend.backward_varlen(dout[0], q[0], k[0], v[0], out[0], lse[0], job.varlen, plan.softmax_scale)
+        return plan.backend.backward(dout, q, k, v, out, lse, job.band, options)
+    grads = plan.backend.backward_varlen(dout[0], q[0], k[0], v[0], out[0], lse[0], job.varlen, options)
     return tuple(g[None] for g in grads)
 
 
@@ -126,7 +126,7 @@ def ring_forward(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tenso
     rows = query_rows(plan)
     acc = None
     kv = KVRotation(plan, k, v)
-    with dropout_stream(plan.backend.dropout, q.device, plan.rank):
+    with dropout_stream(plan.options.dropout, q.device, plan.rank):
         for step in range(plan.world_size):
             src = (plan.rank - step) % plan.world_size
             kv.start(step)
@@ -194,8 +194,8 @@ def ring_backward(
     """
     w = plan.world_size
     rows = query_rows(plan)
-    if plan.backend.dropout is not None:
-        plan.backend.dropout.rewind()  # the same kernel calls as the forward, in the same order
+    if plan.options.dropout is not None:
+        plan.options.dropout.rewind()  # the same kernel calls as the forward, in the same order
     dq_sum = None
     kv = KVRotation(plan, k, v)
     dkv: List[Tensor] = []

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from ring_flash_attn.allgather.gather import KVGather
 from ring_flash_attn.allgather.plan import AllGatherPlan
 from ring_flash_attn.core.comm import RingComm
-from ring_flash_attn.kernels import BACKENDS
+from ring_flash_attn.kernels import BACKENDS, BlockOptions
 from ring_flash_attn.ring.engine import KVRotation, RingPlan
 from ring_flash_attn.ring.schedules import ring_schedule
 
@@ -27,7 +27,7 @@ def rotation_blocks(rank: int, world_size: int, layout: str, causal: bool) -> Di
     at which it needs one (it has jobs), and how many receive buffers the rotation allocated."""
     schedule = ring_schedule(layout, world_size, 4, causal)
     plan = RingPlan(rank=rank, world_size=world_size, comm=RingComm(None), schedule=schedule,
-                    backend=BACKENDS["reference"], softmax_scale=1.0)
+                    backend=BACKENDS["reference"], options=BlockOptions(1.0))
     k, v = tagged(rank, 4, 2), -tagged(rank, 4, 2)
     kv = KVRotation(plan, k, v)
     held, needed = [], []
@@ -44,7 +44,7 @@ def rotation_blocks(rank: int, world_size: int, layout: str, causal: bool) -> Di
 def gathered_chunks(rank: int, world_size: int, stride: int) -> List[Dict[str, torch.Tensor]]:
     """Every chunk :class:`KVGather` yields: its head slices and the K / V it fetched."""
     plan = AllGatherPlan(rank=rank, world_size=world_size, group=dist.group.WORLD, backend=BACKENDS["reference"],
-                         softmax_scale=1.0, heads_k_stride=stride, metas=(), k_rows=slice(None))
+                         options=BlockOptions(1.0), heads_k_stride=stride, metas=(), k_rows=slice(None))
     k = tagged(rank, 3, 4)[0]
     chunks = []
     for kv_heads, q_heads, fetch in KVGather(plan, k, -k).chunks(group_size=2):

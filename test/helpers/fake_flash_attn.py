@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ring_flash_attn.core.mask import Band, VarlenMeta
+from ring_flash_attn.kernels import BlockOptions
 from ring_flash_attn.kernels.reference import ReferenceBackend
 
 _REF = ReferenceBackend()
@@ -38,21 +39,21 @@ def _flash_band(sq: int, sk: int, causal: bool, window, clip: bool) -> Band:
 
 
 def _fwd(q, k, v, scale, causal, cu_q=None, cu_k=None, softcap=0.0, window=(-1, -1), clip=False):
-    ref = _REF.with_options(softcap=softcap or 0.0)
+    options = BlockOptions(softmax_scale=scale, softcap=softcap or 0.0)
     if cu_q is None:
-        out, lse = ref.forward(q, k, v, _flash_band(q.shape[1], k.shape[1], causal, window, clip), scale)
+        out, lse = _REF.forward(q, k, v, _flash_band(q.shape[1], k.shape[1], causal, window, clip), options)
     else:
-        out, lse = ref.forward_varlen(q, k, v, _meta(cu_q, cu_k, causal, window, clip), scale)
+        out, lse = _REF.forward_varlen(q, k, v, _meta(cu_q, cu_k, causal, window, clip), options)
     return out.to(q.dtype), lse.float()
 
 
 def _bwd(dout, q, k, v, out, lse, scale, causal, cu_q=None, cu_k=None, softcap=0.0, window=(-1, -1), clip=False):
-    ref = _REF.with_options(softcap=softcap or 0.0)
+    options = BlockOptions(softmax_scale=scale, softcap=softcap or 0.0)
     lse = lse.masked_fill(torch.isposinf(lse), float("-inf"))
     if cu_q is None:
         band = _flash_band(q.shape[1], k.shape[1], causal, window, clip)
-        return ref.backward(dout, q, k, v, out, lse, band, scale)
-    return ref.backward_varlen(dout, q, k, v, out, lse, _meta(cu_q, cu_k, causal, window, clip), scale)
+        return _REF.backward(dout, q, k, v, out, lse, band, options)
+    return _REF.backward_varlen(dout, q, k, v, out, lse, _meta(cu_q, cu_k, causal, window, clip), options)
 
 
 def _fa2_lse(lse):
