@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..core.accumulate import sum_dtype
 from ..core.comm import all_gather_async, reduce_scatter_async
 from ..core.merge import accumulator_dtype, merge_into
 from ..core.rows import take
@@ -146,17 +147,15 @@ def gather_backward(
             work.wait()
         dk[:, kv_heads], dv[:, kv_heads] = result[:, 0], result[:, 1]
 
-    # Where each rank adds at most one partial per key (keys selected by a slice, one call), two ranks
-    # make two terms, rounded once by the reduction as the final cast would have: they travel in the
-    # input dtype. Else in float32 (zigzag layouts: a rank's two chunks can both need a key).
-    # Every rank must agree.
-    in_input_dtype = (w <= 2 and plan.backend.results_in_input_dtype and isinstance(plan.k_rows, slice)
-                      and not plan.windowed)
-    sum_dtype = k.dtype if in_input_dtype else accumulator_dtype(k.dtype)
+    # Each rank adds at most one partial per key where the keys are a slice and one call selects them:
+    # the reduce-scatter sums W terms (core.accumulate.sum_dtype). Zigzag layouts (a rank's two chunks
+    # can both need a key) and windowed calls: float32. Every rank evaluates the same.
+    terms = w if isinstance(plan.k_rows, slice) and not plan.windowed else None
+    reduce_dtype = sum_dtype(k.dtype, terms, plan.backend.results_in_input_dtype)
     for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(group_size):
         dq[:, heads], dk_c, dv_c = attend_backward(plan, plan.options.for_heads(heads), dout[:, heads], q[:, heads],
                                                    *fetch(), out[:, heads], lse[heads])
-        full = torch.zeros((w * tokens, 2, *dk_c.shape[1:]), dtype=sum_dtype, device=k.device)
+        full = torch.zeros((w * tokens, 2, *dk_c.shape[1:]), dtype=reduce_dtype, device=k.device)
         for i, grad in enumerate((dk_c, dv_c)):
             if isinstance(plan.k_rows, slice):
                 full[plan.k_rows, i] = grad
@@ -167,7 +166,7 @@ def gather_backward(
         if w == 1:
             pending = (None, full, kv_heads)
             continue
-        mine = torch.empty((tokens, *full.shape[1:]), dtype=sum_dtype, device=k.device)
+        mine = torch.empty((tokens, *full.shape[1:]), dtype=reduce_dtype, device=k.device)
         pending = (reduce_scatter_async(mine, full, plan.group), mine, kv_heads)
     finish(pending)
     return dq, dk, dv

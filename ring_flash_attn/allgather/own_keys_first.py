@@ -24,6 +24,7 @@ import torch
 
 import torch.distributed as dist
 
+from ..core.accumulate import sum_dtype
 from ..core.comm import reduce_scatter_async
 from ..core.layouts import buffer_row_of, shard_positions
 from ..core.mask import VarlenMeta
@@ -83,11 +84,9 @@ class OwnKeysFirst:
         plan = self.plan
         group_size, dq, dk, dv = start_backward(plan, q, k, v)
         w, tokens = plan.world_size, k.shape[0]
-        # With two ranks a key gets at most one remote term, a single kernel output (pieces that share
-        # remote keys are one call document, own keys are never in `full`): the reduce-scatter adds it
-        # to zeros, exact in the input dtype; the owner adds its own term with float32 math, one
-        # rounding. More ranks sum several remote terms: float32.
-        sum_dtype = k.dtype if w == 2 and plan.backend.results_in_input_dtype else accumulator_dtype(k.dtype)
+        # A key gets at most one term from each other rank (pieces that share remote keys are one call
+        # document) and the owner adds its own with float32 math: W terms (core.accumulate.sum_dtype).
+        reduce_dtype = sum_dtype(k.dtype, w, plan.backend.results_in_input_dtype)
         dropout = plan.options.dropout
 
         def finish(work, mine, local_grads, kv_heads):
@@ -101,7 +100,7 @@ class OwnKeysFirst:
             local_call = dropout.cursor if dropout is not None else 0  # the forward ran local, then remote
             full = None
             if w > 1:
-                full = torch.zeros((w * tokens, 2, *k[:, kv_heads].shape[1:]), dtype=sum_dtype, device=k.device)
+                full = torch.zeros((w * tokens, 2, *k[:, kv_heads].shape[1:]), dtype=reduce_dtype, device=k.device)
             dq_r = None
             if self.has_remote:  # remote keys first: their gradients travel home while the own keys compute
                 k_r, v_r = fetch()
@@ -116,7 +115,7 @@ class OwnKeysFirst:
                         plan.k_repeats.scatter_into(full[:, i], grad)
             work = mine = None
             if w > 1:
-                mine = torch.empty((tokens, *full.shape[1:]), dtype=sum_dtype, device=k.device)
+                mine = torch.empty((tokens, *full.shape[1:]), dtype=reduce_dtype, device=k.device)
                 work = reduce_scatter_async(mine, full, plan.group)
             if dropout is not None:
                 dropout.seek(local_call)

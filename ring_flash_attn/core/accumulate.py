@@ -9,6 +9,9 @@ and a final cast. The schedule says beforehand how many jobs touch each row, so:
   in float32 and rounds once, which is bit for bit what float32 accumulation and a final cast give;
 * rows touched three or more times get a float32 accumulator from their second contribution on.
 
+:func:`sum_dtype` states that rule once; the ring's dK/dV messages and the all-gather family's
+reduce-scatters use it too.
+
 Packed jobs (rows gathered by index) and kernels that answer in a wider dtype take the plain path:
 float32 accumulators for every row.
 """
@@ -23,6 +26,16 @@ from .merge import accumulator_dtype, merge_into
 from .rows import Rows
 
 Tensor = torch.Tensor
+
+
+def sum_dtype(dtype: torch.dtype, terms: Optional[int], kernel_in_input_dtype: bool = True) -> torch.dtype:
+    """The one rule for when a sum of partial results is held in the input dtype ``dtype``: at most
+    two terms, each a kernel output in the input dtype, added with float32 math and rounded once, give
+    bit for bit what float32 accumulation and a final cast give. More terms, an unknown count
+    (``None``) or a kernel answering in a wider dtype: float32 (float64 for float64 inputs)."""
+    if terms is not None and terms <= 2 and kernel_in_input_dtype:
+        return dtype
+    return accumulator_dtype(dtype)
 
 
 def row_intervals(job_rows: Sequence[slice], length: int) -> List[Tuple[int, int, int]]:
@@ -76,8 +89,9 @@ class RowCombiner:
             part = value[:, a - rows.start : b - rows.start]
             part_lse = None if value_lse is None else value_lse[:, :, a - rows.start : b - rows.start]
             target = self.result[:, a:b]
-            if count >= 3 and self.seen[i] == 2:
-                self.wide[i] = target.to(accumulator_dtype(target.dtype))
+            wide = sum_dtype(target.dtype, count)
+            if wide != target.dtype and self.seen[i] == 2:
+                self.wide[i] = target.to(wide)
             acc = self.wide.get(i, target)
             if self.merge:
                 merge_into(acc, self.lse[:, :, a:b], part, part_lse)

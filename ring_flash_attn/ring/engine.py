@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..core.accumulate import add_rows, disjoint, slice_rows, start_sum
+from ..core.accumulate import add_rows, disjoint, slice_rows, start_sum, sum_dtype
 from ..core.comm import RingComm
 from ..core.merge import accumulator_dtype
 from ..core.rows import Rows, take
@@ -150,9 +150,9 @@ def dkv_message_dtype(plan: RingPlan, sender: int, step: int, k: Tensor) -> torc
 
     Finished sums (the last hop) and a single kernel output (the first hop, when the owner ran one
     job over all its keys) lose nothing in the input dtype; partial sums travel in float32."""
-    if step == plan.world_size - 1 or (step == 0 and single_full_job(plan, sender, k.shape[1])):
-        return k.dtype
-    return accumulator_dtype(k.dtype)
+    if step == plan.world_size - 1:
+        return k.dtype  # the finished sum: rounded as the final cast would
+    return sum_dtype(k.dtype, 1 if step == 0 and single_full_job(plan, sender, k.shape[1]) else None)
 
 
 def single_full_job(plan: RingPlan, rank: int, length: int) -> bool:
@@ -173,10 +173,10 @@ def fold_dkv(plan: RingPlan, step: int, incoming: Optional[List[Tensor]], partia
         acc = incoming
         if acc[0].dtype != acc_dtype:  # a single earlier contribution, in the input dtype
             cols = slice_rows([c for c, _, _ in partials], k.shape[1])
-            last = step == plan.world_size - 1
-            if not (last and cols is not None and disjoint(cols) and all(dk.dtype == k.dtype for _, dk, _ in partials)):
-                acc = [t.to(acc_dtype) for t in acc]
-            # else: at most two contributions per key: added in place, float32 math, one rounding
+            # the last hop with this rank's jobs on disjoint keys: two terms per key, added in place
+            terms = 2 if step == plan.world_size - 1 and cols is not None and disjoint(cols) else None
+            wanted = sum_dtype(k.dtype, terms, all(dk.dtype == k.dtype for _, dk, _ in partials))
+            acc = [t.to(wanted) for t in acc]
     for cols, dk_b, dv_b in partials:
         add_rows(acc[0], cols, dk_b)
         add_rows(acc[1], cols, dv_b)
