@@ -84,7 +84,7 @@ def setup() -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
         return torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group("gloo")
     return torch.device("cpu")
