@@ -8,8 +8,8 @@ their own ring attention on flash-attn's kernels (prime-rl, axolotl and others).
 * :class:`AllGatherComm` -- asynchronous all-gathers, waited for together;
 * :func:`get_default_args` -- a function's arguments with their defaults, to fill and call by name.
 
-This package's own functions do not use them (they run on :mod:`ring_flash_attn.ring` and
-:mod:`ring_flash_attn.comm`); they are kept with the original's names, arguments and results.
+This package's own functions do not use them (they run on :mod:`ring_flash_attn.ring.engine` and
+:mod:`ring_flash_attn.core.comm`); they are kept with the original's names, arguments and results.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The all-gather family with its own keys first: while K/V of the other ranks are gathered, each
+"""The own-keys-first strategy of the all-gather family: while K/V of the other ranks are gathered, each
 rank attends its queries to its own keys; then to the gathered remote keys; the two partial results
 merge exactly (online softmax), the gradients add.
 

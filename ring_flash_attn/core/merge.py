@@ -4,7 +4,7 @@ Two partial results over disjoint key sets, ``(out_a, lse_a)`` and ``(out_b, lse
 exactly: ``lse = logaddexp(lse_a, lse_b)`` and ``out = out_a * exp(lse_a - lse) + out_b *
 exp(lse_b - lse)``. Rows that have seen no key yet carry ``lse = -inf`` and ``out = 0``.
 
-On CUDA the merge is one Triton kernel (:mod:`ring_flash_attn.merge_triton`: one read of each
+On CUDA the merge is one Triton kernel (:mod:`ring_flash_attn.core.merge_triton`: one read of each
 input, one write of each accumulator, instead of ~8 passes eagerly); set
 ``RING_FLASH_ATTN_TRITON=0`` to keep it eager. Without Triton, or if the kernel fails, it falls
 back to the eager version (with a warning for a failure).

@@ -3,8 +3,8 @@ of both partial results and their LSEs once and writes the merged rows into the 
 place -- one memory pass. ``torch.compile`` of the same arithmetic wrote to a temporary and copied it
 back when the accumulator is a row slice, a second pass over the output (H200 profile, 2026-11-22).
 
-Same arithmetic as :func:`ring_flash_attn.merge._merge`: float32 math, one rounding to the
-accumulator's dtype. Importing this module needs Triton; :mod:`ring_flash_attn.merge` falls back to
+Same arithmetic as :func:`ring_flash_attn.core.merge._merge`: float32 math, one rounding to the
+accumulator's dtype. Importing this module needs Triton; :mod:`ring_flash_attn.core.merge` falls back to
 eager PyTorch without it.
 """
 

@@ -2,7 +2,7 @@
 
 Forward: each rank keeps its queries; K/V blocks travel ``rank -> rank + 1`` for ``W - 1`` hops,
 the next hop's transfer in flight while the current block computes. Each block's ``(out, lse)``
-is merged with one rounding (:mod:`ring_flash_attn.accumulate`). Backward rotates K/V again; the
+is merged with one rounding (:mod:`ring_flash_attn.core.accumulate`). Backward rotates K/V again; the
 dK/dV accumulator of each block travels with it and arrives home after ``W`` hops (float32 while
 it is a partial sum, see :func:`dkv_message_dtype`). The engine knows nothing about layouts: it
 asks the schedule which jobs to run for each (rank, K/V source) pair.
@@ -188,7 +188,7 @@ def ring_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of this rank's shard, each rounded to the input dtype once.
 
-    dq sums this rank's jobs (:mod:`ring_flash_attn.accumulate`). The dK/dV accumulator of each K/V
+    dq sums this rank's jobs (:mod:`ring_flash_attn.core.accumulate`). The dK/dV accumulator of each K/V
     block travels with it and comes home after ``W`` hops; see :func:`dkv_message_dtype` for the
     dtype of each hop (the last one, which nothing can overlap, carries half the bytes).
     """

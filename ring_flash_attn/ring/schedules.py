@@ -2,7 +2,7 @@
 
 A job is a query slice, a key/value slice and a :class:`Band` mask. Jobs are derived, not written
 per layout: the attention mask is stated on global token positions (causal: key position <=
-query position; a sliding window bounds their distance), every pair of query/key :class:`~ring_flash_attn.layouts.Segment` gets the band
+query position; a sliding window bounds their distance), every pair of query/key :class:`~ring_flash_attn.core.layouts.Segment` gets the band
 it implies, empty pairs are dropped and full ones merged into as few kernel calls as possible.
 Forward and backward walk the same jobs, and the ring engine never looks at a layout. Hops whose
 block is outside the mask have no job, and K/V nobody downstream needs are not sent: a windowed
