@@ -402,8 +402,9 @@ def main() -> None:
         print(f"# {name} x{w}, torch {torch.__version__}, {'varlen ' if args.varlen else ''}{args.packing}, {mode}, "
               f"{args.dtype}, causal={args.causal}, {window}{docs}{args.seqlen} tokens/rank, heads {args.nheads}/"
               f"{args.nheads_k}, d={args.head_dim}, backend={args.backend or 'auto'}")
-        print(f"# timing: median of {args.repeats} repeats of >= {args.iters} calls and >= {args.repeat_seconds:g} s "
-              f"each, after {args.warmup} warm-up calls")
+        lasting = f" and >= {args.repeat_seconds:g} s" if args.repeat_seconds else ""
+        print(f"# timing: median of {args.repeats} repeats of >= {args.iters} calls{lasting} each, after {args.warmup} "
+              "warm-up calls")
         print(LEGEND)
         if gpu:
             print(GPU_LEGEND)
