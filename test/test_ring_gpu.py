@@ -218,3 +218,19 @@ def test_gpu_unusual_inputs(dist_pool, case):
         rows = kernel_keeps if name == "lse" else kernel_keeps[..., None]
         got[name] = torch.where(rows, ref[name], got[name].double())
     attention_cases.compare(case.id(), got, ref, case.dtype, nonfinite=nonfinite)
+
+
+@pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan"), float("inf")])
+def test_gpu_bad_softmax_scale_is_refused(scale):
+    """softmax_scale <= 0, NaN or inf on CUDA tensors: a ValueError before any kernel runs."""
+    import ring_flash_attn as rfa
+
+    q = torch.randn(1, 64, 4, 64, device="cuda", dtype=torch.bfloat16)
+    for call in (lambda: rfa.zigzag_ring_flash_attn_func(q, q, q, softmax_scale=scale, causal=True),
+                 lambda: rfa.llama3_flash_attn_varlen_func(
+                     q[0], q[0], q[0], *rfa.llama3_flash_attn_prepare_cu_seqlens(
+                         torch.tensor([0, 64], dtype=torch.int32, device="cuda"), True, 0, 1)[:4], 4,
+                     slice(0, 64), softmax_scale=scale, causal=True)):
+        with pytest.raises(ValueError, match="softmax_scale"):
+            call()
