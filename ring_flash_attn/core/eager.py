@@ -1,9 +1,12 @@
-"""Public functions run eagerly inside ``torch.compile``d code.
+"""How public functions meet ``torch.compile``.
 
-Dynamo does not trace into them (their host-side planning, collectives and autograd Function are
-not traceable yet): a compiled caller gets a graph break around each call and the call runs exactly
-as in eager mode, on every rank, whatever the shapes -- so a compiled step gives the eager result
-and never leaves one rank compiling while the others wait in a collective.
+The batch ring functions (ring, zigzag, stripe) are traced: their work is custom ops
+(:mod:`ring_flash_attn.ring.ops`), so a compiled caller keeps one graph (``fullgraph=True`` works).
+The others -- packed documents, the all-gather family, dropout and ALiBi -- are not traceable yet
+(host-side planning on ``cu_seqlens``, per-call random states): they run eagerly inside compiled
+code, with a graph break around each call, exactly as in eager mode on every rank whatever the
+shapes -- so a compiled step gives the eager result and never leaves one rank compiling while the
+others wait in a collective.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ def eager_under_compile(fn: F) -> F:
     return run_eagerly  # type: ignore[return-value]
 
 
-def public(argument_docs: str) -> Callable[[F], F]:
+def public(argument_docs: str, traceable: bool = False) -> Callable[[F], F]:
     """Decorator of the public functions: ``fn`` with ``argument_docs`` (the arguments and returns
-    that a family's functions share) appended to its docstring, run eagerly under compile."""
+    that a family's functions share) appended to its docstring; run eagerly under compile unless
+    ``traceable`` (its work goes through custom ops that torch.compile traces)."""
 
     def wrap(fn: F) -> F:
         fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\n" + inspect.cleandoc(argument_docs)
-        return eager_under_compile(fn)
+        return fn if traceable else eager_under_compile(fn)
 
     return wrap

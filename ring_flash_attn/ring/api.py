@@ -23,6 +23,7 @@ from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seql
                                group_rank_and_size, host_offsets, kernel_ready, normalized_window, unpack)
 from ..kernels import block_options, select_block_kernel
 from .engine import RingPlan
+from .ops import group_name, ring_forward_op
 from .packed import varlen_ring_schedule
 from .schedules import ring_schedule
 
@@ -50,6 +51,22 @@ def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, 
 
 
 
+@torch.compiler.disable(recursive=True)
+def _ring_with_random_or_positions(layout: str, q: Tensor, k: Tensor, v: Tensor, window: Tuple[int, int], rank: int,
+                                   world_size: int, group, softmax_scale, causal: bool, deterministic: bool,
+                                   backend: Optional[str], softcap: float, dropout_p: float,
+                                   alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The batch ring with dropout (per-call random states) or ALiBi (position tensors): the autograd
+    Function path, run eagerly under ``torch.compile``."""
+    schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal), window)
+    positions = None
+    if alibi_slopes is not None:
+        positions = tuple(position_ids(layout, r, world_size, q.shape[1] * world_size, q.device)
+                          for r in range(world_size))
+    return _run(q, k, v, schedule, rank, world_size, group, softmax_scale, deterministic, backend, False, softcap,
+                dropout_p, alibi_slopes, positions)
+
+
 def ring_attention(
     layout: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
@@ -68,13 +85,13 @@ def ring_attention(
     check_same_call_across_group(group, q.device, call_signature(
         "batch", layout, q, k, causal, softmax_scale, window_size=window, softcap=softcap, dropout_p=dropout_p,
         alibi=alibi_slopes is not None))
-    schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal), window)
-    positions = None
-    if alibi_slopes is not None:
-        positions = tuple(position_ids(layout, r, world_size, q.shape[1] * world_size, q.device)
-                          for r in range(world_size))
-    out, lse = _run(q, k, v, schedule, rank, world_size, group, softmax_scale, deterministic, backend, False, softcap,
-                    dropout_p, alibi_slopes, positions)
+    if not dropout_p and alibi_slopes is None:  # custom ops: torch.compile traces them (ring/ops.py)
+        out, lse = ring_forward_op(q, k, v, layout, bool(causal), window[0], window[1],
+                                   default_scale(q, softmax_scale), float(softcap), bool(deterministic),
+                                   backend or "", group_name(group), bool(return_attn_probs))
+    else:
+        out, lse = _ring_with_random_or_positions(layout, q, k, v, window, rank, world_size, group, softmax_scale,
+                                                  causal, deterministic, backend, softcap, dropout_p, alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -108,7 +125,7 @@ def ring_attention_varlen(
                     backend, True, softcap, dropout_p, alibi_slopes, positions)
     return (out[0], lse[0], None) if return_attn_probs else out[0]
 
-@public(BATCH_DOCS)
+@public(BATCH_DOCS, traceable=True)
 def ring_flash_attn_func(
     q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -121,7 +138,7 @@ def ring_flash_attn_func(
                           deterministic, return_attn_probs, group, backend)
 
 
-@public(BATCH_DOCS)
+@public(BATCH_DOCS, traceable=True)
 def ring_flash_attn_kvpacked_func(
     q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -134,7 +151,7 @@ def ring_flash_attn_kvpacked_func(
                           deterministic, return_attn_probs, group, backend)
 
 
-@public(BATCH_DOCS)
+@public(BATCH_DOCS, traceable=True)
 def ring_flash_attn_qkvpacked_func(
     qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -146,7 +163,7 @@ def ring_flash_attn_qkvpacked_func(
     return ring_attention("ring", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                           deterministic, return_attn_probs, group, backend)
 
-@public(BATCH_DOCS)
+@public(BATCH_DOCS, traceable=True)
 def zigzag_ring_flash_attn_func(
     q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -159,7 +176,7 @@ def zigzag_ring_flash_attn_func(
                           deterministic, return_attn_probs, group, backend)
 
 
-@public(BATCH_DOCS)
+@public(BATCH_DOCS, traceable=True)
 def zigzag_ring_flash_attn_kvpacked_func(
     q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -172,7 +189,7 @@ def zigzag_ring_flash_attn_kvpacked_func(
                           deterministic, return_attn_probs, group, backend)
 
 
-@public(BATCH_DOCS)
+@public(BATCH_DOCS, traceable=True)
 def zigzag_ring_flash_attn_qkvpacked_func(
     qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -184,7 +201,7 @@ def zigzag_ring_flash_attn_qkvpacked_func(
     return ring_attention("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                           deterministic, return_attn_probs, group, backend)
 
-@public(BATCH_DOCS)
+@public(BATCH_DOCS, traceable=True)
 def stripe_flash_attn_func(
     q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -197,7 +214,7 @@ def stripe_flash_attn_func(
                           deterministic, return_attn_probs, group, backend)
 
 
-@public(BATCH_DOCS)
+@public(BATCH_DOCS, traceable=True)
 def stripe_flash_attn_kvpacked_func(
     q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -210,7 +227,7 @@ def stripe_flash_attn_kvpacked_func(
                           deterministic, return_attn_probs, group, backend)
 
 
-@public(BATCH_DOCS)
+@public(BATCH_DOCS, traceable=True)
 def stripe_flash_attn_qkvpacked_func(
     qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,

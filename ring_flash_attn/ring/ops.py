@@ -1,0 +1,122 @@
+"""The ring family's batch forward and backward as ``torch.library`` custom ops, so that
+``torch.compile`` (``fullgraph=True`` included) traces a public call into the caller's graph
+instead of breaking around it.
+
+Everything an op needs besides its tensors is a primitive argument: the layout name, the mask
+(causal, window), the scale, the soft-cap, determinism, the kernel name and the process group by
+name; the op rebuilds its plan from them (the schedules are cached on primitives, so that costs a
+dictionary look-up). The fake implementations give the shapes (out like q, lse ``(B, H, S)``), so a
+new sequence length needs no recompilation when it is marked dynamic. Autograd is registered on
+the forward op; gradients through lse are exact as in :class:`~ring_flash_attn.core.function.AttentionFunction`.
+Dropout and ALiBi keep the eager path (their per-call random states and position tensors are not op
+arguments yet).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..core.comm import RingComm
+from ..core.function import lse_gradient_inputs
+from ..core.merge import accumulator_dtype
+from ..core.validation import backward_signature, check_same_call_across_group, group_rank_and_size
+from ..kernels import block_options, select_block_kernel
+from .engine import RingPlan, ring_backward, ring_forward
+from .schedules import ring_schedule
+
+Tensor = torch.Tensor
+
+
+def group_name(group: Optional[dist.ProcessGroup]) -> str:
+    """The name an op finds ``group`` by (``""``: no communication, one rank)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ""
+    return (group if group is not None else dist.group.WORLD).group_name
+
+
+def _group(name: str) -> Optional[dist.ProcessGroup]:
+    return dist.distributed_c10d._resolve_process_group(name) if name else None
+
+
+def _plan(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, window_left: int, window_right: int,
+          softmax_scale: float, softcap: float, deterministic: bool, backend: str, group: str) -> RingPlan:
+    pg = _group(group)
+    rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
+    schedule = ring_schedule(layout, world_size, q.shape[1], causal, (window_left, window_right))
+    kernel = select_block_kernel(q, k, v, schedule.bands(), deterministic, backend or None, softcap=softcap)
+    return RingPlan(rank=rank, world_size=world_size, comm=RingComm(pg) if world_size > 1 else None,
+                    schedule=schedule, backend=kernel,
+                    options=block_options(softmax_scale, softcap, deterministic=deterministic), group=pg)
+
+
+@torch.library.custom_op("ring_flash_attn::ring_forward", mutates_args=())
+def ring_forward_op(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, window_left: int, window_right: int,
+                    softmax_scale: float, softcap: float, deterministic: bool, backend: str, group: str,
+                    lse_grad: bool) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` of this rank's queries; ``lse_grad``: the caller receives lse (its gradient counts)."""
+    out, lse = ring_forward(_plan(q, k, v, layout, causal, window_left, window_right, softmax_scale, softcap,
+                                  deterministic, backend, group), q, k, v)
+    return out.contiguous(), lse.contiguous()
+
+
+@ring_forward_op.register_fake
+def _(q, k, v, layout, causal, window_left, window_right, softmax_scale, softcap, deterministic, backend, group,
+      lse_grad):
+    b, s, h, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (b, h, s), dtype=accumulator_dtype(q.dtype))
+
+
+@torch.library.custom_op("ring_flash_attn::ring_backward", mutates_args=())
+def ring_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: str,
+                     causal: bool, window_left: int, window_right: int, softmax_scale: float, softcap: float,
+                     deterministic: bool, backend: str, group: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of this rank's shard for the gradient ``dout`` of its output."""
+    plan = _plan(q, k, v, layout, causal, window_left, window_right, softmax_scale, softcap, deterministic, backend,
+                 group)
+    return tuple(g.contiguous() for g in ring_backward(plan, dout.contiguous(), q, k, v, out, lse))
+
+
+@ring_backward_op.register_fake
+def _(dout, q, k, v, out, lse, layout, causal, window_left, window_right, softmax_scale, softcap, deterministic,
+      backend, group):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, *primitives = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.primitives = tuple(primitives[:-1])
+    ctx.lse_grad = primitives[-1]
+    ctx.set_materialize_grads(False)  # eager: an unused output's gradient arrives as None
+
+
+def _backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor]):
+    q, k, v, out, lse = ctx.saved_tensors
+    group = _group(ctx.primitives[-1])
+    lse_used = ctx.lse_grad and dlse is not None
+    check_same_call_across_group(group, q.device, backward_signature(dout, lse_used))
+    dq = dk = dv = None
+    if dout is not None:
+        dq, dk, dv = ring_backward_op(dout, q, k, v, out, lse, *ctx.primitives)
+    if lse_used:
+        lse_dout, lse_out = lse_gradient_inputs(dlse, out)
+        dq_l, dk_l, _ = ring_backward_op(lse_dout, q, k, torch.zeros_like(v), lse_out, lse, *ctx.primitives)
+        dq = dq_l if dq is None else dq + dq_l
+        dk = dk_l if dk is None else dk + dk_l
+        dv = torch.zeros_like(v) if dv is None else dv
+    return (dq, dk, dv) + (None,) * (len(ctx.primitives) + 1)
+
+
+ring_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("ring_flash_attn: double backward is not supported -- the attention functions are "
+                       "once-differentiable, as flash-attn's (trying to differentiate twice)")
+
+
+ring_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)

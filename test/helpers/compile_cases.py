@@ -1,0 +1,115 @@
+"""What each rank runs in the torch.compile tests (test_compile.py): a small attention block
+(projection, a public function, a loss that may use lse) compiled with ``fullgraph=True`` and dynamic
+shapes, called at several sequence lengths, against the same block in eager mode."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import ring_flash_attn as rfa
+from helpers.attention_cases import PACKINGS, public_function
+
+HEADS, HEADS_K, DIM = 4, 2, 8
+
+
+class Block(torch.nn.Module):
+    """A projection to q, k, v in the packing's layout, the public function, an output projection."""
+
+    def __init__(self, layout: str, packing: str, use_lse: bool, **options) -> None:
+        super().__init__()
+        self.fn, self.packing, self.use_lse, self.options = public_function(layout, packing), packing, use_lse, options
+        heads_k = HEADS if packing == "qkvpacked" else HEADS_K
+        self.heads_k = heads_k
+        self.qkv = torch.nn.Linear(16, (HEADS + 2 * heads_k) * DIM)
+        self.out = torch.nn.Linear(HEADS * DIM, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).split([HEADS * DIM, self.heads_k * DIM, self.heads_k * DIM], dim=-1)
+        q, k, v = q.view(b, s, HEADS, DIM), k.view(b, s, self.heads_k, DIM), v.view(b, s, self.heads_k, DIM)
+        if self.packing == "kvpacked":
+            inputs = (q, torch.stack([k, v], 2))
+        elif self.packing == "qkvpacked":
+            inputs = (torch.stack([q, k, v], 2),)
+        else:
+            inputs = (q, k, v)
+        out, lse, _ = self.fn(*inputs, return_attn_probs=True, **self.options)
+        loss = self.out(out.flatten(2)).square().mean()
+        return loss + 1e-2 * lse.square().mean() if self.use_lse else loss
+
+
+def _compare(block: Block, compiled, x: torch.Tensor) -> float:
+    """Largest relative difference between compiled and eager loss and gradients (params and input)."""
+    leaves = [x, *block.parameters()]
+    got = [compiled(x)]
+    got += torch.autograd.grad(got[0], leaves)
+    want = [block(x)]
+    want += torch.autograd.grad(want[0], leaves)
+    return max(((g - w).abs().max() / w.abs().max().clamp_min(1e-6)).item() for g, w in zip(got, want))
+
+
+def compiled_blocks(rank: int, world_size: int, layouts: List[str], backend: str = "aot_eager",
+                    lengths=(4, 6, 8), **options) -> Dict[str, float]:
+    """For every layout x packing: the difference to eager at each length, and how many graphs
+    dynamo compiled after the first length and after the last (equal: no recompilation per length)."""
+    results = {}
+    for n, (layout, packing) in enumerate((lay, p) for lay in layouts for p in PACKINGS):
+        torch.manual_seed(n)
+        block = Block(layout, packing, use_lse=n % 2 == 0, causal=n % 3 != 2, **options)
+        counter = CompileCounterWithBackend(backend)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, backend=counter, fullgraph=True, dynamic=True)
+        for i, length in enumerate(lengths):
+            x = torch.randn(2, length, 16, generator=torch.Generator().manual_seed(100 * rank + length),
+                            requires_grad=True)
+            results[f"{layout}-{packing}-L{length}"] = _compare(block, compiled, x)
+            if i == 0:
+                results[f"{layout}-{packing}-graphs-first"] = counter.frame_count
+        results[f"{layout}-{packing}-graphs-last"] = counter.frame_count
+    return results
+
+
+def compiled_with_dropout(rank: int, world_size: int) -> Dict[str, float]:
+    """Dropout (and ALiBi) keep the eager path inside a compiled function (a graph break, no
+    fullgraph): the compiled call equals the eager one for the same seed."""
+    q, k, v = (torch.randn(1, 6, h, DIM, generator=torch.Generator().manual_seed(rank + h)) for h in (4, 2, 2))
+    fn = lambda q, k, v: rfa.zigzag_ring_flash_attn_func(q, k, v, dropout_p=0.3, causal=True)  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager")
+    torch.manual_seed(7)
+    got = compiled(q, k, v)
+    torch.manual_seed(7)
+    want = fn(q, k, v)
+    slopes = torch.rand(4)
+    alibi = lambda q, k, v: rfa.ring_flash_attn_func(q, k, v, alibi_slopes=slopes, causal=True)  # noqa: E731
+    return {"dropout": (got - want).abs().max().item(),
+            "alibi": (torch.compile(alibi, backend="aot_eager")(q, k, v) - alibi(q, k, v)).abs().max().item()}
+
+
+def compiled_tiny_llama(rank: int, world_size: int) -> Dict[str, float]:
+    """A tiny random Llama with our registered attention (single sequences, zigzag): dynamo's graph
+    breaks, and the ``fullgraph=True`` compiled logits and gradients against eager."""
+    from ring_flash_attn import adapters
+    from ring_flash_attn.adapters import hf
+    from helpers.hf_cases import build_model
+
+    model = build_model("llama")
+    model.set_attn_implementation(hf.register_ring_attention(None, layout="zigzag"))
+    hf.set_packed_batch(None)
+    ids = torch.randint(0, 96, (1, 8 * world_size), generator=torch.Generator().manual_seed(0))
+    local = adapters.shard_inputs(ids, ids.clone(), layout="zigzag")
+    inputs = dict(input_ids=local["input_ids"], position_ids=local["position_ids"])
+    breaks = torch._dynamo.explain(model)(**inputs).graph_break_count
+    results = {"graph_breaks": float(breaks)}
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for name, run in (("compiled", compiled), ("eager", model)):
+        logits = run(**inputs).logits
+        adapters.sharded_causal_lm_loss(logits, local["shift_labels"]).backward()
+        results[name] = (logits.detach(), model.model.embed_tokens.weight.grad.clone())
+        model.zero_grad()
+    (lc, gc), (le, ge) = results.pop("compiled"), results.pop("eager")
+    results["logits"] = ((lc - le).abs().max() / le.abs().max()).item()
+    results["grads"] = ((gc - ge).abs().max() / ge.abs().max()).item()
+    return results

@@ -1,0 +1,46 @@
+"""torch.compile traces the batch ring functions (ring, zigzag, stripe; func / kvpacked / qkvpacked)
+into the caller's graph: ``fullgraph=True`` with dynamic sequence lengths, forward and backward (a
+loss that uses lse too) equal to eager, no recompilation when the length changes; W = 1, 2, 3 on
+CPU over gloo. Inductor for one layout, the traced-graph backend (``aot_eager``) for all of them."""
+
+from __future__ import annotations
+
+import pytest
+
+LAYOUTS = ["ring", "zigzag", "stripe"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_fullgraph_compile_matches_eager(dist_pool, world_size):
+    for results in dist_pool(world_size).run("helpers.compile_cases:compiled_blocks", layouts=LAYOUTS, timeout=600):
+        for name, value in results.items():
+            if name.endswith("-graphs-last"):
+                first = results[name.replace("-last", "-first")]
+                assert value == first, f"{name}: recompiled for a new length ({first} -> {value} graphs)"
+            elif not name.endswith("-graphs-first"):
+                assert value <= 1e-5, f"{name}: compiled differs from eager by {value:.3g}"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_inductor_with_windows_and_softcap(dist_pool, world_size):
+    """Inductor's generated code around the ops, with a sliding window and soft-capping."""
+    for results in dist_pool(world_size).run("helpers.compile_cases:compiled_blocks", layouts=["zigzag"],
+                                             backend="inductor", window_size=(3, 0), softcap=5.0,
+                                             timeout=600):
+        for name, value in results.items():
+            if not name.endswith(("-graphs-first", "-graphs-last")):
+                assert value <= 1e-5, f"{name}: compiled differs from eager by {value:.3g}"
+
+
+def test_dropout_and_alibi_run_eagerly_inside_compiled_code(dist_pool):
+    for results in dist_pool(2).run("helpers.compile_cases:compiled_with_dropout", timeout=600):
+        assert results["dropout"] == 0.0 and results["alibi"] <= 1e-6, results
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_tiny_llama_compiles_without_graph_breaks(dist_pool, world_size):
+    """transformers' Llama with the registered ring attention: no graph break (``torch._dynamo.explain``),
+    ``fullgraph=True`` logits and gradients equal to eager."""
+    for results in dist_pool(world_size).run("helpers.compile_cases:compiled_tiny_llama", timeout=600):
+        assert results["graph_breaks"] == 0, results
+        assert results["logits"] <= 1e-5 and results["grads"] <= 1e-5, results
