@@ -13,12 +13,25 @@ LAYOUTS = ["ring", "zigzag", "stripe"]
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_fullgraph_compile_matches_eager(dist_pool, world_size):
     for results in dist_pool(world_size).run("helpers.compile_cases:compiled_blocks", layouts=LAYOUTS, timeout=600):
-        for name, value in results.items():
-            if name.endswith("-graphs-last"):
-                first = results[name.replace("-last", "-first")]
-                assert value == first, f"{name}: recompiled for a new length ({first} -> {value} graphs)"
-            elif not name.endswith("-graphs-first"):
-                assert value <= 1e-5, f"{name}: compiled differs from eager by {value:.3g}"
+        _check(results)
+
+
+def _check(results):
+    for name, value in results.items():
+        if name.endswith("-graphs-last"):
+            first = results[name.replace("-last", "-first")]
+            assert value == first, f"{name}: recompiled for new shapes ({first} -> {value} graphs)"
+        elif not name.endswith("-graphs-first"):
+            assert value <= 1e-5, f"{name}: compiled differs from eager by {value:.3g}"
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_packed_documents_fullgraph(dist_pool, world_size):
+    """The ring family's varlen functions: documents of changing lengths and counts, cu_seqlens an
+    input of the compiled block, no recompilation."""
+    for results in dist_pool(world_size).run("helpers.compile_cases:compiled_packed_blocks", layouts=LAYOUTS,
+                                             timeout=600):
+        _check(results)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -19,7 +19,7 @@ from ..core.eager import public
 from ..core.function import AttentionFunction
 from ..core.layouts import check_layout, check_local_seqlen, position_ids, varlen_token_index
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor,
-                               check_options, check_qkv, check_same_call_across_group, default_scale,
+                               check_options, check_qkv, check_same_call_across_group, checking_calls, default_scale,
                                group_rank_and_size, host_offsets, kernel_ready, normalized_window, unpack)
 from ..kernels import block_options, select_block_kernel
 from .engine import RingPlan
@@ -86,7 +86,7 @@ def ring_attention(
         "batch", layout, q, k, causal, softmax_scale, window_size=window, softcap=softcap, dropout_p=dropout_p,
         alibi=alibi_slopes is not None))
     if not dropout_p and alibi_slopes is None:  # custom ops: torch.compile traces them (ring/ops.py)
-        out, lse = ring_forward_op(q, k, v, layout, bool(causal), window[0], window[1],
+        out, lse = ring_forward_op(q, k, v, None, 0, layout, bool(causal), window[0], window[1],
                                    default_scale(q, softmax_scale), float(softcap), bool(deterministic),
                                    backend or "", group_name(group), bool(return_attn_probs))
     else:
@@ -101,7 +101,8 @@ def ring_attention_varlen(
     softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
     return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None,
 ) -> Result:
-    """Packed documents: q ``(T, H, D)``, local ``cu_seqlens``; lse ``(H, T)``."""
+    """Packed documents: q ``(T, H, D)``, local ``cu_seqlens``; lse ``(H, T)``. ``cu_seqlens`` is read
+    on the host inside the op (or the eager path), never in traced code."""
     check_layout(layout)
     check_qkv(q, k, v, packed=True)
     q, k, v = (kernel_ready(t) for t in (q, k, v))
@@ -109,21 +110,39 @@ def ring_attention_varlen(
     check_alibi_slopes(alibi_slopes, q, batch=None)
     window = normalized_window(window_size)
     check_cu_seqlens_tensor(cu_seqlens)
+    rank, world_size = group_rank_and_size(group)
+    if checking_calls():
+        check_same_call_across_group(group, q.device, call_signature(
+            "varlen", layout, q, k, causal, softmax_scale, cu_seqlens=host_offsets(cu_seqlens), window_size=window,
+            softcap=softcap, dropout_p=dropout_p, alibi=alibi_slopes is not None))
+    if not dropout_p and alibi_slopes is None:  # custom ops: torch.compile traces them (ring/ops.py)
+        out, lse = ring_forward_op(q, k, v, cu_seqlens, int(max_seqlen), layout, bool(causal), window[0], window[1],
+                                   default_scale(q, softmax_scale), float(softcap), bool(deterministic),
+                                   backend or "", group_name(group), bool(return_attn_probs))
+        return (out, lse, None) if return_attn_probs else out
+    out, lse = _packed_with_random_or_positions(layout, q, k, v, cu_seqlens, max_seqlen, window, rank, world_size,
+                                                group, softmax_scale, causal, deterministic, backend, softcap,
+                                                dropout_p, alibi_slopes)
+    return (out[0], lse[0], None) if return_attn_probs else out[0]
+
+
+@torch.compiler.disable(recursive=True)
+def _packed_with_random_or_positions(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
+                                     max_seqlen: int, window: Tuple[int, int], rank: int, world_size: int, group,
+                                     softmax_scale, causal: bool, deterministic: bool, backend: Optional[str],
+                                     softcap: float, dropout_p: float,
+                                     alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Packed documents with dropout or ALiBi: the autograd Function path, eagerly under compile."""
     offsets = host_offsets(cu_seqlens)
     check_cu_seqlens(offsets, q.shape[0], max_seqlen=max_seqlen)
-    rank, world_size = group_rank_and_size(group)
-    check_same_call_across_group(group, q.device, call_signature(
-        "varlen", layout, q, k, causal, softmax_scale, cu_seqlens=offsets, window_size=window, softcap=softcap,
-        dropout_p=dropout_p, alibi=alibi_slopes is not None))
     schedule = varlen_ring_schedule(layout, offsets, world_size, bool(causal), q.device, window)
     positions = None
     if alibi_slopes is not None:  # positions in the global packed sequence (documents never mix)
         global_offsets = torch.tensor(offsets, dtype=torch.int64) * world_size
         positions = tuple(varlen_token_index(global_offsets, layout, r, world_size).to(q.device)
                           for r in range(world_size))
-    out, lse = _run(q[None], k[None], v[None], schedule, rank, world_size, group, softmax_scale, deterministic,
-                    backend, True, softcap, dropout_p, alibi_slopes, positions)
-    return (out[0], lse[0], None) if return_attn_probs else out[0]
+    return _run(q[None], k[None], v[None], schedule, rank, world_size, group, softmax_scale, deterministic, backend,
+                True, softcap, dropout_p, alibi_slopes, positions)
 
 @public(BATCH_DOCS, traceable=True)
 def ring_flash_attn_func(
@@ -239,7 +258,7 @@ def stripe_flash_attn_qkvpacked_func(
     return ring_attention("stripe", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                           deterministic, return_attn_probs, group, backend)
 
-@public(VARLEN_DOCS)
+@public(VARLEN_DOCS, traceable=True)
 def ring_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -252,7 +271,7 @@ def ring_flash_attn_varlen_func(
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@public(VARLEN_DOCS)
+@public(VARLEN_DOCS, traceable=True)
 def ring_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -265,7 +284,7 @@ def ring_flash_attn_varlen_kvpacked_func(
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@public(VARLEN_DOCS)
+@public(VARLEN_DOCS, traceable=True)
 def ring_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -277,7 +296,7 @@ def ring_flash_attn_varlen_qkvpacked_func(
     return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
-@public(VARLEN_DOCS)
+@public(VARLEN_DOCS, traceable=True)
 def zigzag_ring_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -290,7 +309,7 @@ def zigzag_ring_flash_attn_varlen_func(
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@public(VARLEN_DOCS)
+@public(VARLEN_DOCS, traceable=True)
 def zigzag_ring_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -303,7 +322,7 @@ def zigzag_ring_flash_attn_varlen_kvpacked_func(
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@public(VARLEN_DOCS)
+@public(VARLEN_DOCS, traceable=True)
 def zigzag_ring_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -315,7 +334,7 @@ def zigzag_ring_flash_attn_varlen_qkvpacked_func(
     return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
-@public(VARLEN_DOCS)
+@public(VARLEN_DOCS, traceable=True)
 def stripe_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -328,7 +347,7 @@ def stripe_flash_attn_varlen_func(
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@public(VARLEN_DOCS)
+@public(VARLEN_DOCS, traceable=True)
 def stripe_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -341,7 +360,7 @@ def stripe_flash_attn_varlen_kvpacked_func(
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@public(VARLEN_DOCS)
+@public(VARLEN_DOCS, traceable=True)
 def stripe_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,

@@ -1,11 +1,11 @@
-"""The ring family's batch forward and backward as ``torch.library`` custom ops, so that
-``torch.compile`` (``fullgraph=True`` included) traces a public call into the caller's graph
-instead of breaking around it.
+"""The ring family's forward and backward (batch and packed documents) as ``torch.library`` custom
+ops, so that ``torch.compile`` (``fullgraph=True`` included) traces a public call into the caller's
+graph instead of breaking around it.
 
 Everything an op needs besides its tensors is a primitive argument: the layout name, the mask
 (causal, window), the scale, the soft-cap, determinism, the kernel name and the process group by
 name; the op rebuilds its plan from them (the schedules are cached on primitives, so that costs a
-dictionary look-up). The fake implementations give the shapes (out like q, lse ``(B, H, S)``), so a
+dictionary look-up). The fake implementations give the shapes (out like q, lse ``(B, H, S)`` or ``(H, T)``), so a
 new sequence length needs no recompilation when it is marked dynamic. Autograd is registered on
 the forward op; gradients through lse are exact as in :class:`~ring_flash_attn.core.function.AttentionFunction`.
 Dropout and ALiBi keep the eager path (their per-call random states and position tensors are not op
@@ -22,9 +22,11 @@ import torch.distributed as dist
 from ..core.comm import RingComm
 from ..core.function import lse_gradient_inputs
 from ..core.merge import accumulator_dtype
-from ..core.validation import backward_signature, check_same_call_across_group, group_rank_and_size
+from ..core.validation import (backward_signature, check_cu_seqlens, check_same_call_across_group, group_rank_and_size,
+                               host_offsets)
 from ..kernels import block_options, select_block_kernel
 from .engine import RingPlan, ring_backward, ring_forward
+from .packed import varlen_ring_schedule
 from .schedules import ring_schedule
 
 Tensor = torch.Tensor
@@ -41,74 +43,99 @@ def _group(name: str) -> Optional[dist.ProcessGroup]:
     return dist.distributed_c10d._resolve_process_group(name) if name else None
 
 
-def _plan(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, window_left: int, window_right: int,
-          softmax_scale: float, softcap: float, deterministic: bool, backend: str, group: str) -> RingPlan:
+def _plan(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int, layout: str, causal: bool,
+          window_left: int, window_right: int, softmax_scale: float, softcap: float, deterministic: bool,
+          backend: str, group: str) -> RingPlan:
+    """The plan of a call: batch ``(B, S, H, D)`` tensors, or with ``cu_seqlens`` (local offsets) packed
+    documents as one batch row ``(1, T, H, D)``, whose offsets are read here (once per tensor, cached)."""
     pg = _group(group)
     rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
-    schedule = ring_schedule(layout, world_size, q.shape[1], causal, (window_left, window_right))
-    kernel = select_block_kernel(q, k, v, schedule.bands(), deterministic, backend or None, softcap=softcap)
+    window = (window_left, window_right)
+    if cu_seqlens is None:
+        schedule = ring_schedule(layout, world_size, q.shape[1], causal, window)
+    else:
+        offsets = host_offsets(cu_seqlens)
+        check_cu_seqlens(offsets, q.shape[1], max_seqlen=max_seqlen)
+        schedule = varlen_ring_schedule(layout, offsets, world_size, causal, q.device, window)
+    kernel = select_block_kernel(q, k, v, schedule.bands(), deterministic, backend or None,
+                                 varlen=cu_seqlens is not None, softcap=softcap)
     return RingPlan(rank=rank, world_size=world_size, comm=RingComm(pg) if world_size > 1 else None,
                     schedule=schedule, backend=kernel,
                     options=block_options(softmax_scale, softcap, deterministic=deterministic), group=pg)
 
 
+def _rows(x: Tensor, packed: bool) -> Tensor:
+    """Packed ``(T, H, D)`` tensors as the engine's one batch row; batch ones as they are."""
+    return x[None] if packed else x
+
+
 @torch.library.custom_op("ring_flash_attn::ring_forward", mutates_args=())
-def ring_forward_op(q: Tensor, k: Tensor, v: Tensor, layout: str, causal: bool, window_left: int, window_right: int,
-                    softmax_scale: float, softcap: float, deterministic: bool, backend: str, group: str,
-                    lse_grad: bool) -> Tuple[Tensor, Tensor]:
-    """``(out, lse)`` of this rank's queries; ``lse_grad``: the caller receives lse (its gradient counts)."""
-    out, lse = ring_forward(_plan(q, k, v, layout, causal, window_left, window_right, softmax_scale, softcap,
-                                  deterministic, backend, group), q, k, v)
+def ring_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int, layout: str,
+                    causal: bool, window_left: int, window_right: int, softmax_scale: float, softcap: float,
+                    deterministic: bool, backend: str, group: str, lse_grad: bool) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` of this rank's queries (batch: lse ``(B, H, S)``; packed: ``(H, T)``);
+    ``lse_grad``: the caller receives lse (its gradient counts)."""
+    packed = cu_seqlens is not None
+    plan = _plan(_rows(q, packed), _rows(k, packed), _rows(v, packed), cu_seqlens, max_seqlen, layout, causal,
+                 window_left, window_right, softmax_scale, softcap, deterministic, backend, group)
+    out, lse = ring_forward(plan, _rows(q, packed), _rows(k, packed), _rows(v, packed))
+    if packed:
+        out, lse = out[0], lse[0]
     return out.contiguous(), lse.contiguous()
 
 
 @ring_forward_op.register_fake
-def _(q, k, v, layout, causal, window_left, window_right, softmax_scale, softcap, deterministic, backend, group,
-      lse_grad):
-    b, s, h, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (b, h, s), dtype=accumulator_dtype(q.dtype))
+def _(q, k, v, cu_seqlens, max_seqlen, layout, causal, window_left, window_right, softmax_scale, softcap,
+      deterministic, backend, group, lse_grad):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype)))
 
 
 @torch.library.custom_op("ring_flash_attn::ring_backward", mutates_args=())
-def ring_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: str,
-                     causal: bool, window_left: int, window_right: int, softmax_scale: float, softcap: float,
-                     deterministic: bool, backend: str, group: str) -> Tuple[Tensor, Tensor, Tensor]:
+def ring_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                     cu_seqlens: Optional[Tensor], max_seqlen: int, layout: str, causal: bool, window_left: int,
+                     window_right: int, softmax_scale: float, softcap: float, deterministic: bool, backend: str,
+                     group: str) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of this rank's shard for the gradient ``dout`` of its output."""
-    plan = _plan(q, k, v, layout, causal, window_left, window_right, softmax_scale, softcap, deterministic, backend,
-                 group)
-    return tuple(g.contiguous() for g in ring_backward(plan, dout.contiguous(), q, k, v, out, lse))
+    packed = cu_seqlens is not None
+    rows = [_rows(t, packed) for t in (dout.contiguous(), q, k, v, out, lse)]
+    plan = _plan(*rows[1:4], cu_seqlens, max_seqlen, layout, causal, window_left, window_right, softmax_scale,
+                 softcap, deterministic, backend, group)
+    grads = ring_backward(plan, *rows)
+    return tuple((g[0] if packed else g).contiguous() for g in grads)
 
 
 @ring_backward_op.register_fake
-def _(dout, q, k, v, out, lse, layout, causal, window_left, window_right, softmax_scale, softcap, deterministic,
-      backend, group):
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, layout, causal, window_left, window_right, softmax_scale,
+      softcap, deterministic, backend, group):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, *primitives = inputs
-    ctx.save_for_backward(q, k, v, *output)
+    q, k, v, cu_seqlens, *primitives = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens)
     ctx.primitives = tuple(primitives[:-1])
     ctx.lse_grad = primitives[-1]
-    ctx.set_materialize_grads(False)  # eager: an unused output's gradient arrives as None
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
 
 
 def _backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor]):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     group = _group(ctx.primitives[-1])
     lse_used = ctx.lse_grad and dlse is not None
     check_same_call_across_group(group, q.device, backward_signature(dout, lse_used))
     dq = dk = dv = None
     if dout is not None:
-        dq, dk, dv = ring_backward_op(dout, q, k, v, out, lse, *ctx.primitives)
+        dq, dk, dv = ring_backward_op(dout, q, k, v, out, lse, cu_seqlens, *ctx.primitives)
     if lse_used:
         lse_dout, lse_out = lse_gradient_inputs(dlse, out)
-        dq_l, dk_l, _ = ring_backward_op(lse_dout, q, k, torch.zeros_like(v), lse_out, lse, *ctx.primitives)
+        dq_l, dk_l, _ = ring_backward_op(lse_dout, q, k, torch.zeros_like(v), lse_out, lse, cu_seqlens,
+                                         *ctx.primitives)
         dq = dq_l if dq is None else dq + dq_l
         dk = dk_l if dk is None else dk + dk_l
         dv = torch.zeros_like(v) if dv is None else dv
-    return (dq, dk, dv) + (None,) * (len(ctx.primitives) + 1)
+    return (dq, dk, dv) + (None,) * (len(ctx.primitives) + 2)
 
 
 ring_forward_op.register_autograd(_backward, setup_context=_setup_context)

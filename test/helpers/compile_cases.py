@@ -113,3 +113,54 @@ def compiled_tiny_llama(rank: int, world_size: int) -> Dict[str, float]:
     results["logits"] = ((lc - le).abs().max() / le.abs().max()).item()
     results["grads"] = ((gc - ge).abs().max() / ge.abs().max()).item()
     return results
+
+
+class PackedBlock(Block):
+    """:class:`Block` over packed documents: x ``(T, 16)``, the layout's varlen function with this
+    rank's local ``cu_seqlens``."""
+
+    def __init__(self, layout: str, packing: str, use_lse: bool, **options) -> None:
+        super().__init__(layout, packing, use_lse, **options)
+        self.fn = public_function(layout, packing, varlen=True)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv(x).split([HEADS * DIM, self.heads_k * DIM, self.heads_k * DIM], dim=-1)
+        q, k, v = q.view(t, HEADS, DIM), k.view(t, self.heads_k, DIM), v.view(t, self.heads_k, DIM)
+        if self.packing == "kvpacked":
+            inputs = (q, torch.stack([k, v], 1))
+        elif self.packing == "qkvpacked":
+            inputs = (torch.stack([q, k, v], 1),)
+        else:
+            inputs = (q, k, v)
+        out, lse, _ = self.fn(*inputs, cu_seqlens, max_seqlen, return_attn_probs=True, **self.options)
+        loss = self.out(out.flatten(1)).square().mean()
+        return loss + 1e-2 * lse.square().mean() if self.use_lse else loss
+
+
+def compiled_packed_blocks(rank: int, world_size: int, layouts: List[str]) -> Dict[str, float]:
+    """Like :func:`compiled_blocks` for the packed functions: local documents of changing lengths and
+    counts, ``cu_seqlens`` an input of the compiled block (read on the host inside the op)."""
+    results = {}
+    batches = ((2, 4, 2), (4, 2, 2, 4), (6,))  # local document lengths (even: zigzag splits each in two)
+    for n, (layout, packing) in enumerate((lay, p) for lay in layouts for p in PACKINGS):
+        torch.manual_seed(n)
+        block = PackedBlock(layout, packing, use_lse=n % 2 == 0, causal=n % 3 != 2)
+        counter = CompileCounterWithBackend("aot_eager")
+        torch._dynamo.reset()
+        compiled = torch.compile(block, backend=counter, fullgraph=True, dynamic=True)
+        for i, lengths in enumerate(batches):
+            cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+            x = torch.randn(sum(lengths), 16, generator=torch.Generator().manual_seed(10 * rank + i),
+                            requires_grad=True)
+            leaves = [x, *block.parameters()]
+            got = [compiled(x, cu, max(lengths))]
+            got += torch.autograd.grad(got[0], leaves)
+            want = [block(x, cu, max(lengths))]
+            want += torch.autograd.grad(want[0], leaves)
+            results[f"{layout}-{packing}-docs{lengths}"] = max(
+                ((g - w).abs().max() / w.abs().max().clamp_min(1e-6)).item() for g, w in zip(got, want))
+            if i == 0:
+                results[f"{layout}-{packing}-graphs-first"] = counter.frame_count
+        results[f"{layout}-{packing}-graphs-last"] = counter.frame_count
+    return results
