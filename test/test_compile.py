@@ -34,6 +34,15 @@ def test_packed_documents_fullgraph(dist_pool, world_size):
         _check(results)
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_allgather_family_fullgraph(dist_pool, world_size):
+    """llama3 (prepared arguments computed per batch outside the compiled block) and zigzag-llama3;
+    at most one recompilation (the first change of a 0 / 1 int argument), none after it."""
+    for results in dist_pool(world_size).run("helpers.compile_cases:compiled_packed_blocks",
+                                             layouts=["llama3", "zigzag_llama3"], settle=1, timeout=600):
+        _check(results)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_inductor_with_windows_and_softcap(dist_pool, world_size):
     """Inductor's generated code around the ops, with a sliding window and soft-capping."""
@@ -50,10 +59,12 @@ def test_dropout_and_alibi_run_eagerly_inside_compiled_code(dist_pool):
         assert results["dropout"] == 0.0 and results["alibi"] <= 1e-6, results
 
 
-@pytest.mark.parametrize("world_size", [2])
-def test_tiny_llama_compiles_without_graph_breaks(dist_pool, world_size):
-    """transformers' Llama with the registered ring attention: no graph break (``torch._dynamo.explain``),
-    ``fullgraph=True`` logits and gradients equal to eager."""
-    for results in dist_pool(world_size).run("helpers.compile_cases:compiled_tiny_llama", timeout=600):
+@pytest.mark.parametrize("layout,packed", [("zigzag", False), ("zigzag", True), ("ring", True)])
+def test_tiny_llama_compiles_without_graph_breaks(dist_pool, layout, packed):
+    """transformers' Llama with the registered ring attention, single sequences and packed documents
+    (zigzag: the pack as one sequence; ring: llama3's arguments prepared by ``set_packed_batch``): no
+    graph break (``torch._dynamo.explain``), ``fullgraph=True`` logits and gradients equal to eager."""
+    for results in dist_pool(2).run("helpers.compile_cases:compiled_tiny_llama", layout=layout, packed=packed,
+                                    timeout=600):
         assert results["graph_breaks"] == 0, results
         assert results["logits"] <= 1e-5 and results["grads"] <= 1e-5, results

@@ -156,6 +156,11 @@ def register_ring_attention(
 
 def set_packed_batch(cu_seqlens: Optional[torch.Tensor]) -> None:
     """Global ``cu_seqlens`` (int32) of the packed batch the next forwards run on; ``None``: not packed.
-    Call it for every batch: arguments derived from the previous batch are dropped here."""
+    Call it for every batch: arguments derived from the previous batch are dropped here. For the
+    llama3 layout the per-rank arguments are prepared here, outside the model (so a compiled model
+    has no host work on ``cu_seqlens`` in its layers)."""
     global _BATCH
     _BATCH = None if cu_seqlens is None else PackedBatch(cu_seqlens)
+    if _BATCH is not None and MODEL_LAYOUTS[SETTINGS.layout] == "ring":
+        for causal in (True, False):
+            _llama3_args(_BATCH, causal, SETTINGS.group)

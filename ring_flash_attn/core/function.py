@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .validation import backward_signature, check_same_call_across_group
+from .validation import backward_signature, check_same_call_across_group, resolve_group
 
 Tensor = torch.Tensor
 
@@ -68,3 +68,42 @@ class AttentionFunction(torch.autograd.Function):
             grads[1] = dk if grads[1] is None else grads[1] + dk
             grads[2] = torch.zeros_like(v) if grads[2] is None else grads[2]
         return (*grads, None)
+
+
+def register_attention_autograd(forward_op, backward_op, extra_tensors: int) -> None:
+    """Autograd for a family's custom ops: ``forward_op(q, k, v, *extra, *primitives, lse_grad) ->
+    (out, lse)`` and ``backward_op(dout, q, k, v, out, lse, *extra, *primitives) -> (dq, dk, dv)``, with
+    ``extra_tensors`` tensor arguments (``cu_seqlens``; may be None) after q, k, v and the process
+    group's name last among the primitives. As :class:`AttentionFunction`: lse gradients exact when
+    the caller receives lse (``lse_grad``) and uses it, an unused output costs nothing, the backward's
+    cross-rank check, and double backward refused."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, *rest = inputs
+        ctx.save_for_backward(q, k, v, *output, *rest[:extra_tensors])
+        ctx.primitives = tuple(rest[extra_tensors:-1])
+        ctx.lse_grad = rest[-1]
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+
+    def backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor]):
+        q, k, v, out, lse, *extra = ctx.saved_tensors
+        lse_used = ctx.lse_grad and dlse is not None
+        check_same_call_across_group(resolve_group(ctx.primitives[-1]), q.device, backward_signature(dout, lse_used))
+        dq = dk = dv = None
+        if dout is not None:
+            dq, dk, dv = backward_op(dout, q, k, v, out, lse, *extra, *ctx.primitives)
+        if lse_used:
+            lse_dout, lse_out = lse_gradient_inputs(dlse, out)
+            dq_l, dk_l, _ = backward_op(lse_dout, q, k, torch.zeros_like(v), lse_out, lse, *extra, *ctx.primitives)
+            dq = dq_l if dq is None else dq + dq_l
+            dk = dk_l if dk is None else dk + dk_l
+            dv = torch.zeros_like(v) if dv is None else dv
+        return (dq, dk, dv) + (None,) * (extra_tensors + len(ctx.primitives) + 1)
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError("ring_flash_attn: double backward is not supported -- the attention functions are "
+                           "once-differentiable, as flash-attn's (trying to differentiate twice)")
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    backward_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
+

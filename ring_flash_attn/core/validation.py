@@ -176,6 +176,18 @@ def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
+def process_group_name(group: Optional[dist.ProcessGroup]) -> str:
+    """The name a custom op finds ``group`` by (``""``: no communication, one rank)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ""
+    return (group if group is not None else dist.group.WORLD).group_name
+
+
+def resolve_group(name: str) -> Optional[dist.ProcessGroup]:
+    """The process group of :func:`process_group_name` (None for ``""``)."""
+    return dist.distributed_c10d._resolve_process_group(name) if name else None
+
+
 CHECK_ENV = "RING_FLASH_ATTN_CHECK"
 CHECK_TIMEOUT_ENV = "RING_FLASH_ATTN_CHECK_TIMEOUT"
 _SIGNATURE_SLOTS = 24  # fixed, so a forward's signature and a backward's can meet in one all-gather

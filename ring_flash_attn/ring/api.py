@@ -20,10 +20,11 @@ from ..core.function import AttentionFunction
 from ..core.layouts import check_layout, check_local_seqlen, position_ids, varlen_token_index
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor,
                                check_options, check_qkv, check_same_call_across_group, checking_calls, default_scale,
-                               group_rank_and_size, host_offsets, kernel_ready, normalized_window, unpack)
+                               group_rank_and_size, host_offsets, kernel_ready, normalized_window, process_group_name,
+                               unpack)
 from ..kernels import block_options, select_block_kernel
 from .engine import RingPlan
-from .ops import group_name, ring_forward_op
+from .ops import ring_forward_op
 from .packed import varlen_ring_schedule
 from .schedules import ring_schedule
 
@@ -88,7 +89,7 @@ def ring_attention(
     if not dropout_p and alibi_slopes is None:  # custom ops: torch.compile traces them (ring/ops.py)
         out, lse = ring_forward_op(q, k, v, None, 0, layout, bool(causal), window[0], window[1],
                                    default_scale(q, softmax_scale), float(softcap), bool(deterministic),
-                                   backend or "", group_name(group), bool(return_attn_probs))
+                                   backend or "", process_group_name(group), bool(return_attn_probs))
     else:
         out, lse = _ring_with_random_or_positions(layout, q, k, v, window, rank, world_size, group, softmax_scale,
                                                   causal, deterministic, backend, softcap, dropout_p, alibi_slopes)
@@ -118,7 +119,7 @@ def ring_attention_varlen(
     if not dropout_p and alibi_slopes is None:  # custom ops: torch.compile traces them (ring/ops.py)
         out, lse = ring_forward_op(q, k, v, cu_seqlens, int(max_seqlen), layout, bool(causal), window[0], window[1],
                                    default_scale(q, softmax_scale), float(softcap), bool(deterministic),
-                                   backend or "", group_name(group), bool(return_attn_probs))
+                                   backend or "", process_group_name(group), bool(return_attn_probs))
         return (out, lse, None) if return_attn_probs else out
     out, lse = _packed_with_random_or_positions(layout, q, k, v, cu_seqlens, max_seqlen, window, rank, world_size,
                                                 group, softmax_scale, causal, deterministic, backend, softcap,

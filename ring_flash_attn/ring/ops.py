@@ -17,13 +17,11 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from ..core.comm import RingComm
-from ..core.function import lse_gradient_inputs
+from ..core.function import register_attention_autograd
 from ..core.merge import accumulator_dtype
-from ..core.validation import (backward_signature, check_cu_seqlens, check_same_call_across_group, group_rank_and_size,
-                               host_offsets)
+from ..core.validation import check_cu_seqlens, group_rank_and_size, host_offsets, resolve_group
 from ..kernels import block_options, select_block_kernel
 from .engine import RingPlan, ring_backward, ring_forward
 from .packed import varlen_ring_schedule
@@ -32,23 +30,12 @@ from .schedules import ring_schedule
 Tensor = torch.Tensor
 
 
-def group_name(group: Optional[dist.ProcessGroup]) -> str:
-    """The name an op finds ``group`` by (``""``: no communication, one rank)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return ""
-    return (group if group is not None else dist.group.WORLD).group_name
-
-
-def _group(name: str) -> Optional[dist.ProcessGroup]:
-    return dist.distributed_c10d._resolve_process_group(name) if name else None
-
-
 def _plan(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int, layout: str, causal: bool,
           window_left: int, window_right: int, softmax_scale: float, softcap: float, deterministic: bool,
           backend: str, group: str) -> RingPlan:
     """The plan of a call: batch ``(B, S, H, D)`` tensors, or with ``cu_seqlens`` (local offsets) packed
     documents as one batch row ``(1, T, H, D)``, whose offsets are read here (once per tensor, cached)."""
-    pg = _group(group)
+    pg = resolve_group(group)
     rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
     window = (window_left, window_right)
     if cu_seqlens is None:
@@ -112,38 +99,4 @@ def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, layout, causal, window_le
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, *primitives = inputs
-    ctx.save_for_backward(q, k, v, *output, cu_seqlens)
-    ctx.primitives = tuple(primitives[:-1])
-    ctx.lse_grad = primitives[-1]
-    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-
-
-def _backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor]):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    group = _group(ctx.primitives[-1])
-    lse_used = ctx.lse_grad and dlse is not None
-    check_same_call_across_group(group, q.device, backward_signature(dout, lse_used))
-    dq = dk = dv = None
-    if dout is not None:
-        dq, dk, dv = ring_backward_op(dout, q, k, v, out, lse, cu_seqlens, *ctx.primitives)
-    if lse_used:
-        lse_dout, lse_out = lse_gradient_inputs(dlse, out)
-        dq_l, dk_l, _ = ring_backward_op(lse_dout, q, k, torch.zeros_like(v), lse_out, lse, cu_seqlens,
-                                         *ctx.primitives)
-        dq = dq_l if dq is None else dq + dq_l
-        dk = dk_l if dk is None else dk + dk_l
-        dv = torch.zeros_like(v) if dv is None else dv
-    return (dq, dk, dv) + (None,) * (len(ctx.primitives) + 2)
-
-
-ring_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("ring_flash_attn: double backward is not supported -- the attention functions are "
-                       "once-differentiable, as flash-attn's (trying to differentiate twice)")
-
-
-ring_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+register_attention_autograd(ring_forward_op, ring_backward_op, extra_tensors=1)

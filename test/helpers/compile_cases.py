@@ -18,9 +18,10 @@ HEADS, HEADS_K, DIM = 4, 2, 8
 class Block(torch.nn.Module):
     """A projection to q, k, v in the packing's layout, the public function, an output projection."""
 
-    def __init__(self, layout: str, packing: str, use_lse: bool, **options) -> None:
+    def __init__(self, layout: str, packing: str, use_lse: bool, varlen: bool = False, **options) -> None:
         super().__init__()
-        self.fn, self.packing, self.use_lse, self.options = public_function(layout, packing), packing, use_lse, options
+        self.fn, self.packing, self.use_lse = public_function(layout, packing, varlen), packing, use_lse
+        self.options = options
         heads_k = HEADS if packing == "qkvpacked" else HEADS_K
         self.heads_k = heads_k
         self.qkv = torch.nn.Linear(16, (HEADS + 2 * heads_k) * DIM)
@@ -88,18 +89,19 @@ def compiled_with_dropout(rank: int, world_size: int) -> Dict[str, float]:
             "alibi": (torch.compile(alibi, backend="aot_eager")(q, k, v) - alibi(q, k, v)).abs().max().item()}
 
 
-def compiled_tiny_llama(rank: int, world_size: int) -> Dict[str, float]:
-    """A tiny random Llama with our registered attention (single sequences, zigzag): dynamo's graph
-    breaks, and the ``fullgraph=True`` compiled logits and gradients against eager."""
+def compiled_tiny_llama(rank: int, world_size: int, layout: str = "zigzag", packed: bool = False) -> Dict[str, float]:
+    """A tiny random Llama with our registered attention (single sequences, or packed documents):
+    dynamo's graph breaks, and the ``fullgraph=True`` compiled logits and gradients against eager."""
     from ring_flash_attn import adapters
     from ring_flash_attn.adapters import hf
     from helpers.hf_cases import build_model
 
     model = build_model("llama")
-    model.set_attn_implementation(hf.register_ring_attention(None, layout="zigzag"))
-    hf.set_packed_batch(None)
+    model.set_attn_implementation(hf.register_ring_attention(None, layout=layout))
+    cu = torch.tensor([0, 3 * world_size, 5 * world_size, 8 * world_size], dtype=torch.int32) if packed else None
+    hf.set_packed_batch(cu)
     ids = torch.randint(0, 96, (1, 8 * world_size), generator=torch.Generator().manual_seed(0))
-    local = adapters.shard_inputs(ids, ids.clone(), layout="zigzag")
+    local = adapters.shard_inputs(ids, ids.clone(), cu_seqlens=cu, layout=layout)
     inputs = dict(input_ids=local["input_ids"], position_ids=local["position_ids"])
     breaks = torch._dynamo.explain(model)(**inputs).graph_break_count
     results = {"graph_breaks": float(breaks)}
@@ -116,14 +118,13 @@ def compiled_tiny_llama(rank: int, world_size: int) -> Dict[str, float]:
 
 
 class PackedBlock(Block):
-    """:class:`Block` over packed documents: x ``(T, 16)``, the layout's varlen function with this
-    rank's local ``cu_seqlens``."""
+    """:class:`Block` over packed documents: x ``(T, 16)``, the layout's varlen function with the
+    arguments that follow q, k, v (``cu_seqlens``, ``max_seqlen``, ...)."""
 
     def __init__(self, layout: str, packing: str, use_lse: bool, **options) -> None:
-        super().__init__(layout, packing, use_lse, **options)
-        self.fn = public_function(layout, packing, varlen=True)
+        super().__init__(layout, packing, use_lse, varlen=True, **options)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *call_args) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv(x).split([HEADS * DIM, self.heads_k * DIM, self.heads_k * DIM], dim=-1)
         q, k, v = q.view(t, HEADS, DIM), k.view(t, self.heads_k, DIM), v.view(t, self.heads_k, DIM)
@@ -133,34 +134,50 @@ class PackedBlock(Block):
             inputs = (torch.stack([q, k, v], 1),)
         else:
             inputs = (q, k, v)
-        out, lse, _ = self.fn(*inputs, cu_seqlens, max_seqlen, return_attn_probs=True, **self.options)
+        out, lse, _ = self.fn(*inputs, *call_args, return_attn_probs=True, **self.options)
         loss = self.out(out.flatten(1)).square().mean()
         return loss + 1e-2 * lse.square().mean() if self.use_lse else loss
 
 
-def compiled_packed_blocks(rank: int, world_size: int, layouts: List[str]) -> Dict[str, float]:
-    """Like :func:`compiled_blocks` for the packed functions: local documents of changing lengths and
-    counts, ``cu_seqlens`` an input of the compiled block (read on the host inside the op)."""
+def _packed_args(layout: str, global_lengths, causal: bool, rank: int, world_size: int) -> tuple:
+    """The arguments after q, k, v of the layout's varlen function for documents of these global
+    lengths, and this rank's number of tokens."""
+    cu = torch.tensor([0, *torch.tensor(global_lengths).cumsum(0).tolist()], dtype=torch.int32)
+    if layout == "llama3":
+        prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, causal, rank, world_size)
+        return (*prepared[:4], 1, prepared[4]), int(cu[-1]) // world_size
+    if layout == "zigzag_llama3":
+        return (cu, max(global_lengths)), int(cu[-1]) // world_size
+    local = torch.div(cu, world_size, rounding_mode="floor")
+    return (local, max(global_lengths) // world_size), int(local[-1])
+
+
+def compiled_packed_blocks(rank: int, world_size: int, layouts: List[str], settle: int = 0) -> Dict[str, float]:
+    """Like :func:`compiled_blocks` for the packed functions: documents of changing lengths and
+    counts, ``cu_seqlens`` (llama3: its prepared arguments, computed per batch outside the compiled
+    block) inputs of the compiled block, read on the host inside the op. ``graphs-first`` is counted
+    after batch ``settle`` (dynamo specializes an int argument that is 0 or 1 when first seen, such as
+    llama3's ``local_k_slice.start``: one recompilation when it first changes)."""
     results = {}
-    batches = ((2, 4, 2), (4, 2, 2, 4), (6,))  # local document lengths (even: zigzag splits each in two)
+    batches = ((1, 2, 1), (2, 1, 1, 2), (3,), (1, 1, 2, 1))  # document lengths in units of 2W
     for n, (layout, packing) in enumerate((lay, p) for lay in layouts for p in PACKINGS):
         torch.manual_seed(n)
-        block = PackedBlock(layout, packing, use_lse=n % 2 == 0, causal=n % 3 != 2)
+        causal = n % 3 != 2
+        block = PackedBlock(layout, packing, use_lse=n % 2 == 0, causal=causal)
         counter = CompileCounterWithBackend("aot_eager")
         torch._dynamo.reset()
         compiled = torch.compile(block, backend=counter, fullgraph=True, dynamic=True)
         for i, lengths in enumerate(batches):
-            cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-            x = torch.randn(sum(lengths), 16, generator=torch.Generator().manual_seed(10 * rank + i),
-                            requires_grad=True)
+            call_args, tokens = _packed_args(layout, [2 * world_size * n for n in lengths], causal, rank, world_size)
+            x = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(10 * rank + i), requires_grad=True)
             leaves = [x, *block.parameters()]
-            got = [compiled(x, cu, max(lengths))]
+            got = [compiled(x, *call_args)]
             got += torch.autograd.grad(got[0], leaves)
-            want = [block(x, cu, max(lengths))]
+            want = [block(x, *call_args)]
             want += torch.autograd.grad(want[0], leaves)
             results[f"{layout}-{packing}-docs{lengths}"] = max(
                 ((g - w).abs().max() / w.abs().max().clamp_min(1e-6)).item() for g, w in zip(got, want))
-            if i == 0:
+            if i == settle:
                 results[f"{layout}-{packing}-graphs-first"] = counter.frame_count
         results[f"{layout}-{packing}-graphs-last"] = counter.frame_count
     return results
