@@ -27,17 +27,19 @@ class Block(torch.nn.Module):
         self.qkv = torch.nn.Linear(16, (HEADS + 2 * heads_k) * DIM)
         self.out = torch.nn.Linear(HEADS * DIM, 16)
 
+    def packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dim: int) -> tuple:
+        """q, k, v as the function's packing takes them (stacked along ``dim``)."""
+        if self.packing == "kvpacked":
+            return q, torch.stack([k, v], dim)
+        if self.packing == "qkvpacked":
+            return (torch.stack([q, k, v], dim),)
+        return q, k, v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.qkv(x).split([HEADS * DIM, self.heads_k * DIM, self.heads_k * DIM], dim=-1)
         q, k, v = q.view(b, s, HEADS, DIM), k.view(b, s, self.heads_k, DIM), v.view(b, s, self.heads_k, DIM)
-        if self.packing == "kvpacked":
-            inputs = (q, torch.stack([k, v], 2))
-        elif self.packing == "qkvpacked":
-            inputs = (torch.stack([q, k, v], 2),)
-        else:
-            inputs = (q, k, v)
-        out, lse, _ = self.fn(*inputs, return_attn_probs=True, **self.options)
+        out, lse, _ = self.fn(*self.packed(q, k, v, dim=2), return_attn_probs=True, **self.options)
         loss = self.out(out.flatten(2)).square().mean()
         return loss + 1e-2 * lse.square().mean() if self.use_lse else loss
 
@@ -128,13 +130,7 @@ class PackedBlock(Block):
         t = x.shape[0]
         q, k, v = self.qkv(x).split([HEADS * DIM, self.heads_k * DIM, self.heads_k * DIM], dim=-1)
         q, k, v = q.view(t, HEADS, DIM), k.view(t, self.heads_k, DIM), v.view(t, self.heads_k, DIM)
-        if self.packing == "kvpacked":
-            inputs = (q, torch.stack([k, v], 1))
-        elif self.packing == "qkvpacked":
-            inputs = (torch.stack([q, k, v], 1),)
-        else:
-            inputs = (q, k, v)
-        out, lse, _ = self.fn(*inputs, *call_args, return_attn_probs=True, **self.options)
+        out, lse, _ = self.fn(*self.packed(q, k, v, dim=1), *call_args, return_attn_probs=True, **self.options)
         loss = self.out(out.flatten(1)).square().mean()
         return loss + 1e-2 * lse.square().mean() if self.use_lse else loss
 
