@@ -2,8 +2,8 @@
 families (with ``kvpacked`` / ``qkvpacked`` twins) for the ``ring``, ``zigzag`` and ``stripe``
 layouts, with ring-flash-attn 0.1.x's parameters in its order, then ``softcap`` and ``backend``
 keyword-only. Each unpacks its inputs and calls :func:`ring_attention` / :func:`ring_attention_varlen`,
-which validate them, build a :class:`~.engine.RingPlan` and call the one autograd Function; no
-algorithm lives here.
+which validate them and call the custom op (:mod:`.ops`), or with dropout or ALiBi build a
+:class:`~.engine.RingPlan` for the autograd Function; no algorithm lives here.
 """
 
 from __future__ import annotations
