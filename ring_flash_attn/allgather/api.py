@@ -1,8 +1,8 @@
 """Public functions of the all-gather family: ``llama3_flash_attn_varlen_*`` (ring-flash-attn
 0.1.x's signatures, with its :func:`llama3_flash_attn_prepare_cu_seqlens`) and the load-balanced
 ``zigzag_llama3_flash_attn_varlen_*`` (global ``cu_seqlens``, each rank holding zigzag chunks of
-every document). Thin wrappers: validate, then the custom ops (:mod:`.ops`), or with dropout or ALiBi
-the autograd Function over the plan and strategy of :mod:`.runner`."""
+every document). Thin wrappers: validate, then the custom ops (:mod:`.ops`), or with dropout the
+autograd Function over the plan and strategy of :mod:`.runner`."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ def _allgather(q: Tensor, k: Tensor, v: Tensor, layout: str, cu_q: Tensor, cu_k:
                softmax_scale: Optional[float], causal: bool, window_size, softcap: float,
                alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool, group,
                backend: Optional[str]) -> Result:
-    """Validate the options and run: through the custom ops (``allgather/ops.py``), or with dropout or
-    ALiBi through the autograd Function, eagerly under ``torch.compile``. ``cu_k`` None: ``cu_q`` is
+    """Validate the options and run: through the custom ops (``allgather/ops.py``), or with dropout
+    through the autograd Function, eagerly under ``torch.compile``. ``cu_k`` None: ``cu_q`` is
     the global cu_seqlens of a packed layout; else llama3's prepared arguments."""
     check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
     check_alibi_slopes(alibi_slopes, q, batch=None)
@@ -39,20 +39,20 @@ def _allgather(q: Tensor, k: Tensor, v: Tensor, layout: str, cu_q: Tensor, cu_k:
     check_same_call_across_group(group, q.device, call_signature(
         "allgather", layout, q, k, causal, softmax_scale, heads_k_stride=heads_k_stride, softcap=softcap,
         window_size=window, dropout_p=dropout_p, alibi=alibi_slopes is not None))
-    if not dropout_p and alibi_slopes is None:
-        out, lse = allgather_forward_op(q, k, v, cu_q, cu_k, max_q, max_k, layout, k_slice[0], k_slice[1],
+    if not dropout_p:
+        out, lse = allgather_forward_op(q, k, v, cu_q, cu_k, alibi_slopes, max_q, max_k, layout, k_slice[0], k_slice[1],
                                         heads_k_stride or 0, bool(causal), window[0], window[1],
                                         default_scale(q, softmax_scale), float(softcap), bool(deterministic),
                                         backend or "", process_group_name(group), bool(return_attn_probs))
     else:
-        out, lse = _gather_with_random_or_positions(q, k, v, layout, cu_q, cu_k, max_q, max_k, k_slice,
+        out, lse = _gather_with_dropout(q, k, v, layout, cu_q, cu_k, max_q, max_k, k_slice,
                                                     heads_k_stride, dropout_p, softmax_scale, causal, window,
                                                     softcap, alibi_slopes, deterministic, group, backend)
     return (out, lse, None) if return_attn_probs else out
 
 
 @torch.compiler.disable(recursive=True)
-def _gather_with_random_or_positions(q, k, v, layout, cu_q, cu_k, max_q, max_k, k_slice, heads_k_stride, dropout_p,
+def _gather_with_dropout(q, k, v, layout, cu_q, cu_k, max_q, max_k, k_slice, heads_k_stride, dropout_p,
                                      softmax_scale, causal, window, softcap, alibi_slopes, deterministic, group,
                                      backend) -> Tuple[Tensor, Tensor]:
     rank, world_size = group_rank_and_size(group)

@@ -2,7 +2,8 @@
 :mod:`ring_flash_attn.ring.ops`): tensors q, k, v and the batch's ``cu_seqlens`` (llama3: its
 prepared ``cu_seqlens_q`` / ``cu_seqlens_k``), every other argument a primitive; the op reads the
 offsets on the host and rebuilds the plan and strategy (cached on primitives), so ``torch.compile``
-traces a call into the caller's graph. Dropout and ALiBi keep the eager path."""
+traces a call into the caller's graph. ALiBi slopes are a tensor argument; dropout keeps the eager
+path."""
 
 from __future__ import annotations
 
@@ -18,30 +19,31 @@ from .runner import build_runner, call_pack
 Tensor = torch.Tensor
 
 
-def _runner(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor], max_q: int, max_k: int,
+def _runner(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor], alibi_slopes: Optional[Tensor],
+            max_q: int, max_k: int,
             layout: str, k_start: int, k_stop: int, heads_k_stride: int, causal: bool, window_left: int,
             window_right: int, softmax_scale: float, softcap: float, deterministic: bool, backend: str, group: str):
     pg = resolve_group(group)
     rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
     pack = call_pack(q, layout, cu_q, cu_k, max_q, max_k, (k_start, k_stop), causal, rank, world_size)
     return build_runner(q, k, v, pack, heads_k_stride or None, softmax_scale, causal, (window_left, window_right),
-                        softcap, None, deterministic, 0.0, pg, backend or None)
+                        softcap, alibi_slopes, deterministic, 0.0, pg, backend or None)
 
 
 @torch.library.custom_op("ring_flash_attn::allgather_forward", mutates_args=())
-def allgather_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor], max_q: int,
-                         max_k: int, layout: str, k_start: int, k_stop: int, heads_k_stride: int, causal: bool,
+def allgather_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor],
+                         alibi_slopes: Optional[Tensor], max_q: int, max_k: int, layout: str, k_start: int, k_stop: int, heads_k_stride: int, causal: bool,
                          window_left: int, window_right: int, softmax_scale: float, softcap: float,
                          deterministic: bool, backend: str, group: str, lse_grad: bool) -> Tuple[Tensor, Tensor]:
     """``(out (T, H, D), lse (H, T))`` of this rank's packed queries."""
-    runner = _runner(q, k, v, cu_q, cu_k, max_q, max_k, layout, k_start, k_stop, heads_k_stride, causal, window_left,
-                     window_right, softmax_scale, softcap, deterministic, backend, group)
+    runner = _runner(q, k, v, cu_q, cu_k, alibi_slopes, max_q, max_k, layout, k_start, k_stop, heads_k_stride, causal,
+                     window_left, window_right, softmax_scale, softcap, deterministic, backend, group)
     out, lse = runner.forward(q, k, v)
     return out.contiguous(), lse.contiguous()
 
 
 @allgather_forward_op.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, layout, k_start, k_stop, heads_k_stride, causal, window_left, window_right,
+def _(q, k, v, cu_q, cu_k, alibi_slopes, max_q, max_k, layout, k_start, k_stop, heads_k_stride, causal, window_left, window_right,
       softmax_scale, softcap, deterministic, backend, group, lse_grad):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype)))
@@ -49,20 +51,20 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, layout, k_start, k_stop, heads_k_stride
 
 @torch.library.custom_op("ring_flash_attn::allgather_backward", mutates_args=())
 def allgather_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
-                          cu_k: Optional[Tensor], max_q: int, max_k: int, layout: str, k_start: int, k_stop: int,
+                          cu_k: Optional[Tensor], alibi_slopes: Optional[Tensor], max_q: int, max_k: int, layout: str, k_start: int, k_stop: int,
                           heads_k_stride: int, causal: bool, window_left: int, window_right: int,
                           softmax_scale: float, softcap: float, deterministic: bool, backend: str,
                           group: str) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of this rank's shard for the gradient ``dout`` of its output."""
-    runner = _runner(q, k, v, cu_q, cu_k, max_q, max_k, layout, k_start, k_stop, heads_k_stride, causal, window_left,
-                     window_right, softmax_scale, softcap, deterministic, backend, group)
+    runner = _runner(q, k, v, cu_q, cu_k, alibi_slopes, max_q, max_k, layout, k_start, k_stop, heads_k_stride, causal,
+                     window_left, window_right, softmax_scale, softcap, deterministic, backend, group)
     return tuple(g.contiguous() for g in runner.backward(dout.contiguous(), q, k, v, out, lse))
 
 
 @allgather_backward_op.register_fake
-def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, layout, k_start, k_stop, heads_k_stride, causal,
+def _(dout, q, k, v, out, lse, cu_q, cu_k, alibi_slopes, max_q, max_k, layout, k_start, k_stop, heads_k_stride, causal,
       window_left, window_right, softmax_scale, softcap, deterministic, backend, group):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-register_attention_autograd(allgather_forward_op, allgather_backward_op, extra_tensors=2)
+register_attention_autograd(allgather_forward_op, allgather_backward_op, extra_tensors=3)

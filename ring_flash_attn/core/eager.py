@@ -2,9 +2,8 @@
 
 The public functions are traced: their work is custom ops (:mod:`ring_flash_attn.ring.ops`,
 :mod:`ring_flash_attn.allgather.ops`), so a compiled caller keeps one graph (``fullgraph=True``
-works). Dropout and ALiBi (per-call random states, position tensors) and
-``llama3_flash_attn_prepare_cu_seqlens`` (host work on ``cu_seqlens``) are not: they run eagerly
-inside compiled code, with a graph break around each call, exactly as in eager mode on every rank whatever the
+works). Dropout (per-call random states) and ``llama3_flash_attn_prepare_cu_seqlens`` (host work on
+``cu_seqlens``) are not: they run eagerly inside compiled code, with a graph break around each call, exactly as in eager mode on every rank whatever the
 shapes -- so a compiled step gives the eager result and never leaves one rank compiling while the
 others wait in a collective.
 """

@@ -2,7 +2,7 @@
 families (with ``kvpacked`` / ``qkvpacked`` twins) for the ``ring``, ``zigzag`` and ``stripe``
 layouts, with ring-flash-attn 0.1.x's parameters in its order, then ``softcap`` and ``backend``
 keyword-only. Each unpacks its inputs and calls :func:`ring_attention` / :func:`ring_attention_varlen`,
-which validate them and call the custom op (:mod:`.ops`), or with dropout or ALiBi build a
+which validate them and call the custom op (:mod:`.ops`), or with dropout build a
 :class:`~.engine.RingPlan` for the autograd Function; no algorithm lives here.
 """
 
@@ -53,12 +53,12 @@ def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, 
 
 
 @torch.compiler.disable(recursive=True)
-def _ring_with_random_or_positions(layout: str, q: Tensor, k: Tensor, v: Tensor, window: Tuple[int, int], rank: int,
-                                   world_size: int, group, softmax_scale, causal: bool, deterministic: bool,
-                                   backend: Optional[str], softcap: float, dropout_p: float,
-                                   alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """The batch ring with dropout (per-call random states) or ALiBi (position tensors): the autograd
-    Function path, run eagerly under ``torch.compile``."""
+def _ring_with_dropout(layout: str, q: Tensor, k: Tensor, v: Tensor, window: Tuple[int, int], rank: int,
+                       world_size: int, group, softmax_scale, causal: bool, deterministic: bool,
+                       backend: Optional[str], softcap: float, dropout_p: float,
+                       alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The batch ring with dropout (per-call random states, kept by the plan): the autograd Function
+    path, run eagerly under ``torch.compile``."""
     schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal), window)
     positions = None
     if alibi_slopes is not None:
@@ -86,13 +86,13 @@ def ring_attention(
     check_same_call_across_group(group, q.device, call_signature(
         "batch", layout, q, k, causal, softmax_scale, window_size=window, softcap=softcap, dropout_p=dropout_p,
         alibi=alibi_slopes is not None))
-    if not dropout_p and alibi_slopes is None:  # custom ops: torch.compile traces them (ring/ops.py)
-        out, lse = ring_forward_op(q, k, v, None, 0, layout, bool(causal), window[0], window[1],
+    if not dropout_p:  # custom ops: torch.compile traces them (ring/ops.py)
+        out, lse = ring_forward_op(q, k, v, None, alibi_slopes, 0, layout, bool(causal), window[0], window[1],
                                    default_scale(q, softmax_scale), float(softcap), bool(deterministic),
                                    backend or "", process_group_name(group), bool(return_attn_probs))
     else:
-        out, lse = _ring_with_random_or_positions(layout, q, k, v, window, rank, world_size, group, softmax_scale,
-                                                  causal, deterministic, backend, softcap, dropout_p, alibi_slopes)
+        out, lse = _ring_with_dropout(layout, q, k, v, window, rank, world_size, group, softmax_scale, causal,
+                                      deterministic, backend, softcap, dropout_p, alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -116,24 +116,23 @@ def ring_attention_varlen(
         check_same_call_across_group(group, q.device, call_signature(
             "varlen", layout, q, k, causal, softmax_scale, cu_seqlens=host_offsets(cu_seqlens), window_size=window,
             softcap=softcap, dropout_p=dropout_p, alibi=alibi_slopes is not None))
-    if not dropout_p and alibi_slopes is None:  # custom ops: torch.compile traces them (ring/ops.py)
-        out, lse = ring_forward_op(q, k, v, cu_seqlens, int(max_seqlen), layout, bool(causal), window[0], window[1],
-                                   default_scale(q, softmax_scale), float(softcap), bool(deterministic),
+    if not dropout_p:  # custom ops: torch.compile traces them (ring/ops.py)
+        out, lse = ring_forward_op(q, k, v, cu_seqlens, alibi_slopes, int(max_seqlen), layout, bool(causal),
+                                   window[0], window[1], default_scale(q, softmax_scale), float(softcap),
+                                   bool(deterministic),
                                    backend or "", process_group_name(group), bool(return_attn_probs))
         return (out, lse, None) if return_attn_probs else out
-    out, lse = _packed_with_random_or_positions(layout, q, k, v, cu_seqlens, max_seqlen, window, rank, world_size,
-                                                group, softmax_scale, causal, deterministic, backend, softcap,
-                                                dropout_p, alibi_slopes)
+    out, lse = _packed_with_dropout(layout, q, k, v, cu_seqlens, max_seqlen, window, rank, world_size, group,
+                                    softmax_scale, causal, deterministic, backend, softcap, dropout_p, alibi_slopes)
     return (out[0], lse[0], None) if return_attn_probs else out[0]
 
 
 @torch.compiler.disable(recursive=True)
-def _packed_with_random_or_positions(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
-                                     max_seqlen: int, window: Tuple[int, int], rank: int, world_size: int, group,
-                                     softmax_scale, causal: bool, deterministic: bool, backend: Optional[str],
-                                     softcap: float, dropout_p: float,
-                                     alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Packed documents with dropout or ALiBi: the autograd Function path, eagerly under compile."""
+def _packed_with_dropout(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                         window: Tuple[int, int], rank: int, world_size: int, group, softmax_scale, causal: bool,
+                         deterministic: bool, backend: Optional[str], softcap: float, dropout_p: float,
+                         alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Packed documents with dropout: the autograd Function path, eagerly under compile."""
     offsets = host_offsets(cu_seqlens)
     check_cu_seqlens(offsets, q.shape[0], max_seqlen=max_seqlen)
     schedule = varlen_ring_schedule(layout, offsets, world_size, bool(causal), q.device, window)

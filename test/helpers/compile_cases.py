@@ -76,8 +76,9 @@ def compiled_blocks(rank: int, world_size: int, layouts: List[str], backend: str
 
 
 def compiled_with_dropout(rank: int, world_size: int) -> Dict[str, float]:
-    """Dropout (and ALiBi) keep the eager path inside a compiled function (a graph break, no
-    fullgraph): the compiled call equals the eager one for the same seed."""
+    """Dropout keeps the eager path inside a compiled function (a graph break, no fullgraph): the
+    compiled call equals the eager one for the same seed. ALiBi is traced (``fullgraph=True``),
+    batch and packed."""
     q, k, v = (torch.randn(1, 6, h, DIM, generator=torch.Generator().manual_seed(rank + h)) for h in (4, 2, 2))
     fn = lambda q, k, v: rfa.zigzag_ring_flash_attn_func(q, k, v, dropout_p=0.3, causal=True)  # noqa: E731
     compiled = torch.compile(fn, backend="aot_eager")
@@ -87,8 +88,12 @@ def compiled_with_dropout(rank: int, world_size: int) -> Dict[str, float]:
     want = fn(q, k, v)
     slopes = torch.rand(4)
     alibi = lambda q, k, v: rfa.ring_flash_attn_func(q, k, v, alibi_slopes=slopes, causal=True)  # noqa: E731
-    return {"dropout": (got - want).abs().max().item(),
-            "alibi": (torch.compile(alibi, backend="aot_eager")(q, k, v) - alibi(q, k, v)).abs().max().item()}
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    packed = lambda q, k, v: rfa.zigzag_llama3_flash_attn_varlen_func(  # noqa: E731
+        q[0], k[0], v[0], cu * world_size, 4 * world_size, alibi_slopes=slopes, causal=True)
+    traced = {name: torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k, v) - fn(q, k, v)
+              for name, fn in (("alibi", alibi), ("alibi_packed", packed))}
+    return {"dropout": (got - want).abs().max().item(), **{n: d.abs().max().item() for n, d in traced.items()}}
 
 
 def compiled_tiny_llama(rank: int, world_size: int, layout: str = "zigzag", packed: bool = False) -> Dict[str, float]:
