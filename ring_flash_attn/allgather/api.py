@@ -45,16 +45,16 @@ def _allgather(q: Tensor, k: Tensor, v: Tensor, layout: str, cu_q: Tensor, cu_k:
                                         default_scale(q, softmax_scale), float(softcap), bool(deterministic),
                                         backend or "", process_group_name(group), bool(return_attn_probs))
     else:
-        out, lse = _gather_with_dropout(q, k, v, layout, cu_q, cu_k, max_q, max_k, k_slice,
-                                                    heads_k_stride, dropout_p, softmax_scale, causal, window,
-                                                    softcap, alibi_slopes, deterministic, group, backend)
+        out, lse = _gather_with_dropout(q, k, v, layout, cu_q, cu_k, max_q, max_k, k_slice, heads_k_stride,
+                                        dropout_p, softmax_scale, causal, window, softcap, alibi_slopes,
+                                        deterministic, group, backend)
     return (out, lse, None) if return_attn_probs else out
 
 
 @torch.compiler.disable(recursive=True)
 def _gather_with_dropout(q, k, v, layout, cu_q, cu_k, max_q, max_k, k_slice, heads_k_stride, dropout_p,
-                                     softmax_scale, causal, window, softcap, alibi_slopes, deterministic, group,
-                                     backend) -> Tuple[Tensor, Tensor]:
+                         softmax_scale, causal, window, softcap, alibi_slopes, deterministic, group,
+                         backend) -> Tuple[Tensor, Tensor]:
     rank, world_size = group_rank_and_size(group)
     pack = call_pack(q, layout, cu_q, cu_k, max_q, max_k, k_slice, causal, rank, world_size)
     runner = build_runner(q, k, v, pack, heads_k_stride, softmax_scale, causal, window, softcap, alibi_slopes,
