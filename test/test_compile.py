@@ -16,13 +16,13 @@ def test_fullgraph_compile_matches_eager(dist_pool, world_size):
         _check(results)
 
 
-def _check(results):
+def _check(results, tolerance: float = 1e-5):
     for name, value in results.items():
         if name.endswith("-graphs-last"):
             first = results[name.replace("-last", "-first")]
             assert value == first, f"{name}: recompiled for new shapes ({first} -> {value} graphs)"
         elif not name.endswith("-graphs-first"):
-            assert value <= 1e-5, f"{name}: compiled differs from eager by {value:.3g}"
+            assert value <= tolerance, f"{name}: compiled differs from eager by {value:.3g}"
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -54,9 +54,13 @@ def test_inductor_with_windows_and_softcap(dist_pool, world_size):
                 assert value <= 1e-5, f"{name}: compiled differs from eager by {value:.3g}"
 
 
-def test_dropout_runs_eagerly_and_alibi_traces(dist_pool):
-    for results in dist_pool(2).run("helpers.compile_cases:compiled_with_dropout", timeout=600):
-        assert results["dropout"] == 0.0 and results["alibi"] <= 1e-6 and results["alibi_packed"] <= 1e-6, results
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_dropout_and_alibi_trace(dist_pool, world_size):
+    """Dropout and ALiBi in one graph: outputs and gradients bit-equal to eager for the same seed
+    (dropout masks included), no recompilation for a second length."""
+    for results in dist_pool(world_size).run("helpers.compile_cases:compiled_with_dropout", timeout=600):
+        assert results.pop("dropout_effect") > 0.1, "dropout left the output unchanged"
+        _check(results, tolerance=1e-6)
 
 
 @pytest.mark.parametrize("layout,packed", [("zigzag", False), ("zigzag", True), ("ring", True)])

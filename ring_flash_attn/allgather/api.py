@@ -1,8 +1,7 @@
 """Public functions of the all-gather family: ``llama3_flash_attn_varlen_*`` (ring-flash-attn
 0.1.x's signatures, with its :func:`llama3_flash_attn_prepare_cu_seqlens`) and the load-balanced
 ``zigzag_llama3_flash_attn_varlen_*`` (global ``cu_seqlens``, each rank holding zigzag chunks of
-every document). Thin wrappers: validate, then the custom ops (:mod:`.ops`), or with dropout the
-autograd Function over the plan and strategy of :mod:`.runner`."""
+every document). Thin wrappers: validate, then the custom ops (:mod:`.ops`)."""
 
 from __future__ import annotations
 
@@ -13,12 +12,10 @@ import torch.distributed as dist
 
 from ..core.docs import LLAMA3_DOCS, ZIGZAG_LLAMA3_DOCS
 from ..core.eager import public
-from ..core.function import AttentionFunction
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_nonempty_pack,
-                               check_options, check_qkv, check_same_call_across_group, default_scale,
-                               group_rank_and_size, kernel_ready, normalized_window, process_group_name, unpack)
+                               check_options, check_qkv, check_same_call_across_group, default_scale, kernel_ready,
+                               normalized_window, process_group_name, unpack)
 from .ops import allgather_forward_op
-from .runner import build_runner, call_pack
 
 Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
@@ -29,40 +26,23 @@ def _allgather(q: Tensor, k: Tensor, v: Tensor, layout: str, cu_q: Tensor, cu_k:
                softmax_scale: Optional[float], causal: bool, window_size, softcap: float,
                alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool, group,
                backend: Optional[str]) -> Result:
-    """Validate the options and run: through the custom ops (``allgather/ops.py``), or with dropout
-    through the autograd Function, eagerly under ``torch.compile``. ``cu_k`` None: ``cu_q`` is
+    """Validate the options and run the custom op (``allgather/ops.py``). ``cu_k`` None: ``cu_q`` is
     the global cu_seqlens of a packed layout; else llama3's prepared arguments."""
     check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
     check_alibi_slopes(alibi_slopes, q, batch=None)
     window = normalized_window(window_size)
-    rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device, call_signature(
         "allgather", layout, q, k, causal, softmax_scale, heads_k_stride=heads_k_stride, softcap=softcap,
         window_size=window, dropout_p=dropout_p, alibi=alibi_slopes is not None))
-    if not dropout_p:
-        out, lse = allgather_forward_op(q, k, v, cu_q, cu_k, alibi_slopes, max_q, max_k, layout, k_slice[0], k_slice[1],
-                                        heads_k_stride or 0, bool(causal), window[0], window[1],
-                                        default_scale(q, softmax_scale), float(softcap), bool(deterministic),
-                                        backend or "", process_group_name(group), bool(return_attn_probs))
-    else:
-        out, lse = _gather_with_dropout(q, k, v, layout, cu_q, cu_k, max_q, max_k, k_slice, heads_k_stride,
-                                        dropout_p, softmax_scale, causal, window, softcap, alibi_slopes,
-                                        deterministic, group, backend)
+    out, lse, _ = allgather_forward_op(q, k, v, cu_q, cu_k, alibi_slopes, max_q, max_k, layout, k_slice[0],
+                                       k_slice[1], heads_k_stride or 0, bool(causal), window[0], window[1],
+                                       default_scale(q, softmax_scale), float(softcap), float(dropout_p),
+                                       bool(deterministic), backend or "", process_group_name(group),
+                                       bool(return_attn_probs))
     return (out, lse, None) if return_attn_probs else out
 
 
-@torch.compiler.disable(recursive=True)
-def _gather_with_dropout(q, k, v, layout, cu_q, cu_k, max_q, max_k, k_slice, heads_k_stride, dropout_p,
-                         softmax_scale, causal, window, softcap, alibi_slopes, deterministic, group,
-                         backend) -> Tuple[Tensor, Tensor]:
-    rank, world_size = group_rank_and_size(group)
-    pack = call_pack(q, layout, cu_q, cu_k, max_q, max_k, k_slice, causal, rank, world_size)
-    runner = build_runner(q, k, v, pack, heads_k_stride, softmax_scale, causal, window, softcap, alibi_slopes,
-                          deterministic, dropout_p, group, backend)
-    return AttentionFunction.apply(q, k, v, runner)
-
-
-@public(LLAMA3_DOCS, traceable=True)
+@public(LLAMA3_DOCS)
 def llama3_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, heads_k_stride: int, local_k_slice: slice, dropout_p: float = 0.0,
@@ -86,7 +66,7 @@ def llama3_flash_attn_varlen_func(
                       deterministic, return_attn_probs, group, backend)
 
 
-@public(LLAMA3_DOCS, traceable=True)
+@public(LLAMA3_DOCS)
 def llama3_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
     heads_k_stride: int, local_k_slice: slice, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
@@ -102,7 +82,7 @@ def llama3_flash_attn_varlen_kvpacked_func(
                                          softcap=softcap, backend=backend)
 
 
-@public(LLAMA3_DOCS, traceable=True)
+@public(LLAMA3_DOCS)
 def llama3_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
     heads_k_stride: int, local_k_slice: slice, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
@@ -118,7 +98,7 @@ def llama3_flash_attn_varlen_qkvpacked_func(
                                          softcap=softcap, backend=backend)
 
 
-@public(ZIGZAG_LLAMA3_DOCS, traceable=True)
+@public(ZIGZAG_LLAMA3_DOCS)
 def zigzag_llama3_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
@@ -154,7 +134,7 @@ def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: T
                       deterministic, return_attn_probs, group, backend)
 
 
-@public(ZIGZAG_LLAMA3_DOCS, traceable=True)
+@public(ZIGZAG_LLAMA3_DOCS)
 def zigzag_llama3_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
     window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
@@ -169,7 +149,7 @@ def zigzag_llama3_flash_attn_varlen_kvpacked_func(
                                                 backend=backend)
 
 
-@public(ZIGZAG_LLAMA3_DOCS, traceable=True)
+@public(ZIGZAG_LLAMA3_DOCS)
 def zigzag_llama3_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
     window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,

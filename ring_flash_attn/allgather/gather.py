@@ -21,7 +21,7 @@ from ..core.comm import all_gather_async, reduce_scatter_async
 from ..core.merge import accumulator_dtype, merge_into
 from ..core.rows import take
 from ..kernels import BlockOptions
-from ..kernels.dropout import dropout_stream
+from ..kernels.dropout import cuda_rng_sandbox
 from .plan import AllGatherPlan
 
 Tensor = torch.Tensor
@@ -93,7 +93,7 @@ class PlainGather:
 def gather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """``(out (T, H, D), lse (H, T))`` for packed local queries ``q (T, H, D)``."""
     group_size = q.shape[1] // k.shape[1]
-    with dropout_stream(plan.options.dropout, q.device, plan.rank):
+    with cuda_rng_sandbox(plan.options.dropout, q.device):
         if plan.heads_k_stride == k.shape[1]:  # one chunk: the kernel's output is the result
             (_, heads, fetch), = KVGather(plan, k, v).chunks(group_size)
             out, lse = attend(plan, plan.options, q, *fetch())

@@ -31,7 +31,7 @@ from ..core.mask import VarlenMeta
 from ..core.merge import accumulator_dtype, merge_into
 from ..core.rows import Rows
 from ..kernels import BlockOptions
-from ..kernels.dropout import dropout_stream
+from ..kernels.dropout import cuda_rng_sandbox
 from .gather import KVGather, start_backward
 from .plan import AllGatherPlan, RowRepeats
 
@@ -66,7 +66,7 @@ class OwnKeysFirst:
         group_size = q.shape[1] // k.shape[1]
         out = torch.empty_like(q)
         lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
-        with dropout_stream(plan.options.dropout, q.device, plan.rank):
+        with cuda_rng_sandbox(plan.options.dropout, q.device):
             for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(group_size):
                 out_c, lse_c = plan.backend.forward_varlen(q[:, heads], k[:, kv_heads], v[:, kv_heads],
                                                            self.local_meta, self.local_options.for_heads(heads))

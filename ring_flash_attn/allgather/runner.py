@@ -39,7 +39,7 @@ class LocalPack:
 def build_runner(q: Tensor, k: Tensor, v: Tensor, pack: LocalPack, heads_k_stride: Optional[int],
                  softmax_scale: Optional[float], causal: bool, window: Tuple[int, int], softcap: float,
                  alibi_slopes: Optional[Tensor], deterministic: bool, dropout_p: float, group,
-                 backend: Optional[str]):
+                 backend: Optional[str], dropout_seed: int = 0):
     """The plan and its strategy for one call (options already validated). Without a sliding window
     the plan attends to the rank's own keys while the others are gathered (:class:`OwnKeysFirst`)."""
     if causal and window[1] >= 0:  # causal already bounds keys at the query
@@ -52,7 +52,8 @@ def build_runner(q: Tensor, k: Tensor, v: Tensor, pack: LocalPack, heads_k_strid
     q_positions = None
     if alibi_slopes is not None:  # global positions of the queries
         q_positions = torch.cat([torch.arange(start, start + n) for start, n in pack.pieces]).to(q.device)
-    options = block_options(default_scale(q, softmax_scale), softcap, dropout_p, alibi_slopes, deterministic)
+    options = block_options(default_scale(q, softmax_scale), softcap, dropout_p, alibi_slopes, deterministic,
+                            dropout_seed)
     plan = functools.partial(AllGatherPlan, rank=rank, world_size=world_size, group=group, backend=kernel,
                              heads_k_stride=check_heads_k_stride(heads_k_stride, k.shape[1]))
     if window == (-1, -1):

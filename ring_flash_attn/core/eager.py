@@ -1,11 +1,11 @@
 """How public functions meet ``torch.compile``.
 
 The public functions are traced: their work is custom ops (:mod:`ring_flash_attn.ring.ops`,
-:mod:`ring_flash_attn.allgather.ops`), so a compiled caller keeps one graph (``fullgraph=True``
-works). Dropout (per-call random states) and ``llama3_flash_attn_prepare_cu_seqlens`` (host work on
-``cu_seqlens``) are not: they run eagerly inside compiled code, with a graph break around each call, exactly as in eager mode on every rank whatever the
-shapes -- so a compiled step gives the eager result and never leaves one rank compiling while the
-others wait in a collective.
+:mod:`ring_flash_attn.allgather.ops`; dropout included, its seed an op output), so a compiled caller
+keeps one graph (``fullgraph=True`` works). Only ``llama3_flash_attn_prepare_cu_seqlens`` (host work
+on ``cu_seqlens``) is not: it runs eagerly inside compiled code, with a graph break around the call,
+exactly as in eager mode on every rank whatever the shapes -- so a compiled step gives the eager
+result and never leaves one rank compiling while the others wait in a collective.
 """
 
 from __future__ import annotations
@@ -32,13 +32,12 @@ def eager_under_compile(fn: F) -> F:
     return run_eagerly  # type: ignore[return-value]
 
 
-def public(argument_docs: str, traceable: bool = False) -> Callable[[F], F]:
+def public(argument_docs: str) -> Callable[[F], F]:
     """Decorator of the public functions: ``fn`` with ``argument_docs`` (the arguments and returns
-    that a family's functions share) appended to its docstring; run eagerly under compile unless
-    ``traceable`` (its work goes through custom ops that torch.compile traces)."""
+    that a family's functions share) appended to its docstring."""
 
     def wrap(fn: F) -> F:
         fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\n" + inspect.cleandoc(argument_docs)
-        return fn if traceable else eager_under_compile(fn)
+        return fn
 
     return wrap

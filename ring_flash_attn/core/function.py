@@ -1,14 +1,13 @@
-"""The autograd boundary of every family: one :class:`AttentionFunction` over a runner object that
-holds a call's plan (``runner.forward(q, k, v) -> (out, lse)``, ``runner.backward(dout, q, k, v, out,
-lse) -> (dq, dk, dv)``, ``runner.group``): the ring engine's :class:`~ring_flash_attn.ring.engine.RingPlan`,
-or a strategy of the all-gather family. Gradients through lse are exact (:func:`lse_gradient_inputs`)."""
+"""The autograd boundary of every family: :func:`register_attention_autograd` gives a family's
+forward / backward custom ops their autograd -- gradients through lse exact
+(:func:`lse_gradient_inputs`), the dropout seed carried from forward to backward, an unused output
+free, the backward's cross-rank check, double backward refused."""
 
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .validation import backward_signature, check_same_call_across_group, resolve_group
 
@@ -35,48 +34,24 @@ def lse_gradient_inputs(dlse: Tensor, out: Tensor) -> Tuple[Tensor, Tensor]:
     return dout, lse_out
 
 
-class AttentionFunction(torch.autograd.Function):
-    """Autograd for every family: ``runner.forward(q, k, v) -> (out, lse)`` and
-    ``runner.backward(dout, q, k, v, out, lse) -> (dq, dk, dv)`` (the ring engine's plan, or an
-    all-gather strategy).
+ATTENTION_OP_TAGS = (torch.Tag.nondeterministic_seeded,)  # a forward may draw a dropout seed: never merged or recomputed
 
-    lse is differentiable: when a loss uses it, the backward runs the runner a second time with the
-    inputs of :func:`lse_gradient_inputs` (twice the backward's cost, for that call only). Every rank
-    must then use lse's gradient (the same code on every rank does): a rank that does not runs one
-    backward pass fewer and the others wait for it."""
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, runner) -> Tuple[Tensor, Tensor]:
-        out, lse = runner.forward(q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.runner = runner
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-        return out, lse
-
-    @staticmethod
-    @once_differentiable  # as flash-attn's: double backward raises instead of giving wrong second derivatives
-    def backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor]):
-        q, k, v, out, lse = ctx.saved_tensors
-        check_same_call_across_group(ctx.runner.group, q.device, backward_signature(dout, dlse is not None))
-        grads = [None, None, None]
-        if dout is not None:
-            grads = list(ctx.runner.backward(dout.contiguous(), q, k, v, out, lse))
-        if dlse is not None:
-            lse_dout, lse_out = lse_gradient_inputs(dlse, out)
-            dq, dk, _ = ctx.runner.backward(lse_dout, q, k, torch.zeros_like(v), lse_out, lse)
-            grads[0] = dq if grads[0] is None else grads[0] + dq
-            grads[1] = dk if grads[1] is None else grads[1] + dk
-            grads[2] = torch.zeros_like(v) if grads[2] is None else grads[2]
-        return (*grads, None)
+def fake_dropout_seed() -> Tensor:
+    """The fake of a forward op's third output: the call's dropout seed, one int64 on the host."""
+    return torch.empty(1, dtype=torch.int64, device="cpu")
 
 
 def register_attention_autograd(forward_op, backward_op, extra_tensors: int) -> None:
     """Autograd for a family's custom ops: ``forward_op(q, k, v, *extra, *primitives, lse_grad) ->
-    (out, lse)`` and ``backward_op(dout, q, k, v, out, lse, *extra, *primitives) -> (dq, dk, dv)``, with
-    ``extra_tensors`` tensor arguments (``cu_seqlens``; may be None) after q, k, v and the process
-    group's name last among the primitives. As :class:`AttentionFunction`: lse gradients exact when
-    the caller receives lse (``lse_grad``) and uses it, an unused output costs nothing, the backward's
-    cross-rank check, and double backward refused."""
+    (out, lse, dropout_seed)`` and ``backward_op(dout, q, k, v, out, lse, dropout_seed, *extra,
+    *primitives) -> (dq, dk, dv)``, with ``extra_tensors`` tensor arguments (``cu_seqlens``, ALiBi
+    slopes; may be None) after q, k, v and the process group's name last among the primitives.
+
+    lse is differentiable: when the caller receives lse (``lse_grad``) and a loss uses it, the
+    backward runs a second time with the inputs of :func:`lse_gradient_inputs` (twice the backward's
+    cost, for that call only). Every rank must then use lse's gradient (the same code on every rank
+    does): a rank that does not runs one backward pass fewer and the others wait for it."""
 
     def setup_context(ctx, inputs, output) -> None:
         q, k, v, *rest = inputs
@@ -85,16 +60,17 @@ def register_attention_autograd(forward_op, backward_op, extra_tensors: int) -> 
         ctx.lse_grad = rest[-1]
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
 
-    def backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor]):
-        q, k, v, out, lse, *extra = ctx.saved_tensors
+    def backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor], _dseed: Optional[Tensor]):
+        q, k, v, out, lse, seed, *extra = ctx.saved_tensors
         lse_used = ctx.lse_grad and dlse is not None
         check_same_call_across_group(resolve_group(ctx.primitives[-1]), q.device, backward_signature(dout, lse_used))
         dq = dk = dv = None
         if dout is not None:
-            dq, dk, dv = backward_op(dout, q, k, v, out, lse, *extra, *ctx.primitives)
+            dq, dk, dv = backward_op(dout, q, k, v, out, lse, seed, *extra, *ctx.primitives)
         if lse_used:
             lse_dout, lse_out = lse_gradient_inputs(dlse, out)
-            dq_l, dk_l, _ = backward_op(lse_dout, q, k, torch.zeros_like(v), lse_out, lse, *extra, *ctx.primitives)
+            dq_l, dk_l, _ = backward_op(lse_dout, q, k, torch.zeros_like(v), lse_out, lse, seed, *extra,
+                                        *ctx.primitives)
             dq = dq_l if dq is None else dq + dq_l
             dk = dk_l if dk is None else dk + dk_l
             dv = torch.zeros_like(v) if dv is None else dv
@@ -106,4 +82,3 @@ def register_attention_autograd(forward_op, backward_op, extra_tensors: int) -> 
 
     forward_op.register_autograd(backward, setup_context=setup_context)
     backward_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
-

@@ -177,7 +177,9 @@ def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
 
 
 def process_group_name(group: Optional[dist.ProcessGroup]) -> str:
-    """The name a custom op finds ``group`` by (``""``: no communication, one rank)."""
+    """The name a custom op finds ``group`` by (``""``: no communication, one rank), after checking
+    that this process belongs to it (:func:`group_rank_and_size`)."""
+    group_rank_and_size(group)
     if not (dist.is_available() and dist.is_initialized()):
         return ""
     return (group if group is not None else dist.group.WORLD).group_name

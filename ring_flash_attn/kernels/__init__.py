@@ -17,7 +17,7 @@ from typing import Dict, Optional
 
 from ..core.mask import Band
 from .base import Backend, BlockOptions, KernelCall, Tensor
-from .dropout import DropoutRecord
+from .dropout import DropoutSeeds
 from .flash_attn_pkg import FlashAttn2Backend, FlashAttn3Backend, FlashAttn4Backend
 from .reference import ReferenceBackend
 from .torch_cpu import TorchCpuFlashBackend
@@ -118,11 +118,12 @@ def select_block_kernel(q: Tensor, k: Tensor, v: Tensor, bands, deterministic: b
 
 
 def block_options(softmax_scale: float, softcap: float = 0.0, dropout_p: float = 0.0,
-                  alibi_slopes: Optional[Tensor] = None, deterministic: bool = False) -> BlockOptions:
-    """One call's :class:`BlockOptions`; with dropout a fresh record of the call's random states."""
+                  alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                  dropout_seed: int = 0) -> BlockOptions:
+    """One call's :class:`BlockOptions`; with dropout the call's seed (:mod:`.dropout`)."""
     return BlockOptions(softmax_scale=float(softmax_scale), softcap=float(softcap),
-                        dropout=DropoutRecord(dropout_p) if dropout_p else None, alibi_slopes=alibi_slopes,
-                        deterministic=bool(deterministic))
+                        dropout=DropoutSeeds(dropout_p, dropout_seed) if dropout_p else None,
+                        alibi_slopes=alibi_slopes, deterministic=bool(deterministic))
 
 
 __all__ = ["Backend", "Band", "KernelCall", "BACKENDS", "AUTO_ORDER", "ENV_VAR", "register_backend",

@@ -22,7 +22,7 @@ import torch
 
 from ..core.mask import Band, VarlenMeta
 from ..core.merge import accumulator_dtype, merge_into
-from .dropout import DropoutRecord
+from .dropout import DropoutSeeds
 
 Tensor = torch.Tensor
 
@@ -78,7 +78,7 @@ class BlockOptions:
 
     softmax_scale: float
     softcap: float = 0.0  # > 0: logits soft-capped as softcap * tanh(scores / softcap)
-    dropout: Optional[DropoutRecord] = None  # the call's dropout probability and each kernel call's random state
+    dropout: Optional[DropoutSeeds] = None  # the call's dropout probability and seed
     alibi_slopes: Optional[Tensor] = None  # (H,) or (B, H) float32
     positions: Optional[Tuple[Tensor, Tensor]] = None  # global positions of this block's queries and keys (ALiBi)
     deterministic: bool = False  # a backward with a fixed reduction order
@@ -109,7 +109,7 @@ class Backend:
     results_in_input_dtype: bool = True  # out and gradients come back in q's dtype (else wider)
     handles_empty_documents: bool = True  # varlen: documents without keys (or queries) give 0 / -inf
     supports_softcap: bool = False
-    supports_dropout: bool = False  # records each call's random state and replays it in backward
+    supports_dropout: bool = False  # draws each call's mask from options.dropout.next_seed(), forward and backward
     supports_alibi: bool = False  # adds -slope * |query position - key position| given positions
     supports_deterministic: bool = True  # can run its backward with a fixed reduction order
 

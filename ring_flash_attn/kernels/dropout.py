@@ -2,64 +2,66 @@
 
 The ring's output is the merge of its blocks' outputs; with dropout each block drops its own
 entries of the (globally normalised) probabilities, so the result is attention with one dropout
-mask over the whole score matrix. The backward must see the same masks: every kernel call of a
-forward records its random state (PyTorch's FA2: the philox state it returns; the reference: a
-seed), in call order, and the backward, which makes the same calls in the same order, hands each
-back. A forward draws its randomness from a stream of its own, seeded from one number of the
-default CPU generator and the rank: ``torch.manual_seed`` makes runs reproducible (activation
-checkpointing's RNG restore included), and different ranks drop different entries.
+mask over the whole score matrix. The backward must see the same masks. A call's randomness is one
+number, its seed (:func:`draw_dropout_seed`: drawn from the default CPU generator and mixed with
+the rank, so ``torch.manual_seed`` makes runs reproducible, activation checkpointing's RNG restore
+included, and different ranks drop different entries). Kernel call ``i`` of a forward draws its
+mask from a seed derived from the call's seed and ``i`` (:meth:`DropoutSeeds.next_seed`); the
+backward, which makes the same kernel calls in the same order, derives the same seeds. So the
+whole random state of a call travels as one int64 tensor -- an output of the forward custom op
+and an input of the backward one, which is what lets ``torch.compile`` trace dropout too.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Optional
+from typing import Iterator, Optional
 
 import torch
 
+_SEED_BITS = 40
+_RANK_BITS = 20
+_CALL_STRIDE = 0x9E3779B97F4A7C15  # odd: distinct calls of one seed never share a derived seed
+_SEED_MODULUS = 2**63
 
-class DropoutRecord:
-    """The dropout probability of one ring call and the random states of its kernel calls."""
 
-    def __init__(self, p: float) -> None:
+def draw_dropout_seed(rank: int) -> int:
+    """One call's seed: a number from the default CPU generator, with the rank in its low bits."""
+    return (int(torch.randint(0, 2**_SEED_BITS, (1,)).item()) << _RANK_BITS) + rank
+
+
+class DropoutSeeds:
+    """The dropout probability of one call and its seed; hands each kernel call its derived seed."""
+
+    def __init__(self, p: float, seed: int) -> None:
         self.p = float(p)
-        self.states: List[Any] = []
+        self.seed = int(seed)
         self.cursor = 0
 
-    def record(self, state: Any) -> None:
-        self.states.append(state)
+    def next_seed(self) -> int:
+        """The seed of the next kernel call (forward and backward alike)."""
+        seed = (self.seed + self.cursor * _CALL_STRIDE) % _SEED_MODULUS
+        self.cursor += 1
+        return seed
 
     def rewind(self) -> None:
-        """Start replaying from the first call (each backward pass)."""
+        """Start again from the first kernel call (each backward pass)."""
         self.cursor = 0
 
     def seek(self, call: int) -> None:
-        """Replay from the forward's ``call``-th kernel call on (a backward that runs calls out of order)."""
+        """Continue from the forward's ``call``-th kernel call (a backward that runs calls out of order)."""
         self.cursor = call
-
-    def replay(self) -> Any:
-        if self.cursor >= len(self.states):
-            raise RuntimeError("ring_flash_attn: dropout state missing (the backward made more kernel calls than "
-                               "the forward)")
-        state = self.states[self.cursor]
-        self.cursor += 1
-        return state
 
 
 @contextlib.contextmanager
-def dropout_stream(record: Optional[DropoutRecord], device: torch.device, rank: int) -> Iterator[None]:
-    """Run a forward's kernels on a random stream of their own (see the module docstring); the
-    default generators come out as if one number had been drawn from the CPU one. Without dropout
-    (``record`` None) nothing happens."""
-    if record is None:
+def cuda_rng_sandbox(dropout: Optional[DropoutSeeds], device: torch.device) -> Iterator[None]:
+    """Kernels that draw from the default CUDA generator (PyTorch's FA2) have it reseeded per call;
+    this puts the caller's generator state back afterwards. Nothing happens without dropout or off
+    CUDA."""
+    if dropout is None or device.type != "cuda":
         yield
         return
-    seed = (int(torch.randint(0, 2**40, (1,)).item()) << 20) + rank
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.default_generators[device.index if device.index is not None else 0].manual_seed(seed)
+    with torch.random.fork_rng(devices=[device]):
         yield
 
 

@@ -87,9 +87,7 @@ class ReferenceBackend(Backend):
         lse = torch.logsumexp(scores, dim=-1)  # -inf on rows with no key
         probs = _probs(scores, lse)
         if options.dropout is not None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-            options.dropout.record(seed)
-            probs = probs * _kept(seed, probs, options.dropout.p)
+            probs = probs * _kept(options.dropout.next_seed(), probs, options.dropout.p)
         out = torch.einsum("bhgij,bjhd->bihgd", probs, v.to(probs.dtype)).reshape(b, sq, h, d)
         return out, lse.reshape(b, h, sq)
 
@@ -103,7 +101,7 @@ class ReferenceBackend(Backend):
         scores, slope = _scores(q, k, allowed, options.softmax_scale, options.softcap, _alibi(q, k, options))
         probs = _probs(scores, lse.reshape(b, hk, h // hk, sq))
         dout_g = _grouped(dout.to(dt), hk)
-        kept = _kept(options.dropout.replay(), probs, options.dropout.p) if options.dropout is not None else 1.0
+        kept = _kept(options.dropout.next_seed(), probs, options.dropout.p) if options.dropout is not None else 1.0
         dv = torch.einsum("bhgij,bihgd->bjhd", probs * kept, dout_g)
         dprobs = torch.einsum("bihgd,bjhd->bhgij", dout_g, v.to(dt)) * kept
         delta = (dout_g * _grouped(out.to(dt), hk)).sum(-1).permute(0, 2, 3, 1)  # (B, Hk, G, Sq)

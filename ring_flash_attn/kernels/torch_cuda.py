@@ -52,7 +52,7 @@ _CUDNN_OPS = {
 
 class TorchCudaFlashBackend(BottomRightCausalBackend):
     name = "torch_cuda_flash"
-    supports_dropout = True  # the forward returns its philox state, the backward takes it
+    supports_dropout = True  # philox seeded per call from options.dropout, rebuilt for the backward
 
     def not_supported_reasons(self, call: KernelCall) -> list[str]:
         reasons = missing_ops(_FA2_OPS) + cuda_reasons(call, max_head_dim=256)
@@ -63,25 +63,33 @@ class TorchCudaFlashBackend(BottomRightCausalBackend):
     def call_forward(self, q, k, v, causal, options: BlockOptions, varlen=None,
                      window=NO_WINDOW) -> Tuple[Tensor, Tensor]:
         sizes = _sizes(q, k, varlen)
-        out, lse, rng_state, rng_extra, _ = torch.ops.aten._flash_attention_forward(
+        if options.dropout is not None:  # inside cuda_rng_sandbox: the caller's generator is restored
+            _cuda_generator(q.device).manual_seed(options.dropout.next_seed())
+        out, lse, _, _, _ = torch.ops.aten._flash_attention_forward(
             *(last_dim_contiguous(x) for x in (q, k, v)), *sizes, options.dropout_p, causal, False,
             scale=options.softmax_scale, **_window_kwargs(window),
         )
-        if options.dropout is not None:
-            options.dropout.record((rng_state, rng_extra))
         return out, lse
 
     def call_backward(self, dout, q, k, v, out, lse, causal, options: BlockOptions, varlen=None,
                       window=NO_WINDOW) -> Tuple[Tensor, Tensor, Tensor]:
-        if options.dropout is not None:
-            rng_state, rng_extra = options.dropout.replay()
-        else:  # only read with dropout
-            rng_state, rng_extra = torch.zeros(2, dtype=torch.uint64, device=q.device), torch.empty(0, device=q.device)
+        seed = options.dropout.next_seed() if options.dropout is not None else 0  # only read with dropout
+        rng_state = _philox_state(seed, q.device)
+        rng_extra = torch.empty(0, device=q.device)
         with deterministic_algorithms(options.deterministic):  # aten's FA2 backward reads the global flag
             return torch.ops.aten._flash_attention_backward(
                 *(last_dim_contiguous(x) for x in (dout, q, k, v, out)), lse.contiguous(), *_sizes(q, k, varlen),
                 options.dropout_p, causal, rng_state, rng_extra, scale=options.softmax_scale, **_window_kwargs(window),
             )
+
+
+def _cuda_generator(device: torch.device) -> torch.Generator:
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def _philox_state(seed: int, device: torch.device) -> Tensor:
+    """FA2's ``rng_state`` for a forward that ran with the generator just seeded: ``(seed, offset 0)``."""
+    return torch.tensor([seed, 0], dtype=torch.uint64).to(device, non_blocking=True)
 
 
 @contextlib.contextmanager

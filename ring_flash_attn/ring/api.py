@@ -2,8 +2,7 @@
 families (with ``kvpacked`` / ``qkvpacked`` twins) for the ``ring``, ``zigzag`` and ``stripe``
 layouts, with ring-flash-attn 0.1.x's parameters in its order, then ``softcap`` and ``backend``
 keyword-only. Each unpacks its inputs and calls :func:`ring_attention` / :func:`ring_attention_varlen`,
-which validate them and call the custom op (:mod:`.ops`), or with dropout build a
-:class:`~.engine.RingPlan` for the autograd Function; no algorithm lives here.
+which validate them and call the custom op (:mod:`.ops`); no algorithm lives here.
 """
 
 from __future__ import annotations
@@ -13,59 +12,16 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from ..core.comm import RingComm
 from ..core.docs import BATCH_DOCS, VARLEN_DOCS
 from ..core.eager import public
-from ..core.function import AttentionFunction
-from ..core.layouts import check_layout, check_local_seqlen, position_ids, varlen_token_index
-from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_tensor,
-                               check_options, check_qkv, check_same_call_across_group, checking_calls, default_scale,
-                               group_rank_and_size, host_offsets, kernel_ready, normalized_window, process_group_name,
-                               unpack)
-from ..kernels import block_options, select_block_kernel
-from .engine import RingPlan
+from ..core.layouts import check_layout, check_local_seqlen
+from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_options, check_qkv,
+                               check_same_call_across_group, checking_calls, default_scale, host_offsets, kernel_ready,
+                               normalized_window, process_group_name, unpack)
 from .ops import ring_forward_op
-from .packed import varlen_ring_schedule
-from .schedules import ring_schedule
 
 Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
-
-
-def _run(q: Tensor, k: Tensor, v: Tensor, schedule, rank: int, world_size: int, group, softmax_scale, deterministic,
-         backend: Optional[str], varlen: bool, softcap: float, dropout_p: float,
-         alibi_slopes: Optional[Tensor] = None, positions=None) -> Tuple[Tensor, Tensor]:
-    """Select the block kernel and run the ring on 4-D ``(B, S, H, D)`` tensors (``positions``: every
-    rank's global token positions, given with ALiBi)."""
-    plan = RingPlan(
-        rank=rank,
-        world_size=world_size,
-        comm=RingComm(group) if world_size > 1 else None,
-        group=group,
-        schedule=schedule,
-        backend=select_block_kernel(q, k, v, schedule.bands(), deterministic, backend, varlen, softcap=softcap,
-                                    dropout_p=dropout_p, alibi_slopes=alibi_slopes),
-        options=block_options(default_scale(q, softmax_scale), softcap, dropout_p, alibi_slopes, deterministic),
-        positions=positions,
-    )
-    return AttentionFunction.apply(q, k, v, plan)
-
-
-
-@torch.compiler.disable(recursive=True)
-def _ring_with_dropout(layout: str, q: Tensor, k: Tensor, v: Tensor, window: Tuple[int, int], rank: int,
-                       world_size: int, group, softmax_scale, causal: bool, deterministic: bool,
-                       backend: Optional[str], softcap: float, dropout_p: float,
-                       alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """The batch ring with dropout (per-call random states, kept by the plan): the autograd Function
-    path, run eagerly under ``torch.compile``."""
-    schedule = ring_schedule(layout, world_size, q.shape[1], bool(causal), window)
-    positions = None
-    if alibi_slopes is not None:
-        positions = tuple(position_ids(layout, r, world_size, q.shape[1] * world_size, q.device)
-                          for r in range(world_size))
-    return _run(q, k, v, schedule, rank, world_size, group, softmax_scale, deterministic, backend, False, softcap,
-                dropout_p, alibi_slopes, positions)
 
 
 def ring_attention(
@@ -82,17 +38,13 @@ def ring_attention(
     check_alibi_slopes(alibi_slopes, q, batch=q.shape[0])
     check_local_seqlen(layout, q.shape[1])
     window = normalized_window(window_size)
-    rank, world_size = group_rank_and_size(group)
     check_same_call_across_group(group, q.device, call_signature(
         "batch", layout, q, k, causal, softmax_scale, window_size=window, softcap=softcap, dropout_p=dropout_p,
         alibi=alibi_slopes is not None))
-    if not dropout_p:  # custom ops: torch.compile traces them (ring/ops.py)
-        out, lse = ring_forward_op(q, k, v, None, alibi_slopes, 0, layout, bool(causal), window[0], window[1],
-                                   default_scale(q, softmax_scale), float(softcap), bool(deterministic),
-                                   backend or "", process_group_name(group), bool(return_attn_probs))
-    else:
-        out, lse = _ring_with_dropout(layout, q, k, v, window, rank, world_size, group, softmax_scale, causal,
-                                      deterministic, backend, softcap, dropout_p, alibi_slopes)
+    out, lse, _ = ring_forward_op(q, k, v, None, alibi_slopes, 0, layout, bool(causal), window[0], window[1],
+                                  default_scale(q, softmax_scale), float(softcap), float(dropout_p),
+                                  bool(deterministic), backend or "", process_group_name(group),
+                                  bool(return_attn_probs))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -103,7 +55,7 @@ def ring_attention_varlen(
     return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None,
 ) -> Result:
     """Packed documents: q ``(T, H, D)``, local ``cu_seqlens``; lse ``(H, T)``. ``cu_seqlens`` is read
-    on the host inside the op (or the eager path), never in traced code."""
+    on the host inside the op, never in traced code."""
     check_layout(layout)
     check_qkv(q, k, v, packed=True)
     q, k, v = (kernel_ready(t) for t in (q, k, v))
@@ -111,40 +63,18 @@ def ring_attention_varlen(
     check_alibi_slopes(alibi_slopes, q, batch=None)
     window = normalized_window(window_size)
     check_cu_seqlens_tensor(cu_seqlens)
-    rank, world_size = group_rank_and_size(group)
     if checking_calls():
         check_same_call_across_group(group, q.device, call_signature(
             "varlen", layout, q, k, causal, softmax_scale, cu_seqlens=host_offsets(cu_seqlens), window_size=window,
             softcap=softcap, dropout_p=dropout_p, alibi=alibi_slopes is not None))
-    if not dropout_p:  # custom ops: torch.compile traces them (ring/ops.py)
-        out, lse = ring_forward_op(q, k, v, cu_seqlens, alibi_slopes, int(max_seqlen), layout, bool(causal),
-                                   window[0], window[1], default_scale(q, softmax_scale), float(softcap),
-                                   bool(deterministic),
-                                   backend or "", process_group_name(group), bool(return_attn_probs))
-        return (out, lse, None) if return_attn_probs else out
-    out, lse = _packed_with_dropout(layout, q, k, v, cu_seqlens, max_seqlen, window, rank, world_size, group,
-                                    softmax_scale, causal, deterministic, backend, softcap, dropout_p, alibi_slopes)
-    return (out[0], lse[0], None) if return_attn_probs else out[0]
+    out, lse, _ = ring_forward_op(q, k, v, cu_seqlens, alibi_slopes, int(max_seqlen), layout, bool(causal),
+                                  window[0], window[1], default_scale(q, softmax_scale), float(softcap),
+                                  float(dropout_p), bool(deterministic), backend or "", process_group_name(group),
+                                  bool(return_attn_probs))
+    return (out, lse, None) if return_attn_probs else out
 
 
-@torch.compiler.disable(recursive=True)
-def _packed_with_dropout(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                         window: Tuple[int, int], rank: int, world_size: int, group, softmax_scale, causal: bool,
-                         deterministic: bool, backend: Optional[str], softcap: float, dropout_p: float,
-                         alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Packed documents with dropout: the autograd Function path, eagerly under compile."""
-    offsets = host_offsets(cu_seqlens)
-    check_cu_seqlens(offsets, q.shape[0], max_seqlen=max_seqlen)
-    schedule = varlen_ring_schedule(layout, offsets, world_size, bool(causal), q.device, window)
-    positions = None
-    if alibi_slopes is not None:  # positions in the global packed sequence (documents never mix)
-        global_offsets = torch.tensor(offsets, dtype=torch.int64) * world_size
-        positions = tuple(varlen_token_index(global_offsets, layout, r, world_size).to(q.device)
-                          for r in range(world_size))
-    return _run(q[None], k[None], v[None], schedule, rank, world_size, group, softmax_scale, deterministic, backend,
-                True, softcap, dropout_p, alibi_slopes, positions)
-
-@public(BATCH_DOCS, traceable=True)
+@public(BATCH_DOCS)
 def ring_flash_attn_func(
     q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -157,7 +87,7 @@ def ring_flash_attn_func(
                           deterministic, return_attn_probs, group, backend)
 
 
-@public(BATCH_DOCS, traceable=True)
+@public(BATCH_DOCS)
 def ring_flash_attn_kvpacked_func(
     q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -170,7 +100,7 @@ def ring_flash_attn_kvpacked_func(
                           deterministic, return_attn_probs, group, backend)
 
 
-@public(BATCH_DOCS, traceable=True)
+@public(BATCH_DOCS)
 def ring_flash_attn_qkvpacked_func(
     qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -182,7 +112,7 @@ def ring_flash_attn_qkvpacked_func(
     return ring_attention("ring", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                           deterministic, return_attn_probs, group, backend)
 
-@public(BATCH_DOCS, traceable=True)
+@public(BATCH_DOCS)
 def zigzag_ring_flash_attn_func(
     q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -195,7 +125,7 @@ def zigzag_ring_flash_attn_func(
                           deterministic, return_attn_probs, group, backend)
 
 
-@public(BATCH_DOCS, traceable=True)
+@public(BATCH_DOCS)
 def zigzag_ring_flash_attn_kvpacked_func(
     q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -208,7 +138,7 @@ def zigzag_ring_flash_attn_kvpacked_func(
                           deterministic, return_attn_probs, group, backend)
 
 
-@public(BATCH_DOCS, traceable=True)
+@public(BATCH_DOCS)
 def zigzag_ring_flash_attn_qkvpacked_func(
     qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -220,7 +150,7 @@ def zigzag_ring_flash_attn_qkvpacked_func(
     return ring_attention("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                           deterministic, return_attn_probs, group, backend)
 
-@public(BATCH_DOCS, traceable=True)
+@public(BATCH_DOCS)
 def stripe_flash_attn_func(
     q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -233,7 +163,7 @@ def stripe_flash_attn_func(
                           deterministic, return_attn_probs, group, backend)
 
 
-@public(BATCH_DOCS, traceable=True)
+@public(BATCH_DOCS)
 def stripe_flash_attn_kvpacked_func(
     q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -246,7 +176,7 @@ def stripe_flash_attn_kvpacked_func(
                           deterministic, return_attn_probs, group, backend)
 
 
-@public(BATCH_DOCS, traceable=True)
+@public(BATCH_DOCS)
 def stripe_flash_attn_qkvpacked_func(
     qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -258,7 +188,7 @@ def stripe_flash_attn_qkvpacked_func(
     return ring_attention("stripe", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                           deterministic, return_attn_probs, group, backend)
 
-@public(VARLEN_DOCS, traceable=True)
+@public(VARLEN_DOCS)
 def ring_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -271,7 +201,7 @@ def ring_flash_attn_varlen_func(
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@public(VARLEN_DOCS, traceable=True)
+@public(VARLEN_DOCS)
 def ring_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -284,7 +214,7 @@ def ring_flash_attn_varlen_kvpacked_func(
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@public(VARLEN_DOCS, traceable=True)
+@public(VARLEN_DOCS)
 def ring_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -296,7 +226,7 @@ def ring_flash_attn_varlen_qkvpacked_func(
     return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
-@public(VARLEN_DOCS, traceable=True)
+@public(VARLEN_DOCS)
 def zigzag_ring_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -309,7 +239,7 @@ def zigzag_ring_flash_attn_varlen_func(
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@public(VARLEN_DOCS, traceable=True)
+@public(VARLEN_DOCS)
 def zigzag_ring_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -322,7 +252,7 @@ def zigzag_ring_flash_attn_varlen_kvpacked_func(
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@public(VARLEN_DOCS, traceable=True)
+@public(VARLEN_DOCS)
 def zigzag_ring_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -334,7 +264,7 @@ def zigzag_ring_flash_attn_varlen_qkvpacked_func(
     return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
-@public(VARLEN_DOCS, traceable=True)
+@public(VARLEN_DOCS)
 def stripe_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -347,7 +277,7 @@ def stripe_flash_attn_varlen_func(
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@public(VARLEN_DOCS, traceable=True)
+@public(VARLEN_DOCS)
 def stripe_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
@@ -360,7 +290,7 @@ def stripe_flash_attn_varlen_kvpacked_func(
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
 
 
-@public(VARLEN_DOCS, traceable=True)
+@public(VARLEN_DOCS)
 def stripe_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,

@@ -21,7 +21,7 @@ from ..core.comm import RingComm
 from ..core.merge import accumulator_dtype
 from ..core.rows import Rows, take
 from ..kernels import Backend, BlockOptions
-from ..kernels.dropout import dropout_stream
+from ..kernels.dropout import cuda_rng_sandbox
 from .schedules import BlockJob, RingSchedule
 
 Tensor = torch.Tensor
@@ -126,7 +126,7 @@ def ring_forward(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tenso
     rows = query_rows(plan)
     acc = None
     kv = KVRotation(plan, k, v)
-    with dropout_stream(plan.options.dropout, q.device, plan.rank):
+    with cuda_rng_sandbox(plan.options.dropout, q.device):
         for step in range(plan.world_size):
             src = (plan.rank - step) % plan.world_size
             kv.start(step)

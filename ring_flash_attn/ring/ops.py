@@ -3,13 +3,14 @@ ops, so that ``torch.compile`` (``fullgraph=True`` included) traces a public cal
 graph instead of breaking around it.
 
 Everything an op needs besides its tensors is a primitive argument: the layout name, the mask
-(causal, window), the scale, the soft-cap, determinism, the kernel name and the process group by
-name; the op rebuilds its plan from them (the schedules are cached on primitives, so that costs a
-dictionary look-up). The fake implementations give the shapes (out like q, lse ``(B, H, S)`` or ``(H, T)``), so a
-new sequence length needs no recompilation when it is marked dynamic. Autograd is registered on
-the forward op; gradients through lse are exact as in :class:`~ring_flash_attn.core.function.AttentionFunction`.
-ALiBi slopes are a tensor argument (the op derives the positions). Dropout keeps the eager path (its
-per-call random states are not op outputs yet).
+(causal, window), the scale, the soft-cap, the dropout probability, determinism, the kernel name
+and the process group by name; the op rebuilds its plan from them (the schedules are cached on
+primitives, so that costs a dictionary look-up). The fake implementations give the shapes (out like
+q, lse ``(B, H, S)`` or ``(H, T)``), so a new sequence length needs no recompilation when it is
+marked dynamic. ALiBi slopes are a tensor argument (the op derives the positions). The forward's
+third output is the call's dropout seed (an int64 tensor, 0 without dropout), which the backward
+takes to replay the masks (:mod:`ring_flash_attn.kernels.dropout`). Autograd is registered on the
+forward op (:func:`~ring_flash_attn.core.function.register_attention_autograd`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from typing import Optional, Tuple
 import torch
 
 from ..core.comm import RingComm
-from ..core.function import register_attention_autograd
+from ..core.function import ATTENTION_OP_TAGS, fake_dropout_seed, register_attention_autograd
+from ..core.layouts import position_ids, varlen_token_index
 from ..core.merge import accumulator_dtype
 from ..core.validation import check_cu_seqlens, group_rank_and_size, host_offsets, resolve_group
 from ..kernels import block_options, select_block_kernel
-from ..core.layouts import position_ids, varlen_token_index
+from ..kernels.dropout import draw_dropout_seed
 from .engine import RingPlan, ring_backward, ring_forward
 from .packed import varlen_ring_schedule
 from .schedules import ring_schedule
@@ -32,11 +34,13 @@ Tensor = torch.Tensor
 
 
 def _plan(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor],
-          max_seqlen: int, layout: str, causal: bool, window_left: int, window_right: int, softmax_scale: float,
-          softcap: float, deterministic: bool, backend: str, group: str) -> RingPlan:
+          dropout_seed: Optional[int], max_seqlen: int, layout: str, causal: bool, window_left: int,
+          window_right: int, softmax_scale: float, softcap: float, dropout_p: float, deterministic: bool,
+          backend: str, group: str) -> RingPlan:
     """The plan of a call: batch ``(B, S, H, D)`` tensors, or with ``cu_seqlens`` (local offsets) packed
     documents as one batch row ``(1, T, H, D)``, whose offsets are read here (once per tensor, cached).
-    With ALiBi slopes, every rank's global token positions."""
+    With ALiBi slopes, every rank's global token positions. ``dropout_seed`` None: a forward, which
+    draws one when ``dropout_p`` is set."""
     pg = resolve_group(group)
     rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
     window = (window_left, window_right)
@@ -55,11 +59,14 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], alibi_s
             positions = tuple(varlen_token_index(global_offsets, layout, r, world_size).to(q.device)
                               for r in range(world_size))
     kernel = select_block_kernel(q, k, v, schedule.bands(), deterministic, backend or None,
-                                 varlen=cu_seqlens is not None, softcap=softcap, alibi_slopes=alibi_slopes)
+                                 varlen=cu_seqlens is not None, softcap=softcap, dropout_p=dropout_p,
+                                 alibi_slopes=alibi_slopes)
+    if dropout_seed is None:
+        dropout_seed = draw_dropout_seed(rank) if dropout_p else 0
     return RingPlan(rank=rank, world_size=world_size, comm=RingComm(pg) if world_size > 1 else None,
                     schedule=schedule, backend=kernel, positions=positions, group=pg,
-                    options=block_options(softmax_scale, softcap, alibi_slopes=alibi_slopes,
-                                          deterministic=deterministic))
+                    options=block_options(softmax_scale, softcap, dropout_p, alibi_slopes, deterministic,
+                                          dropout_seed))
 
 
 def _rows(x: Tensor, packed: bool) -> Tensor:
@@ -67,47 +74,49 @@ def _rows(x: Tensor, packed: bool) -> Tensor:
     return x[None] if packed else x
 
 
-@torch.library.custom_op("ring_flash_attn::ring_forward", mutates_args=())
+@torch.library.custom_op("ring_flash_attn::ring_forward", mutates_args=(), tags=ATTENTION_OP_TAGS)
 def ring_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor],
-                    max_seqlen: int, layout: str, causal: bool, window_left: int, window_right: int, softmax_scale: float, softcap: float,
-                    deterministic: bool, backend: str, group: str, lse_grad: bool) -> Tuple[Tensor, Tensor]:
-    """``(out, lse)`` of this rank's queries (batch: lse ``(B, H, S)``; packed: ``(H, T)``);
+                    max_seqlen: int, layout: str, causal: bool, window_left: int, window_right: int,
+                    softmax_scale: float, softcap: float, dropout_p: float, deterministic: bool, backend: str,
+                    group: str, lse_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(out, lse, dropout_seed)`` of this rank's queries (batch: lse ``(B, H, S)``; packed: ``(H, T)``);
     ``lse_grad``: the caller receives lse (its gradient counts)."""
     packed = cu_seqlens is not None
-    plan = _plan(_rows(q, packed), _rows(k, packed), _rows(v, packed), cu_seqlens, alibi_slopes, max_seqlen, layout,
-                 causal,
-                 window_left, window_right, softmax_scale, softcap, deterministic, backend, group)
-    out, lse = ring_forward(plan, _rows(q, packed), _rows(k, packed), _rows(v, packed))
+    q, k, v = (_rows(t, packed) for t in (q, k, v))
+    plan = _plan(q, k, v, cu_seqlens, alibi_slopes, None, max_seqlen, layout, causal, window_left, window_right,
+                 softmax_scale, softcap, dropout_p, deterministic, backend, group)
+    out, lse = ring_forward(plan, q, k, v)
     if packed:
         out, lse = out[0], lse[0]
-    return out.contiguous(), lse.contiguous()
+    seed = plan.options.dropout.seed if plan.options.dropout is not None else 0
+    return out.contiguous(), lse.contiguous(), torch.tensor([seed], dtype=torch.int64)
 
 
 @ring_forward_op.register_fake
 def _(q, k, v, cu_seqlens, alibi_slopes, max_seqlen, layout, causal, window_left, window_right, softmax_scale,
-      softcap, deterministic, backend, group, lse_grad):
+      softcap, dropout_p, deterministic, backend, group, lse_grad):
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype)))
+            q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype)), fake_dropout_seed())
 
 
 @torch.library.custom_op("ring_flash_attn::ring_backward", mutates_args=())
-def ring_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def ring_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dropout_seed: Tensor,
                      cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor], max_seqlen: int, layout: str,
                      causal: bool, window_left: int, window_right: int, softmax_scale: float, softcap: float,
-                     deterministic: bool, backend: str, group: str) -> Tuple[Tensor, Tensor, Tensor]:
+                     dropout_p: float, deterministic: bool, backend: str, group: str) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of this rank's shard for the gradient ``dout`` of its output."""
     packed = cu_seqlens is not None
     rows = [_rows(t, packed) for t in (dout.contiguous(), q, k, v, out, lse)]
-    plan = _plan(*rows[1:4], cu_seqlens, alibi_slopes, max_seqlen, layout, causal, window_left, window_right,
-                 softmax_scale, softcap, deterministic, backend, group)
+    plan = _plan(*rows[1:4], cu_seqlens, alibi_slopes, int(dropout_seed[0]), max_seqlen, layout, causal,
+                 window_left, window_right, softmax_scale, softcap, dropout_p, deterministic, backend, group)
     grads = ring_backward(plan, *rows)
     return tuple((g[0] if packed else g).contiguous() for g in grads)
 
 
 @ring_backward_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, alibi_slopes, max_seqlen, layout, causal, window_left, window_right,
-      softmax_scale, softcap, deterministic, backend, group):
+def _(dout, q, k, v, out, lse, dropout_seed, cu_seqlens, alibi_slopes, max_seqlen, layout, causal, window_left,
+      window_right, softmax_scale, softcap, dropout_p, deterministic, backend, group):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 

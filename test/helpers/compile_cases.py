@@ -75,25 +75,50 @@ def compiled_blocks(rank: int, world_size: int, layouts: List[str], backend: str
     return results
 
 
+def _output_and_grads(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: int) -> List[torch.Tensor]:
+    """``fn``'s output and the gradients of q, k, v (loss: the sum of the output squared), with the
+    default generator seeded first."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.manual_seed(seed)
+    out = fn(q, k, v)
+    return [out.detach(), *torch.autograd.grad(out.square().sum(), (q, k, v))]
+
+
 def compiled_with_dropout(rank: int, world_size: int) -> Dict[str, float]:
-    """Dropout keeps the eager path inside a compiled function (a graph break, no fullgraph): the
-    compiled call equals the eager one for the same seed. ALiBi is traced (``fullgraph=True``),
-    batch and packed."""
-    q, k, v = (torch.randn(1, 6, h, DIM, generator=torch.Generator().manual_seed(rank + h)) for h in (4, 2, 2))
-    fn = lambda q, k, v: rfa.zigzag_ring_flash_attn_func(q, k, v, dropout_p=0.3, causal=True)  # noqa: E731
-    compiled = torch.compile(fn, backend="aot_eager")
-    torch.manual_seed(7)
-    got = compiled(q, k, v)
-    torch.manual_seed(7)
-    want = fn(q, k, v)
+    """Dropout (its seed an output of the forward op, an input of the backward) and ALiBi traced with
+    ``fullgraph=True``: output and gradients equal to eager for the same ``torch.manual_seed``, batch
+    (zigzag) and packed documents (ring varlen, zigzag-llama3), at two lengths without recompiling."""
     slopes = torch.rand(4)
-    alibi = lambda q, k, v: rfa.ring_flash_attn_func(q, k, v, alibi_slopes=slopes, causal=True)  # noqa: E731
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
-    packed = lambda q, k, v: rfa.zigzag_llama3_flash_attn_varlen_func(  # noqa: E731
-        q[0], k[0], v[0], cu * world_size, 4 * world_size, alibi_slopes=slopes, causal=True)
-    traced = {name: torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k, v) - fn(q, k, v)
-              for name, fn in (("alibi", alibi), ("alibi_packed", packed))}
-    return {"dropout": (got - want).abs().max().item(), **{n: d.abs().max().item() for n, d in traced.items()}}
+    functions = {
+        "dropout": lambda q, k, v: rfa.zigzag_ring_flash_attn_func(q, k, v, dropout_p=0.3, causal=True),
+        "dropout_varlen": lambda q, k, v: rfa.ring_flash_attn_varlen_func(
+            q[0], k[0], v[0], torch.tensor([0, q.shape[1]], dtype=torch.int32), q.shape[1], dropout_p=0.3,
+            causal=True),
+        "dropout_allgather": lambda q, k, v: rfa.zigzag_llama3_flash_attn_varlen_func(
+            q[0], k[0], v[0], torch.tensor([0, 2 * world_size, q.shape[1] * world_size], dtype=torch.int32),
+            q.shape[1] * world_size, dropout_p=0.3, causal=True),
+        "alibi": lambda q, k, v: rfa.ring_flash_attn_func(q, k, v, alibi_slopes=slopes, causal=True),
+        "alibi_packed": lambda q, k, v: rfa.zigzag_llama3_flash_attn_varlen_func(
+            q[0], k[0], v[0], cu * world_size, 4 * world_size, alibi_slopes=slopes, causal=True),
+    }
+    results = {}
+    for name, fn in functions.items():
+        counter = CompileCounterWithBackend("aot_eager")
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=not name.startswith("alibi"))
+        for i, length in enumerate((6,) if name.startswith("alibi") else (6, 10)):
+            q, k, v = (torch.randn(1, length, h, DIM, generator=torch.Generator().manual_seed(rank + h))
+                       for h in (4, 2, 2))
+            got = _output_and_grads(compiled, q, k, v, seed=7)
+            want = _output_and_grads(fn, q, k, v, seed=7)
+            results[f"{name}-L{length}"] = max((g - w).abs().max().item() for g, w in zip(got, want))
+            if i == 0:
+                results[f"{name}-graphs-first"] = counter.frame_count
+        results[f"{name}-graphs-last"] = counter.frame_count
+    without = rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True)
+    results["dropout_effect"] = (_output_and_grads(functions["dropout"], q, k, v, seed=7)[0] - without).abs().max().item()
+    return results
 
 
 def compiled_tiny_llama(rank: int, world_size: int, layout: str = "zigzag", packed: bool = False) -> Dict[str, float]:
