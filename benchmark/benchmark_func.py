@@ -68,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5 if gpu else 1)
     p.add_argument("--repeats", type=int, default=5 if gpu else 3)
     p.add_argument("--no-check", action="store_true", help="skip the error check (saves memory)")
+    p.add_argument("--ulysses-degree", type=int, default=0,
+                   help="run the variants as Ulysses x ring with this Ulysses degree (a divisor of W and of the heads)")
     args = p.parse_args()
     if args.packing == "qkvpacked":
         args.nheads_k = args.nheads
@@ -173,9 +175,10 @@ class Problem:
         """This rank's part of ``tensors`` (default: the inputs) in the variant's layout."""
         rank, w = world()
         tensors = self.x if tensors is None else tensors
+        ulysses = dict(ulysses_degree=self.args.ulysses_degree) if self.args.ulysses_degree else {}
         if self.args.varlen:
-            return {n: shard_varlen(t, self.cu_seqlens, variant, rank, w) for n, t in tensors.items()}
-        return {n: rfa.shard(t, variant, rank, w) for n, t in tensors.items()}
+            return {n: shard_varlen(t, self.cu_seqlens, variant, rank, w, **ulysses) for n, t in tensors.items()}
+        return {n: rfa.shard(t, variant, rank, w, **ulysses) for n, t in tensors.items()}
 
     def call_args(self, variant: str, whole: bool = False) -> tuple:
         """Positional arguments after q/k/v (or kv, qkv) for the variant's function (``whole``: on the
@@ -183,6 +186,8 @@ class Problem:
         if not self.args.varlen:
             return ()
         rank, w = (0, 1) if whole else world()
+        if self.args.ulysses_degree:  # the global cu_seqlens
+            return self.cu_seqlens, max(self.lengths)
         if variant in BATCH_VARIANTS:
             cu = local_cu_seqlens(self.cu_seqlens, variant, w)
             return cu, max(self.lengths) // w
@@ -236,14 +241,18 @@ def make_step(args, problem: Problem, variant: str, whole: bool = False,
     the whole sequence over ``group``, a group of this rank alone (the single-rank error)."""
     local = problem.x if whole else problem.shard(variant)
     prefix = (VARLEN_VARIANTS if args.varlen else BATCH_VARIANTS)[variant]
+    if args.ulysses_degree:
+        prefix = "ulysses_flash_attn"
     suffix = {"func": "func", "kvpacked": "kvpacked_func", "qkvpacked": "qkvpacked_func"}[args.packing]
     fn = getattr(rfa, f"{prefix}_{'varlen_' if args.varlen else ''}{suffix}")
     if not whole:
-        group = dist.group.WORLD if dist.is_initialized() else None
+        group = args.groups if args.ulysses_degree else dist.group.WORLD if dist.is_initialized() else None
     kw = dict(causal=args.causal, group=group, backend=args.backend)
     if tuple(args.window) != (-1, -1):
         kw["window_size"] = tuple(args.window)
-    if args.varlen and variant == "zigzag_llama3":
+    if args.ulysses_degree:
+        kw["ring_layout"] = variant
+    elif args.varlen and variant == "zigzag_llama3":
         kw["heads_k_stride"] = args.heads_k_stride
     extra = problem.call_args(variant, whole=whole)
     grad = not args.fwd_only
@@ -301,8 +310,12 @@ def single_device_seconds(args, device, backend_name: str) -> Optional[float]:
 
 def work_balance(args, problem: Problem, variant: str) -> float:
     """Attended (query, key) pairs of the busiest rank over the mean: a variant can reach at most
-    about 1 / balance of the ideal, whatever its kernels and communication."""
+    about 1 / balance of the ideal, whatever its kernels and communication. Ulysses x ring: every
+    rank of a Ulysses group attends its ring rank's tokens (for 1 / U of the heads), so the balance is
+    the ring layout's over the ring ranks."""
     _, w = world()
+    if args.ulysses_degree:
+        w //= args.ulysses_degree
     lengths = torch.tensor(problem.lengths)
     doc_len = torch.repeat_interleave(lengths, lengths)
     pos = torch.arange(problem.total) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
@@ -373,6 +386,8 @@ def main() -> None:
     args = parse_args()
     device = setup()
     rank, w = world()
+    if args.ulysses_degree:
+        args.groups = rfa.make_ulysses_ring_groups(args.ulysses_degree, w // args.ulysses_degree)
     gpu = device.type == "cuda"
     problem = Problem(args, device)
     kernels = {n: t for n in AUTO_ORDER if n != "reference" for t in [single_device_seconds(args, device, n)] if t}
@@ -392,7 +407,8 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         seconds, host = time_per_iter(step, args, device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else float("nan")
-        rows.append((variant, errors, alone, seconds, peak, work_balance(args, problem, variant), host))
+        name = f"U{args.ulysses_degree}x{variant}" if args.ulysses_degree else variant
+        rows.append((name, errors, alone, seconds, peak, work_balance(args, problem, variant), host))
 
     if rank == 0:
         mode = "fwd" if args.fwd_only else "fwd+bwd"
@@ -401,7 +417,8 @@ def main() -> None:
         window = f"window_size={tuple(args.window)}, " if tuple(args.window) != (-1, -1) else ""
         print(f"# {name} x{w}, torch {torch.__version__}, {'varlen ' if args.varlen else ''}{args.packing}, {mode}, "
               f"{args.dtype}, causal={args.causal}, {window}{docs}{args.seqlen} tokens/rank, heads {args.nheads}/"
-              f"{args.nheads_k}, d={args.head_dim}, backend={args.backend or 'auto'}")
+              f"{args.nheads_k}, d={args.head_dim}, backend={args.backend or 'auto'}"
+              + (f", Ulysses x ring {args.ulysses_degree} x {w // args.ulysses_degree}" if args.ulysses_degree else ""))
         lasting = f" and >= {args.repeat_seconds:g} s" if args.repeat_seconds else ""
         print(f"# timing: median of {args.repeats} repeats of >= {args.iters} calls{lasting} each, after {args.warmup} "
               "warm-up calls")
@@ -413,14 +430,14 @@ def main() -> None:
         else:
             print("# CPU (gloo): the errors and verdicts are meaningful, the timings are not (no GPU kernels, two\n"
                   "#   processes sharing a few cores); run this on GPUs for performance")
-        head = f"{'variant':<14} {'err out':>9} {'err grads':>9} {'1 rank':>9} {'verdict':>7} {'iter/s':>8}"
+        head = f"{'variant':<16} {'err out':>9} {'err grads':>9} {'1 rank':>9} {'verdict':>7} {'iter/s':>8}"
         print(head + (f" {'TFLOP/s':>8} {'% ideal':>8} {'% FA2':>7} {'peak GiB':>8}" if gpu else "")
               + f" {'balance':>7} {'host ms':>7}")
         for variant, errors, alone, seconds, peak, balance, host in rows:
             err_out = f"{errors[0]:.2e}" if errors else "-"
             err_grad = f"{max(errors[1:]):.2e}" if len(errors) > 1 else "-"
             err_alone = f"{max(alone):.2e}" if alone else "-"
-            line = (f"{variant:<14} {err_out:>9} {err_grad:>9} {err_alone:>9} "
+            line = (f"{variant:<16} {err_out:>9} {err_grad:>9} {err_alone:>9} "
                     f"{verdict(errors, alone, args.dtype):>7} {1 / seconds:>8.2f}")
             if gpu:
                 vs_fa2 = f"{100 * fa2 / seconds:.1f}%" if fa2 == fa2 else "-"

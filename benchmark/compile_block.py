@@ -68,7 +68,8 @@ def seconds_per_iter(step, device, iters: int = 20, repeats: int = 5) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variant", default="zigzag", choices=["ring", "zigzag", "stripe"])
+    p.add_argument("--variant", default="zigzag", choices=["ring", "zigzag", "stripe", "ulysses"],
+                   help="ulysses: pure Ulysses over every rank (contiguous shards)")
     gpu = torch.cuda.is_available()
     p.add_argument("--seqlen", type=int, default=8192 if gpu else 256, help="tokens per rank")
     p.add_argument("--hidden", type=int, default=4096 if gpu else 256)
@@ -87,7 +88,8 @@ def main() -> None:
     torch.manual_seed(0)
     block = AttentionBlock(args.hidden, args.heads, args.heads_k, args.variant).to(device, dtype)
     x = torch.randn(1, args.seqlen, args.hidden, device=device, dtype=dtype, requires_grad=True)
-    positions = rfa.position_ids(args.variant, rank, world, args.seqlen * world, device)
+    layout = "ring" if args.variant == "ulysses" else args.variant
+    positions = rfa.position_ids(layout, rank, world, args.seqlen * world, device)
     cos, sin = rotary(positions, args.hidden // args.heads, dtype)
     compiled = torch.compile(block, fullgraph=True)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs recorded in benchmark/RESULTS.md: the correctness suite, the benchmarks, the profiles.
-# Usage (on a machine with N GPUs): bash benchmark/run_gpu.sh [N] [tests|bench|profile|all]   -- logs go to ${OUT:-.}/
+# Usage (on a machine with N GPUs): bash benchmark/run_gpu.sh [N] [tests|bench|ulysses|compile|profile|all]
+#   -- logs go to ${OUT:-.}/
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,6 +25,22 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     bench --backend torch_cuda_flash
     RING_FLASH_ATTN_TRITON=0 bench --fwd-only --variants zigzag,stripe --no-check
   } | tee "$out/bench.log"
+fi
+if [ "$what" = ulysses ] || [ "$what" = all ]; then
+  bench() { torchrun --nproc_per_node "$n" benchmark/benchmark_func.py "$@" 2>&1 | quiet; }
+  {
+    bench --ulysses-degree "$n"
+    bench --ulysses-degree "$n" --varlen
+    if [ "$n" -ge 4 ]; then
+      bench --ulysses-degree $((n / 2))
+      bench --ulysses-degree $((n / 2)) --varlen
+    fi
+  } | tee "$out/bench-ulysses.log"
+fi
+if [ "$what" = compile ] || [ "$what" = all ]; then
+  for variant in zigzag ulysses; do
+    torchrun --nproc_per_node "$n" benchmark/compile_block.py --variant "$variant" 2>&1 | quiet
+  done | tee "$out/compile-block.log"
 fi
 if [ "$what" = profile ] || [ "$what" = all ]; then
   prof() { (cd benchmark && torchrun --nproc_per_node "$n" profile_ring.py --iters 3 "$@" 2>&1 | quiet); }

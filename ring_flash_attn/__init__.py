@@ -39,6 +39,15 @@ from .allgather.api import (
     zigzag_llama3_flash_attn_varlen_kvpacked_func,
     zigzag_llama3_flash_attn_varlen_qkvpacked_func,
 )
+from .ulysses.api import (
+    ulysses_flash_attn_func,
+    ulysses_flash_attn_kvpacked_func,
+    ulysses_flash_attn_qkvpacked_func,
+    ulysses_flash_attn_varlen_func,
+    ulysses_flash_attn_varlen_kvpacked_func,
+    ulysses_flash_attn_varlen_qkvpacked_func,
+)
+from .ulysses.groups import UlyssesRingGroups, make_ulysses_ring_groups
 from .core.layouts import LAYOUTS, position_ids, shard, unshard
 from .compat import install_module_aliases
 

@@ -43,6 +43,17 @@ def test_allgather_family_fullgraph(dist_pool, world_size):
         _check(results)
 
 
+@pytest.mark.parametrize("ulysses_degree,world_size,ring_layout,packed", [
+    (1, 1, "ring", False), (2, 2, "ring", False), (2, 4, "zigzag", False), (2, 2, "ring", True),
+    (2, 4, "zigzag_llama3", True), (1, 2, "stripe", True)])
+def test_ulysses_fullgraph(dist_pool, ulysses_degree, world_size, ring_layout, packed):
+    """Ulysses and Ulysses x ring (batch and packed documents): one graph, equal to eager, no
+    recompilation for new lengths or documents."""
+    for results in dist_pool(world_size).run("helpers.compile_cases:compiled_ulysses", ulysses_degree=ulysses_degree,
+                                             ring_layout=ring_layout, packed=packed, timeout=600):
+        _check(results)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_inductor_with_windows_and_softcap(dist_pool, world_size):
     """Inductor's generated code around the ops, with a sliding window and soft-capping."""
@@ -63,12 +74,14 @@ def test_dropout_and_alibi_trace(dist_pool, world_size):
         _check(results, tolerance=1e-6)
 
 
-@pytest.mark.parametrize("layout,packed", [("zigzag", False), ("zigzag", True), ("ring", True)])
-def test_tiny_llama_compiles_without_graph_breaks(dist_pool, layout, packed):
+@pytest.mark.parametrize("layout,packed,ulysses_degree", [("zigzag", False, 1), ("zigzag", True, 1),
+                                                         ("ring", True, 1), ("zigzag", False, 2), ("ring", True, 2)])
+def test_tiny_llama_compiles_without_graph_breaks(dist_pool, layout, packed, ulysses_degree):
     """transformers' Llama with the registered ring attention, single sequences and packed documents
-    (zigzag: the pack as one sequence; ring: llama3's arguments prepared by ``set_packed_batch``): no
-    graph break (``torch._dynamo.explain``), ``fullgraph=True`` logits and gradients equal to eager."""
+    (zigzag: the pack as one sequence; ring: llama3's arguments prepared by ``set_packed_batch``), and
+    with Ulysses (``ulysses_degree=2``): no graph break (``torch._dynamo.explain``), ``fullgraph=True``
+    logits and gradients equal to eager."""
     for results in dist_pool(2).run("helpers.compile_cases:compiled_tiny_llama", layout=layout, packed=packed,
-                                    timeout=600):
+                                    ulysses_degree=ulysses_degree, timeout=600):
         assert results["graph_breaks"] == 0, results
         assert results["logits"] <= 1e-5 and results["grads"] <= 1e-5, results

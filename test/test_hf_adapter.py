@@ -1,6 +1,7 @@
 """transformers integration on CPU over gloo (no downloads): tiny Llama (GQA) / Qwen2 / Qwen3 built
 from configs, W in {2, 3, 4}, zigzag and contiguous layouts, one sequence and a packed batch of
-documents, through the attention registry and through ring-flash-attn's substitute_hf_flash_attn:
+documents, ring and Ulysses x ring (ulysses_degree 2 and 4, pure Ulysses included), through the
+attention registry and through ring-flash-attn's substitute_hf_flash_attn:
 gathered logits, loss and summed parameter gradients equal the single-process eager model."""
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ CASES = (
        itertools.product(("qwen2", "qwen3"), ("zigzag", "ring"), (False, True))]
     + [ModelCase("qwen2-sliding", layout, w, packed) for w, layout, packed in
        itertools.product((2, 3), ("zigzag", "ring"), (False, True))]
+    + [ModelCase(m, layout, w, packed, ulysses_degree=u) for (m, w, u), layout, packed in itertools.product(
+        (("llama", 2, 2), ("llama", 4, 2), ("qwen2-sliding", 4, 4), ("qwen3", 4, 2)), ("zigzag", "ring"),
+        (False, True))]
+    + [ModelCase(m, layout, w, packed) for m, w, layout, packed in itertools.product(
+        ("gpt-oss", "gemma2", "gemma3", "mistral"), (2, 3), ("zigzag", "ring"), (False, True))]
+    + [ModelCase("gpt-oss", "zigzag", 4, packed, ulysses_degree=2) for packed in (False, True)]
     + [ModelCase("llama", "zigzag", 2, batch=2), ModelCase("llama", "ring", 2, True, path="substitute"),
-       ModelCase("qwen2", "ring", 3, True, path="substitute")]
+       ModelCase("qwen2", "ring", 3, True, path="substitute"), ModelCase("gpt-oss", "ring", 2, True, path="substitute")]
 )
 
 
@@ -74,3 +81,25 @@ def test_attention_dropout_in_training(dist_pool):
         assert result["finite"]
         assert losses["a"] == losses["b"]
         assert losses["a"] != losses["c"] and losses["a"] != losses["eval"]
+
+
+def test_what_the_adapter_cannot_honour_is_refused():
+    """A padding mask, flash-attn varlen arguments, attention weights or an unknown option: a
+    ValueError naming the layer and the option, never a silently different result."""
+    from helpers.hf_cases import build_model
+    from ring_flash_attn.adapters import hf
+
+    model = build_model("mistral")
+    model.set_attn_implementation(hf.register_ring_attention(None, layout="ring"))
+    ids = torch.randint(0, 96, (1, 8))
+    padding = torch.ones(1, 8, dtype=torch.long)
+    padding[0, 6:] = 0
+    with pytest.raises(ValueError, match=r"layer 0 \(MistralAttention\): got an attention mask"):
+        model(input_ids=ids, attention_mask=padding)
+    model(input_ids=ids, attention_mask=torch.ones(1, 8, dtype=torch.long))  # no padding: nothing to refuse
+    q = torch.randn(1, 4, 8, 16)
+    layer = model.model.layers[1].self_attn
+    for option, message in (({"cu_seq_lens_q": torch.tensor([0, 8])}, "set_packed_batch"),
+                            ({"output_attentions": True}, "output_attentions"), ({"chunk_size": 4}, "chunk_size")):
+        with pytest.raises(ValueError, match=f"layer 1 .*{message}"):
+            hf.ring_attention_forward(layer, q, q[:, :2], q[:, :2], None, **option)

@@ -16,8 +16,10 @@ from helpers import attention_cases
 from helpers import varlen_cases
 from helpers.attention_cases import PACKINGS, Case
 from helpers.dropout_cases import DropoutCase
-from test_dropout import check_dropout
+from helpers.dropout_cases import check_dropout
 from ring_flash_attn.kernels import BACKENDS
+from helpers import ulysses_cases
+from helpers.ulysses_cases import UlyssesCase
 from helpers.varlen_cases import VarlenCase, fit_documents
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -87,7 +89,20 @@ def _cases() -> list:
     return cases
 
 
-CASES = _cases()
+SINK_CASES = [
+    Case(layout=layout, packing="func", causal=causal, dtype="bf16", backend=backend, world_size=w, batch=2,
+         local_len=256, nheads=8, nheads_k=2, head_dim=128, lse_grad=causal, sinks=True, seed=n, device="cuda")
+    for n, (w, backend, layout, causal) in enumerate(itertools.product(
+        WORLD_SIZES or [2], ("cudnn", "torch_cuda_flash"), ("zigzag", "stripe"), (True, False)))
+] + [
+    VarlenCase(layout=layout, packing="func", causal=True, dtype="bf16", backend="torch_cuda_flash", world_size=w,
+               doc_lengths=fit_documents(layout, w, (200, 1, 37, 700, 5, 2 * w * 16)), nheads=8, nheads_k=2,
+               head_dim=128, sinks=True, seed=w, device="cuda")
+    for w, layout in itertools.product(WORLD_SIZES or [2], ("llama3", "zigzag_llama3"))
+]
+
+
+CASES = _cases() + SINK_CASES  # attention sinks through the CUDA kernels
 
 
 @pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")
@@ -107,7 +122,10 @@ DROPOUT_CASES = [
         WORLD_SIZES or [2], ("ring", "zigzag", "stripe"), (True, False), ("fp16", "bf16")))
 ] + [DropoutCase(layout=layout, causal=True, world_size=max(WORLD_SIZES or [2]), dtype="fp16", device="cuda",
                  doc_lengths=(256, 64, 192), nheads=8, nheads_k=2, head_dim=64, mean_samples=100, seed=99)
-     for layout in ("zigzag", "llama3", "zigzag_llama3")]
+     for layout in ("zigzag", "llama3", "zigzag_llama3")
+] + [DropoutCase(layout="zigzag", causal=True, world_size=w, dtype="bf16", device="cuda", local_len=128, nheads=8,
+                 nheads_k=2, head_dim=64, mean_samples=100, ulysses_degree=u, seed=120 + w + u)
+     for w in WORLD_SIZES or [2] for u in sorted({1, w, max(1, w // 2)})]
 
 
 @pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")
@@ -234,3 +252,51 @@ def test_gpu_bad_softmax_scale_is_refused(scale):
                      slice(0, 64), softmax_scale=scale, causal=True)):
         with pytest.raises(ValueError, match="softmax_scale"):
             call()
+
+
+ULYSSES_CASES = [
+    UlyssesCase(Case(layout=layout, packing=packing, causal=causal, dtype="bf16", backend=backend, world_size=w,
+                     batch=1, local_len=256, nheads=8, nheads_k=8 if packing == "qkvpacked" else 2, head_dim=128,
+                     seed=n, device="cuda"), u)
+    for n, (w, backend, layout, packing, causal) in enumerate(itertools.product(
+        WORLD_SIZES or [2], ("cudnn", "torch_cuda_flash"), ("zigzag", "stripe"), PACKINGS, (True, False)))
+    for u in sorted({1, w, max(1, w // 2)})
+] + [
+    UlyssesCase(VarlenCase(layout=layout, packing="func", causal=causal, dtype="bf16", backend="torch_cuda_flash",
+                           world_size=w, doc_lengths=(64 * w, 16 * w, 1, 47 * w - 1), nheads=8, nheads_k=2,
+                           head_dim=128, window=window, seed=n, device="cuda"), w)
+    for n, (w, layout, causal, window) in enumerate(itertools.product(
+        WORLD_SIZES or [2], ("ring", "llama3"), (True, False), ((-1, -1), (100, 20))))
+]
+
+
+@pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")
+@pytest.mark.parametrize("case", ULYSSES_CASES, ids=[c.id() for c in ULYSSES_CASES])
+def test_gpu_ulysses_matches_float64_reference(dist_pool, case):
+    if case.base.world_size > GPUS:
+        pytest.skip(f"needs {case.base.world_size} GPUs")
+    ulysses_cases.check(case, dist_pool(case.base.world_size, "nccl").run("helpers.ulysses_cases:run_rank", case=case))
+
+
+@pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")
+@pytest.mark.parametrize("world_size", WORLD_SIZES or [1])
+def test_gpu_fullgraph_compile_matches_eager(dist_pool, world_size):
+    """torch.compile(fullgraph=True, dynamic=True) with inductor on the GPU: a bf16 attention block per
+    layout (cuDNN / FA2 blocks) within bf16 rounding of eager, no recompilation per length; dropout
+    through FA2 bit-equal to eager for the same seed."""
+    pool = dist_pool(world_size, "nccl")
+    for results in pool.run("helpers.compile_cases:compiled_blocks", layouts=["zigzag", "stripe", "ulysses"],
+                            backend="inductor", lengths=(64, 96, 128), device="cuda", dtype="bf16", timeout=600):
+        _check_compiled(results, tolerance=3e-2)
+    for results in pool.run("helpers.compile_cases:compiled_with_dropout", device="cuda", dtype="fp16", alibi=False,
+                            timeout=600):
+        assert results.pop("dropout_effect") > 0.1, "dropout left the output unchanged"
+        _check_compiled(results, tolerance=0.0)
+
+
+def _check_compiled(results, tolerance: float) -> None:
+    for name, value in results.items():
+        if name.endswith("-graphs-last"):
+            assert value == results[name.replace("-last", "-first")], f"{name}: recompiled for new shapes"
+        elif not name.endswith("-graphs-first"):
+            assert value <= tolerance, f"{name}: compiled differs from eager by {value:.3g}"

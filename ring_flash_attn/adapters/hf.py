@@ -13,8 +13,10 @@ The attention function receives this rank's shard of the sequence (see
 :mod:`ring_flash_attn.adapters.sequence`) and calls the ring for the configured layout:
 ``zigzag`` (balanced; packed batches use the all-gather family on the pack cut as one zigzag sequence,
 ``packed_zigzag``) or ``ring`` / ``llama3``
-(contiguous shards; packed batches use llama3). It ignores ``attention_mask``: causality comes
-from the layer, document boundaries from ``cu_seqlens``.
+(contiguous shards; packed batches use llama3). With ``ulysses_degree > 1`` it runs Ulysses x ring
+(:mod:`ring_flash_attn.ulysses`): all-to-all inside groups of ``ulysses_degree`` consecutive ranks, the
+layout's ring across them. It ignores ``attention_mask``: causality comes from the layer, document
+boundaries from ``cu_seqlens``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from ..allgather.plan import llama3_flash_attn_prepare_cu_seqlens
 from ..core.layouts import MODEL_LAYOUTS
 from ..core.validation import group_rank_and_size
 from ..ring.api import ring_flash_attn_func, zigzag_ring_flash_attn_func
+from ..ulysses.api import ulysses_flash_attn_func, ulysses_flash_attn_varlen_func
+from ..ulysses.groups import UlyssesRingGroups, make_ulysses_ring_groups
 
 
 # Not "ring_flash_attention": transformers 5 treats every implementation whose name contains "flash"
@@ -43,6 +47,7 @@ class RingAttentionSettings:
     layout: str = "zigzag"  # "zigzag" or "ring" (llama3 for packed batches)
     heads_k_stride: Optional[int] = None
     backend: Optional[str] = None
+    ulysses: Optional[UlyssesRingGroups] = None  # Ulysses x ring when ulysses_degree > 1
 
 
 SETTINGS = RingAttentionSettings()
@@ -50,10 +55,11 @@ SETTINGS = RingAttentionSettings()
 
 @dataclass
 class PackedBatch:
-    """The packed batch of the next forwards: its global ``cu_seqlens`` and, once computed, the llama3
-    arguments per ``causal`` (every layer reuses them; a new batch starts empty)."""
+    """The packed batch of the next forwards: its global ``cu_seqlens``, its longest document and, once
+    computed, the llama3 arguments per ``causal`` (every layer reuses them; a new batch starts empty)."""
 
     cu_seqlens: torch.Tensor
+    max_seqlen: int = 0
     llama3_args: Dict[bool, Tuple] = field(default_factory=dict)
 
 
@@ -85,19 +91,26 @@ def ring_attention_forward(
     dropout: float = 0.0,
     sliding_window: Optional[int] = None,
     softcap: Optional[float] = None,
+    s_aux: Optional[torch.Tensor] = None,
     **kwargs,
 ) -> Tuple[torch.Tensor, None]:
     """transformers attention function: ``query (B, H, S, D)`` -> ``(out (B, S, H, D), None)``.
 
-    A sliding-window layer (``sliding_window=w``: a query sees its last ``w`` keys, itself included,
-    as transformers' masks define it) becomes ``window_size=(w - 1, w - 1)``, with causal layers
-    cutting the right side to 0."""
+    Honoured: ``scaling``, ``dropout``, ``sliding_window`` (``w``: a query sees its last ``w`` keys,
+    itself included, as transformers' masks define it; ``window_size=(w - 1, w - 1)``, causal layers
+    cutting the right side to 0), ``softcap`` (Gemma 2's logit soft-capping), ``s_aux`` (gpt-oss's
+    attention sinks), ``is_causal``. Anything else that would change the result -- an attention
+    mask, cu_seq_lens / max_length arguments, ``output_attentions`` -- raises a ``ValueError`` naming
+    the layer and the option (:func:`check_model_kwargs`)."""
+    check_model_kwargs(module, attention_mask, kwargs)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    causal = bool(getattr(module, "is_causal", True))
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     s = SETTINGS
     options = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, softcap=softcap or 0.0, group=s.group,
-                   backend=s.backend, window_size=window_size_of(sliding_window))
+                   backend=s.backend, window_size=window_size_of(sliding_window), sinks=s_aux)
     layout = MODEL_LAYOUTS[s.layout]
+    if s.ulysses is not None:
+        return _ulysses_forward(q, k, v, layout, options), None
     if _BATCH is None:
         fn = zigzag_ring_flash_attn_func if layout == "zigzag" else ring_flash_attn_func
         return fn(q, k, v, **options), None
@@ -113,8 +126,50 @@ def ring_attention_forward(
     return out[None], None
 
 
-def _no_mask(*args, **kwargs) -> None:
-    """Mask builder for the ring: causality and document boundaries are handled by the ring itself."""
+# keyword arguments transformers passes that do not change the attention (positions reach RoPE
+# before this function; caches and router outputs are the model's business)
+IGNORED_MODEL_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "output_router_logits",
+                                  "past_key_values", "past_key_value", "is_causal"})
+
+
+def check_model_kwargs(module: torch.nn.Module, attention_mask: Optional[torch.Tensor], kwargs: dict) -> None:
+    """Refuse what this attention cannot honour, naming the layer: a mask (padding or custom; document
+    boundaries come from ``set_packed_batch``), flash-attn varlen arguments, attention weights to
+    return, and any keyword this adapter does not know that is set."""
+    layer = f"ring_attention, layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
+    if attention_mask is not None:
+        raise ValueError(f"{layer}: got an attention mask ({type(attention_mask).__name__}"
+                         f"{tuple(getattr(attention_mask, 'shape', ()))}); ring attention takes no mask: pack documents "
+                         "with hf.set_packed_batch(cu_seqlens), pad at the end with labels -100")
+    for name, value in kwargs.items():
+        if name in IGNORED_MODEL_KWARGS or value is None or value is False:
+            continue
+        if name.startswith(("cu_seq_lens", "max_length")):
+            raise ValueError(f"{layer}: got {name}; pass the packed batch's global cu_seqlens with "
+                             "hf.set_packed_batch(cu_seqlens) instead")
+        raise ValueError(f"{layer}: cannot honour the option {name}={value!r}")
+
+
+def _ulysses_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, options: dict) -> torch.Tensor:
+    """Ulysses x ring for the model path: the layout's ring (packed batches: the pack cut as one
+    sequence, ``packed_zigzag`` or ``llama3``)."""
+    options = dict(options, group=SETTINGS.ulysses)
+    if _BATCH is None:
+        return ulysses_flash_attn_func(q, k, v, ring_layout=layout, **options)
+    if q.shape[0] != 1:
+        raise ValueError(f"packed batches (cu_seqlens set) need batch size 1, got {q.shape[0]}")
+    ring_layout = "packed_zigzag" if layout == "zigzag" else "llama3"
+    out = ulysses_flash_attn_varlen_func(q[0], k[0], v[0], _BATCH.cu_seqlens, _BATCH.max_seqlen,
+                                         ring_layout=ring_layout, **options)
+    return out[None]
+
+
+def _no_mask(*args, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> Optional[torch.Tensor]:
+    """Mask builder for the ring: causality and document boundaries are handled by the ring itself,
+    so no mask is built -- but a padding mask that pads (a 0 anywhere) is passed on, for the
+    attention function to refuse rather than ignore."""
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        return attention_mask
     return None
 
 
@@ -140,16 +195,34 @@ def register_attention_function(name: str, fn) -> None:
 
 def register_ring_attention(
     group: Optional[dist.ProcessGroup] = None, layout: str = "zigzag", heads_k_stride: Optional[int] = None,
-    name: str = RING_ATTENTION_NAME, backend: Optional[str] = None,
+    name: str = RING_ATTENTION_NAME, backend: Optional[str] = None, ulysses_degree: int = 1,
 ) -> str:
     """Register the ring as a transformers attention implementation; returns its name.
 
-    ``layout``: ``"zigzag"`` (balanced causal work) or ``"ring"``/``"llama3"`` (contiguous shards).
-    Shard the model inputs with :func:`ring_flash_attn.adapters.shard_inputs` using the same layout.
+    Args:
+        group: the process group the sequence is sharded over (None: the default group).
+        layout: ``"zigzag"`` (balanced causal work) or ``"ring"``/``"llama3"`` (contiguous shards).
+            Shard the model inputs with :func:`ring_flash_attn.adapters.shard_inputs` using the same
+            layout (and ``ulysses_degree``).
+        heads_k_stride: K/V heads gathered at a time by the llama3 family (packed batches).
+        name: the implementation's name in transformers' registry.
+        backend: the block kernel (see ``ring_flash_attn.kernels``).
+        ulysses_degree: > 1: Ulysses x ring, all-to-all inside groups of this many consecutive ranks
+            (a divisor of the group's size and of the model's attention heads), the layout's ring
+            across them; equal to the group's size: pure Ulysses. Every rank must call this (it
+            creates the process groups).
     """
     if layout not in MODEL_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(MODEL_LAYOUTS)}")
     SETTINGS.group, SETTINGS.layout, SETTINGS.heads_k_stride, SETTINGS.backend = group, layout, heads_k_stride, backend
+    SETTINGS.ulysses = None
+    if ulysses_degree != 1:
+        _, world_size = group_rank_and_size(group)
+        if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1 \
+                or world_size % ulysses_degree:
+            raise ValueError(f"ulysses_degree must be a positive divisor of the group's size ({world_size}), "
+                             f"got {ulysses_degree!r}")
+        SETTINGS.ulysses = make_ulysses_ring_groups(ulysses_degree, world_size // ulysses_degree, group)
     register_attention_function(name, ring_attention_forward)
     return name
 
@@ -161,6 +234,8 @@ def set_packed_batch(cu_seqlens: Optional[torch.Tensor]) -> None:
     has no host work on ``cu_seqlens`` in its layers)."""
     global _BATCH
     _BATCH = None if cu_seqlens is None else PackedBatch(cu_seqlens)
-    if _BATCH is not None and MODEL_LAYOUTS[SETTINGS.layout] == "ring":
+    if _BATCH is not None and SETTINGS.ulysses is not None:
+        _BATCH.max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    elif _BATCH is not None and MODEL_LAYOUTS[SETTINGS.layout] == "ring":
         for causal in (True, False):
             _llama3_args(_BATCH, causal, SETTINGS.group)

@@ -84,8 +84,11 @@ def _ring_varlen_attention(process_group, heads_k_stride: int, query_states: tor
                            dropout: float = 0.0, softmax_scale: Optional[float] = None,
                            sliding_window: Optional[int] = None, use_top_left_mask: bool = False,
                            softcap: Optional[float] = None, deterministic: Optional[bool] = None,
-                           **ignored) -> torch.Tensor:
-    """``query_states (1, S_local, H, D)`` of this rank's slice of the packed batch -> ``(1, S_local, H, D)``."""
+                           s_aux: Optional[torch.Tensor] = None, **ignored) -> torch.Tensor:
+    """``query_states (1, S_local, H, D)`` of this rank's slice of the packed batch -> ``(1, S_local, H, D)``.
+    ``s_aux``: gpt-oss's attention sinks. The rest of what transformers passes (its masks, position ids,
+    varlen arguments) is ignored, as ring-flash-attn does: the packed batch is the one of
+    :func:`update_ring_flash_attn_params`."""
     causal = is_causal and not (use_top_left_mask and query_length == 1)
     if not causal:
         raise ValueError("ring_flash_attn.adapters.hf_adapter: update_ring_flash_attn_params prepares causal "
@@ -105,7 +108,7 @@ def _ring_varlen_attention(process_group, heads_k_stride: int, query_states: tor
         query_states[0], key_states[0], value_states[0], DATA_PARAMS["cu_seqlens_q"], DATA_PARAMS["cu_seqlens_k"],
         DATA_PARAMS["max_seqlen_q"], DATA_PARAMS["max_seqlen_k"], heads_k_stride, DATA_PARAMS["local_k_slice"],
         dropout_p=dropout, softmax_scale=softmax_scale, causal=True, window_size=window_size_of(sliding_window),
-        deterministic=deterministic, group=process_group, softcap=softcap or 0.0)
+        deterministic=deterministic, group=process_group, softcap=softcap or 0.0, sinks=s_aux)
     return out[None]
 
 

@@ -67,9 +67,11 @@ def pad_for_layout(
 def shard_inputs(
     input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None, layout: str = "zigzag", group: Optional[dist.ProcessGroup] = None,
+    ulysses_degree: int = 1,
 ) -> Dict[str, torch.Tensor]:
     """This rank's ``input_ids``, ``position_ids`` (global positions, for RoPE) and ``shift_labels``
-    (labels already shifted over the whole sequence) from the global ``(B, S)`` batch."""
+    (labels already shifted over the whole sequence) from the global ``(B, S)`` batch;
+    ``ulysses_degree`` as given to ``register_ring_attention``."""
     rank, world = _world(group)
     seq_layout = sequence_layout(layout)
     if position_ids is None:
@@ -78,22 +80,24 @@ def shard_inputs(
         else:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         position_ids = position_ids.expand(input_ids.shape[0], -1)
-    out = {"input_ids": shard(input_ids, seq_layout, rank, world),
-           "position_ids": shard(position_ids, seq_layout, rank, world)}
+    def part(x: torch.Tensor) -> torch.Tensor:
+        return shard(x, seq_layout, rank, world, ulysses_degree=ulysses_degree)
+
+    out = {"input_ids": part(input_ids), "position_ids": part(position_ids)}
     if labels is not None:
-        out["shift_labels"] = shard(shift_labels(labels, cu_seqlens), seq_layout, rank, world)
+        out["shift_labels"] = part(shift_labels(labels, cu_seqlens))
     return out
 
 
 def gather_sequence(local: torch.Tensor, layout: str = "zigzag", group: Optional[dist.ProcessGroup] = None,
-                    dim: int = 1) -> torch.Tensor:
+                    dim: int = 1, ulysses_degree: int = 1) -> torch.Tensor:
     """The whole sequence from every rank's shard (e.g. logits for evaluation; not differentiable)."""
     _, world = _world(group)
     if world == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.contiguous(), group=group)
-    return unshard(parts, sequence_layout(layout), dim=dim)
+    return unshard(parts, sequence_layout(layout), dim=dim, ulysses_degree=ulysses_degree)
 
 
 def sharded_causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor,

@@ -13,8 +13,8 @@ import torch.distributed as dist
 from ..core.docs import LLAMA3_DOCS, ZIGZAG_LLAMA3_DOCS
 from ..core.eager import public
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_nonempty_pack,
-                               check_options, check_qkv, check_same_call_across_group, default_scale, kernel_ready,
-                               normalized_window, process_group_name, unpack)
+                               check_options, check_qkv, check_same_call_across_group, check_sinks, default_scale,
+                               kernel_ready, normalized_window, process_group_name, unpack)
 from .ops import allgather_forward_op
 
 Tensor = torch.Tensor
@@ -25,20 +25,21 @@ def _allgather(q: Tensor, k: Tensor, v: Tensor, layout: str, cu_q: Tensor, cu_k:
                max_k: int, k_slice: Tuple[int, int], heads_k_stride: Optional[int], dropout_p: float,
                softmax_scale: Optional[float], causal: bool, window_size, softcap: float,
                alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool, group,
-               backend: Optional[str]) -> Result:
+               backend: Optional[str], sinks: Optional[Tensor]) -> Result:
     """Validate the options and run the custom op (``allgather/ops.py``). ``cu_k`` None: ``cu_q`` is
     the global cu_seqlens of a packed layout; else llama3's prepared arguments."""
     check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
     check_alibi_slopes(alibi_slopes, q, batch=None)
+    check_sinks(sinks, q)
     window = normalized_window(window_size)
     check_same_call_across_group(group, q.device, call_signature(
         "allgather", layout, q, k, causal, softmax_scale, heads_k_stride=heads_k_stride, softcap=softcap,
-        window_size=window, dropout_p=dropout_p, alibi=alibi_slopes is not None))
-    out, lse, _ = allgather_forward_op(q, k, v, cu_q, cu_k, alibi_slopes, max_q, max_k, layout, k_slice[0],
-                                       k_slice[1], heads_k_stride or 0, bool(causal), window[0], window[1],
-                                       default_scale(q, softmax_scale), float(softcap), float(dropout_p),
-                                       bool(deterministic), backend or "", process_group_name(group),
-                                       bool(return_attn_probs))
+        window_size=window, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None))
+    out, lse, *_ = allgather_forward_op(q, k, v, cu_q, cu_k, alibi_slopes, sinks, max_q, max_k, layout, k_slice[0],
+                                        k_slice[1], heads_k_stride or 0, bool(causal), window[0], window[1],
+                                        default_scale(q, softmax_scale), float(softcap), float(dropout_p),
+                                        bool(deterministic), backend or "", process_group_name(group),
+                                        bool(return_attn_probs))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -49,6 +50,7 @@ def llama3_flash_attn_varlen_func(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[dist.ProcessGroup] = None, *, softcap: float = 0.0, backend: Optional[str] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Result:
     """Exact attention over packed documents, each rank holding a contiguous 1/W of the packed tokens
     (documents cross rank boundaries freely; no divisibility per document): flash-attn's
@@ -63,7 +65,7 @@ def llama3_flash_attn_varlen_func(
     k_slice = (0 if local_k_slice.start is None else int(local_k_slice.start), int(local_k_slice.stop))
     return _allgather(q, k, v, "llama3", cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), k_slice,
                       heads_k_stride, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                      deterministic, return_attn_probs, group, backend)
+                      deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(LLAMA3_DOCS)
@@ -72,14 +74,14 @@ def llama3_flash_attn_varlen_kvpacked_func(
     heads_k_stride: int, local_k_slice: slice, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
     window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
     return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, *, softcap: float = 0.0,
-    backend: Optional[str] = None,
+    backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`llama3_flash_attn_varlen_func` with ``kv (local_tokens, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
     return llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal,
                                          window_size, alibi_slopes, deterministic, return_attn_probs, group,
-                                         softcap=softcap, backend=backend)
+                                         softcap=softcap, backend=backend, sinks=sinks)
 
 
 @public(LLAMA3_DOCS)
@@ -88,14 +90,14 @@ def llama3_flash_attn_varlen_qkvpacked_func(
     heads_k_stride: int, local_k_slice: slice, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
     window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
     return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, *, softcap: float = 0.0,
-    backend: Optional[str] = None,
+    backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`llama3_flash_attn_varlen_func` with ``qkv (local_tokens, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
     return llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal,
                                          window_size, alibi_slopes, deterministic, return_attn_probs, group,
-                                         softcap=softcap, backend=backend)
+                                         softcap=softcap, backend=backend, sinks=sinks)
 
 
 @public(ZIGZAG_LLAMA3_DOCS)
@@ -104,7 +106,7 @@ def zigzag_llama3_flash_attn_varlen_func(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
     group: Optional[dist.ProcessGroup] = None, *, heads_k_stride: Optional[int] = None, softcap: float = 0.0,
-    backend: Optional[str] = None,
+    backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """Load-balanced all-gather attention over packed documents: every document is cut into 2W equal
     chunks and rank r holds chunks r and 2W-1-r of each -- the layout of
@@ -112,7 +114,7 @@ def zigzag_llama3_flash_attn_varlen_func(
     documents. flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
     return packed_allgather("zigzag_llama3", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size,
                             softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend,
-                            max_seqlen)
+                            max_seqlen, sinks)
 
 
 def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, dropout_p: float = 0.0,
@@ -121,7 +123,7 @@ def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: T
                      alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
                      return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
                      heads_k_stride: Optional[int] = None, backend: Optional[str] = None,
-                     max_seqlen: Optional[int] = None) -> Result:
+                     max_seqlen: Optional[int] = None, sinks: Optional[Tensor] = None) -> Result:
     """The all-gather family on the global ``cu_seqlens`` for a layout of :func:`allgather.local_pieces`
     (the model adapter's packed batches use ``packed_zigzag``: the pack cut as one sequence);
     ``max_seqlen``, when given, is checked against the longest document."""
@@ -131,7 +133,7 @@ def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: T
     check_cu_seqlens_tensor(cu_seqlens)
     return _allgather(q, k, v, layout, cu_seqlens, None, -1 if max_seqlen is None else int(max_seqlen), -1, (0, 0),
                       heads_k_stride, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                      deterministic, return_attn_probs, group, backend)
+                      deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(ZIGZAG_LLAMA3_DOCS)
@@ -140,13 +142,14 @@ def zigzag_llama3_flash_attn_varlen_kvpacked_func(
     window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
     return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, *,
     heads_k_stride: Optional[int] = None, softcap: float = 0.0, backend: Optional[str] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`zigzag_llama3_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
     return zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
                                                 window_size, alibi_slopes, deterministic, return_attn_probs,
                                                 group, heads_k_stride=heads_k_stride, softcap=softcap,
-                                                backend=backend)
+                                                backend=backend, sinks=sinks)
 
 
 @public(ZIGZAG_LLAMA3_DOCS)
@@ -155,10 +158,11 @@ def zigzag_llama3_flash_attn_varlen_qkvpacked_func(
     window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
     return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, *,
     heads_k_stride: Optional[int] = None, softcap: float = 0.0, backend: Optional[str] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`zigzag_llama3_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
     return zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
                                                 window_size, alibi_slopes, deterministic, return_attn_probs,
                                                 group, heads_k_stride=heads_k_stride, softcap=softcap,
-                                                backend=backend)
+                                                backend=backend, sinks=sinks)

@@ -1,9 +1,9 @@
 """The all-gather family's forward and backward as ``torch.library`` custom ops (see
 :mod:`ring_flash_attn.ring.ops`): tensors q, k, v, the batch's ``cu_seqlens`` (llama3: its prepared
-``cu_seqlens_q`` / ``cu_seqlens_k``) and the ALiBi slopes, every other argument a primitive; the op
-reads the offsets on the host and rebuilds the plan and strategy (cached on primitives), so
-``torch.compile`` traces a call into the caller's graph. The forward's third output is the call's
-dropout seed, which the backward takes."""
+``cu_seqlens_q`` / ``cu_seqlens_k``), the ALiBi slopes and the attention sinks, every other
+argument a primitive; the op reads the offsets on the host and rebuilds the plan and strategy
+(cached on primitives), so ``torch.compile`` traces a call into the caller's graph. The forward's third output is the call's
+dropout seed, which the backward takes, its fourth the lse before the sinks (empty without)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core.function import ATTENTION_OP_TAGS, fake_dropout_seed, register_attention_autograd
+from ..core.function import ATTENTION_OP_TAGS, attention_backward, fake_dropout_seed, register_attention_autograd
 from ..core.merge import accumulator_dtype
+from ..core.sinks import fake_dsinks, fake_lse_before, forward_outputs
 from ..core.validation import group_rank_and_size, resolve_group
 from ..kernels.dropout import draw_dropout_seed
 from .runner import build_runner, call_pack
@@ -28,53 +29,87 @@ def _runner(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor
     pg = resolve_group(group)
     rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
     if dropout_seed is None:
-        dropout_seed = draw_dropout_seed(rank) if dropout_p else 0
+        dropout_seed = draw_dropout_seed() if dropout_p else 0
     pack = call_pack(q, layout, cu_q, cu_k, max_q, max_k, (k_start, k_stop), causal, rank, world_size)
     return build_runner(q, k, v, pack, heads_k_stride or None, softmax_scale, causal, (window_left, window_right),
                         softcap, alibi_slopes, deterministic, dropout_p, pg, backend or None, dropout_seed)
 
 
-@torch.library.custom_op("ring_flash_attn::allgather_forward", mutates_args=(), tags=ATTENTION_OP_TAGS)
-def allgather_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor],
-                         alibi_slopes: Optional[Tensor], max_q: int, max_k: int, layout: str, k_start: int,
-                         k_stop: int, heads_k_stride: int, causal: bool, window_left: int, window_right: int,
-                         softmax_scale: float, softcap: float, dropout_p: float, deterministic: bool, backend: str,
-                         group: str, lse_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(out (T, H, D), lse (H, T), dropout_seed)`` of this rank's packed queries."""
+def forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor], alibi_slopes: Optional[Tensor],
+            sinks: Optional[Tensor], max_q: int, max_k: int, layout: str, k_start: int, k_stop: int,
+            heads_k_stride: int, causal: bool, window_left: int, window_right: int, softmax_scale: float,
+            softcap: float, dropout_p: float, deterministic: bool, backend: str,
+            group: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out (T, H, D), lse (H, T), dropout_seed, lse_before_sinks)`` of this rank's packed queries
+    (with ``sinks``, out and lse include them): the forward op's work, also called directly by the
+    compositions above the family."""
     runner = _runner(q, k, v, cu_q, cu_k, alibi_slopes, None, max_q, max_k, layout, k_start, k_stop, heads_k_stride,
                      causal, window_left, window_right, softmax_scale, softcap, dropout_p, deterministic, backend,
                      group)
     out, lse = runner.forward(q, k, v)
+    out, lse, lse_before = forward_outputs(out.contiguous(), lse.contiguous(), sinks)
     dropout = runner.plan.options.dropout
-    return out.contiguous(), lse.contiguous(), torch.tensor([dropout.seed if dropout else 0], dtype=torch.int64)
+    return out, lse, torch.tensor([dropout.seed if dropout else 0], dtype=torch.int64), lse_before
+
+
+@torch.library.custom_op("ring_flash_attn::allgather_forward", mutates_args=(), tags=ATTENTION_OP_TAGS)
+def allgather_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor],
+                         alibi_slopes: Optional[Tensor], sinks: Optional[Tensor], max_q: int, max_k: int, layout: str,
+                         k_start: int, k_stop: int, heads_k_stride: int, causal: bool, window_left: int,
+                         window_right: int, softmax_scale: float, softcap: float, dropout_p: float,
+                         deterministic: bool, backend: str, group: str,
+                         lse_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`forward` as a custom op; ``lse_grad``: the caller receives lse (its gradient counts)."""
+    return forward(q, k, v, cu_q, cu_k, alibi_slopes, sinks, max_q, max_k, layout, k_start, k_stop, heads_k_stride,
+                   causal, window_left, window_right, softmax_scale, softcap, dropout_p, deterministic, backend, group)
 
 
 @allgather_forward_op.register_fake
-def _(q, k, v, cu_q, cu_k, alibi_slopes, max_q, max_k, layout, k_start, k_stop, heads_k_stride, causal, window_left,
-      window_right, softmax_scale, softcap, dropout_p, deterministic, backend, group, lse_grad):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype)), fake_dropout_seed())
+def _(q, k, v, cu_q, cu_k, alibi_slopes, sinks, max_q, max_k, layout, k_start, k_stop, heads_k_stride, causal,
+      window_left, window_right, softmax_scale, softcap, dropout_p, deterministic, backend, group, lse_grad):
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype))
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), lse, fake_dropout_seed(),
+            fake_lse_before(lse, sinks))
 
 
-@torch.library.custom_op("ring_flash_attn::allgather_backward", mutates_args=())
-def allgather_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                          dropout_seed: Tensor, cu_q: Tensor, cu_k: Optional[Tensor], alibi_slopes: Optional[Tensor],
-                          max_q: int, max_k: int, layout: str, k_start: int, k_stop: int, heads_k_stride: int,
-                          causal: bool, window_left: int, window_right: int, softmax_scale: float, softcap: float,
-                          dropout_p: float, deterministic: bool, backend: str,
-                          group: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` of this rank's shard for the gradient ``dout`` of its output."""
+def backward(dout: Optional[Tensor], dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             dropout_seed: Tensor, lse_before: Tensor, cu_q: Tensor, cu_k: Optional[Tensor],
+             alibi_slopes: Optional[Tensor], sinks: Optional[Tensor], max_q: int, max_k: int, layout: str,
+             k_start: int, k_stop: int, heads_k_stride: int, causal: bool, window_left: int, window_right: int,
+             softmax_scale: float, softcap: float, dropout_p: float, deterministic: bool, backend: str,
+             group: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dsinks)`` of this rank's shard for the gradients ``dout`` of its output and
+    ``dlse`` of its lse (either may be None); dsinks empty without sinks. The backward op's work."""
     runner = _runner(q, k, v, cu_q, cu_k, alibi_slopes, int(dropout_seed[0]), max_q, max_k, layout, k_start, k_stop,
                      heads_k_stride, causal, window_left, window_right, softmax_scale, softcap, dropout_p,
                      deterministic, backend, group)
-    return tuple(g.contiguous() for g in runner.backward(dout.contiguous(), q, k, v, out, lse))
+
+    def run_backward(*tensors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return tuple(g.contiguous() for g in runner.backward(*tensors))
+
+    return attention_backward(run_backward, dout, dlse, q, k, v, out, lse, lse_before, sinks)
+
+
+@torch.library.custom_op("ring_flash_attn::allgather_backward", mutates_args=())
+def allgather_backward_op(dout: Optional[Tensor], dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                          lse: Tensor, dropout_seed: Tensor, lse_before: Tensor, cu_q: Tensor, cu_k: Optional[Tensor],
+                          alibi_slopes: Optional[Tensor], sinks: Optional[Tensor], max_q: int, max_k: int,
+                          layout: str, k_start: int, k_stop: int, heads_k_stride: int, causal: bool,
+                          window_left: int, window_right: int, softmax_scale: float, softcap: float,
+                          dropout_p: float, deterministic: bool, backend: str,
+                          group: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`backward` as a custom op."""
+    return backward(dout, dlse, q, k, v, out, lse, dropout_seed, lse_before, cu_q, cu_k, alibi_slopes, sinks, max_q,
+                    max_k, layout, k_start, k_stop, heads_k_stride, causal, window_left, window_right, softmax_scale,
+                    softcap, dropout_p, deterministic, backend, group)
 
 
 @allgather_backward_op.register_fake
-def _(dout, q, k, v, out, lse, dropout_seed, cu_q, cu_k, alibi_slopes, max_q, max_k, layout, k_start, k_stop,
-      heads_k_stride, causal, window_left, window_right, softmax_scale, softcap, dropout_p, deterministic, backend,
-      group):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+def _(dout, dlse, q, k, v, out, lse, dropout_seed, lse_before, cu_q, cu_k, alibi_slopes, sinks, max_q, max_k, layout,
+      k_start, k_stop, heads_k_stride, causal, window_left, window_right, softmax_scale, softcap, dropout_p,
+      deterministic, backend, group):
+    grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return (*grads, fake_dsinks(lse, sinks))
 
 
-register_attention_autograd(allgather_forward_op, allgather_backward_op, extra_tensors=3)
+register_attention_autograd(allgather_forward_op, allgather_backward_op, extra_tensors=4)

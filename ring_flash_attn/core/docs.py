@@ -17,6 +17,10 @@ OPTIONS = """
     softcap: keyword-only; logits soft-capped as ``softcap * tanh(scores / softcap)``; 0: off.
     backend: keyword-only; the block kernel by name (see ``ring_flash_attn.kernels.BACKENDS``);
         default ``$RING_FLASH_ATTN_BACKEND``, else ``"auto"`` (the fastest that supports the call).
+    sinks: keyword-only; ``(nheads,)`` attention sinks (gpt-oss), any float dtype, learnable: one
+        logit per head added to every row's softmax denominator (not scaled, not soft-capped); out
+        and lse include it. Its gradient is this rank's rows' share (sum it over the group with the
+        other parameters' gradients).
 """
 
 BATCH_DOCS = """
@@ -75,6 +79,49 @@ Args:
         (``ring_flash_attn.layouts.pad_cu_seqlens``). Read once per tensor and cached.
     max_seqlen: the longest global document (checked).""" + ALLGATHER_OPTIONS + """
     heads_k_stride is keyword-only here.
+Returns:
+    ``out (total_local_tokens, nheads, headdim)``; with ``return_attn_probs=True`` ``(out, lse,
+    None)``, ``lse (nheads, total_local_tokens)`` float32. Attention never crosses a document.
+"""
+
+ULYSSES_OPTIONS = OPTIONS.replace("""    group: the process group the sequence is sharded over; ``None``: the default group (one rank,
+        no communication, when no process group is initialised).""", """    group: a process group (``None``: the default one): Ulysses over all its ranks; or the
+        ``UlyssesRingGroups`` of ``make_ulysses_ring_groups(ulysses_degree, ring_degree)``: Ulysses
+        inside each group of ``ulysses_degree`` consecutive ranks, a ring across them.""") + """    ring_layout: keyword-only; how the sequence is split over the ring ranks (see ``group``):
+        ``ring``, ``zigzag``, ``stripe``; packed documents also ``llama3``, ``zigzag_llama3``,
+        ``packed_zigzag``. Each ring rank's part is cut into ``ulysses_degree`` contiguous pieces
+        (``ring_flash_attn.layouts.shard(..., ulysses_degree=U)``). Ignored with one ring rank.
+    head_chunks: keyword-only; each rank's heads are exchanged and attended in up to this many
+        chunks, the next chunk's all-to-all running while the current one is attended (1: no
+        overlap; capped by the K/V heads per rank).
+"""
+
+ULYSSES_DOCS = """
+Args:
+    q: ``(batch, local_seqlen, nheads, headdim)``: this rank's tokens (pure Ulysses: the contiguous
+        r-th 1/W of the sequence, ``ring_flash_attn.layouts.shard(x, "ring", r, W)``); ``nheads``
+        a multiple of the Ulysses degree.
+    k, v: ``(batch, local_seqlen, nheads_k, headdim)``, ``nheads % nheads_k == 0``; when
+        ``nheads_k`` is not a multiple of the Ulysses degree, K/V heads are repeated to
+        ``lcm(nheads_k, ulysses_degree)`` (never more). ``kvpacked``: ``kv (batch, local_seqlen, 2,
+        nheads_k, headdim)``; ``qkvpacked``: ``qkv (batch, local_seqlen, 3, nheads, headdim)``.""" + ULYSSES_OPTIONS + """
+Returns:
+    ``out (batch, local_seqlen, nheads, headdim)`` in q's dtype: this rank's rows of attention over
+    the whole sequence. With ``return_attn_probs=True``, ``(out, lse, None)``: ``lse (batch, nheads,
+    local_seqlen)`` float32 (float64 for fp64 inputs); differentiable.
+"""
+
+ULYSSES_VARLEN_DOCS = """
+Args:
+    q: ``(total_local_tokens, nheads, headdim)``: this rank's tokens of the packed batch (pure
+        Ulysses: the contiguous r-th 1/W of the pack, documents crossing rank boundaries freely;
+        ``ring_flash_attn.layouts.shard_varlen(x, cu_seqlens, "llama3", r, W)``).
+    k, v: ``(total_local_tokens, nheads_k, headdim)``; ``kvpacked``: ``kv (total_local_tokens, 2,
+        nheads_k, headdim)``; ``qkvpacked``: ``qkv (total_local_tokens, 3, nheads, headdim)``.
+    cu_seqlens: int32 / int64: the *global* document offsets. Pure Ulysses needs no divisibility
+        but the pack's total by W; with a ring, every document as its ``ring_layout`` needs over the
+        ring ranks. Read on the host once per tensor.
+    max_seqlen: the longest global document (checked).""" + ULYSSES_OPTIONS + """
 Returns:
     ``out (total_local_tokens, nheads, headdim)``; with ``return_attn_probs=True`` ``(out, lse,
     None)``, ``lse (nheads, total_local_tokens)`` float32. Attention never crosses a document.

@@ -9,6 +9,11 @@ For a global sequence of ``S`` tokens and world size ``W``, rank ``r`` holds
 
 Every layout is a list of :class:`Segment` (arithmetic runs of global positions); the schedules
 derive the block masks from them, so a new layout needs nothing but its segments.
+
+Ulysses x ring (``ulysses_degree=U`` below, ``W = U * R``): rank ``r`` is Ulysses rank ``r % U`` of
+ring rank ``r // U``; it holds the contiguous ``(r % U)``-th of ``U`` equal parts of what ring rank
+``r // U`` holds in the layout over ``R`` ranks. With one ring rank (``U = W``, pure Ulysses) every
+layout is the ``ring`` one: rank ``r`` holds the contiguous chunk ``r`` of ``W``.
 """
 
 from __future__ import annotations
@@ -78,10 +83,37 @@ def segments(layout: str, rank: int, world_size: int, local_len: int) -> Tuple[S
     )
 
 
+def ring_and_ulysses_rank(rank: int, world_size: int, ulysses_degree: int) -> Tuple[int, int, int]:
+    """``(ring rank, ring degree, Ulysses rank)`` of ``rank`` when ``world_size = ulysses_degree * R``
+    with the Ulysses groups on consecutive ranks."""
+    if not isinstance(ulysses_degree, int) or ulysses_degree < 1 or world_size % ulysses_degree:
+        raise ValueError(f"ulysses_degree must be a positive divisor of the world size {world_size}, "
+                         f"got {ulysses_degree!r}")
+    return rank // ulysses_degree, world_size // ulysses_degree, rank % ulysses_degree
+
+
+def ulysses_part(index: Tensor, ulysses_rank: int, ulysses_degree: int) -> Tensor:
+    """The ``ulysses_rank``-th of ``ulysses_degree`` contiguous parts of a ring rank's ``index``."""
+    if index.numel() % ulysses_degree:
+        raise ValueError(f"a ring shard of {index.numel()} tokens does not split into {ulysses_degree} equal "
+                         "Ulysses parts")
+    part = index.numel() // ulysses_degree
+    return index[ulysses_rank * part:(ulysses_rank + 1) * part]
+
+
 def position_ids(
-    layout: str, rank: int, world_size: int, seqlen: int, device: Optional[torch.device] = None
+    layout: str, rank: int, world_size: int, seqlen: int, device: Optional[torch.device] = None, *,
+    ulysses_degree: int = 1,
 ) -> torch.Tensor:
-    """Global positions (int64, ``(seqlen // world_size,)``) of this rank's tokens, e.g. for RoPE."""
+    """Global positions (int64, ``(seqlen // world_size,)``) of this rank's tokens, e.g. for RoPE
+    (``ulysses_degree``: see the module docstring)."""
+    if ulysses_degree != 1:
+        ring_rank, ring_degree, ulysses_rank = ring_and_ulysses_rank(rank, world_size, ulysses_degree)
+        if seqlen % world_size:
+            raise ValueError(f"a sequence of {seqlen} tokens does not split over {world_size} ranks")
+        ring_layout = layout if ring_degree > 1 else "ring"
+        return ulysses_part(position_ids(ring_layout, ring_rank, ring_degree, seqlen, device), ulysses_rank,
+                            ulysses_degree)
     check_global_seqlen(layout, seqlen, world_size)
     runs = [
         seg.global_start + seg.stride * torch.arange(seg.length, device=device)
@@ -90,20 +122,22 @@ def position_ids(
     return torch.cat(runs)
 
 
-def shard(x: torch.Tensor, layout: str, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
+def shard(x: torch.Tensor, layout: str, rank: int, world_size: int, dim: int = 1, *,
+          ulysses_degree: int = 1) -> torch.Tensor:
     """This rank's part of the global tensor ``x`` along sequence dimension ``dim`` (contiguous)."""
-    index = position_ids(layout, rank, world_size, x.shape[dim], device=x.device)
+    index = position_ids(layout, rank, world_size, x.shape[dim], device=x.device, ulysses_degree=ulysses_degree)
     return x.index_select(dim, index).contiguous()
 
 
-def unshard(shards: Sequence[torch.Tensor], layout: str, dim: int = 1) -> torch.Tensor:
+def unshard(shards: Sequence[torch.Tensor], layout: str, dim: int = 1, *, ulysses_degree: int = 1) -> torch.Tensor:
     """Inverse of :func:`shard`: the global tensor from every rank's shard, in rank order."""
     world_size = len(shards)
     local_len = shards[0].shape[dim]
     if any(s.shape[dim] != local_len for s in shards):
         raise ValueError(f"shards differ in length along dim {dim}: {[s.shape[dim] for s in shards]}")
     seqlen = local_len * world_size
-    order = torch.cat([position_ids(layout, r, world_size, seqlen, shards[0].device) for r in range(world_size)])
+    order = torch.cat([position_ids(layout, r, world_size, seqlen, shards[0].device, ulysses_degree=ulysses_degree)
+                       for r in range(world_size)])
     return torch.cat(list(shards), dim=dim).index_select(dim, torch.argsort(order))
 
 
@@ -124,8 +158,15 @@ def _offsets(cu_seqlens) -> Tuple[int, ...]:
     return tuple(int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens))
 
 
-def varlen_token_index(cu_seqlens, layout: str, rank: int, world_size: int) -> torch.Tensor:
-    """Indices (int64) into the global packed tokens of the tokens rank ``rank`` holds, in local order."""
+def varlen_token_index(cu_seqlens, layout: str, rank: int, world_size: int, *,
+                       ulysses_degree: int = 1) -> torch.Tensor:
+    """Indices (int64) into the global packed tokens of the tokens rank ``rank`` holds, in local order
+    (``ulysses_degree``: see the module docstring)."""
+    if ulysses_degree != 1:
+        ring_rank, ring_degree, ulysses_rank = ring_and_ulysses_rank(rank, world_size, ulysses_degree)
+        ring_layout = layout if ring_degree > 1 else "ring"
+        return ulysses_part(varlen_token_index(cu_seqlens, ring_layout, ring_rank, ring_degree), ulysses_rank,
+                            ulysses_degree)
     offsets = _offsets(cu_seqlens)
     if layout in PACKED_LAYOUTS:
         return position_ids(PACKED_LAYOUTS[layout], rank, world_size, offsets[-1])
@@ -175,25 +216,34 @@ def buffer_row_of(positions: List[Tensor]) -> Tensor:
     return where
 
 
-def local_cu_seqlens(cu_seqlens: torch.Tensor, layout: str, world_size: int) -> torch.Tensor:
-    """The local cu_seqlens of a per-document layout (global // W), after checking divisibility."""
+def check_document_lengths(offsets: Sequence[int], layout: str, world_size: int) -> None:
+    """Raise ``ValueError`` unless every document of global ``offsets`` splits over ``world_size``
+    ranks in the per-document ``layout``."""
     layout = PER_DOCUMENT_ALIASES.get(layout, layout)
-    offsets = _offsets(cu_seqlens)
     for start, stop in zip(offsets[:-1], offsets[1:]):
         if stop > start:
             check_global_seqlen(layout, stop - start, world_size)
+
+
+def local_cu_seqlens(cu_seqlens: torch.Tensor, layout: str, world_size: int) -> torch.Tensor:
+    """The local cu_seqlens of a per-document layout (global // W), after checking divisibility."""
+    check_document_lengths(_offsets(cu_seqlens), layout, world_size)
     return torch.div(cu_seqlens, world_size, rounding_mode="floor").to(torch.int32)
 
 
-def shard_varlen(x: torch.Tensor, cu_seqlens, layout: str, rank: int, world_size: int, dim: int = 0) -> torch.Tensor:
+def shard_varlen(x: torch.Tensor, cu_seqlens, layout: str, rank: int, world_size: int, dim: int = 0, *,
+                 ulysses_degree: int = 1) -> torch.Tensor:
     """This rank's tokens of the packed tensor ``x`` (tokens along ``dim``)."""
-    return x.index_select(dim, varlen_token_index(cu_seqlens, layout, rank, world_size).to(x.device)).contiguous()
+    index = varlen_token_index(cu_seqlens, layout, rank, world_size, ulysses_degree=ulysses_degree)
+    return x.index_select(dim, index.to(x.device)).contiguous()
 
 
-def unshard_varlen(shards: Sequence[torch.Tensor], cu_seqlens, layout: str, dim: int = 0) -> torch.Tensor:
+def unshard_varlen(shards: Sequence[torch.Tensor], cu_seqlens, layout: str, dim: int = 0, *,
+                   ulysses_degree: int = 1) -> torch.Tensor:
     """Inverse of :func:`shard_varlen`, from every rank's shard in rank order."""
     world_size = len(shards)
-    order = torch.cat([varlen_token_index(cu_seqlens, layout, r, world_size) for r in range(world_size)])
+    order = torch.cat([varlen_token_index(cu_seqlens, layout, r, world_size, ulysses_degree=ulysses_degree)
+                       for r in range(world_size)])
     return torch.cat(list(shards), dim=dim).index_select(dim, torch.argsort(order).to(shards[0].device))
 
 
@@ -204,9 +254,11 @@ def document_position_ids(cu_seqlens, device=None) -> torch.Tensor:
     return (torch.arange(int(offsets[-1])) - starts).to(device)
 
 
-def varlen_position_ids(cu_seqlens, layout: str, rank: int, world_size: int) -> torch.Tensor:
+def varlen_position_ids(cu_seqlens, layout: str, rank: int, world_size: int, *,
+                        ulysses_degree: int = 1) -> torch.Tensor:
     """Position of each local token inside its document (what RoPE needs for packed batches)."""
-    return document_position_ids(cu_seqlens)[varlen_token_index(cu_seqlens, layout, rank, world_size)]
+    index = varlen_token_index(cu_seqlens, layout, rank, world_size, ulysses_degree=ulysses_degree)
+    return document_position_ids(cu_seqlens)[index]
 
 
 def pad_cu_seqlens(cu_seqlens, multiple: int) -> Tuple[torch.Tensor, torch.Tensor]:

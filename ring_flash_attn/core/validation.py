@@ -164,6 +164,18 @@ def check_alibi_slopes(slopes: Optional[torch.Tensor], q: torch.Tensor, batch: O
         raise ValueError(f"alibi_slopes is on {slopes.device}, q on {q.device}")
 
 
+def check_sinks(sinks: Optional[torch.Tensor], q: torch.Tensor) -> None:
+    """Attention sinks: a floating ``(nheads,)`` tensor on q's device (any float dtype; learnable)."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        raise TypeError(f"sinks must be a floating-point tensor, got {getattr(sinks, 'dtype', type(sinks))}")
+    if tuple(sinks.shape) != (q.shape[-2],):
+        raise ValueError(f"sinks must have shape (nheads,) = ({q.shape[-2]},), got {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks is on {sinks.device}, q on {q.device}")
+
+
 def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
     """(rank, world size) in ``group``; ``(0, 1)`` when torch.distributed is not initialised."""
     if not (dist.is_available() and dist.is_initialized()):

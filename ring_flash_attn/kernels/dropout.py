@@ -4,7 +4,7 @@ The ring's output is the merge of its blocks' outputs; with dropout each block d
 entries of the (globally normalised) probabilities, so the result is attention with one dropout
 mask over the whole score matrix. The backward must see the same masks. A call's randomness is one
 number, its seed (:func:`draw_dropout_seed`: drawn from the default CPU generator and mixed with
-the rank, so ``torch.manual_seed`` makes runs reproducible, activation checkpointing's RNG restore
+the global rank, so ``torch.manual_seed`` makes runs reproducible, activation checkpointing's RNG restore
 included, and different ranks drop different entries). Kernel call ``i`` of a forward draws its
 mask from a seed derived from the call's seed and ``i`` (:meth:`DropoutSeeds.next_seed`); the
 backward, which makes the same kernel calls in the same order, derives the same seeds. So the
@@ -18,6 +18,7 @@ import contextlib
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 _SEED_BITS = 40
 _RANK_BITS = 20
@@ -25,8 +26,10 @@ _CALL_STRIDE = 0x9E3779B97F4A7C15  # odd: distinct calls of one seed never share
 _SEED_MODULUS = 2**63
 
 
-def draw_dropout_seed(rank: int) -> int:
-    """One call's seed: a number from the default CPU generator, with the rank in its low bits."""
+def draw_dropout_seed() -> int:
+    """One call's seed: a number from the default CPU generator, with this process's global rank in
+    its low bits (so two processes never share a seed, whatever groups they attend in)."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return (int(torch.randint(0, 2**_SEED_BITS, (1,)).item()) << _RANK_BITS) + rank
 
 

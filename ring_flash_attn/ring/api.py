@@ -16,8 +16,8 @@ from ..core.docs import BATCH_DOCS, VARLEN_DOCS
 from ..core.eager import public
 from ..core.layouts import check_layout, check_local_seqlen
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_options, check_qkv,
-                               check_same_call_across_group, checking_calls, default_scale, host_offsets, kernel_ready,
-                               normalized_window, process_group_name, unpack)
+                               check_same_call_across_group, check_sinks, checking_calls, default_scale, host_offsets,
+                               kernel_ready, normalized_window, process_group_name, unpack)
 from .ops import ring_forward_op
 
 Tensor = torch.Tensor
@@ -28,7 +28,7 @@ def ring_attention(
     layout: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None,
+    group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """Attention of this rank's queries ``(B, S, H, D)`` over the whole sharded sequence."""
     check_layout(layout)
@@ -36,15 +36,16 @@ def ring_attention(
     q, k, v = (kernel_ready(t) for t in (q, k, v))
     check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
     check_alibi_slopes(alibi_slopes, q, batch=q.shape[0])
+    check_sinks(sinks, q)
     check_local_seqlen(layout, q.shape[1])
     window = normalized_window(window_size)
     check_same_call_across_group(group, q.device, call_signature(
         "batch", layout, q, k, causal, softmax_scale, window_size=window, softcap=softcap, dropout_p=dropout_p,
-        alibi=alibi_slopes is not None))
-    out, lse, _ = ring_forward_op(q, k, v, None, alibi_slopes, 0, layout, bool(causal), window[0], window[1],
-                                  default_scale(q, softmax_scale), float(softcap), float(dropout_p),
-                                  bool(deterministic), backend or "", process_group_name(group),
-                                  bool(return_attn_probs))
+        alibi=alibi_slopes is not None, sinks=sinks is not None))
+    out, lse, *_ = ring_forward_op(q, k, v, None, alibi_slopes, sinks, 0, layout, bool(causal), window[0],
+                                   window[1], default_scale(q, softmax_scale), float(softcap), float(dropout_p),
+                                   bool(deterministic), backend or "", process_group_name(group),
+                                   bool(return_attn_probs))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -53,6 +54,7 @@ def ring_attention_varlen(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
     return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Result:
     """Packed documents: q ``(T, H, D)``, local ``cu_seqlens``; lse ``(H, T)``. ``cu_seqlens`` is read
     on the host inside the op, never in traced code."""
@@ -61,16 +63,17 @@ def ring_attention_varlen(
     q, k, v = (kernel_ready(t) for t in (q, k, v))
     check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
     check_alibi_slopes(alibi_slopes, q, batch=None)
+    check_sinks(sinks, q)
     window = normalized_window(window_size)
     check_cu_seqlens_tensor(cu_seqlens)
     if checking_calls():
         check_same_call_across_group(group, q.device, call_signature(
             "varlen", layout, q, k, causal, softmax_scale, cu_seqlens=host_offsets(cu_seqlens), window_size=window,
-            softcap=softcap, dropout_p=dropout_p, alibi=alibi_slopes is not None))
-    out, lse, _ = ring_forward_op(q, k, v, cu_seqlens, alibi_slopes, int(max_seqlen), layout, bool(causal),
-                                  window[0], window[1], default_scale(q, softmax_scale), float(softcap),
-                                  float(dropout_p), bool(deterministic), backend or "", process_group_name(group),
-                                  bool(return_attn_probs))
+            softcap=softcap, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None))
+    out, lse, *_ = ring_forward_op(q, k, v, cu_seqlens, alibi_slopes, sinks, int(max_seqlen), layout,
+                                   bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
+                                   float(dropout_p), bool(deterministic), backend or "", process_group_name(group),
+                                   bool(return_attn_probs))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -79,12 +82,12 @@ def ring_flash_attn_func(
     q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """Exact attention over a sequence sharded in the ``ring`` layout (rank r of W holds the contiguous chunk r of W):
     flash-attn's ``flash_attn_func`` on the whole sequence, this rank's rows."""
     return ring_attention("ring", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend)
+                          deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(BATCH_DOCS)
@@ -92,12 +95,12 @@ def ring_flash_attn_kvpacked_func(
     q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`ring_flash_attn_func` with k and v stacked: ``kv (batch, local_seqlen, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
     return ring_attention("ring", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend)
+                          deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(BATCH_DOCS)
@@ -105,24 +108,24 @@ def ring_flash_attn_qkvpacked_func(
     qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`ring_flash_attn_func` with q, k and v stacked: ``qkv (batch, local_seqlen, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
     return ring_attention("ring", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend)
+                          deterministic, return_attn_probs, group, backend, sinks)
 
 @public(BATCH_DOCS)
 def zigzag_ring_flash_attn_func(
     q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """Exact attention over a sequence sharded in the ``zigzag`` layout (rank r of W holds chunks r and 2W-1-r of 2W: the same causal work on every rank):
     flash-attn's ``flash_attn_func`` on the whole sequence, this rank's rows."""
     return ring_attention("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend)
+                          deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(BATCH_DOCS)
@@ -130,12 +133,12 @@ def zigzag_ring_flash_attn_kvpacked_func(
     q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`zigzag_ring_flash_attn_func` with k and v stacked: ``kv (batch, local_seqlen, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
     return ring_attention("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend)
+                          deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(BATCH_DOCS)
@@ -143,24 +146,24 @@ def zigzag_ring_flash_attn_qkvpacked_func(
     qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`zigzag_ring_flash_attn_func` with q, k and v stacked: ``qkv (batch, local_seqlen, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
     return ring_attention("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend)
+                          deterministic, return_attn_probs, group, backend, sinks)
 
 @public(BATCH_DOCS)
 def stripe_flash_attn_func(
     q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """Exact attention over a sequence sharded in the ``stripe`` layout (rank r of W holds tokens r, r+W, r+2W, ...):
     flash-attn's ``flash_attn_func`` on the whole sequence, this rank's rows."""
     return ring_attention("stripe", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend)
+                          deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(BATCH_DOCS)
@@ -168,12 +171,12 @@ def stripe_flash_attn_kvpacked_func(
     q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`stripe_flash_attn_func` with k and v stacked: ``kv (batch, local_seqlen, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
     return ring_attention("stripe", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend)
+                          deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(BATCH_DOCS)
@@ -181,24 +184,24 @@ def stripe_flash_attn_qkvpacked_func(
     qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`stripe_flash_attn_func` with q, k and v stacked: ``qkv (batch, local_seqlen, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
     return ring_attention("stripe", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend)
+                          deterministic, return_attn_probs, group, backend, sinks)
 
 @public(VARLEN_DOCS)
 def ring_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """Exact attention over packed documents, every document sharded in the ``ring`` layout
     (rank r of W holds the contiguous chunk r of W, per document): flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
     return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(VARLEN_DOCS)
@@ -206,12 +209,12 @@ def ring_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`ring_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
     return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(VARLEN_DOCS)
@@ -219,24 +222,24 @@ def ring_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`ring_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
     return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
 
 @public(VARLEN_DOCS)
 def zigzag_ring_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """Exact attention over packed documents, every document sharded in the ``zigzag`` layout
     (rank r of W holds chunks r and 2W-1-r of 2W: the same causal work on every rank, per document): flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
     return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(VARLEN_DOCS)
@@ -244,12 +247,12 @@ def zigzag_ring_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`zigzag_ring_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
     return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(VARLEN_DOCS)
@@ -257,24 +260,24 @@ def zigzag_ring_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`zigzag_ring_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
     return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
 
 @public(VARLEN_DOCS)
 def stripe_flash_attn_varlen_func(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """Exact attention over packed documents, every document sharded in the ``stripe`` layout
     (rank r of W holds tokens r, r+W, r+2W, ..., per document): flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
     return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(VARLEN_DOCS)
@@ -282,12 +285,12 @@ def stripe_flash_attn_varlen_kvpacked_func(
     q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`stripe_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
     return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
 
 
 @public(VARLEN_DOCS)
@@ -295,9 +298,9 @@ def stripe_flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-    *, softcap: float = 0.0, backend: Optional[str] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
 ) -> Result:
     """:func:`stripe_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
     return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend)
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)

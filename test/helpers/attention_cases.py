@@ -24,7 +24,7 @@ TOLERANCE = {"fp64": (1e-12, 1e-12), "fp32": (1e-5, 1e-5), "fp16": (3e-3, 1e-4),
 PACKINGS = ("func", "kvpacked", "qkvpacked")
 # the one table of public function names: layout -> name prefix (varlen layouts of the all-gather family too)
 PREFIX = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn",
-          "llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn"}
+          "llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn", "ulysses": "ulysses_flash_attn"}
 
 
 def public_function(layout: str, packing: str = "func", varlen: bool = False):
@@ -58,6 +58,7 @@ class Case:
     poison: Tuple[Tuple[str, int, int, float], ...] = ()  # (q/k/v, token, head, value) in batch row 0 (token and head modulo the sizes)
     view: str = ""  # q, k, v passed as strided views of the same values: a key of VIEWS
     lse_grad: bool = False  # the loss uses lse too: <out, dout> + <lse, dlse>
+    sinks: bool = False  # attention sinks (nheads,) float32 (float64 for fp64 cases), learnable
 
     @property
     def seqlen(self) -> int:
@@ -71,6 +72,7 @@ class Case:
         window += "-alibi" if self.alibi else ""
         window += "-det" if self.deterministic else ""
         window += poison_id(self.poison) + (f"-{self.view}" if self.view else "") + ("-dlse" if self.lse_grad else "")
+        window += "-sinks" if self.sinks else ""
         return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{causal}{window}-{self.dtype}-{heads}-"
                 f"d{self.head_dim}-b{self.batch}-L{self.local_len}-{self.backend}")
 
@@ -88,9 +90,25 @@ def global_inputs(case: Case) -> Dict[str, torch.Tensor]:
     x = {"q": q, "k": randn(b, s, hk, d), "v": randn(b, s, hk, d), "dout": randn(b, s, h, d)}
     if case.lse_grad:
         x["dlse"] = randn(b, h, s).float()
+    if case.sinks:
+        x["sinks"] = sink_logits(gen, h, case.dtype)
     for name, token, head, value in case.poison:
         x[name][0, token % s, head % x[name].shape[2], 0] = value
     return x
+
+
+def sink_logits(gen: torch.Generator, nheads: int, dtype: str) -> torch.Tensor:
+    """Attention sinks of the size of a row's lse (so they take a real share of every row)."""
+    return (2.0 + torch.randn(nheads, generator=gen, dtype=torch.float64)).to(
+        torch.float64 if dtype == "fp64" else torch.float32)
+
+
+def with_sink_column(scores: torch.Tensor, sinks: Optional[torch.Tensor]) -> torch.Tensor:
+    """Scores ``(..., H, Sq, Sk)`` with the sink logit appended as one more key column (float64)."""
+    if sinks is None:
+        return scores
+    column = sinks.double()[:, None, None].expand(*scores.shape[:-1], 1)
+    return torch.cat([scores, column], dim=-1)
 
 
 VIEWS = {
@@ -133,8 +151,9 @@ def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
     """What one rank computes: its shard of out (and lse) and of the input gradients."""
     assert world_size == case.world_size, (world_size, case.world_size)
     device = torch.device("cuda", rank) if case.device == "cuda" else torch.device("cpu")
-    x = {name: rfa.shard(t, case.layout, rank, world_size, dim=2 if name == "dlse" else 1).to(device)
+    x = {name: t if name == "sinks" else rfa.shard(t, case.layout, rank, world_size, dim=2 if name == "dlse" else 1)
          for name, t in global_inputs(case).items()}
+    x = {name: t.to(device) for name, t in x.items()}
     for name in "qkv":
         x[name].requires_grad_()
     func = public_function(case.layout, case.packing)
@@ -144,6 +163,9 @@ def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
                   deterministic=case.deterministic)
     if case.alibi:
         kwargs["alibi_slopes"] = alibi_slopes(case.nheads, case.batch).to(device)
+    sinks = x.get("sinks")
+    if sinks is not None:
+        kwargs["sinks"] = sinks.requires_grad_()
     q, k, v = x["q"], x["k"], x["v"]
     if case.packing == "func":
         leaves, result = (q, k, v), func(*as_view(case, q, k, v), **kwargs)
@@ -158,16 +180,20 @@ def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
         assert result[2] is None and lse.dtype == (torch.float64 if case.dtype == "fp64" else torch.float32)
         assert lse.shape == (case.batch, case.nheads, case.local_len), lse.shape
     assert out.dtype == q.dtype and out.shape == q.shape
-    return results_on_cpu(out, lse, leaves, x["dout"], case.packing, pack_dim=2, dlse=x.get("dlse"))
+    return results_on_cpu(out, lse, leaves, x["dout"], case.packing, pack_dim=2, dlse=x.get("dlse"), sinks=sinks)
 
 
-def results_on_cpu(out, lse, leaves, dout, packing: str, pack_dim: int, dlse=None) -> Dict[str, torch.Tensor]:
+def results_on_cpu(out, lse, leaves, dout, packing: str, pack_dim: int, dlse=None, sinks=None) -> Dict[str, torch.Tensor]:
     """out, lse and dq/dk/dv (unpacked from kv / qkv gradients) of one rank, moved to the CPU; with
-    ``dlse``, the gradients of ``<out, dout> + <lse, dlse>``."""
+    ``dlse``, the gradients of ``<out, dout> + <lse, dlse>``; with ``sinks``, their gradient (this
+    rank's share) as ``dsinks``."""
+    extra = (sinks,) if sinks is not None else ()
     if dlse is None:
-        grads = torch.autograd.grad(out, leaves, dout)
+        grads = torch.autograd.grad(out, (*leaves, *extra), dout)
     else:
-        grads = torch.autograd.grad((out, lse), leaves, (dout, dlse))
+        grads = torch.autograd.grad((out, lse), (*leaves, *extra), (dout, dlse))
+    dsinks = grads[-1] if extra else None
+    grads = grads[:len(leaves)]
     if packing == "kvpacked":
         grads = (grads[0], *grads[1].unbind(pack_dim))
     elif packing == "qkvpacked":
@@ -175,6 +201,9 @@ def results_on_cpu(out, lse, leaves, dout, packing: str, pack_dim: int, dlse=Non
     res = dict(out=out.detach(), dq=grads[0], dk=grads[1], dv=grads[2])
     if lse is not None:
         res["lse"] = lse
+    if dsinks is not None:
+        assert dsinks.dtype == sinks.dtype and dsinks.shape == sinks.shape
+        res["dsinks"] = dsinks
     return {name: t.cpu() for name, t in res.items()}
 
 
@@ -223,17 +252,29 @@ def reference(case: Case) -> Dict[str, torch.Tensor]:
         bias = alibi_bias(alibi_slopes(case.nheads, case.batch), torch.arange(case.seqlen))
         scores = scores + bias
     scores = scores.masked_fill(~mask(case.seqlen, case.causal, case.window), float("-inf"))
+    sinks = x["sinks"].requires_grad_() if case.sinks else None
+    scores = with_sink_column(scores, sinks)
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), vr)
+    probs = torch.softmax(scores, dim=-1)[..., :case.seqlen]
+    out = torch.einsum("bhij,bjhd->bihd", probs, vr)
     loss = (out * x["dout"]).sum() + ((lse * x["dlse"]).sum() if case.lse_grad else 0)
-    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
-    return dict(out=out.detach(), lse=lse.detach(), dq=dq, dk=dk, dv=dv)
+    grads = torch.autograd.grad(loss, (q, k, v) + ((sinks,) if case.sinks else ()))
+    result = dict(out=out.detach(), lse=lse.detach(), dq=grads[0], dk=grads[1], dv=grads[2])
+    if case.sinks:
+        result["dsinks"] = grads[3]
+    return result
+
+
+def put_together(per_rank: List[Dict[str, torch.Tensor]], unshard) -> Dict[str, torch.Tensor]:
+    """Every rank's results as whole-sequence tensors: ``unshard(name, parts)`` for the sharded ones,
+    the sum over ranks for the sinks' gradient (each rank holds its rows' share)."""
+    return {n: torch.stack([r[n] for r in per_rank]).sum(0) if n == "dsinks" else unshard(n, [r[n] for r in per_rank])
+            for n in per_rank[0] if not n.endswith("_again")}
 
 
 def gathered(case: Case, per_rank: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """Every rank's shards put back into whole-sequence tensors."""
-    names = per_rank[0].keys()
-    return {n: rfa.unshard([r[n] for r in per_rank], case.layout, dim=2 if n == "lse" else 1) for n in names}
+    return put_together(per_rank, lambda n, parts: rfa.unshard(parts, case.layout, dim=2 if n == "lse" else 1))
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:

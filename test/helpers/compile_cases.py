@@ -10,7 +10,8 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import ring_flash_attn as rfa
-from helpers.attention_cases import PACKINGS, public_function
+from helpers.attention_cases import DTYPES, PACKINGS, public_function
+from helpers.ulysses_cases import groups
 
 HEADS, HEADS_K, DIM = 4, 2, 8
 
@@ -55,19 +56,21 @@ def _compare(block: Block, compiled, x: torch.Tensor) -> float:
 
 
 def compiled_blocks(rank: int, world_size: int, layouts: List[str], backend: str = "aot_eager",
-                    lengths=(4, 6, 8), **options) -> Dict[str, float]:
+                    lengths=(4, 6, 8), device: str = "cpu", dtype: str = "fp32", **options) -> Dict[str, float]:
     """For every layout x packing: the difference to eager at each length, and how many graphs
-    dynamo compiled after the first length and after the last (equal: no recompilation per length)."""
+    dynamo compiled after the first length and after the last (equal: no recompilation per length).
+    ``device="cuda"``: rank r's GPU, the block in ``dtype``."""
+    dev = torch.device(device, rank) if device == "cuda" else torch.device(device)
     results = {}
     for n, (layout, packing) in enumerate((lay, p) for lay in layouts for p in PACKINGS):
         torch.manual_seed(n)
-        block = Block(layout, packing, use_lse=n % 2 == 0, causal=n % 3 != 2, **options)
+        block = Block(layout, packing, use_lse=n % 2 == 0, causal=n % 3 != 2, **options).to(dev, DTYPES[dtype])
         counter = CompileCounterWithBackend(backend)
         torch._dynamo.reset()
         compiled = torch.compile(block, backend=counter, fullgraph=True, dynamic=True)
         for i, length in enumerate(lengths):
-            x = torch.randn(2, length, 16, generator=torch.Generator().manual_seed(100 * rank + length),
-                            requires_grad=True)
+            x = torch.randn(2, length, 16, generator=torch.Generator().manual_seed(100 * rank + length)).to(
+                dev, DTYPES[dtype]).requires_grad_()
             results[f"{layout}-{packing}-L{length}"] = _compare(block, compiled, x)
             if i == 0:
                 results[f"{layout}-{packing}-graphs-first"] = counter.frame_count
@@ -84,24 +87,30 @@ def _output_and_grads(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see
     return [out.detach(), *torch.autograd.grad(out.square().sum(), (q, k, v))]
 
 
-def compiled_with_dropout(rank: int, world_size: int) -> Dict[str, float]:
+def compiled_with_dropout(rank: int, world_size: int, device: str = "cpu", dtype: str = "fp32",
+                          alibi: bool = True) -> Dict[str, float]:
     """Dropout (its seed an output of the forward op, an input of the backward) and ALiBi traced with
     ``fullgraph=True``: output and gradients equal to eager for the same ``torch.manual_seed``, batch
-    (zigzag) and packed documents (ring varlen, zigzag-llama3), at two lengths without recompiling."""
-    slopes = torch.rand(4)
-    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    (zigzag), packed documents (ring varlen, zigzag-llama3) and Ulysses, at two lengths without
+    recompiling. ``device="cuda"``: rank r's GPU (dropout through PyTorch's FA2: fp16 / bf16)."""
+    dev = torch.device(device, rank) if device == "cuda" else torch.device(device)
+    slopes = torch.rand(4, device=dev)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32, device=dev)
     functions = {
         "dropout": lambda q, k, v: rfa.zigzag_ring_flash_attn_func(q, k, v, dropout_p=0.3, causal=True),
         "dropout_varlen": lambda q, k, v: rfa.ring_flash_attn_varlen_func(
-            q[0], k[0], v[0], torch.tensor([0, q.shape[1]], dtype=torch.int32), q.shape[1], dropout_p=0.3,
+            q[0], k[0], v[0], torch.tensor([0, q.shape[1]], dtype=torch.int32, device=dev), q.shape[1], dropout_p=0.3,
             causal=True),
         "dropout_allgather": lambda q, k, v: rfa.zigzag_llama3_flash_attn_varlen_func(
-            q[0], k[0], v[0], torch.tensor([0, 2 * world_size, q.shape[1] * world_size], dtype=torch.int32),
+            q[0], k[0], v[0], torch.tensor([0, 2 * world_size, q.shape[1] * world_size], dtype=torch.int32, device=dev),
             q.shape[1] * world_size, dropout_p=0.3, causal=True),
+        "dropout_ulysses": lambda q, k, v: rfa.ulysses_flash_attn_func(q, k, v, dropout_p=0.3, causal=True),
         "alibi": lambda q, k, v: rfa.ring_flash_attn_func(q, k, v, alibi_slopes=slopes, causal=True),
         "alibi_packed": lambda q, k, v: rfa.zigzag_llama3_flash_attn_varlen_func(
             q[0], k[0], v[0], cu * world_size, 4 * world_size, alibi_slopes=slopes, causal=True),
     }
+    if not alibi:
+        functions = {name: fn for name, fn in functions.items() if not name.startswith("alibi")}
     results = {}
     for name, fn in functions.items():
         counter = CompileCounterWithBackend("aot_eager")
@@ -109,7 +118,7 @@ def compiled_with_dropout(rank: int, world_size: int) -> Dict[str, float]:
         compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=not name.startswith("alibi"))
         for i, length in enumerate((6,) if name.startswith("alibi") else (6, 10)):
             q, k, v = (torch.randn(1, length, h, DIM, generator=torch.Generator().manual_seed(rank + h))
-                       for h in (4, 2, 2))
+                       .to(dev, DTYPES[dtype]) for h in (4, 2, 2))
             got = _output_and_grads(compiled, q, k, v, seed=7)
             want = _output_and_grads(fn, q, k, v, seed=7)
             results[f"{name}-L{length}"] = max((g - w).abs().max().item() for g, w in zip(got, want))
@@ -121,19 +130,21 @@ def compiled_with_dropout(rank: int, world_size: int) -> Dict[str, float]:
     return results
 
 
-def compiled_tiny_llama(rank: int, world_size: int, layout: str = "zigzag", packed: bool = False) -> Dict[str, float]:
-    """A tiny random Llama with our registered attention (single sequences, or packed documents):
-    dynamo's graph breaks, and the ``fullgraph=True`` compiled logits and gradients against eager."""
+def compiled_tiny_llama(rank: int, world_size: int, layout: str = "zigzag", packed: bool = False,
+                        ulysses_degree: int = 1) -> Dict[str, float]:
+    """A tiny random Llama with our registered attention (single sequences, or packed documents; the
+    ring or Ulysses x ring): dynamo's graph breaks, and the ``fullgraph=True`` compiled logits and
+    gradients against eager."""
     from ring_flash_attn import adapters
     from ring_flash_attn.adapters import hf
     from helpers.hf_cases import build_model
 
     model = build_model("llama")
-    model.set_attn_implementation(hf.register_ring_attention(None, layout=layout))
+    model.set_attn_implementation(hf.register_ring_attention(None, layout=layout, ulysses_degree=ulysses_degree))
     cu = torch.tensor([0, 3 * world_size, 5 * world_size, 8 * world_size], dtype=torch.int32) if packed else None
     hf.set_packed_batch(cu)
     ids = torch.randint(0, 96, (1, 8 * world_size), generator=torch.Generator().manual_seed(0))
-    local = adapters.shard_inputs(ids, ids.clone(), cu_seqlens=cu, layout=layout)
+    local = adapters.shard_inputs(ids, ids.clone(), cu_seqlens=cu, layout=layout, ulysses_degree=ulysses_degree)
     inputs = dict(input_ids=local["input_ids"], position_ids=local["position_ids"])
     breaks = torch._dynamo.explain(model)(**inputs).graph_break_count
     results = {"graph_breaks": float(breaks)}
@@ -172,13 +183,14 @@ def _packed_args(layout: str, global_lengths, causal: bool, rank: int, world_siz
     if layout == "llama3":
         prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, causal, rank, world_size)
         return (*prepared[:4], 1, prepared[4]), int(cu[-1]) // world_size
-    if layout == "zigzag_llama3":
+    if layout in ("zigzag_llama3", "ulysses"):  # global cu_seqlens
         return (cu, max(global_lengths)), int(cu[-1]) // world_size
     local = torch.div(cu, world_size, rounding_mode="floor")
     return (local, max(global_lengths) // world_size), int(local[-1])
 
 
-def compiled_packed_blocks(rank: int, world_size: int, layouts: List[str], settle: int = 0) -> Dict[str, float]:
+def compiled_packed_blocks(rank: int, world_size: int, layouts: List[str], settle: int = 0,
+                           **options) -> Dict[str, float]:
     """Like :func:`compiled_blocks` for the packed functions: documents of changing lengths and
     counts, ``cu_seqlens`` (llama3: its prepared arguments, computed per batch outside the compiled
     block) inputs of the compiled block, read on the host inside the op. ``graphs-first`` is counted
@@ -189,7 +201,7 @@ def compiled_packed_blocks(rank: int, world_size: int, layouts: List[str], settl
     for n, (layout, packing) in enumerate((lay, p) for lay in layouts for p in PACKINGS):
         torch.manual_seed(n)
         causal = n % 3 != 2
-        block = PackedBlock(layout, packing, use_lse=n % 2 == 0, causal=causal)
+        block = PackedBlock(layout, packing, use_lse=n % 2 == 0, causal=causal, **options)
         counter = CompileCounterWithBackend("aot_eager")
         torch._dynamo.reset()
         compiled = torch.compile(block, backend=counter, fullgraph=True, dynamic=True)
@@ -207,3 +219,12 @@ def compiled_packed_blocks(rank: int, world_size: int, layouts: List[str], settl
                 results[f"{layout}-{packing}-graphs-first"] = counter.frame_count
         results[f"{layout}-{packing}-graphs-last"] = counter.frame_count
     return results
+
+
+def compiled_ulysses(rank: int, world_size: int, ulysses_degree: int, ring_layout: str, packed: bool) -> Dict[str, float]:
+    """:func:`compiled_blocks` (or :func:`compiled_packed_blocks`) of the Ulysses functions over
+    ``ulysses_degree`` x ``world_size / ulysses_degree`` ranks, the ring in ``ring_layout``."""
+    options = dict(group=groups(ulysses_degree, world_size), ring_layout=ring_layout)
+    if packed:
+        return compiled_packed_blocks(rank, world_size, ["ulysses"], **options)
+    return compiled_blocks(rank, world_size, ["ulysses"], **options)

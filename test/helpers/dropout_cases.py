@@ -14,13 +14,14 @@ function of q, k, v. So:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 
 import ring_flash_attn as rfa
 from helpers.attention_cases import DTYPES, public_function
+from helpers.ulysses_cases import groups
 from ring_flash_attn.allgather.api import packed_allgather
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen
 
@@ -42,12 +43,18 @@ class DropoutCase:
     window: Tuple[int, int] = (-1, -1)
     mean_samples: int = 150
     seed: int = 0
+    ulysses_degree: int = 0  # > 0: the ulysses_* functions with this degree, the layout the ring layout
 
     def id(self) -> str:
         mode = f"varlen{len(self.doc_lengths)}" if self.doc_lengths else f"L{self.local_len}"
         window = "" if self.window == (-1, -1) else f"-win{self.window[0]}_{self.window[1]}"
-        return (f"{self.device}-W{self.world_size}-{self.layout}-{'causal' if self.causal else 'full'}{window}-"
-                f"{self.dtype}-p{self.p}-{mode}")
+        ulysses = f"-U{self.ulysses_degree}" if self.ulysses_degree else ""
+        return (f"{self.device}-W{self.world_size}{ulysses}-{self.layout}-{'causal' if self.causal else 'full'}"
+                f"{window}-{self.dtype}-p{self.p}-{mode}")
+
+
+def _cu_seqlens(case: DropoutCase) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(case.doc_lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
 def _inputs(case: DropoutCase, rank: int, device: torch.device) -> Dict[str, torch.Tensor]:
@@ -60,11 +67,12 @@ def _inputs(case: DropoutCase, rank: int, device: torch.device) -> Dict[str, tor
     shards = {}
     for name, h in heads.items():
         full = torch.randn(*rows, h, case.head_dim, generator=gen, dtype=torch.float64).to(dtype)
+        ulysses = dict(ulysses_degree=case.ulysses_degree) if case.ulysses_degree else {}
         if case.doc_lengths:
-            cu = torch.tensor([0, *torch.tensor(case.doc_lengths).cumsum(0).tolist()], dtype=torch.int32)
-            shards[name] = shard_varlen(full, cu, case.layout, rank, case.world_size).to(device)
+            shards[name] = shard_varlen(full, _cu_seqlens(case), case.layout, rank, case.world_size, **ulysses)
         else:
-            shards[name] = rfa.shard(full, case.layout, rank, case.world_size).to(device)
+            shards[name] = rfa.shard(full, case.layout, rank, case.world_size, **ulysses)
+        shards[name] = shards[name].to(device)
     return shards
 
 
@@ -74,9 +82,14 @@ def _attention(case: DropoutCase, q, k, v, p: float, seed: int) -> torch.Tensor:
     kw = dict(dropout_p=p, causal=case.causal, group=group)
     if case.window != (-1, -1):
         kw["window_size"] = case.window
+    if case.ulysses_degree:
+        kw.update(group=groups(case.ulysses_degree, case.world_size), ring_layout=case.layout)
+        if not case.doc_lengths:
+            return rfa.ulysses_flash_attn_func(q, k, v, **kw)
+        return rfa.ulysses_flash_attn_varlen_func(q, k, v, _cu_seqlens(case).to(q.device), max(case.doc_lengths), **kw)
     if not case.doc_lengths:
         return public_function(case.layout)(q, k, v, **kw)
-    cu = torch.tensor([0, *torch.tensor(case.doc_lengths).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
+    cu = _cu_seqlens(case).to(q.device)
     if case.layout == "llama3":
         rank = dist.get_rank() if group is not None else 0
         prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, case.causal, rank, case.world_size)
@@ -156,3 +169,38 @@ def run_rank(rank: int, world_size: int, case: DropoutCase) -> Dict[str, torch.T
             res["mean"], res["stderr"] = samples.mean(0), samples.std(0) / case.mean_samples ** 0.5
             res["no_dropout"] = _attention(case, q, k, v, 0.0, seed=0).double()
     return {n: t.detach().cpu() for n, t in res.items()}
+
+
+def check_dropout(case: DropoutCase, per_rank: List[Dict[str, torch.Tensor]]) -> None:
+    exact = case.dtype in ("fp64", "fp32")
+    for r in per_rank:
+        assert torch.equal(r["out_a"], r["out_b"]), "same seed, different output"
+        for name in "qkv":
+            a, b = r[f"d{name}_a"], r[f"d{name}_b"]
+            if exact:
+                assert torch.equal(a, b), f"same seed, different d{name}"
+            else:
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-2 * float(a.abs().max()))
+    assert any(not torch.equal(r["out_a"], r["out_c"]) for r in per_rank), "another seed, same output"
+    tol = 1e-10 if case.dtype == "fp64" else 2e-2
+    for r in per_rank:
+        scale = float(r["linear_parts"].abs().max())
+        assert float((r["linear_sum"].double() - r["linear_parts"]).abs().max()) <= tol * scale, "not linear in v"
+    # Central differences need float64; the v identity holds in any dtype (one forward at v = D, see
+    # dropout_cases). dV matching shows the backward got the forward's philox state; dq and dk come
+    # from the same kernel call with that state.
+    # Rounded dtypes: within 3 eps x the 2-norm of the summed terms (the rounding noise of a sum of
+    # random-sign terms; CPU runs stay under 0.6 of it). Another mask moves the sum by ~100 here
+    # (seeds 11..20 on CPU), far more than the bound (~0.5 fp16, ~4 bf16).
+    names = {"fp64": "vqk"}.get(case.dtype, "v")
+    for name in names:
+        numeric, analytic = per_rank[0][f"directional_{name}"].tolist()
+        if case.dtype == "fp64":
+            bound = 1e-6 * max(1.0, abs(analytic))
+        else:
+            bound = 3 * torch.finfo(DTYPES[case.dtype]).eps * float(per_rank[0]["directional_v_noise"])
+        assert abs(numeric - analytic) <= bound, (name, numeric, analytic, bound)
+    if case.mean_samples:
+        for r in per_rank:
+            t = ((r["mean"] - r["no_dropout"]).abs() - 1e-9).clamp(min=0) / r["stderr"].clamp(min=1e-12)
+            assert float(t.max()) < 6.0, f"mean over seeds is not attention without dropout (max |t| {float(t.max()):.1f})"

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 SEQLEN = 24
+SLIDING_THEN_FULL = ["sliding_attention", "full_attention"]
 DOCS = (7, 5, 12)  # a packed row: documents crossing rank boundaries
 
 
@@ -24,16 +25,21 @@ class ModelCase:
     packed: bool = False
     path: str = "registry"  # registry | substitute (ring-flash-attn's substitute_hf_flash_attn)
     batch: int = 1
+    ulysses_degree: int = 1  # > 1: Ulysses x ring through the registry
 
     def id(self) -> str:
-        return f"W{self.world_size}-{self.model}-{self.layout}-{'packed' if self.packed else 'single'}-{self.path}"
+        ulysses = f"-U{self.ulysses_degree}" if self.ulysses_degree > 1 else ""
+        return (f"W{self.world_size}{ulysses}-{self.model}-{self.layout}-{'packed' if self.packed else 'single'}-"
+                f"{self.path}")
 
 
 def model_available(name: str) -> bool:
     import transformers
 
     return hasattr(transformers, {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                  "qwen2-sliding": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[name])
+                                  "qwen2-sliding": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                  "gpt-oss": "GptOssForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                                  "gemma3": "Gemma3ForCausalLM", "mistral": "MistralForCausalLM"}[name])
 
 
 def build_model(name: str, attention_dropout: float = 0.0) -> torch.nn.Module:
@@ -48,9 +54,24 @@ def build_model(name: str, attention_dropout: float = 0.0) -> torch.nn.Module:
                                                            max_window_layers=1), transformers.Qwen2ForCausalLM),
         "qwen2": lambda: (transformers.Qwen2Config(**common, use_sliding_window=False), transformers.Qwen2ForCausalLM),
         "qwen3": lambda: (transformers.Qwen3Config(**common, head_dim=16), transformers.Qwen3ForCausalLM),
+        # attention sinks, sliding-window / full layers, a mixture of experts
+        "gpt-oss": lambda: (transformers.GptOssConfig(**common, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                                                      sliding_window=5, layer_types=SLIDING_THEN_FULL),
+                            transformers.GptOssForCausalLM),
+        # logit soft-capping (at 2.0, so that it bites), query_pre_attn_scalar scaling, sliding-window / full layers
+        "gemma2": lambda: (transformers.Gemma2Config(**common, head_dim=16, sliding_window=5, layer_types=SLIDING_THEN_FULL,
+                                                     attn_logit_softcapping=2.0), transformers.Gemma2ForCausalLM),
+        # local sliding-window / global layers (their own RoPE bases), query scaling, q/k norms
+        "gemma3": lambda: (transformers.Gemma3TextConfig(**common, head_dim=16, sliding_window=5,
+                                                         layer_types=SLIDING_THEN_FULL), transformers.Gemma3ForCausalLM),
+        # a sliding window on every layer
+        "mistral": lambda: (transformers.MistralConfig(**common, sliding_window=5), transformers.MistralForCausalLM),
     }[name]()
     torch.manual_seed(0)
     model = cls(config).float()
+    if name == "gpt-oss":  # sinks start at 0 in a new model: give them values that matter
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.sinks, mean=1.0, std=1.0)
     model.config._attn_implementation = "eager"
     return model
 
@@ -79,13 +100,14 @@ def run_rank(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
         model.config._attn_implementation = "flash_attention_2"  # what from_pretrained would set
         update_ring_flash_attn_params(cu, group)
     else:
-        name = hf.register_ring_attention(group, layout=case.layout)
+        name = hf.register_ring_attention(group, layout=case.layout, ulysses_degree=case.ulysses_degree)
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(name)
         else:  # transformers < 4.54: what from_pretrained(attn_implementation=name) sets
             model.config._attn_implementation = name
         hf.set_packed_batch(cu)
-    local = adapters.shard_inputs(input_ids, labels, cu_seqlens=cu, layout=case.layout, group=group)
+    local = adapters.shard_inputs(input_ids, labels, cu_seqlens=cu, layout=case.layout, group=group,
+                                  ulysses_degree=case.ulysses_degree)
     logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
     share = adapters.sharded_causal_lm_loss(logits, local["shift_labels"], group)
     share.backward()
@@ -94,7 +116,8 @@ def run_rank(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
         "logits": logits.detach(),
         "loss": share.item(),
         "global_loss": adapters.global_loss(share, group).item(),
-        "gathered": adapters.gather_sequence(logits.detach(), case.layout, group),
+        "gathered": adapters.gather_sequence(logits.detach(), case.layout, group,
+                                             ulysses_degree=case.ulysses_degree),
         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
     }
 
@@ -156,7 +179,8 @@ def check(case: ModelCase, per_rank: List[Dict[str, object]]) -> None:
     from ring_flash_attn.layouts import unshard
 
     ref = reference(case)
-    logits = unshard([r["logits"] for r in per_rank], sequence_layout(case.layout), dim=1)
+    logits = unshard([r["logits"] for r in per_rank], sequence_layout(case.layout), dim=1,
+                     ulysses_degree=case.ulysses_degree)
     scale = ref["logits"].abs().max()
     assert (logits - ref["logits"]).abs().max() <= 1e-4 * scale, f"{case.id()}: logits differ"
     for r in per_rank:

@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 import ring_flash_attn as rfa
 from helpers.attention_cases import (DTYPES, alibi_bias, alibi_slopes, as_view, compare, mask, nonfinite_rows, poison_id,
-                                     public_function, results_on_cpu, soft_capped)
+                                     public_function, put_together, results_on_cpu, sink_logits, soft_capped,
+                                     with_sink_column)
 from ring_flash_attn.allgather.api import packed_allgather
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varlen
 
@@ -52,6 +53,7 @@ class VarlenCase:
     poison: Tuple[Tuple[str, int, int, float], ...] = ()  # (q/k/v, token of the pack, head, value), modulo the sizes
     view: str = ""  # q, k, v passed as strided views: a key of attention_cases.VIEWS
     lse_grad: bool = False  # the loss uses lse too: <out, dout> + <lse, dlse>
+    sinks: bool = False  # attention sinks, as attention_cases.Case.sinks
 
     @property
     def cu_seqlens(self) -> torch.Tensor:
@@ -64,6 +66,7 @@ class VarlenCase:
         stride += f"-win{self.window[0]}_{self.window[1]}" if self.window != (-1, -1) else ""
         stride += "-alibi" if self.alibi else ""
         stride += poison_id(self.poison) + (f"-{self.view}" if self.view else "") + ("-dlse" if self.lse_grad else "")
+        stride += "-sinks" if self.sinks else ""
         return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{'causal' if self.causal else 'full'}-"
                 f"{self.dtype}-h{self.nheads}k{self.nheads_k}-d{self.head_dim}{stride}-docs{docs}-{self.backend}")
 
@@ -79,6 +82,8 @@ def global_inputs(case: VarlenCase) -> Dict[str, torch.Tensor]:
          "dout": randn(case.nheads)}
     if case.lse_grad:
         x["dlse"] = torch.randn(case.nheads, t, generator=gen)
+    if case.sinks:
+        x["sinks"] = sink_logits(gen, case.nheads, case.dtype)
     for name, token, head, value in case.poison:
         x[name][token % t, head % x[name].shape[1], 0] = value
     return x
@@ -91,10 +96,12 @@ def allowed_pairs(case: VarlenCase) -> torch.Tensor:
     return (doc[:, None] == doc[None, :]) & mask(len(doc), case.causal, case.window)
 
 
-def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv):
+def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv, sinks=None):
     """Run the case's public function on this rank's shard (one of q/k/v, kv or qkv packings)."""
     w, cu, group = case.world_size, case.cu_seqlens.to(q.device), dist.group.WORLD if case.world_size > 1 else None
     common = dict(causal=case.causal, return_attn_probs=case.return_lse, group=group, backend=case.backend)
+    if sinks is not None:
+        common["sinks"] = sinks
     if case.softcap:
         common["softcap"] = case.softcap
     if case.window != (-1, -1):
@@ -122,17 +129,20 @@ def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv):
 def run_rank(rank: int, world_size: int, case: VarlenCase) -> Dict[str, torch.Tensor]:
     assert world_size == case.world_size
     device = torch.device("cuda", rank) if case.device == "cuda" else torch.device("cpu")
-    x = {n: shard_varlen(t, case.cu_seqlens, case.layout, rank, world_size, dim=1 if n == "dlse" else 0).to(device)
+    x = {n: t if n == "sinks" else shard_varlen(t, case.cu_seqlens, case.layout, rank, world_size,
+                                                 dim=1 if n == "dlse" else 0)
          for n, t in global_inputs(case).items()}
+    x = {n: t.to(device) for n, t in x.items()}
+    sinks = x["sinks"].requires_grad_() if case.sinks else None
     q, k, v = (x[n].requires_grad_() for n in "qkv")
     kv = torch.stack([k, v], 1).detach().requires_grad_() if case.packing == "kvpacked" else None
     qkv = torch.stack([q, k, v], 1).detach().requires_grad_() if case.packing == "qkvpacked" else None
-    result = _call(case, rank, q, k, v, kv, qkv)
+    result = _call(case, rank, q, k, v, kv, qkv, sinks)
     out, lse = (result[0], result[1]) if case.return_lse else (result, None)
     leaves = {"func": (q, k, v), "kvpacked": (q, kv), "qkvpacked": (qkv,)}[case.packing]
     if lse is not None:
         assert lse.shape == (case.nheads, q.shape[0]), lse.shape
-    return results_on_cpu(out, lse, leaves, x["dout"], case.packing, pack_dim=1, dlse=x.get("dlse"))
+    return results_on_cpu(out, lse, leaves, x["dout"], case.packing, pack_dim=1, dlse=x.get("dlse"), sinks=sinks)
 
 
 def reference(case: VarlenCase) -> Dict[str, torch.Tensor]:
@@ -148,16 +158,21 @@ def reference(case: VarlenCase) -> Dict[str, torch.Tensor]:
     if case.alibi:
         scores = scores + alibi_bias(alibi_slopes(case.nheads), torch.arange(allowed.shape[0]))
     scores = scores.masked_fill(~allowed, float("-inf"))
-    out = torch.einsum("hij,jhd->ihd", torch.softmax(scores, -1), v.repeat_interleave(g, 1))
+    sinks = x["sinks"].requires_grad_() if case.sinks else None
+    scores = with_sink_column(scores, sinks)
+    out = torch.einsum("hij,jhd->ihd", torch.softmax(scores, -1)[..., :allowed.shape[0]], v.repeat_interleave(g, 1))
     lse = torch.logsumexp(scores, -1)
     loss = (out * x["dout"]).sum() + ((lse * x["dlse"]).sum() if case.lse_grad else 0)
-    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
-    return dict(out=out.detach(), lse=lse.detach(), dq=dq, dk=dk, dv=dv)
+    grads = torch.autograd.grad(loss, (q, k, v) + ((sinks,) if case.sinks else ()))
+    result = dict(out=out.detach(), lse=lse.detach(), dq=grads[0], dk=grads[1], dv=grads[2])
+    if case.sinks:
+        result["dsinks"] = grads[3]
+    return result
 
 
 def check(case: VarlenCase, per_rank: List[Dict[str, torch.Tensor]], allowance=None) -> Dict[str, float]:
-    got = {name: unshard_varlen([r[name] for r in per_rank], case.cu_seqlens, case.layout,
-                                dim=1 if name == "lse" else 0) for name in per_rank[0]}
+    got = put_together(per_rank, lambda name, parts: unshard_varlen(parts, case.cu_seqlens, case.layout,
+                                                                    dim=1 if name == "lse" else 0))
     nonfinite = None
     if case.poison:
         x = global_inputs(case)

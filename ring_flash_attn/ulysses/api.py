@@ -1,0 +1,154 @@
+"""Public functions of Ulysses (all-to-all head parallelism) and Ulysses x ring (2D):
+``ulysses_flash_attn_func`` with its ``kvpacked`` / ``qkvpacked`` twins, and the packed-document
+``ulysses_flash_attn_varlen_*`` (global ``cu_seqlens``). The signatures are the ring functions';
+``group`` is a process group (pure Ulysses) or :class:`~.groups.UlyssesRingGroups` (2D), and
+``ring_layout`` / ``head_chunks`` are keyword-only extras. Thin wrappers: validate, then the custom
+op (:mod:`.ops`)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from ..core.docs import ULYSSES_DOCS, ULYSSES_VARLEN_DOCS
+from ..core.eager import public
+from ..core.layouts import ALLGATHER_LAYOUTS, LAYOUTS, local_divisor
+from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_options, check_qkv,
+                               check_same_call_across_group, check_sinks, default_scale, kernel_ready,
+                               normalized_window, unpack)
+from .groups import UlyssesRingGroups, as_ulysses_ring_groups
+from .ops import head_split, ulysses_forward_op
+
+Tensor = torch.Tensor
+Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
+Group = Union[None, dist.ProcessGroup, UlyssesRingGroups]
+
+
+def _check_ring_layout(ring_layout: str, packed: bool) -> None:
+    allowed = LAYOUTS + (ALLGATHER_LAYOUTS if packed else ())
+    if ring_layout not in allowed:
+        raise ValueError(f"unknown ring_layout {ring_layout!r}; expected one of {allowed}")
+
+
+def ulysses_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: int = 0,
+    dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Group = None,
+    backend: Optional[str] = None, ring_layout: str = "ring", head_chunks: int = 2, sinks: Optional[Tensor] = None,
+) -> Result:
+    """Validate a call and run the custom op: batch ``(B, S, H, D)`` or, with the global
+    ``cu_seqlens``, packed documents ``(T, H, D)``."""
+    packed = cu_seqlens is not None
+    check_qkv(q, k, v, packed=packed)
+    q, k, v = (kernel_ready(t) for t in (q, k, v))
+    check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
+    check_alibi_slopes(alibi_slopes, q, batch=None if packed else q.shape[0])
+    check_sinks(sinks, q)
+    _check_ring_layout(ring_layout, packed)
+    window = normalized_window(window_size)
+    groups = as_ulysses_ring_groups(group)
+    split = head_split(q.shape[-2], k.shape[-2], groups.ulysses_degree, head_chunks)
+    if packed:
+        check_cu_seqlens_tensor(cu_seqlens)
+    elif groups.ring_degree > 1 and (groups.ulysses_degree * q.shape[1]) % local_divisor(ring_layout):
+        raise ValueError(f"ring_layout {ring_layout!r} needs each ring rank's tokens (ulysses_degree "
+                         f"{groups.ulysses_degree} x local_seqlen {q.shape[1]}) to be a multiple of "
+                         f"{local_divisor(ring_layout)}")
+    ulysses_name, ring_name, parent_name = groups.names()
+    check_same_call_across_group(groups.group, q.device, call_signature(
+        "ulysses-varlen" if packed else "ulysses", ring_layout, q, k, causal, softmax_scale, window_size=window,
+        softcap=softcap, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None,
+        degrees=(groups.ulysses_degree, groups.ring_degree)))
+    out, lse, *_ = ulysses_forward_op(
+        q, k, v, cu_seqlens, alibi_slopes, sinks, int(max_seqlen), ring_layout, bool(causal), window[0], window[1],
+        default_scale(q, softmax_scale), float(softcap), float(dropout_p), bool(deterministic), backend or "",
+        split.kv_repeat, split.chunks, ulysses_name, ring_name, parent_name, bool(return_attn_probs))
+    return (out, lse, None) if return_attn_probs else out
+
+
+@public(ULYSSES_DOCS)
+def ulysses_flash_attn_func(
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Group = None, *, softcap: float = 0.0,
+    backend: Optional[str] = None, ring_layout: str = "ring", head_chunks: int = 2, sinks: Optional[Tensor] = None,
+) -> Result:
+    """Exact attention with the sequence sharded over Ulysses ranks (all-to-all to whole sequences of
+    ``nheads / U`` heads and back), optionally times a ring (``group`` of ``make_ulysses_ring_groups``):
+    flash-attn's ``flash_attn_func`` on the whole sequence, this rank's rows."""
+    return ulysses_attention(q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                             deterministic, return_attn_probs, group, backend, ring_layout, head_chunks, sinks)
+
+
+@public(ULYSSES_DOCS)
+def ulysses_flash_attn_kvpacked_func(
+    q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+    return_attn_probs: bool = False, group: Group = None, *, softcap: float = 0.0, backend: Optional[str] = None,
+    ring_layout: str = "ring", head_chunks: int = 2, sinks: Optional[Tensor] = None,
+) -> Result:
+    """:func:`ulysses_flash_attn_func` with K and V stacked: ``kv (batch, local_seqlen, 2, nheads_k, headdim)``."""
+    k, v = unpack(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
+    return ulysses_attention(q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                             deterministic, return_attn_probs, group, backend, ring_layout, head_chunks, sinks)
+
+
+@public(ULYSSES_DOCS)
+def ulysses_flash_attn_qkvpacked_func(
+    qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+    return_attn_probs: bool = False, group: Group = None, *, softcap: float = 0.0, backend: Optional[str] = None,
+    ring_layout: str = "ring", head_chunks: int = 2, sinks: Optional[Tensor] = None,
+) -> Result:
+    """:func:`ulysses_flash_attn_func` with Q, K, V stacked: ``qkv (batch, local_seqlen, 3, nheads, headdim)``."""
+    q, k, v = unpack(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
+    return ulysses_attention(q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                             deterministic, return_attn_probs, group, backend, ring_layout, head_chunks, sinks)
+
+
+@public(ULYSSES_VARLEN_DOCS)
+def ulysses_flash_attn_varlen_func(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Group = None, *, softcap: float = 0.0, backend: Optional[str] = None, ring_layout: str = "ring",
+    head_chunks: int = 2, sinks: Optional[Tensor] = None,
+) -> Result:
+    """Exact attention over packed documents sharded over Ulysses ranks (optionally times a ring):
+    flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
+    return ulysses_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
+                             alibi_slopes, deterministic, return_attn_probs, group, backend, ring_layout, head_chunks,
+                             sinks)
+
+
+@public(ULYSSES_VARLEN_DOCS)
+def ulysses_flash_attn_varlen_kvpacked_func(
+    q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Group = None, *, softcap: float = 0.0, backend: Optional[str] = None, ring_layout: str = "ring",
+    head_chunks: int = 2, sinks: Optional[Tensor] = None,
+) -> Result:
+    """:func:`ulysses_flash_attn_varlen_func` with K and V stacked: ``kv (total_local_tokens, 2, nheads_k,
+    headdim)``."""
+    k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
+    return ulysses_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
+                             alibi_slopes, deterministic, return_attn_probs, group, backend, ring_layout, head_chunks,
+                             sinks)
+
+
+@public(ULYSSES_VARLEN_DOCS)
+def ulysses_flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Group = None, *, softcap: float = 0.0,
+    backend: Optional[str] = None, ring_layout: str = "ring", head_chunks: int = 2, sinks: Optional[Tensor] = None,
+) -> Result:
+    """:func:`ulysses_flash_attn_varlen_func` with Q, K, V stacked: ``qkv (total_local_tokens, 3, nheads, headdim)``."""
+    q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
+    return ulysses_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
+                             alibi_slopes, deterministic, return_attn_probs, group, backend, ring_layout, head_chunks,
+                             sinks)

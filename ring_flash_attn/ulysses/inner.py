@@ -1,0 +1,83 @@
+"""What Ulysses attends after its all-to-all: every token of the ring shard for a chunk of heads, over
+the ring group, through the work of the custom ops (``forward`` / ``backward``, called directly) of
+the ring family (``ring``, ``zigzag``, ``stripe``) or of the all-gather family (``llama3``,
+``zigzag_llama3``, ``packed_zigzag``). With a ring of one rank this
+is plain attention on the whole sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from ..allgather import ops as allgather_ops
+from ..core.layouts import ALLGATHER_LAYOUTS, check_document_lengths
+from ..core.validation import check_cu_seqlens, host_offsets
+from ..ring import ops as ring_ops
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class InnerAttention:
+    """One call's attention of a head chunk over the ring group (primitives as the wings' ops take them)."""
+
+    cu_seqlens: Optional[Tensor]  # None: batch; the ring family's local offsets, or the all-gather family's global
+    max_seqlen: int
+    layout: str
+    causal: bool
+    window_left: int
+    window_right: int
+    softmax_scale: float
+    softcap: float
+    dropout_p: float
+    deterministic: bool
+    backend: str
+    ring_group: str
+
+    @property
+    def allgather(self) -> bool:
+        return self.layout in ALLGATHER_LAYOUTS
+
+    def _options(self) -> tuple:
+        return (self.causal, self.window_left, self.window_right, self.softmax_scale, self.softcap, self.dropout_p,
+                self.deterministic, self.backend, self.ring_group)
+
+    def _tensors_and_layout(self, slopes: Optional[Tensor], sinks: Optional[Tensor]) -> tuple:
+        """The op arguments between q, k, v (or the saved tensors) and the options."""
+        if self.allgather:
+            return (self.cu_seqlens, None, slopes, sinks, self.max_seqlen, -1, self.layout, 0, 0, 0)
+        return (self.cu_seqlens, slopes, sinks, self.max_seqlen, self.layout)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor],
+                sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(out, lse, dropout_seed, lse_before_sinks)`` of the chunk."""
+        ops = allgather_ops if self.allgather else ring_ops
+        return ops.forward(q, k, v, *self._tensors_and_layout(slopes, sinks), *self._options())
+
+    def backward(self, dout: Optional[Tensor], dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                 lse: Tensor, seed: Tensor, lse_before: Tensor, slopes: Optional[Tensor],
+                 sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(dq, dk, dv, dsinks)`` of the chunk for the gradients of its out and lse (either may be None)."""
+        ops = allgather_ops if self.allgather else ring_ops
+        return ops.backward(dout, dlse, q, k, v, out, lse, seed, lse_before, *self._tensors_and_layout(slopes, sinks),
+                  *self._options())
+
+
+def packed_inner_offsets(cu_seqlens: Tensor, max_seqlen: int, layout: str, local_tokens: int, world_size: int,
+                         ring_degree: int) -> Tuple[Tensor, int]:
+    """The ``(cu_seqlens, max_seqlen)`` the ring shard's attention takes, from the *global*
+    ``cu_seqlens`` of a packed batch whose ``local_tokens`` per rank over ``world_size`` ranks make
+    the whole pack (read on the host, once per tensor). The ring family over ``ring_degree > 1``
+    ranks takes local offsets (every document split as its layout needs); the all-gather family and
+    a ring of one rank the global ones."""
+    offsets = host_offsets(cu_seqlens)
+    if offsets[-1] != local_tokens * world_size:
+        raise ValueError(f"cu_seqlens (global) ends at {offsets[-1]}, but {world_size} ranks x {local_tokens} local "
+                         f"tokens = {local_tokens * world_size}")
+    check_cu_seqlens(offsets, offsets[-1], max_seqlen=max_seqlen)
+    if layout in ALLGATHER_LAYOUTS or ring_degree == 1:
+        return cu_seqlens, max_seqlen
+    check_document_lengths(offsets, layout, ring_degree)
+    return torch.tensor([x // ring_degree for x in offsets], dtype=torch.int32), max_seqlen // ring_degree
