@@ -102,12 +102,11 @@ def register_attention_autograd(forward_op, backward_op, extra_tensors: int, kee
         dlse = dlse if ctx.lse_grad else None
         check_same_call_across_group(resolve_group(ctx.primitives[-1]), ctx.device,
                                      backward_signature(dout, dlse is not None))
-        unused = (None,) * (extra_tensors - 1 + len(ctx.primitives) + 1)
+        after_sinks = (None,) * (len(ctx.primitives) + 1)  # the primitives and lse_grad
         if dout is None and dlse is None:
-            return (None, None, None) + unused[:extra_tensors - 1] + (None,) + unused[extra_tensors - 1:]
+            return (None,) * (3 + extra_tensors) + after_sinks
         dq, dk, dv, dsinks = backward_op(dout, dlse, *saved, *ctx.primitives)
-        return ((dq, dk, dv) + unused[:extra_tensors - 1] + (dsinks if ctx.has_sinks else None,)
-                + unused[extra_tensors - 1:])
+        return (dq, dk, dv) + (None,) * (extra_tensors - 1) + (dsinks if ctx.has_sinks else None,) + after_sinks
 
     def no_double_backward(ctx, *grads):
         raise RuntimeError("ring_flash_attn: double backward is not supported -- the attention functions are "
