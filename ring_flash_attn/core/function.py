@@ -1,7 +1,8 @@
 """The autograd boundary of every family: :func:`register_attention_autograd` gives a family's
 forward / backward custom ops their autograd -- gradients through lse exact
-(:func:`lse_gradient_inputs`), the dropout seed carried from forward to backward, an unused output
-free, the backward's cross-rank check, double backward refused."""
+(:func:`lse_gradient_inputs`), the dropout seed carried from forward to backward, attention sinks
+(:func:`attention_backward`), an unused output free, the backward's cross-rank check, double
+backward refused."""
 
 from __future__ import annotations
 
