@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..allgather.api import llama3_flash_attn_varlen_func, packed_allgather
 from ..allgather.plan import llama3_flash_attn_prepare_cu_seqlens
-from ..core.layouts import MODEL_LAYOUTS
+from ..core.layouts import MODEL_LAYOUTS, ring_and_ulysses_rank
 from ..core.validation import group_rank_and_size
 from ..ring.api import ring_flash_attn_func, zigzag_ring_flash_attn_func
 from ..ulysses.api import ulysses_flash_attn_func, ulysses_flash_attn_varlen_func
@@ -217,12 +217,9 @@ def register_ring_attention(
     SETTINGS.group, SETTINGS.layout, SETTINGS.heads_k_stride, SETTINGS.backend = group, layout, heads_k_stride, backend
     SETTINGS.ulysses = None
     if ulysses_degree != 1:
-        _, world_size = group_rank_and_size(group)
-        if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1 \
-                or world_size % ulysses_degree:
-            raise ValueError(f"ulysses_degree must be a positive divisor of the group's size ({world_size}), "
-                             f"got {ulysses_degree!r}")
-        SETTINGS.ulysses = make_ulysses_ring_groups(ulysses_degree, world_size // ulysses_degree, group)
+        rank, world_size = group_rank_and_size(group)
+        _, ring_degree, _ = ring_and_ulysses_rank(rank, world_size, ulysses_degree)
+        SETTINGS.ulysses = make_ulysses_ring_groups(ulysses_degree, ring_degree, group)
     register_attention_function(name, ring_attention_forward)
     return name
 

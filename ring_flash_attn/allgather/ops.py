@@ -2,8 +2,9 @@
 :mod:`ring_flash_attn.ring.ops`): tensors q, k, v, the batch's ``cu_seqlens`` (llama3: its prepared
 ``cu_seqlens_q`` / ``cu_seqlens_k``), the ALiBi slopes and the attention sinks, every other
 argument a primitive; the op reads the offsets on the host and rebuilds the plan and strategy
-(cached on primitives), so ``torch.compile`` traces a call into the caller's graph. The forward's third output is the call's
-dropout seed, which the backward takes, its fourth the lse before the sinks (empty without)."""
+(cached on primitives), so ``torch.compile`` traces a call into the caller's graph. The forward's
+third output is the call's dropout seed, which the backward takes, its fourth the lse before the
+sinks (empty without)."""
 
 from __future__ import annotations
 

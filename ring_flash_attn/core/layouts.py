@@ -86,7 +86,8 @@ def segments(layout: str, rank: int, world_size: int, local_len: int) -> Tuple[S
 def ring_and_ulysses_rank(rank: int, world_size: int, ulysses_degree: int) -> Tuple[int, int, int]:
     """``(ring rank, ring degree, Ulysses rank)`` of ``rank`` when ``world_size = ulysses_degree * R``
     with the Ulysses groups on consecutive ranks."""
-    if not isinstance(ulysses_degree, int) or ulysses_degree < 1 or world_size % ulysses_degree:
+    if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1 \
+            or world_size % ulysses_degree:
         raise ValueError(f"ulysses_degree must be a positive divisor of the world size {world_size}, "
                          f"got {ulysses_degree!r}")
     return rank // ulysses_degree, world_size // ulysses_degree, rank % ulysses_degree
