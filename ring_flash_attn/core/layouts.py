@@ -19,6 +19,7 @@ layout is the ``ring`` one: rank ``r`` holds the contiguous chunk ``r`` of ``W``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -37,6 +38,16 @@ class Segment:
     length: int
     global_start: int
     stride: int
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    """Raise ``ValueError`` unless ``world_size`` is a positive int and ``0 <= rank < world_size``."""
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank}, "
+                         f"world_size {world_size}")
 
 
 def check_layout(layout: str) -> None:
@@ -71,6 +82,7 @@ def check_local_seqlen(layout: str, local_len: int) -> None:
 
 def segments(layout: str, rank: int, world_size: int, local_len: int) -> Tuple[Segment, ...]:
     """The global positions of rank ``rank``'s ``local_len`` tokens, as arithmetic runs."""
+    check_rank(rank, world_size)
     check_local_seqlen(layout, local_len)
     if layout == "ring":
         return (Segment(0, local_len, rank * local_len, 1),)
@@ -86,6 +98,7 @@ def segments(layout: str, rank: int, world_size: int, local_len: int) -> Tuple[S
 def ring_and_ulysses_rank(rank: int, world_size: int, ulysses_degree: int) -> Tuple[int, int, int]:
     """``(ring rank, ring degree, Ulysses rank)`` of ``rank`` when ``world_size = ulysses_degree * R``
     with the Ulysses groups on consecutive ranks."""
+    check_rank(rank, world_size)
     if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1 \
             or world_size % ulysses_degree:
         raise ValueError(f"ulysses_degree must be a positive divisor of the world size {world_size}, "
@@ -144,19 +157,93 @@ def unshard(shards: Sequence[torch.Tensor], layout: str, dim: int = 1, *, ulysse
 
 # ---- packed sequences (varlen) -------------------------------------------------------------------
 # Per-document layouts ("ring", "zigzag", "stripe", and "zigzag_llama3" = "zigzag"): every document is
-# split across the ranks as a sequence would be. Whole-pack layouts ("llama3", "packed_zigzag"): the
-# packed batch is split as one sequence ("ring" / "zigzag"), documents crossing rank boundaries freely.
+# split across the ranks as a sequence would be, so its length must divide. Whole-pack layouts
+# ("llama3", "packed_zigzag"): the packed batch is split as one sequence ("ring" / "zigzag"), documents
+# crossing rank boundaries freely. The balanced layout ("balanced" for the ring family,
+# "balanced_llama3" for the all-gather family): zigzag per document with chunks of any size
+# (:func:`balanced_bounds`), so documents of any length and equal work per rank.
 
 PACKED_LAYOUTS = {"llama3": "ring", "packed_zigzag": "zigzag"}
 PER_DOCUMENT_ALIASES = {"zigzag_llama3": "zigzag"}
-VARLEN_LAYOUTS = LAYOUTS + tuple(PACKED_LAYOUTS) + tuple(PER_DOCUMENT_ALIASES)
-ALLGATHER_LAYOUTS = ("llama3", "zigzag_llama3", "packed_zigzag")
+BALANCED_LAYOUTS = ("balanced", "balanced_llama3")
+VARLEN_LAYOUTS = LAYOUTS + tuple(PACKED_LAYOUTS) + tuple(PER_DOCUMENT_ALIASES) + BALANCED_LAYOUTS
+RING_VARLEN_LAYOUTS = LAYOUTS + ("balanced",)  # the P2P family's packed layouts
+ALLGATHER_LAYOUTS = ("llama3", "zigzag_llama3", "packed_zigzag", "balanced_llama3")
 # the transformers adapter's layouts -> how it shards the model's inputs (a packed row as one sequence)
 MODEL_LAYOUTS = {"zigzag": "zigzag", "ring": "ring", "llama3": PACKED_LAYOUTS["llama3"]}
 
 
 def _offsets(cu_seqlens) -> Tuple[int, ...]:
     return tuple(int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens))
+
+
+@lru_cache(maxsize=64)
+def balanced_bounds(offsets: Tuple[int, ...], world_size: int) -> Tuple[Tuple[int, ...], ...]:
+    """The balanced layout's chunks: per document of the pack with global ``offsets``, the ``2W + 1``
+    global positions that bound its ``2W`` chunks; rank ``r`` holds chunks ``r`` and ``2W-1-r``.
+
+    A document of ``L`` tokens has chunks of ``L // 2W`` tokens, and its ``L % 2W`` extra tokens go one
+    each to the next ranks in turn (a turn that runs on across the documents of the pack; when
+    ``L % 2W > W`` some ranks get two, one in each chunk). A rank's single extra tokens go to its low
+    and its high chunk in alternation, so that over the pack neither the tokens' own positions nor
+    the shift they give later chunks favour any rank. Every rank holds ``total // W`` tokens when the
+    pack's ``total`` is a multiple of ``W`` (:func:`pad_pack`), and busiest / mean causal work stays
+    within about 1% for mixes of any document lengths (``benchmark/balance.py``)."""
+    check_rank(0, world_size)
+    chunks, turn = 2 * world_size, 0
+    singles = [0] * world_size  # single extra tokens each rank has had: even -> low chunk, odd -> high
+    bounds = []
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        base, extra = divmod(stop - start, chunks)
+        sizes = [base] * chunks
+        got = [0] * world_size
+        for i in range(extra):
+            got[(turn + i) % world_size] += 1
+        turn = (turn + extra) % world_size
+        for rank, count in enumerate(got):
+            low, high = rank, chunks - 1 - rank
+            if count == 2:
+                sizes[low] += 1
+                sizes[high] += 1
+            elif count == 1:
+                sizes[high if singles[rank] % 2 else low] += 1
+                singles[rank] += 1
+        edges = [start]
+        for size in sizes:
+            edges.append(edges[-1] + size)
+        bounds.append(tuple(edges))
+    return tuple(bounds)
+
+
+def balanced_pieces(offsets: Tuple[int, ...], rank: int, world_size: int) -> Tuple[Tuple[int, int], ...]:
+    """(global start, length) of rank ``rank``'s non-empty chunks in the balanced layout, in local order
+    (per document: its low chunk, then its high chunk)."""
+    check_rank(rank, world_size)
+    if offsets[-1] % world_size:
+        raise ValueError(f"the balanced layout needs the packed batch's total ({offsets[-1]} tokens) to be a "
+                         f"multiple of the world size {world_size}, so that every rank holds as many tokens; "
+                         "pad the pack at its end (ring_flash_attn.layouts.pad_pack)")
+    pieces = []
+    for edges in balanced_bounds(offsets, world_size):
+        for chunk in (rank, 2 * world_size - 1 - rank):
+            if edges[chunk + 1] > edges[chunk]:
+                pieces.append((edges[chunk], edges[chunk + 1] - edges[chunk]))
+    return tuple(pieces)
+
+
+def balanced_local_offsets(offsets: Tuple[int, ...], rank: int, world_size: int) -> Tuple[int, ...]:
+    """Rank ``rank``'s local cu_seqlens in the balanced layout (every document, empty ones included)."""
+    local = [0]
+    for edges in balanced_bounds(offsets, world_size):
+        low, high = rank, 2 * world_size - 1 - rank
+        local.append(local[-1] + edges[low + 1] - edges[low] + edges[high + 1] - edges[high])
+    return tuple(local)
+
+
+def _pieces_index(pieces: Sequence[Tuple[int, int]]) -> Tensor:
+    if not pieces:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.cat([torch.arange(start, start + length) for start, length in pieces])
 
 
 def varlen_token_index(cu_seqlens, layout: str, rank: int, world_size: int, *,
@@ -168,7 +255,10 @@ def varlen_token_index(cu_seqlens, layout: str, rank: int, world_size: int, *,
         ring_layout = layout if ring_degree > 1 else "ring"
         return ulysses_part(varlen_token_index(cu_seqlens, ring_layout, ring_rank, ring_degree), ulysses_rank,
                             ulysses_degree)
+    check_rank(rank, world_size)
     offsets = _offsets(cu_seqlens)
+    if layout in BALANCED_LAYOUTS:
+        return _pieces_index(balanced_pieces(offsets, rank, world_size))
     if layout in PACKED_LAYOUTS:
         return position_ids(PACKED_LAYOUTS[layout], rank, world_size, offsets[-1])
     layout = PER_DOCUMENT_ALIASES.get(layout, layout)
@@ -185,9 +275,12 @@ def local_pieces(layout: str, offsets: Tuple[int, ...], rank: int, world_size: i
     """(global start, length) of the contiguous runs of packed tokens rank ``rank`` holds, in local
     order, for the packed batch with global cu_seqlens ``offsets`` and a layout of the all-gather
     family (:data:`ALLGATHER_LAYOUTS`): the :func:`segments` of its sequence layout, over the whole
-    pack or over every document."""
+    pack or over every document, or the balanced layout's chunks."""
     if layout not in ALLGATHER_LAYOUTS:
         raise ValueError(f"unknown all-gather layout {layout!r}; expected one of {ALLGATHER_LAYOUTS}")
+    check_rank(rank, world_size)
+    if layout in BALANCED_LAYOUTS:
+        return balanced_pieces(offsets, rank, world_size)
     if layout in PACKED_LAYOUTS:
         base, spans = PACKED_LAYOUTS[layout], ((0, offsets[-1]),)
     else:
@@ -198,7 +291,8 @@ def local_pieces(layout: str, offsets: Tuple[int, ...], rank: int, world_size: i
         if (stop - start) % unit:
             what = "the packed batch" if layout in PACKED_LAYOUTS else "every document"
             raise ValueError(f"layout {layout!r} cuts {what} into {unit} equal chunks, but one has {stop - start} "
-                             "tokens; pad the documents (ring_flash_attn.layouts.pad_cu_seqlens)")
+                             "tokens; pad the documents (ring_flash_attn.layouts.pad_cu_seqlens), or use the "
+                             "balanced layout (any document lengths)")
         pieces += [(start + seg.global_start, seg.length)
                    for seg in segments(base, rank, world_size, (stop - start) // world_size)]
     return tuple(pieces)
@@ -278,6 +372,20 @@ def pad_cu_seqlens(cu_seqlens, multiple: int) -> Tuple[torch.Tensor, torch.Tenso
     device = cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else None
     real_index = torch.cat(index) if index else torch.zeros(0, dtype=torch.int64)
     return torch.tensor(padded, dtype=torch.int32, device=device), real_index.to(device)
+
+
+def pad_pack(cu_seqlens, world_size: int) -> Tuple[torch.Tensor, int]:
+    """The balanced layout's padding: ``(padded_cu_seqlens, pad)`` where ``pad`` (``< world_size``)
+    tokens, appended at the end of the pack as a document of their own, make its total a multiple of
+    ``world_size``. No document is padded inside, and no real token sees a padding one. Pad the
+    packed tensors to match, e.g. ``torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))`` for
+    ``(T, H, D)``, and drop the last ``pad`` tokens of the unsharded result."""
+    check_rank(0, world_size)
+    offsets = _offsets(cu_seqlens)
+    pad = -offsets[-1] % world_size
+    device = cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else None
+    dtype = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else torch.int32
+    return torch.tensor(offsets + ((offsets[-1] + pad,) if pad else ()), dtype=dtype, device=device), pad
 
 
 def pad_varlen(x: torch.Tensor, real_index: torch.Tensor, padded_tokens: int, dim: int = 0, value: float = 0.0):
