@@ -9,6 +9,9 @@ import transformers when first used.
 import sys
 
 from .ring.api import (
+    balanced_ring_flash_attn_varlen_func,
+    balanced_ring_flash_attn_varlen_kvpacked_func,
+    balanced_ring_flash_attn_varlen_qkvpacked_func,
     ring_attention,
     ring_attention_varlen,
     ring_flash_attn_varlen_func,
@@ -32,6 +35,9 @@ from .ring.api import (
 )
 from .allgather.plan import llama3_flash_attn_prepare_cu_seqlens
 from .allgather.api import (
+    balanced_llama3_flash_attn_varlen_func,
+    balanced_llama3_flash_attn_varlen_kvpacked_func,
+    balanced_llama3_flash_attn_varlen_qkvpacked_func,
     llama3_flash_attn_varlen_func,
     llama3_flash_attn_varlen_kvpacked_func,
     llama3_flash_attn_varlen_qkvpacked_func,
@@ -48,7 +54,8 @@ from .ulysses.api import (
     ulysses_flash_attn_varlen_qkvpacked_func,
 )
 from .ulysses.groups import UlyssesRingGroups, make_ulysses_ring_groups
-from .core.layouts import LAYOUTS, position_ids, shard, unshard
+from .core.layouts import (LAYOUTS, pad_pack, position_ids, shard, shard_varlen, unshard, unshard_varlen,
+                           varlen_position_ids)
 from .compat import install_module_aliases
 
 __version__ = "0.2.0"

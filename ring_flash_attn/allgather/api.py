@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from ..core.docs import LLAMA3_DOCS, ZIGZAG_LLAMA3_DOCS
+from ..core.docs import BALANCED_LLAMA3_DOCS, LLAMA3_DOCS, ZIGZAG_LLAMA3_DOCS
 from ..core.eager import public
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_nonempty_pack,
                                check_options, check_qkv, check_same_call_across_group, check_sinks, default_scale,
@@ -166,3 +166,50 @@ def zigzag_llama3_flash_attn_varlen_qkvpacked_func(
                                                 window_size, alibi_slopes, deterministic, return_attn_probs,
                                                 group, heads_k_stride=heads_k_stride, softcap=softcap,
                                                 backend=backend, sinks=sinks)
+
+
+@public(BALANCED_LLAMA3_DOCS)
+def balanced_llama3_flash_attn_varlen_func(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[dist.ProcessGroup] = None, *, heads_k_stride: Optional[int] = None, softcap: float = 0.0,
+    backend: Optional[str] = None, sinks: Optional[Tensor] = None,
+) -> Result:
+    """All-gather attention over packed documents of any lengths in the ``balanced`` layout (zigzag per
+    document, chunks differing by at most a token: the same causal work and token count on every
+    rank, no padding inside documents): the layout of ``balanced_ring_flash_attn_varlen_func``.
+    flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
+    return packed_allgather("balanced_llama3", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size,
+                            softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend,
+                            max_seqlen, sinks)
+
+
+@public(BALANCED_LLAMA3_DOCS)
+def balanced_llama3_flash_attn_varlen_kvpacked_func(
+    q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[dist.ProcessGroup] = None, *, heads_k_stride: Optional[int] = None, softcap: float = 0.0,
+    backend: Optional[str] = None, sinks: Optional[Tensor] = None,
+) -> Result:
+    """:func:`balanced_llama3_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
+    k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
+    return packed_allgather("balanced_llama3", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size,
+                            softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend,
+                            max_seqlen, sinks)
+
+
+@public(BALANCED_LLAMA3_DOCS)
+def balanced_llama3_flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, *,
+    heads_k_stride: Optional[int] = None, softcap: float = 0.0, backend: Optional[str] = None,
+    sinks: Optional[Tensor] = None,
+) -> Result:
+    """:func:`balanced_llama3_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
+    q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
+    return packed_allgather("balanced_llama3", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size,
+                            softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend,
+                            max_seqlen, sinks)

@@ -84,12 +84,35 @@ Returns:
     None)``, ``lse (nheads, total_local_tokens)`` float32. Attention never crosses a document.
 """
 
+BALANCED_ARGS = """
+Args:
+    q: ``(total_local_tokens, nheads, headdim)``: this rank's tokens in the balanced layout -- every
+        document cut into 2W chunks whose sizes differ by at most one token, rank r holding chunks r
+        and 2W-1-r of each, in document order (``ring_flash_attn.layouts.shard_varlen(x, cu_seqlens,
+        "balanced", r, W)``). Every rank holds ``total // W`` tokens and the same causal work.
+    k, v: ``(total_local_tokens, nheads_k, headdim)``; ``kvpacked``: ``kv (total_local_tokens, 2,
+        nheads_k, headdim)``; ``qkvpacked``: ``qkv (total_local_tokens, 3, nheads, headdim)``.
+    cu_seqlens: int32 / int64 ``(documents + 1,)``: the *global* document offsets (the whole pack's,
+        the same on every rank); documents of any length >= 0, the pack's total a multiple of W
+        (``ring_flash_attn.layouts.pad_pack``). Read on the host once per tensor and cached.
+    max_seqlen: the longest global document (checked)."""
+
+BALANCED_RETURNS = """
+Returns:
+    ``out (total_local_tokens, nheads, headdim)``; with ``return_attn_probs=True`` ``(out, lse,
+    None)``, ``lse (nheads, total_local_tokens)`` float32. Attention never crosses a document.
+"""
+
+BALANCED_DOCS = BALANCED_ARGS + OPTIONS + BALANCED_RETURNS
+
+BALANCED_LLAMA3_DOCS = BALANCED_ARGS + ALLGATHER_OPTIONS + """    heads_k_stride is keyword-only here.""" + BALANCED_RETURNS
+
 ULYSSES_OPTIONS = OPTIONS.replace("""    group: the process group the sequence is sharded over; ``None``: the default group (one rank,
         no communication, when no process group is initialised).""", """    group: a process group (``None``: the default one): Ulysses over all its ranks; or the
         ``UlyssesRingGroups`` of ``make_ulysses_ring_groups(ulysses_degree, ring_degree)``: Ulysses
         inside each group of ``ulysses_degree`` consecutive ranks, a ring across them.""") + """    ring_layout: keyword-only; how the sequence is split over the ring ranks (see ``group``):
-        ``ring``, ``zigzag``, ``stripe``; packed documents also ``llama3``, ``zigzag_llama3``,
-        ``packed_zigzag``. Each ring rank's part is cut into ``ulysses_degree`` contiguous pieces
+        ``ring``, ``zigzag``, ``stripe``; packed documents also ``balanced`` (any document lengths,
+        balanced), ``llama3``, ``zigzag_llama3``, ``packed_zigzag``, ``balanced_llama3``. Each ring rank's part is cut into ``ulysses_degree`` contiguous pieces
         (``ring_flash_attn.layouts.shard(..., ulysses_degree=U)``). Ignored with one ring rank.
     head_chunks: keyword-only; each rank's heads are exchanged and attended in up to this many
         chunks, the next chunk's all-to-all running while the current one is attended (1: no

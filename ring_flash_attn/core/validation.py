@@ -295,3 +295,18 @@ def host_offsets(cu_seqlens: Tensor) -> Tuple[int, ...]:
         _HOST_OFFSETS.clear()
     _HOST_OFFSETS[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, offsets)
     return offsets
+
+
+def check_balanced_tokens(offsets: Tuple[int, ...], local_tokens: int, rank: int, world_size: int) -> None:
+    """The balanced layout's local token count: ``total // W`` of the pack with *global* ``offsets``,
+    whose total must be a multiple of ``W``."""
+    total = offsets[-1]
+    if total % world_size:
+        raise ValueError(f"the balanced layout needs the packed batch's total ({total} tokens, the global "
+                         f"cu_seqlens' last entry) to be a multiple of the world size {world_size}; pad the pack "
+                         "at its end (ring_flash_attn.layouts.pad_pack)")
+    if local_tokens != total // world_size:
+        raise ValueError(f"rank {rank} holds {local_tokens} tokens, but the balanced layout gives every rank "
+                         f"{total // world_size} of the global cu_seqlens' {total}: pass the global cu_seqlens (the "
+                         "whole pack's, the same on every rank) and this rank's tokens from "
+                         "ring_flash_attn.layouts.shard_varlen(x, cu_seqlens, 'balanced', rank, world_size)")

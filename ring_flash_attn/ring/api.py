@@ -12,9 +12,9 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from ..core.docs import BATCH_DOCS, VARLEN_DOCS
+from ..core.docs import BALANCED_DOCS, BATCH_DOCS, VARLEN_DOCS
 from ..core.eager import public
-from ..core.layouts import check_layout, check_local_seqlen
+from ..core.layouts import RING_VARLEN_LAYOUTS, check_layout, check_local_seqlen
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_options, check_qkv,
                                check_same_call_across_group, check_sinks, checking_calls, default_scale, host_offsets,
                                kernel_ready, normalized_window, process_group_name, unpack)
@@ -22,6 +22,11 @@ from .ops import ring_forward_op
 
 Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
+
+
+def check_varlen_layout(layout: str) -> None:
+    if layout not in RING_VARLEN_LAYOUTS:
+        raise ValueError(f"unknown packed layout {layout!r} of the ring family; expected one of {RING_VARLEN_LAYOUTS}")
 
 
 def ring_attention(
@@ -56,9 +61,9 @@ def ring_attention_varlen(
     return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None,
     sinks: Optional[Tensor] = None,
 ) -> Result:
-    """Packed documents: q ``(T, H, D)``, local ``cu_seqlens``; lse ``(H, T)``. ``cu_seqlens`` is read
-    on the host inside the op, never in traced code."""
-    check_layout(layout)
+    """Packed documents: q ``(T, H, D)``, local ``cu_seqlens`` (global for ``balanced``); lse ``(H, T)``.
+    ``cu_seqlens`` is read on the host inside the op, never in traced code."""
+    check_varlen_layout(layout)
     check_qkv(q, k, v, packed=True)
     q, k, v = (kernel_ready(t) for t in (q, k, v))
     check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
@@ -304,3 +309,49 @@ def stripe_flash_attn_varlen_qkvpacked_func(
     q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
     return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
+
+
+@public(BALANCED_DOCS)
+def balanced_ring_flash_attn_varlen_func(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[dist.ProcessGroup] = None, *, softcap: float = 0.0, backend: Optional[str] = None,
+    sinks: Optional[Tensor] = None,
+) -> Result:
+    """Exact attention over packed documents of any lengths in the ``balanced`` layout (zigzag per
+    document, chunks differing by at most a token: the same causal work and token count on every
+    rank, no padding inside documents), K/V passed around the ring: flash-attn's
+    ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
+    return ring_attention_varlen("balanced", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend,
+                                 sinks)
+
+
+@public(BALANCED_DOCS)
+def balanced_ring_flash_attn_varlen_kvpacked_func(
+    q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    group: Optional[dist.ProcessGroup] = None, *, softcap: float = 0.0, backend: Optional[str] = None,
+    sinks: Optional[Tensor] = None,
+) -> Result:
+    """:func:`balanced_ring_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
+    k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
+    return ring_attention_varlen("balanced", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend,
+                                 sinks)
+
+
+@public(BALANCED_DOCS)
+def balanced_ring_flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
+    *, softcap: float = 0.0, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
+) -> Result:
+    """:func:`balanced_ring_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
+    q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
+    return ring_attention_varlen("balanced", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend,
+                                 sinks)

@@ -25,7 +25,7 @@ from ..core.function import ATTENTION_OP_TAGS, attention_backward, fake_dropout_
 from ..core.layouts import position_ids, varlen_token_index
 from ..core.merge import accumulator_dtype
 from ..core.sinks import fake_dsinks, fake_lse_before, forward_outputs
-from ..core.validation import check_cu_seqlens, group_rank_and_size, host_offsets, resolve_group
+from ..core.validation import check_balanced_tokens, check_cu_seqlens, group_rank_and_size, host_offsets, resolve_group
 from ..kernels import block_options, select_block_kernel
 from ..kernels.dropout import draw_dropout_seed
 from .engine import RingPlan, ring_backward, ring_forward
@@ -54,10 +54,15 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], alibi_s
                               for r in range(world_size))
     else:
         offsets = host_offsets(cu_seqlens)
-        check_cu_seqlens(offsets, q.shape[1], max_seqlen=max_seqlen)
+        if layout == "balanced":  # global offsets
+            check_cu_seqlens(offsets, offsets[-1], max_seqlen=max_seqlen)
+            check_balanced_tokens(offsets, q.shape[1], rank, world_size)
+            global_offsets = offsets
+        else:
+            check_cu_seqlens(offsets, q.shape[1], max_seqlen=max_seqlen)
+            global_offsets = tuple(x * world_size for x in offsets)
         schedule = varlen_ring_schedule(layout, offsets, world_size, causal, q.device, window)
         if alibi_slopes is not None:  # positions in the global packed sequence (documents never mix)
-            global_offsets = torch.tensor(offsets, dtype=torch.int64) * world_size
             positions = tuple(varlen_token_index(global_offsets, layout, r, world_size).to(q.device)
                               for r in range(world_size))
     kernel = select_block_kernel(q, k, v, schedule.bands(), deterministic, backend or None,

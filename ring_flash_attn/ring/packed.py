@@ -7,19 +7,24 @@ causal block. The result is one varlen kernel call per job for all documents tog
 local rows (the parts of a document a job does not use are documents without keys or queries, so
 nothing is gathered by index), built once per call -- or once for many calls, since
 :func:`varlen_ring_schedule` is cached on the offsets.
+
+With a sliding window each document gets its own batch schedule, and the balanced layout (chunks of
+any size, :func:`ring_flash_attn.core.layouts.balanced_bounds`; global offsets) its own jobs from its
+chunks: the blocks are cut into flash window pieces and grouped into varlen calls.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence, Tuple, Union
 
 import torch
 
-from ..core.layouts import check_layout, local_divisor
-from ..core.mask import Band, VarlenMeta, WindowCalls, tiled_meta
-from .schedules import BlockJob, RingSchedule, block_jobs, ring_schedule
+from ..core.layouts import Segment, balanced_bounds, balanced_local_offsets, check_layout, local_divisor, segments
+from ..core.mask import Band, VarlenMeta, WindowCalls, position_bounds, tiled_meta
+from .schedules import BlockJob, RingSchedule, ring_schedule, segment_jobs
 
 TEMPLATE_LEN = 64  # local length of the template schedule; a multiple of every layout's divisor
 
@@ -73,22 +78,57 @@ def _all_rows_job(meta: VarlenMeta, total: int) -> BlockJob:
     return BlockJob(slice(0, total), slice(0, total), Band(), meta)
 
 
+DocumentBlocks = Tuple[Tuple[Segment, ...], Tuple[Segment, ...], int, int]  # q and k segments, their first local rows
+
+
+def _per_document_jobs(documents: Sequence[DocumentBlocks], same_tokens: bool, total: int, causal: bool,
+                       window: Tuple[int, int], device) -> Tuple[Tuple[BlockJob, ...], Tuple[Band, ...]]:
+    """Each document's blocks (its query and key segments, positions within the document) cut into
+    flash window pieces and grouped into varlen calls over all ``total`` local rows
+    (:class:`WindowCalls`); also the blocks' bands, for choosing a kernel."""
+    calls, bands = WindowCalls(), set()
+    bounds = position_bounds(causal, window)
+    for qsegs, ksegs, q_at, k_at in documents:
+        for job in segment_jobs(qsegs, ksegs, *bounds, same_tokens):
+            bands.add(job.band)
+            calls.add(job.band, job.q.stop - job.q.start, job.kv.stop - job.kv.start, q_at + job.q.start,
+                      k_at + job.kv.start)
+    jobs = tuple(_all_rows_job(meta, total) for meta in calls.metas(total, total, device))
+    return jobs, tuple(bands)
+
+
 def _windowed_jobs(layout: str, offsets: Sequence[int], world_size: int, rank: int, src: int, causal: bool,
                    window: Tuple[int, int], device) -> Tuple[Tuple[BlockJob, ...], Tuple[Band, ...]]:
     """Jobs with a sliding window: each document's own batch schedule (the window is in tokens, so it
-    does not scale with the document), its blocks cut into flash window pieces and grouped into
-    varlen calls (:class:`WindowCalls`). Also the blocks' bands, for choosing a kernel."""
-    calls, bands = WindowCalls(), set()
+    does not scale with the document)."""
+    documents = []
     for start, stop in zip(offsets[:-1], offsets[1:]):
-        if stop == start:
-            continue
-        for job in block_jobs(layout, rank, src, world_size, stop - start, causal, window):
-            bands.add(job.band)
-            calls.add(job.band, job.q.stop - job.q.start, job.kv.stop - job.kv.start, start + job.q.start,
-                      start + job.kv.start)
-    total = offsets[-1]
-    jobs = tuple(_all_rows_job(meta, total) for meta in calls.metas(total, total, device))
-    return jobs, tuple(bands)
+        if stop > start:
+            documents.append((segments(layout, rank, world_size, stop - start),
+                              segments(layout, src, world_size, stop - start), start, start))
+    return _per_document_jobs(documents, src == rank, offsets[-1], causal, window, device)
+
+
+def _chunk_segments(edges: Sequence[int], rank: int, world_size: int) -> Tuple[Segment, ...]:
+    """Rank ``rank``'s non-empty chunks of one document of the balanced layout, as segments."""
+    segs, at = [], 0
+    for chunk in (rank, 2 * world_size - 1 - rank):
+        length = edges[chunk + 1] - edges[chunk]
+        if length:
+            segs.append(Segment(at, length, edges[chunk], 1))
+            at += length
+    return tuple(segs)
+
+
+def _balanced_jobs(offsets: Tuple[int, ...], world_size: int, rank: int, src: int, causal: bool,
+                   window: Tuple[int, int], device) -> Tuple[Tuple[BlockJob, ...], Tuple[Band, ...]]:
+    """Jobs of the balanced layout (global ``offsets``): per document, rank ``rank``'s chunks against
+    rank ``src``'s, each rank's documents at its own local offsets."""
+    q_offsets = balanced_local_offsets(offsets, rank, world_size)
+    k_offsets = balanced_local_offsets(offsets, src, world_size)
+    documents = [(_chunk_segments(edges, rank, world_size), _chunk_segments(edges, src, world_size), q_at, k_at)
+                 for edges, q_at, k_at in zip(balanced_bounds(offsets, world_size), q_offsets, k_offsets)]
+    return _per_document_jobs(documents, src == rank, offsets[-1] // world_size, causal, window, device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,16 +155,22 @@ def varlen_ring_schedule(
     layout: str, offsets: Tuple[int, ...], world_size: int, causal: bool, device: torch.device,
     window: Tuple[int, int] = (-1, -1),
 ) -> VarlenRingSchedule:
-    """Jobs for a packed local sequence with local cu_seqlens ``offsets`` (host ints)."""
-    check_layout(layout)
-    check_local_offsets(layout, offsets)
+    """Jobs for a packed sequence: local cu_seqlens ``offsets`` (host ints) of a per-document layout,
+    or the global ones of the balanced layout."""
     ranks = range(world_size)
-    if tuple(window) != (-1, -1):
-        built = [[_windowed_jobs(layout, offsets, world_size, r, s, causal, window, device) for s in ranks]
-                 for r in ranks]
+    if layout == "balanced" or tuple(window) != (-1, -1):
+        if layout == "balanced":
+            pair_jobs = functools.partial(_balanced_jobs, offsets, world_size)
+        else:
+            check_layout(layout)
+            check_local_offsets(layout, offsets)
+            pair_jobs = functools.partial(_windowed_jobs, layout, offsets, world_size)
+        built = [[pair_jobs(r, s, causal, window, device) for s in ranks] for r in ranks]
         jobs = tuple(tuple(built[r][s][0] for s in ranks) for r in ranks)
         bands = tuple(sorted({b for row in built for _, bs in row for b in bs}, key=repr))
         return VarlenRingSchedule(RingSchedule(world_size, jobs), jobs, bands)
+    check_layout(layout)
+    check_local_offsets(layout, offsets)
     template = ring_schedule(layout, world_size, TEMPLATE_LEN, causal, trim=False)
     jobs = tuple(
         tuple(tuple(j for j in (_document_job(t, offsets, causal, device) for t in template.jobs_for(r, s)) if j)

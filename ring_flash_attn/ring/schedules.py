@@ -78,18 +78,18 @@ def _merge_full_cells(qsegs, ksegs, cells: Dict[Tuple[int, int], Band]) -> List[
     return jobs
 
 
-@lru_cache(maxsize=4096)
-def block_jobs(layout: str, rank: int, src: int, world_size: int, local_len: int, causal: bool,
-               window: Tuple[int, int] = (-1, -1)) -> Tuple[BlockJob, ...]:
-    """Jobs for rank ``rank`` attending to the K/V block that rank ``src`` owns, under the causal
-    and sliding-window (flash-attn's ``window_size``) mask on global positions."""
-    qsegs = segments(layout, rank, world_size, local_len)
-    ksegs = segments(layout, src, world_size, local_len)
-    lo_pos, hi_pos = position_bounds(causal, window)
-    if lo_pos is None and hi_pos == 0 and src == rank:
+def segment_jobs(qsegs: Tuple[Segment, ...], ksegs: Tuple[Segment, ...], lo_pos: Optional[int],
+                 hi_pos: Optional[int], same_tokens: bool) -> Tuple[BlockJob, ...]:
+    """Jobs for queries ``qsegs`` against keys ``ksegs`` (slices of the local rows the segments give)
+    under ``lo_pos <= key position - query position <= hi_pos``; ``same_tokens``: the keys are the
+    queries' own tokens."""
+    if not qsegs or not ksegs:
+        return ()
+    if lo_pos is None and hi_pos == 0 and same_tokens:
         # Positions increase along every rank's local tokens, so causality on positions is
         # causality on local indices: one kernel call however many segments the rank holds.
-        return (BlockJob(slice(0, local_len), slice(0, local_len), Band(None, 0)),)
+        span = _span(qsegs)
+        return (BlockJob(span, span, Band(None, 0)),)
     cells = {}
     for qi, qs in enumerate(qsegs):
         for kj, ks in enumerate(ksegs):
@@ -97,6 +97,15 @@ def block_jobs(layout: str, rank: int, src: int, world_size: int, local_len: int
             if band is not None:
                 cells[(qi, kj)] = band
     return tuple(_merge_full_cells(qsegs, ksegs, cells))
+
+
+@lru_cache(maxsize=4096)
+def block_jobs(layout: str, rank: int, src: int, world_size: int, local_len: int, causal: bool,
+               window: Tuple[int, int] = (-1, -1)) -> Tuple[BlockJob, ...]:
+    """Jobs for rank ``rank`` attending to the K/V block that rank ``src`` owns, under the causal
+    and sliding-window (flash-attn's ``window_size``) mask on global positions."""
+    return segment_jobs(segments(layout, rank, world_size, local_len), segments(layout, src, world_size, local_len),
+                        *position_bounds(causal, window), src == rank)
 
 
 def without_empty_edges(job: BlockJob) -> BlockJob:

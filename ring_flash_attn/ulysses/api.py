@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..core.docs import ULYSSES_DOCS, ULYSSES_VARLEN_DOCS
 from ..core.eager import public
-from ..core.layouts import ALLGATHER_LAYOUTS, LAYOUTS, local_divisor
+from ..core.layouts import ALLGATHER_LAYOUTS, LAYOUTS, RING_VARLEN_LAYOUTS, local_divisor
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_options, check_qkv,
                                check_same_call_across_group, check_sinks, default_scale, kernel_ready,
                                normalized_window, unpack)
@@ -27,7 +27,7 @@ Group = Union[None, dist.ProcessGroup, UlyssesRingGroups]
 
 
 def _check_ring_layout(ring_layout: str, packed: bool) -> None:
-    allowed = LAYOUTS + (ALLGATHER_LAYOUTS if packed else ())
+    allowed = RING_VARLEN_LAYOUTS + ALLGATHER_LAYOUTS if packed else LAYOUTS
     if ring_layout not in allowed:
         raise ValueError(f"unknown ring_layout {ring_layout!r}; expected one of {allowed}")
 

@@ -70,14 +70,14 @@ def packed_inner_offsets(cu_seqlens: Tensor, max_seqlen: int, layout: str, local
     """The ``(cu_seqlens, max_seqlen)`` the ring shard's attention takes, from the *global*
     ``cu_seqlens`` of a packed batch whose ``local_tokens`` per rank over ``world_size`` ranks make
     the whole pack (read on the host, once per tensor). The ring family over ``ring_degree > 1``
-    ranks takes local offsets (every document split as its layout needs); the all-gather family and
-    a ring of one rank the global ones."""
+    ranks takes local offsets (every document split as its layout needs); the balanced layout, the
+    all-gather family and a ring of one rank the global ones."""
     offsets = host_offsets(cu_seqlens)
     if offsets[-1] != local_tokens * world_size:
         raise ValueError(f"cu_seqlens (global) ends at {offsets[-1]}, but {world_size} ranks x {local_tokens} local "
                          f"tokens = {local_tokens * world_size}")
     check_cu_seqlens(offsets, offsets[-1], max_seqlen=max_seqlen)
-    if layout in ALLGATHER_LAYOUTS or ring_degree == 1:
+    if layout in ALLGATHER_LAYOUTS or layout == "balanced" or ring_degree == 1:
         return cu_seqlens, max_seqlen
     check_document_lengths(offsets, layout, ring_degree)
     return torch.tensor([x // ring_degree for x in offsets], dtype=torch.int32), max_seqlen // ring_degree

@@ -24,7 +24,8 @@ TOLERANCE = {"fp64": (1e-12, 1e-12), "fp32": (1e-5, 1e-5), "fp16": (3e-3, 1e-4),
 PACKINGS = ("func", "kvpacked", "qkvpacked")
 # the one table of public function names: layout -> name prefix (varlen layouts of the all-gather family too)
 PREFIX = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn",
-          "llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn", "ulysses": "ulysses_flash_attn"}
+          "llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn", "ulysses": "ulysses_flash_attn",
+          "balanced": "balanced_ring_flash_attn", "balanced_llama3": "balanced_llama3_flash_attn"}
 
 
 def public_function(layout: str, packing: str = "func", varlen: bool = False):

@@ -21,10 +21,12 @@ from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varl
 
 def fit_documents(layout: str, world_size: int, lengths: Tuple[int, ...]) -> Tuple[int, ...]:
     """``lengths`` made acceptable to the layout: zigzag_llama3 rounds every document up to a multiple
-    of 2W; the whole-pack layouts lengthen the last one until the pack splits (llama3: W equal parts,
-    packed_zigzag: 2W chunks)."""
+    of 2W; the balanced layouts get an end-padding document (``pad_pack``); the whole-pack layouts
+    lengthen the last one until the pack splits (llama3: W equal parts, packed_zigzag: 2W chunks)."""
     if layout == "zigzag_llama3":
         return tuple(n + (-n) % (2 * world_size) for n in lengths)
+    if layout in ("balanced", "balanced_llama3"):
+        return lengths + ((-sum(lengths) % world_size,) if sum(lengths) % world_size else ())
     unit = world_size * (2 if layout == "packed_zigzag" else 1)
     return (*lengths[:-1], lengths[-1] + (-sum(lengths)) % unit)
 
@@ -119,6 +121,8 @@ def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv, sinks=None):
                     "qkvpacked": qkv.unbind(1) if qkv is not None else None}[case.packing]
         return packed_allgather("packed_zigzag", *unpacked, cu, heads_k_stride=case.heads_k_stride, **common)
     fn = public_function(case.layout, case.packing, varlen=True)
+    if case.layout == "balanced":  # the ring family with the global cu_seqlens
+        return fn(*first, cu, max(case.doc_lengths), **common)
     if case.layout == "llama3":
         prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, case.causal, rank, w)
         stride = case.heads_k_stride or case.nheads_k
