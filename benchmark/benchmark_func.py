@@ -2,8 +2,10 @@
 
 Run with ``torchrun --nproc_per_node N benchmark/benchmark_func.py [flags]``; without torchrun it
 runs at world size 1. NCCL on GPUs, gloo on CPU (with small default sizes). ``--varlen`` runs the
-packed-document variants (ring / zigzag / stripe per document, llama3, zigzag_llama3) on a batch
-of several documents with the same total length.
+packed-document variants (ring / zigzag / stripe per document, llama3, zigzag_llama3, balanced,
+balanced_llama3) on a batch of several documents with the same total length; ``--mix`` draws the
+documents from one of ``benchmark/balance.py``'s mixes instead (any lengths: for the variants that
+take them, llama3 and the balanced ones).
 
 For each variant it prints the max error of out and dq/dk/dv (relative to the largest value)
 against single-device attention on the whole sequence (float32 SDPA per document), a verdict
@@ -33,12 +35,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ring_flash_attn as rfa
+from balance import MIX_BY_NAME, mix_lengths  # benchmark/balance.py, beside this file
 from ring_flash_attn.kernels import AUTO_ORDER, BACKENDS, BlockOptions, KernelCall
 from ring_flash_attn.core.mask import Band, VarlenMeta
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, varlen_token_index
 
 BATCH_VARIANTS = {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn", "stripe": "stripe_flash_attn"}
-VARLEN_VARIANTS = {**BATCH_VARIANTS, "llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn"}
+VARLEN_VARIANTS = {**BATCH_VARIANTS, "llama3": "llama3_flash_attn", "zigzag_llama3": "zigzag_llama3_flash_attn",
+                   "balanced": "balanced_ring_flash_attn", "balanced_llama3": "balanced_llama3_flash_attn"}
+ALLGATHER_VARIANTS = ("zigzag_llama3", "balanced_llama3")  # take heads_k_stride as a keyword
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DOC_FRACTIONS = (3 / 8, 1 / 4, 1 / 8, 1 / 8, 1 / 16, 1 / 16)  # --varlen: documents as parts of the total
 
@@ -68,6 +73,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5 if gpu else 1)
     p.add_argument("--repeats", type=int, default=5 if gpu else 3)
     p.add_argument("--no-check", action="store_true", help="skip the error check (saves memory)")
+    p.add_argument("--mix", default=None, choices=sorted(MIX_BY_NAME),
+                   help="--varlen: document lengths drawn from this mix of benchmark/balance.py (any lengths: "
+                        "variants llama3, balanced, balanced_llama3)")
     p.add_argument("--ulysses-degree", type=int, default=0,
                    help="run the variants as Ulysses x ring with this Ulysses degree (a divisor of W and of the heads)")
     args = p.parse_args()
@@ -78,6 +86,8 @@ def parse_args() -> argparse.Namespace:
     unknown = [v for v in args.variants if v not in names]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(names)}")
+    if args.mix and not args.varlen:
+        p.error("--mix needs --varlen")
     return args
 
 
@@ -169,6 +179,8 @@ class Problem:
                   "dout": randn(args.nheads)}
         unit = 2 * w * 8
         self.lengths = doc_lengths(self.total, unit) if args.varlen else [self.total]
+        if args.mix:
+            self.lengths = mix_lengths(MIX_BY_NAME[args.mix], w, args.seqlen, seed=0)
         self.cu_seqlens = torch.tensor(offsets(self.lengths), dtype=torch.int32, device=device)
 
     def shard(self, variant: str, tensors: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
@@ -252,7 +264,7 @@ def make_step(args, problem: Problem, variant: str, whole: bool = False,
         kw["window_size"] = tuple(args.window)
     if args.ulysses_degree:
         kw["ring_layout"] = variant
-    elif args.varlen and variant == "zigzag_llama3":
+    elif args.varlen and variant in ALLGATHER_VARIANTS:
         kw["heads_k_stride"] = args.heads_k_stride
     extra = problem.call_args(variant, whole=whole)
     grad = not args.fwd_only
