@@ -112,8 +112,9 @@ ULYSSES_OPTIONS = OPTIONS.replace("""    group: the process group the sequence i
         ``UlyssesRingGroups`` of ``make_ulysses_ring_groups(ulysses_degree, ring_degree)``: Ulysses
         inside each group of ``ulysses_degree`` consecutive ranks, a ring across them.""") + """    ring_layout: keyword-only; how the sequence is split over the ring ranks (see ``group``):
         ``ring``, ``zigzag``, ``stripe``; packed documents also ``balanced`` (any document lengths,
-        balanced), ``llama3``, ``zigzag_llama3``, ``packed_zigzag``, ``balanced_llama3``. Each ring rank's part is cut into ``ulysses_degree`` contiguous pieces
-        (``ring_flash_attn.layouts.shard(..., ulysses_degree=U)``). Ignored with one ring rank.
+        balanced), ``llama3``, ``zigzag_llama3``, ``packed_zigzag``, ``balanced_llama3``. Each ring
+        rank's part is cut into ``ulysses_degree`` contiguous pieces (``ring_flash_attn.layouts.shard``
+        / ``shard_varlen`` with ``ulysses_degree=U``). Ignored with one ring rank.
     head_chunks: keyword-only; each rank's heads are exchanged and attended in up to this many
         chunks, the next chunk's all-to-all running while the current one is attended (1: no
         overlap; capped by the K/V heads per rank).
@@ -136,9 +137,10 @@ Returns:
 
 ULYSSES_VARLEN_DOCS = """
 Args:
-    q: ``(total_local_tokens, nheads, headdim)``: this rank's tokens of the packed batch (pure
-        Ulysses: the contiguous r-th 1/W of the pack, documents crossing rank boundaries freely;
-        ``ring_flash_attn.layouts.shard_varlen(x, cu_seqlens, "llama3", r, W)``).
+    q: ``(total_local_tokens, nheads, headdim)``: this rank's tokens of the packed batch, from
+        ``ring_flash_attn.layouts.shard_varlen(x, cu_seqlens, ring_layout, r, W, ulysses_degree=U)``
+        (pure Ulysses: ``ulysses_degree=W``, the contiguous r-th 1/W of the pack, documents crossing
+        rank boundaries; without ``ulysses_degree`` shard_varlen splits every document instead).
     k, v: ``(total_local_tokens, nheads_k, headdim)``; ``kvpacked``: ``kv (total_local_tokens, 2,
         nheads_k, headdim)``; ``qkvpacked``: ``qkv (total_local_tokens, 3, nheads, headdim)``.
     cu_seqlens: int32 / int64: the *global* document offsets. Pure Ulysses needs no divisibility
