@@ -1,8 +1,11 @@
 """transformers integration on CPU over gloo (no downloads): tiny Llama (GQA) / Qwen2 / Qwen3 built
 from configs, W in {2, 3, 4}, zigzag and contiguous layouts, one sequence and a packed batch of
-documents, ring and Ulysses x ring (ulysses_degree 2 and 4, pure Ulysses included), through the
-attention registry and through ring-flash-attn's substitute_hf_flash_attn:
-gathered logits, loss and summed parameter gradients equal the single-process eager model."""
+documents (given by set_packed_batch, before or after the registration, or only by restarting
+position ids), ring and Ulysses x ring (ulysses_degree 2 and 4, pure Ulysses included), through the
+attention registry (one name or two with different settings) and through ring-flash-attn's
+substitute_hf_flash_attn: gathered logits, loss and summed parameter gradients equal the
+single-process eager model. What the adapter cannot honour (masks, a KV cache, rows that do not
+split) raises."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from helpers.dist_pool import WorkerError  # noqa: E402
 from helpers.hf_cases import ModelCase, check, model_available  # noqa: E402
 from ring_flash_attn.adapters import pad_for_layout, shard_inputs, shift_labels  # noqa: E402
 
@@ -31,6 +35,13 @@ CASES = (
     + [ModelCase("gpt-oss", "zigzag", 4, packed, ulysses_degree=2) for packed in (False, True)]
     + [ModelCase("llama", "zigzag", 2, batch=2), ModelCase("llama", "ring", 2, True, path="substitute"),
        ModelCase("qwen2", "ring", 3, True, path="substitute"), ModelCase("gpt-oss", "ring", 2, True, path="substitute")]
+    # documents only in the position ids (restarting at 0, no set_packed_batch): found across the ranks' shards
+    + [ModelCase(m, layout, w, True, documents="position_ids") for m, w, layout in itertools.product(
+        ("llama", "mistral"), (2, 3), ("zigzag", "ring"))]
+    + [ModelCase("llama", layout, 2, True, ulysses_degree=2, documents="position_ids") for layout in ("zigzag", "ring")]
+    # set_packed_batch before register_ring_attention
+    + [ModelCase("llama", layout, 2, True, ulysses_degree=u, batch_first=True) for layout, u in itertools.product(
+        ("zigzag", "ring"), (1, 2))]
 )
 
 
@@ -103,3 +114,84 @@ def test_what_the_adapter_cannot_honour_is_refused():
                             ({"output_attentions": True}, "output_attentions"), ({"chunk_size": 4}, "chunk_size")):
         with pytest.raises(ValueError, match=f"layer 1 .*{message}"):
             hf.ring_attention_forward(layer, q, q[:, :2], q[:, :2], None, **option)
+
+
+PAIRS = [(ModelCase("llama", "zigzag", 2), ModelCase("llama", "ring", 2, True)),
+         (ModelCase("llama", "ring", 2, True, ulysses_degree=2), ModelCase("qwen3", "zigzag", 2))]
+
+
+@pytest.mark.parametrize("first,second", PAIRS, ids=[f"{a.id()}+{b.id()}" for a, b in PAIRS])
+def test_two_registrations_keep_their_settings(dist_pool, first, second):
+    """register_ring_attention(name="ring_a", ...) then (name="ring_b", other layout / Ulysses degree):
+    each model runs with the settings of its own name."""
+    per_rank = dist_pool(2).run("helpers.hf_cases:two_registrations", first=first, second=second)
+    check(first, [r[0] for r in per_rank])
+    check(second, [r[1] for r in per_rank])
+
+
+def test_documents_from_position_ids():
+    """transformers' rule: a document starts wherever a position is not the previous one + 1; a row
+    that never restarts (also one starting past 0) is one sequence."""
+    from ring_flash_attn.adapters.hf import RingAttentionSettings, documents_from_position_ids
+
+    found = documents_from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 5, 6]]), RingAttentionSettings(), (1, 7))
+    assert found.cu_seqlens.tolist() == [0, 3, 5, 7] and found.max_seqlen == 3
+    for plain in (torch.arange(6)[None], torch.arange(4, 10)):
+        assert documents_from_position_ids(plain, RingAttentionSettings(), (1, 6)) is None
+
+
+def test_restarting_position_ids_refused_where_not_exact():
+    """Documents in several rows, or position ids that do not match the queries: a ValueError."""
+    from ring_flash_attn.adapters import hf
+
+    hf.set_packed_batch(None)
+    q = torch.randn(2, 2, 6, 8)
+    restarting = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    with pytest.raises(ValueError, match="packed documents need one row"):
+        hf.ring_attention_forward(torch.nn.Module(), q, q, q, None, position_ids=restarting)
+    with pytest.raises(ValueError, match="set_packed_batch"):
+        hf.ring_attention_forward(torch.nn.Module(), q, q, q, None, position_ids=torch.arange(5)[None])
+    hf.ring_attention_forward(torch.nn.Module(), q, q, q, None, position_ids=torch.arange(6)[None])  # not packed
+
+
+def test_compiled_model_with_restarting_position_ids():
+    """Inside a compiled graph the documents cannot be read from position_ids: fullgraph raises an error
+    naming set_packed_batch; a graph break runs that part eagerly and gets them right."""
+    from helpers.hf_cases import build_model
+    from ring_flash_attn.adapters import hf
+
+    model = build_model("llama")
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    want = torch.cat([model(input_ids=ids[:, :5]).logits, model(input_ids=ids[:, 5:]).logits], 1)
+    model.set_attn_implementation(hf.register_ring_attention(None))
+    hf.set_packed_batch(None)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"set_packed_batch\(None, from_position_ids=False\)"):
+        torch.compile(model, backend="eager", fullgraph=True)(input_ids=ids, position_ids=positions)
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="eager")(input_ids=ids, position_ids=positions).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("path", ["registry", "substitute"])
+def test_generate_with_a_kv_cache_is_refused(dist_pool, path):
+    """generate()'s first decode step (keys from the KV cache): every rank raises, saying that decoding
+    with a KV cache is not supported and what to use instead."""
+    case = ModelCase("llama", "ring", 2, packed=path == "substitute", path=path)
+    with pytest.raises(WorkerError, match="decoding with a KV cache is not supported") as failure:
+        dist_pool(2).run("helpers.hf_cases:generate_with_cache", case=case)
+    message = str(failure.value)
+    assert message.count("decoding with a KV cache is not supported") == 2, message
+    assert "set_attn_implementation('sdpa')" in message
+
+
+def test_rows_that_do_not_split_name_pad_for_layout(dist_pool):
+    """shard_inputs on a row the layout cannot split: every rank's error names pad_for_layout (the
+    adapter refuses masks, so the core's "mask the padding" would mislead)."""
+    with pytest.raises(WorkerError, match="pad_for_layout") as failure:
+        dist_pool(2).run("helpers.hf_cases:shard_row", length=9, layout="zigzag")
+    assert str(failure.value).count("pad_for_layout(input_ids, labels, cu_seqlens, layout='zigzag', world_size=2)") == 2
+    assert "mask the padding" not in str(failure.value)
+    dist_pool(2).run("helpers.hf_cases:shard_row", length=12, layout="zigzag")

@@ -4,7 +4,8 @@
 :func:`register_ring_attention` adds ``"ring_attention"`` to ``AttentionInterface`` (and a no-op mask
 builder to ``AttentionMaskInterface`` where it exists), so
 ``from_pretrained(..., attn_implementation="ring_attention")`` or
-``model.set_attn_implementation("ring_attention")`` routes every attention layer here;
+``model.set_attn_implementation("ring_attention")`` routes every attention layer here (each registered
+name keeps its own settings: a model runs with those of its ``config._attn_implementation``);
 :func:`set_packed_batch` gives the global ``cu_seqlens`` of the current packed batch. (ring-flash-attn
 0.1.x's ``substitute_hf_flash_attn`` / ``update_ring_flash_attn_params`` path lives in
 :mod:`ring_flash_attn.adapters.hf_adapter`.)
@@ -15,12 +16,15 @@ The attention function receives this rank's shard of the sequence (see
 ``packed_zigzag``) or ``ring`` / ``llama3``
 (contiguous shards; packed batches use llama3). With ``ulysses_degree > 1`` it runs Ulysses x ring
 (:mod:`ring_flash_attn.ulysses`): all-to-all inside groups of ``ulysses_degree`` consecutive ranks, the
-layout's ring across them. It ignores ``attention_mask``: causality comes from the layer, document
-boundaries from ``cu_seqlens``.
+layout's ring across them. It takes no ``attention_mask``: causality comes from the layer, document
+boundaries from :func:`set_packed_batch`'s ``cu_seqlens``, else from where the row's ``position_ids``
+restart (all-gathered once per forward: each rank holds only its shard of them). Decoding with a KV
+cache (``generate()``) is refused.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -34,6 +38,7 @@ from ..core.validation import group_rank_and_size
 from ..ring.api import ring_flash_attn_func, zigzag_ring_flash_attn_func
 from ..ulysses.api import ulysses_flash_attn_func, ulysses_flash_attn_varlen_func
 from ..ulysses.groups import UlyssesRingGroups, make_ulysses_ring_groups
+from .sequence import gather_sequence
 
 
 # Not "ring_flash_attention": transformers 5 treats every implementation whose name contains "flash"
@@ -43,35 +48,79 @@ RING_ATTENTION_NAME = "ring_attention"
 
 @dataclass
 class RingAttentionSettings:
+    """What one registered implementation name runs (:func:`register_ring_attention`'s arguments)."""
+
     group: Optional[dist.ProcessGroup] = None
     layout: str = "zigzag"  # "zigzag" or "ring" (llama3 for packed batches)
     heads_k_stride: Optional[int] = None
     backend: Optional[str] = None
     ulysses: Optional[UlyssesRingGroups] = None  # Ulysses x ring when ulysses_degree > 1
 
+    @property
+    def ulysses_degree(self) -> int:
+        """Ranks per Ulysses all-to-all group (1: the ring alone)."""
+        return 1 if self.ulysses is None else self.ulysses.ulysses_degree
 
-SETTINGS = RingAttentionSettings()
+
+# every registered name's settings: a model runs with those of its config._attn_implementation
+_SETTINGS: Dict[str, RingAttentionSettings] = {}
+
+
+def settings_for(name: Optional[str]) -> RingAttentionSettings:
+    """The settings registered under ``name``; for a name never registered through
+    :func:`register_ring_attention`, those of ``"ring_attention"`` (or the defaults)."""
+    if name in _SETTINGS:
+        return _SETTINGS[name]
+    return _SETTINGS.get(RING_ATTENTION_NAME, RingAttentionSettings())
 
 
 @dataclass
 class PackedBatch:
-    """The packed batch of the next forwards: its global ``cu_seqlens``, its longest document and, once
-    computed, the llama3 arguments per ``causal`` (every layer reuses them; a new batch starts empty)."""
+    """The documents of a packed row: their global ``cu_seqlens``, the longest one and, once computed,
+    the llama3 arguments per ``(causal, rank, world size)`` (every layer reuses them)."""
 
     cu_seqlens: torch.Tensor
-    max_seqlen: int = 0
-    llama3_args: Dict[bool, Tuple] = field(default_factory=dict)
+    max_seqlen: int
+    llama3_args: Dict[Tuple[bool, int, int], Tuple] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor) -> "PackedBatch":
+        """The batch of global ``cu_seqlens`` (its longest document read once, here; an empty pack is
+        refused by the attention functions)."""
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        return cls(cu_seqlens, int(lengths.max()) if lengths.numel() else 0)
 
 
-_BATCH: Optional[PackedBatch] = None
+@dataclass
+class _DerivedDocuments:
+    """Documents found from one forward's position ids (every layer gets the same tensor)."""
+
+    position_ids: torch.Tensor
+    version: int
+    settings: RingAttentionSettings
+    batch: Optional[PackedBatch]
+
+
+_BATCH: Optional[PackedBatch] = None  # set_packed_batch(cu_seqlens)
+_FROM_POSITION_IDS = True  # without cu_seqlens: documents where position_ids restart
+_DERIVED: Optional[_DerivedDocuments] = None
 
 
 def _llama3_args(batch: PackedBatch, causal: bool, group) -> Tuple:
-    """llama3_flash_attn_prepare_cu_seqlens once per packed batch, reused by every layer."""
-    if causal not in batch.llama3_args:
-        rank, world = group_rank_and_size(group)
-        batch.llama3_args[causal] = llama3_flash_attn_prepare_cu_seqlens(batch.cu_seqlens, causal, rank, world)
-    return batch.llama3_args[causal]
+    """llama3_flash_attn_prepare_cu_seqlens once per packed batch and group, reused by every layer."""
+    rank, world = group_rank_and_size(group)
+    key = (causal, rank, world)
+    if key not in batch.llama3_args:
+        batch.llama3_args[key] = llama3_flash_attn_prepare_cu_seqlens(batch.cu_seqlens, causal, rank, world)
+    return batch.llama3_args[key]
+
+
+def _prepare_llama3(batch: PackedBatch, settings: RingAttentionSettings) -> None:
+    """Prepare, outside the model, what a ``ring``-layout registration's layers need for ``batch`` (so a
+    compiled model does no host work on ``cu_seqlens``)."""
+    if settings.ulysses is None and MODEL_LAYOUTS[settings.layout] == "ring":
+        for causal in (True, False):
+            _llama3_args(batch, causal, settings.group)
 
 
 def window_size_of(sliding_window: Optional[int]) -> Tuple[int, int]:
@@ -92,6 +141,7 @@ def ring_attention_forward(
     sliding_window: Optional[int] = None,
     softcap: Optional[float] = None,
     s_aux: Optional[torch.Tensor] = None,
+    implementation: Optional[str] = None,
     **kwargs,
 ) -> Tuple[torch.Tensor, None]:
     """transformers attention function: ``query (B, H, S, D)`` -> ``(out (B, S, H, D), None)``.
@@ -99,35 +149,118 @@ def ring_attention_forward(
     Honoured: ``scaling``, ``dropout``, ``sliding_window`` (``w``: a query sees its last ``w`` keys,
     itself included, as transformers' masks define it; ``window_size=(w - 1, w - 1)``, causal layers
     cutting the right side to 0), ``softcap`` (Gemma 2's logit soft-capping), ``s_aux`` (gpt-oss's
-    attention sinks), ``is_causal``. Anything else that would change the result -- an attention
-    mask, cu_seq_lens / max_length arguments, ``output_attentions`` -- raises a ``ValueError`` naming
-    the layer and the option (:func:`check_model_kwargs`)."""
+    attention sinks), ``is_causal``, ``position_ids`` (documents of a packed row, where no
+    :func:`set_packed_batch` gave them). Anything else that would change the result -- an attention
+    mask, cu_seq_lens / max_length arguments, ``output_attentions``, keys from a KV cache -- raises a
+    ``ValueError`` naming the layer and the option (:func:`check_model_kwargs`).
+
+    ``implementation``: the registered name whose settings apply (the function registered under a
+    name passes it); ``None``: the module's ``config._attn_implementation``."""
     check_model_kwargs(module, attention_mask, kwargs)
+    check_no_kv_cache(module, query, key)
+    if implementation is None:
+        implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    s = settings_for(implementation)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
-    s = SETTINGS
     options = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, softcap=softcap or 0.0, group=s.group,
                    backend=s.backend, window_size=window_size_of(sliding_window), sinks=s_aux)
     layout = MODEL_LAYOUTS[s.layout]
+    batch = packed_batch_of_forward(s, kwargs.get("position_ids"), q.shape[:2])
+    if batch is not None and q.shape[0] != 1:
+        raise ValueError(f"packed batches (cu_seqlens set) need batch size 1, got {q.shape[0]}")
     if s.ulysses is not None:
-        return _ulysses_forward(q, k, v, layout, options), None
-    if _BATCH is None:
+        return _ulysses_forward(q, k, v, layout, s.ulysses, batch, options), None
+    if batch is None:
         fn = zigzag_ring_flash_attn_func if layout == "zigzag" else ring_flash_attn_func
         return fn(q, k, v, **options), None
-    if q.shape[0] != 1:
-        raise ValueError(f"packed batches (cu_seqlens set) need batch size 1, got {q.shape[0]}")
     if layout == "zigzag":  # the pack is sharded as one sequence (sequence.shard_inputs)
-        out = packed_allgather("packed_zigzag", q[0], k[0], v[0], _BATCH.cu_seqlens, heads_k_stride=s.heads_k_stride,
+        out = packed_allgather("packed_zigzag", q[0], k[0], v[0], batch.cu_seqlens, heads_k_stride=s.heads_k_stride,
                                **options)
         return out[None], None
-    prepared = _llama3_args(_BATCH, causal, s.group)
+    prepared = _llama3_args(batch, causal, s.group)
     stride = s.heads_k_stride or k.shape[2]
     out = llama3_flash_attn_varlen_func(q[0], k[0], v[0], *prepared[:4], stride, prepared[4], **options)
     return out[None], None
 
 
-# keyword arguments transformers passes that do not change the attention (positions reach RoPE
-# before this function; caches and router outputs are the model's business)
+def check_no_kv_cache(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
+    """Refuse keys longer than the queries (``(B, H, S, D)``): they come from a KV cache (``generate()``'s
+    decode steps), which ring attention does not support."""
+    if key.shape[-2] != query.shape[-2]:
+        raise ValueError(
+            f"ring_attention, layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__}): got "
+            f"{query.shape[-2]} queries and {key.shape[-2]} keys, i.e. keys from a KV cache (generate()): "
+            "decoding with a KV cache is not supported by ring attention (each rank holds a shard of the "
+            "sequence). For generation switch the model to its normal attention, e.g. "
+            "model.set_attn_implementation('sdpa'), and run the whole sequence on one rank")
+
+
+def packed_batch_of_forward(settings: RingAttentionSettings, position_ids: Optional[torch.Tensor],
+                            batch_shape: Tuple[int, int]) -> Optional[PackedBatch]:
+    """The documents this forward runs on: :func:`set_packed_batch`'s, else those of the row's
+    ``position_ids`` (:func:`documents_from_position_ids`, found once per forward), else none.
+
+    Args:
+        settings: the registration the layer runs with (its group and layout shard the sequence).
+        position_ids: what transformers passed the layer (this rank's shard), or None.
+        batch_shape: the query's ``(B, S_local)``."""
+    global _DERIVED
+    if _BATCH is not None:
+        return _BATCH
+    if not _FROM_POSITION_IDS or position_ids is None:
+        return None
+    if torch.compiler.is_compiling():
+        raise ValueError("ring_attention cannot find documents from position_ids inside a compiled model (that "
+                         "takes an all-gather and a host read): before the forward call hf.set_packed_batch(cu_seqlens)"
+                         " for a packed row, or hf.set_packed_batch(None, from_position_ids=False) when every row "
+                         "is one sequence")
+    derived = _DERIVED
+    if (derived is not None and derived.position_ids is position_ids and derived.version == position_ids._version
+            and derived.settings is settings):
+        return derived.batch
+    batch = documents_from_position_ids(position_ids, settings, batch_shape)
+    if batch is not None:
+        _prepare_llama3(batch, settings)
+    _DERIVED = _DerivedDocuments(position_ids, position_ids._version, settings, batch)
+    return batch
+
+
+def documents_from_position_ids(position_ids: torch.Tensor, settings: RingAttentionSettings,
+                                batch_shape: Tuple[int, int]) -> Optional[PackedBatch]:
+    """The documents of a row whose ``position_ids`` restart, as transformers finds them (a document
+    starts wherever a position is not the previous one + 1), from every rank's shard: the group
+    all-gathers them (collective: every rank of the group calls it) and puts them back in sequence
+    order. None if no row restarts.
+
+    Args:
+        position_ids: this rank's ``(S_local,)`` or ``(1 or B, S_local)`` position ids.
+        settings: the registration (its group, layout and Ulysses degree sharded the sequence).
+        batch_shape: the query's ``(B, S_local)``."""
+    rows, local_len = batch_shape
+    if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != local_len \
+            or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, rows)):
+        raise ValueError(f"ring_attention: position_ids of shape {tuple(position_ids.shape)} do not match the "
+                         f"queries' (batch, sequence) {tuple(batch_shape)}, so documents cannot be found from them: "
+                         "call hf.set_packed_batch(cu_seqlens) (or hf.set_packed_batch(None, from_position_ids=False)"
+                         " when every row is one sequence)")
+    local = position_ids.reshape(-1, local_len)
+    whole = gather_sequence(local, settings.layout, settings.group, dim=1, ulysses_degree=settings.ulysses_degree)
+    starts = torch.ones_like(whole, dtype=torch.bool)
+    starts[:, 1:] = whole[:, 1:] != whole[:, :-1] + 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    if max(rows, local.shape[0]) != 1:
+        raise ValueError(f"ring_attention: position_ids restart inside a row (packed documents) with batch size "
+                         f"{max(rows, local.shape[0])}; packed documents need one row: concatenate them into one "
+                         "row (or call hf.set_packed_batch(cu_seqlens) for it)")
+    cu_seqlens = torch.cat([starts[0].nonzero().flatten(), torch.tensor([whole.shape[1]], device=whole.device)])
+    return PackedBatch.of(cu_seqlens.to(torch.int32))
+
+
+# keyword arguments transformers passes that check_model_kwargs lets through (position ids reach RoPE
+# before this function and give the documents where set_packed_batch did not; keys from a KV cache are
+# refused by check_no_kv_cache; router outputs are the model's business)
 IGNORED_MODEL_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "output_router_logits",
                                   "past_key_values", "past_key_value", "is_causal"})
 
@@ -139,8 +272,9 @@ def check_model_kwargs(module: torch.nn.Module, attention_mask: Optional[torch.T
     layer = f"ring_attention, layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
     if attention_mask is not None:
         raise ValueError(f"{layer}: got an attention mask ({type(attention_mask).__name__}"
-                         f"{tuple(getattr(attention_mask, 'shape', ()))}); ring attention takes no mask: pack documents "
-                         "with hf.set_packed_batch(cu_seqlens), pad at the end with labels -100")
+                         f"{tuple(getattr(attention_mask, 'shape', ()))}); ring attention takes no mask: pack "
+                         "documents with hf.set_packed_batch(cu_seqlens), pad at the end with "
+                         "adapters.pad_for_layout (labels -100)")
     for name, value in kwargs.items():
         if name in IGNORED_MODEL_KWARGS or value is None or value is False:
             continue
@@ -150,16 +284,15 @@ def check_model_kwargs(module: torch.nn.Module, attention_mask: Optional[torch.T
         raise ValueError(f"{layer}: cannot honour the option {name}={value!r}")
 
 
-def _ulysses_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, options: dict) -> torch.Tensor:
+def _ulysses_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, groups: UlyssesRingGroups,
+                     batch: Optional[PackedBatch], options: dict) -> torch.Tensor:
     """Ulysses x ring for the model path: the layout's ring (packed batches: the pack cut as one
     sequence, ``packed_zigzag`` or ``llama3``)."""
-    options = dict(options, group=SETTINGS.ulysses)
-    if _BATCH is None:
+    options = dict(options, group=groups)
+    if batch is None:
         return ulysses_flash_attn_func(q, k, v, ring_layout=layout, **options)
-    if q.shape[0] != 1:
-        raise ValueError(f"packed batches (cu_seqlens set) need batch size 1, got {q.shape[0]}")
     ring_layout = "packed_zigzag" if layout == "zigzag" else "llama3"
-    out = ulysses_flash_attn_varlen_func(q[0], k[0], v[0], _BATCH.cu_seqlens, _BATCH.max_seqlen,
+    out = ulysses_flash_attn_varlen_func(q[0], k[0], v[0], batch.cu_seqlens, batch.max_seqlen,
                                          ring_layout=ring_layout, **options)
     return out[None]
 
@@ -205,7 +338,9 @@ def register_ring_attention(
             Shard the model inputs with :func:`ring_flash_attn.adapters.shard_inputs` using the same
             layout (and ``ulysses_degree``).
         heads_k_stride: K/V heads gathered at a time by the llama3 family (packed batches).
-        name: the implementation's name in transformers' registry.
+        name: the implementation's name in transformers' registry. The settings belong to it: a model
+            set to this name runs with them whatever other names are registered later (registering
+            the same name again replaces them).
         backend: the block kernel (see ``ring_flash_attn.kernels``).
         ulysses_degree: > 1: Ulysses x ring, all-to-all inside groups of this many consecutive ranks
             (a divisor of the group's size and of the model's attention heads), the layout's ring
@@ -214,25 +349,37 @@ def register_ring_attention(
     """
     if layout not in MODEL_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(MODEL_LAYOUTS)}")
-    SETTINGS.group, SETTINGS.layout, SETTINGS.heads_k_stride, SETTINGS.backend = group, layout, heads_k_stride, backend
-    SETTINGS.ulysses = None
+    ulysses = None
     if ulysses_degree != 1:
         rank, world_size = group_rank_and_size(group)
         _, ring_degree, _ = ring_and_ulysses_rank(rank, world_size, ulysses_degree)
-        SETTINGS.ulysses = make_ulysses_ring_groups(ulysses_degree, ring_degree, group)
-    register_attention_function(name, ring_attention_forward)
+        ulysses = make_ulysses_ring_groups(ulysses_degree, ring_degree, group)
+    settings = _SETTINGS[name] = RingAttentionSettings(group, layout, heads_k_stride, backend, ulysses)
+    if _BATCH is not None:  # set_packed_batch came first
+        _prepare_llama3(_BATCH, settings)
+    register_attention_function(name, functools.partial(ring_attention_forward, implementation=name))
     return name
 
 
-def set_packed_batch(cu_seqlens: Optional[torch.Tensor]) -> None:
-    """Global ``cu_seqlens`` (int32) of the packed batch the next forwards run on; ``None``: not packed.
-    Call it for every batch: arguments derived from the previous batch are dropped here. For the
-    llama3 layout the per-rank arguments are prepared here, outside the model (so a compiled model
-    has no host work on ``cu_seqlens`` in its layers)."""
-    global _BATCH
-    _BATCH = None if cu_seqlens is None else PackedBatch(cu_seqlens)
-    if _BATCH is not None and SETTINGS.ulysses is not None:
-        _BATCH.max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    elif _BATCH is not None and MODEL_LAYOUTS[SETTINGS.layout] == "ring":
-        for causal in (True, False):
-            _llama3_args(_BATCH, causal, SETTINGS.group)
+def set_packed_batch(cu_seqlens: Optional[torch.Tensor], *, from_position_ids: bool = True) -> None:
+    """Global ``cu_seqlens`` (int32) of the packed batch the next forwards run on; ``None``: no
+    ``cu_seqlens``. Call it for every batch: arguments derived from the previous batch are dropped
+    here. For the llama3 layout the per-rank arguments are prepared here, outside the model (so a
+    compiled model has no host work on ``cu_seqlens`` in its layers). Its order with
+    :func:`register_ring_attention` does not matter.
+
+    Args:
+        cu_seqlens: the packed row's document boundaries, or None.
+        from_position_ids: without ``cu_seqlens``, find the documents of a row where its
+            ``position_ids`` restart (what padding-free collators such as transformers'
+            ``DataCollatorWithFlattening`` produce; transformers' rule: a document starts wherever a
+            position is not the previous one + 1). That costs one all-gather of the position ids and
+            one host read per forward, and cannot run inside a compiled model. False: every row is
+            one sequence, ``position_ids`` are not read.
+    """
+    global _BATCH, _FROM_POSITION_IDS, _DERIVED
+    _BATCH = None if cu_seqlens is None else PackedBatch.of(cu_seqlens)
+    _FROM_POSITION_IDS, _DERIVED = bool(from_position_ids), None
+    if _BATCH is not None:
+        for settings in _SETTINGS.values():
+            _prepare_llama3(_BATCH, settings)

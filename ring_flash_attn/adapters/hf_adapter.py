@@ -88,7 +88,15 @@ def _ring_varlen_attention(process_group, heads_k_stride: int, query_states: tor
     """``query_states (1, S_local, H, D)`` of this rank's slice of the packed batch -> ``(1, S_local, H, D)``.
     ``s_aux``: gpt-oss's attention sinks. The rest of what transformers passes (its masks, position ids,
     varlen arguments) is ignored, as ring-flash-attn does: the packed batch is the one of
-    :func:`update_ring_flash_attn_params`."""
+    :func:`update_ring_flash_attn_params`. Keys longer than the queries (a KV cache: ``generate()``) are
+    refused."""
+    if key_states.shape[1] != query_states.shape[1]:
+        raise ValueError(f"ring_flash_attn.adapters.hf_adapter: got {query_states.shape[1]} queries and "
+                         f"{key_states.shape[1]} keys, i.e. keys from a KV cache (generate()): decoding with a KV "
+                         "cache is not supported by ring attention (each rank holds a slice of the sequence). For "
+                         "generation use the model's normal attention on the whole sequence on one rank: "
+                         "use_ring_attn(False) (transformers' flash attention, with flash-attn installed) or "
+                         "model.set_attn_implementation('sdpa')")
     causal = is_causal and not (use_top_left_mask and query_length == 1)
     if not causal:
         raise ValueError("ring_flash_attn.adapters.hf_adapter: update_ring_flash_attn_params prepares causal "

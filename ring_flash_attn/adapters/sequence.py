@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..core.layouts import MODEL_LAYOUTS, document_position_ids, local_divisor, shard, unshard
+from ..core.layouts import MODEL_LAYOUTS, document_position_ids, local_divisor, ring_and_ulysses_rank, shard, unshard
+from ..core.layouts import position_ids as layout_position_ids
 
 IGNORE_INDEX = -100
 
@@ -74,6 +75,7 @@ def shard_inputs(
     ``ulysses_degree`` as given to ``register_ring_attention``."""
     rank, world = _world(group)
     seq_layout = sequence_layout(layout)
+    check_splits(input_ids.shape[1], layout, rank, world, ulysses_degree)
     if position_ids is None:
         if cu_seqlens is not None:
             position_ids = document_position_ids(cu_seqlens, input_ids.device)[None]
@@ -87,6 +89,29 @@ def shard_inputs(
     if labels is not None:
         out["shift_labels"] = part(shift_labels(labels, cu_seqlens))
     return out
+
+
+def check_splits(seqlen: int, layout: str, rank: int, world_size: int, ulysses_degree: int = 1) -> None:
+    """Raise a ``ValueError`` naming :func:`pad_for_layout` unless a row of ``seqlen`` tokens splits over
+    ``world_size`` ranks in ``layout`` (with ``ulysses_degree``).
+
+    Args:
+        seqlen: the global row length.
+        layout: the model layout (``"zigzag"``, ``"ring"`` or ``"llama3"``).
+        rank: this rank in the group.
+        world_size: the group's size.
+        ulysses_degree: as given to ``register_ring_attention``."""
+    if ulysses_degree != 1:
+        ring_and_ulysses_rank(rank, world_size, ulysses_degree)  # a bad degree: its own error
+    try:
+        layout_position_ids(sequence_layout(layout), rank, world_size, seqlen, ulysses_degree=ulysses_degree)
+    except ValueError:
+        ulysses = f" with ulysses_degree={ulysses_degree}" if ulysses_degree != 1 else ""
+        raise ValueError(
+            f"a row of {seqlen} tokens does not split over {world_size} ranks in layout {layout!r}{ulysses}: pad it "
+            f"first with ring_flash_attn.adapters.pad_for_layout(input_ids, labels, cu_seqlens, layout={layout!r}, "
+            f"world_size={world_size}) (padding at the end, labels -100; the model's ring attention takes no "
+            "attention mask)") from None
 
 
 def gather_sequence(local: torch.Tensor, layout: str = "zigzag", group: Optional[dist.ProcessGroup] = None,

@@ -142,7 +142,7 @@ def compiled_tiny_llama(rank: int, world_size: int, layout: str = "zigzag", pack
     model = build_model("llama")
     model.set_attn_implementation(hf.register_ring_attention(None, layout=layout, ulysses_degree=ulysses_degree))
     cu = torch.tensor([0, 3 * world_size, 5 * world_size, 8 * world_size], dtype=torch.int32) if packed else None
-    hf.set_packed_batch(cu)
+    hf.set_packed_batch(cu, from_position_ids=False)  # compiled: position ids are not read
     ids = torch.randint(0, 96, (1, 8 * world_size), generator=torch.Generator().manual_seed(0))
     local = adapters.shard_inputs(ids, ids.clone(), cu_seqlens=cu, layout=layout, ulysses_degree=ulysses_degree)
     inputs = dict(input_ids=local["input_ids"], position_ids=local["position_ids"])

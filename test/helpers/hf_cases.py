@@ -26,11 +26,16 @@ class ModelCase:
     path: str = "registry"  # registry | substitute (ring-flash-attn's substitute_hf_flash_attn)
     batch: int = 1
     ulysses_degree: int = 1  # > 1: Ulysses x ring through the registry
+    # how a packed row's documents are given: "cu_seqlens" (set_packed_batch) or "position_ids" (restarting
+    # at every document, labels -100 at document starts, no cu_seqlens anywhere: a padding-free collator)
+    documents: str = "cu_seqlens"
+    batch_first: bool = False  # set_packed_batch before register_ring_attention
 
     def id(self) -> str:
         ulysses = f"-U{self.ulysses_degree}" if self.ulysses_degree > 1 else ""
-        return (f"W{self.world_size}{ulysses}-{self.model}-{self.layout}-{'packed' if self.packed else 'single'}-"
-                f"{self.path}")
+        packing = ("packed-by-positions" if self.documents == "position_ids" else "packed") if self.packed else "single"
+        order = "-batch-first" if self.batch_first else ""
+        return f"W{self.world_size}{ulysses}-{self.model}-{self.layout}-{packing}-{self.path}{order}"
 
 
 def model_available(name: str) -> bool:
@@ -86,28 +91,56 @@ def batch(case: ModelCase) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.T
     return input_ids, labels, cu
 
 
-def run_rank(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
-    from ring_flash_attn import adapters
+def use_implementation(model: torch.nn.Module, name: str) -> None:
+    """Route the model's attention layers to the registered implementation ``name``."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # transformers < 4.54: what from_pretrained(attn_implementation=name) sets
+        model.config._attn_implementation = name
+
+
+def register(model: torch.nn.Module, case: ModelCase, group, name: Optional[str] = None) -> None:
+    """The case's ring attention for ``model``: the registry (under ``name``, default "ring_attention")
+    or ring-flash-attn's substitute path."""
     from ring_flash_attn.adapters import hf
 
-    group = dist.group.WORLD
-    model = build_model(case.model)
-    input_ids, labels, cu = batch(case)
     if case.path == "substitute":  # ring-flash-attn's path; "ring_attention" is the name to load with sans flash-attn
-        from ring_flash_attn import substitute_hf_flash_attn, update_ring_flash_attn_params
+        from ring_flash_attn import substitute_hf_flash_attn
 
         substitute_hf_flash_attn(group, heads_k_stride=1)
         model.config._attn_implementation = "flash_attention_2"  # what from_pretrained would set
+        return
+    use_implementation(model, hf.register_ring_attention(group, layout=case.layout, ulysses_degree=case.ulysses_degree,
+                                                         **({} if name is None else {"name": name})))
+
+
+def set_documents(case: ModelCase, group) -> None:
+    """Tell the adapter the batch's documents as the case does (set_packed_batch, or nothing but position ids)."""
+    from ring_flash_attn.adapters import hf
+
+    _, _, cu = batch(case)
+    if case.path == "substitute":
+        from ring_flash_attn import update_ring_flash_attn_params
+
         update_ring_flash_attn_params(cu, group)
     else:
-        name = hf.register_ring_attention(group, layout=case.layout, ulysses_degree=case.ulysses_degree)
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation(name)
-        else:  # transformers < 4.54: what from_pretrained(attn_implementation=name) sets
-            model.config._attn_implementation = name
-        hf.set_packed_batch(cu)
-    local = adapters.shard_inputs(input_ids, labels, cu_seqlens=cu, layout=case.layout, group=group,
-                                  ulysses_degree=case.ulysses_degree)
+        hf.set_packed_batch(cu if case.documents == "cu_seqlens" else None)
+
+
+def forward_backward(model: torch.nn.Module, case: ModelCase, group) -> Dict[str, object]:
+    """This rank's shard through ``model`` (set up by :func:`register` and :func:`set_documents`): its
+    logits, loss share, the global loss, the gathered logits and the parameter gradients."""
+    from ring_flash_attn import adapters
+    from ring_flash_attn.adapters import hf
+
+    input_ids, labels, cu = batch(case)
+    if case.documents == "position_ids" and cu is not None:
+        labels[:, cu[:-1].long()] = -100  # what DataCollatorWithFlattening does: no label crosses a document
+        local = adapters.shard_inputs(input_ids, labels, position_ids=adapters.document_position_ids(cu)[None],
+                                      layout=case.layout, group=group, ulysses_degree=case.ulysses_degree)
+    else:
+        local = adapters.shard_inputs(input_ids, labels, cu_seqlens=cu, layout=case.layout, group=group,
+                                      ulysses_degree=case.ulysses_degree)
     logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
     share = adapters.sharded_causal_lm_loss(logits, local["shift_labels"], group)
     share.backward()
@@ -122,6 +155,51 @@ def run_rank(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
     }
 
 
+def run_rank(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
+    group = dist.group.WORLD
+    model = build_model(case.model)
+    if case.batch_first:
+        set_documents(case, group)
+    register(model, case, group)
+    if not case.batch_first:
+        set_documents(case, group)
+    return forward_backward(model, case, group)
+
+
+def two_registrations(rank: int, world_size: int, first: ModelCase, second: ModelCase) -> List[Dict[str, object]]:
+    """Two models registered under two names with different settings, both registrations before
+    either model runs: each model's results."""
+    group = dist.group.WORLD
+    models = [build_model(case.model) for case in (first, second)]
+    for model, case, name in zip(models, (first, second), ("ring_a", "ring_b")):
+        register(model, case, group, name)
+    results = []
+    for model, case in zip(models, (first, second)):
+        set_documents(case, group)
+        results.append(forward_backward(model, case, group))
+    return results
+
+
+def generate_with_cache(rank: int, world_size: int, case: ModelCase) -> None:
+    """``generate()`` on this rank's shard of the prompt (its first decode step uses the KV cache)."""
+    from ring_flash_attn import adapters
+
+    group = dist.group.WORLD
+    model = build_model(case.model)
+    register(model, case, group)
+    set_documents(case, group)
+    input_ids, _, _ = batch(case)
+    local = adapters.shard_inputs(input_ids, layout=case.layout, group=group)
+    model.generate(local["input_ids"], max_new_tokens=2, do_sample=False)
+
+
+def shard_row(rank: int, world_size: int, length: int, layout: str) -> None:
+    """``shard_inputs`` on one row of ``length`` tokens."""
+    from ring_flash_attn import adapters
+
+    adapters.shard_inputs(torch.zeros(1, length, dtype=torch.long), layout=layout, group=dist.group.WORLD)
+
+
 def dropout_training_losses(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
     """A model with attention dropout in train mode through the adapter: the loss share for seeds 5,
     5, 6 and in eval mode, and whether every gradient is finite."""
@@ -130,11 +208,7 @@ def dropout_training_losses(rank: int, world_size: int, case: ModelCase) -> Dict
 
     group = dist.group.WORLD
     model = build_model(case.model, attention_dropout=0.3)
-    name = hf.register_ring_attention(group, layout=case.layout)
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:
-        model.config._attn_implementation = name
+    use_implementation(model, hf.register_ring_attention(group, layout=case.layout))
     input_ids, labels, _ = batch(case)
     local = adapters.shard_inputs(input_ids, labels, layout=case.layout, group=group)
     losses, finite = {}, True
