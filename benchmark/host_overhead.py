@@ -10,7 +10,10 @@ heads, 2 key/value heads, head dim 16, causal). Each world size runs in its own 
     PYTHONPATH=. python benchmark/host_overhead.py [--world-sizes 1 2] [--cases ring,llama3] [--markdown]
 
 For reference the same run times SDPA (forward + backward) on the batch tensors and an empty
-``torch.library.custom_op`` (forward only): the floor a call cannot go below.
+``torch.library.custom_op`` (forward only): the floor a call cannot go below. Per case it reports the
+median wall time and the median CPU time of the calling thread per call (at W > 1 on a busy machine
+the wall time also holds the waits for the other rank to be scheduled), the growth of both per extra
+ring step, the aten ops per call and the null kernel's block calls per call.
 """
 
 from __future__ import annotations
@@ -234,8 +237,10 @@ CASES: Dict[str, Tuple[str, Callable[[Setting], Step]]] = {
 REFERENCES = ("sdpa", "empty_op")  # no library code: no growth with W
 
 
-def median_ms(step: Step, repeats: int, warmup: int) -> float:
-    """Median wall time of one ``step()`` in ms.
+def median_ms(step: Step, repeats: int, warmup: int) -> Tuple[float, float]:
+    """Median wall time and median CPU time of the calling thread for one ``step()``, in ms. On a busy
+    machine the wall time also holds the waits for the other rank to be scheduled; the thread's CPU
+    time does not (nor the work of gloo's own threads).
 
     Args:
         step: the call to time.
@@ -244,12 +249,13 @@ def median_ms(step: Step, repeats: int, warmup: int) -> float:
     """
     for _ in range(warmup):
         step()
-    samples = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         step()
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.thread_time() - start_cpu)
+    return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
 
 
 @contextlib.contextmanager
@@ -284,7 +290,8 @@ def aten_ops(step: Step) -> int:
 
 
 def measure(cases: Sequence[str], setting: Setting, repeats: int, warmup: int = 10) -> Dict[str, dict]:
-    """Every case on this rank: ``{case: {"ms": median ms per call, "ops": aten ops per call,
+    """Every case on this rank: ``{case: {"ms": median ms per call, "cpu_ms": median CPU ms per call,
+    "ops": aten ops per call,
     "kernel_calls": null-kernel block calls per call}}``. Every rank of the group must call it alike
     (the calls communicate).
 
@@ -298,24 +305,26 @@ def measure(cases: Sequence[str], setting: Setting, repeats: int, warmup: int = 
     results = {}
     for name in cases:
         step = CASES[name][1](setting)
-        ms = median_ms(step, repeats, warmup)
+        ms, cpu_ms = median_ms(step, repeats, warmup)
         before = backend.calls
         ops = aten_ops(step)
-        results[name] = {"ms": ms, "ops": ops, "kernel_calls": backend.calls - before}
+        results[name] = {"ms": ms, "cpu_ms": cpu_ms, "ops": ops, "kernel_calls": backend.calls - before}
     return results
 
 
 def worker(rank: int, world_size: int, port: int, args: argparse.Namespace, out_path: str) -> None:
-    """One spawned rank: join the gloo group, measure, and (rank 0) write the slowest rank's medians."""
+    """One spawned rank: join the gloo group, measure, and (rank 0) write the results with the slowest
+    rank's medians."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     doc_tokens = 2 * max(args.world_sizes)
     results = measure(args.cases, Setting(rank, world_size, args.docs, doc_tokens), args.repeats)
-    slowest = torch.tensor([results[c]["ms"] for c in args.cases], dtype=torch.float64)
+    timings = ("ms", "cpu_ms")
+    slowest = torch.tensor([[results[c][t] for t in timings] for c in args.cases], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    for case, ms in zip(args.cases, slowest.tolist()):
-        results[case]["ms"] = ms
+    for case, row in zip(args.cases, slowest.tolist()):
+        results[case].update(zip(timings, row))
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -345,22 +354,29 @@ def table(results: Dict[int, Dict[str, dict]], cases: Sequence[str], docs: int, 
     """
     sizes = sorted(results)
     first = sizes[0]
-    header = (["case"] + [f"ms W={w}" for w in sizes] + [f"+ms/step W={w}" for w in sizes if w > first]
+    more = [w for w in sizes if w > first]
+    header = (["case"] + [f"ms W={w}" for w in sizes] + [f"cpu ms W={w}" for w in sizes]
+              + [f"+ms/step W={w}" for w in more] + [f"+cpu ms/step W={w}" for w in more]
               + [f"aten ops W={w}" for w in sizes] + [f"kernel calls W={w}" for w in sizes])
     rows = []
     for case in cases:
-        ms = {w: results[w][case]["ms"] for w in sizes}
-        growth = ["-" if case in REFERENCES else f"{(ms[w] - ms[first]) / (w - first):+.3f}"
-                  for w in sizes if w > first]
-        rows.append([case] + [f"{ms[w]:.3f}" for w in sizes] + growth
-                    + [str(results[w][case]["ops"]) for w in sizes]
-                    + [str(results[w][case]["kernel_calls"]) for w in sizes])
+        figures = {key: {w: results[w][case][key] for w in sizes} for key in ("ms", "cpu_ms", "ops", "kernel_calls")}
+
+        def growth(key: str) -> List[str]:
+            per_step = ((figures[key][w] - figures[key][first]) / (w - first) for w in more)
+            return ["-" if case in REFERENCES else f"{g:+.3f}" for g in per_step]
+
+        rows.append([case] + [f"{figures['ms'][w]:.3f}" for w in sizes] + [f"{figures['cpu_ms'][w]:.3f}" for w in sizes]
+                    + growth("ms") + growth("cpu_ms")
+                    + [str(figures["ops"][w]) for w in sizes] + [str(figures["kernel_calls"][w]) for w in sizes])
     legend = [
         "Host time per public call, forward + backward, block kernels replaced by a null kernel (CPU, gloo);",
         f"batch: 1 x {TOKENS_PER_RANK} tokens per rank; packed: {docs} documents, one cu_seqlens tensor for "
         f"every call; {HEADS}/{KV_HEADS} heads, head dim {HEAD_DIM}, causal.",
-        "ms W=n: median ms per call at world size n (the slowest rank's median).",
-        f"+ms/step W=n: growth per extra ring step (rank), (ms at W=n - ms at W={first}) / (n - {first}).",
+        "ms W=n: median wall ms per call at world size n; cpu ms: median CPU time of the calling thread per call",
+        "(without waits for the other rank, nor gloo's own threads); each the slowest rank's median.",
+        f"+ms/step W=n: growth per extra ring step (rank), (ms at W=n - ms at W={first}) / (n - {first});",
+        "+cpu ms/step alike from cpu ms.",
         "aten ops: aten ops per call not nested in another aten op (torch.profiler, rank 0).",
         "kernel calls: null-kernel block calls per call, forward and backward (rank 0).",
     ]
