@@ -39,6 +39,14 @@ CASES = (
     + [ModelCase(m, layout, w, True, documents="position_ids") for m, w, layout in itertools.product(
         ("llama", "mistral"), (2, 3), ("zigzag", "ring"))]
     + [ModelCase("llama", layout, 2, True, ulysses_degree=2, documents="position_ids") for layout in ("zigzag", "ring")]
+    # the balanced layout (the default): every document of a packed row, or every row, zigzagged in chunks
+    # within a token of each other; rows of a length not divisible by 2W one call each
+    + [ModelCase(m, "balanced", w, packed) for m, w, packed in itertools.product(
+        ("llama", "gpt-oss"), (2, 3, 4), (False, True))]
+    + [ModelCase("llama", "balanced", w, packed, ulysses_degree=2) for w, packed in itertools.product((2, 4), (False, True))]
+    + [ModelCase("llama", "balanced", w, True, path="substitute") for w in (2, 3)]
+    + [ModelCase("llama", "balanced", 2, batch=2), ModelCase("llama", "balanced", 2, batch=2, seqlen=22),
+       ModelCase("mistral", "balanced", 3, True)]
     # set_packed_batch before register_ring_attention
     + [ModelCase("llama", layout, 2, True, ulysses_degree=u, batch_first=True) for layout, u in itertools.product(
         ("zigzag", "ring"), (1, 2))]
@@ -195,3 +203,16 @@ def test_rows_that_do_not_split_name_pad_for_layout(dist_pool):
     assert str(failure.value).count("pad_for_layout(input_ids, labels, cu_seqlens, layout='zigzag', world_size=2)") == 2
     assert "mask the padding" not in str(failure.value)
     dist_pool(2).run("helpers.hf_cases:shard_row", length=12, layout="zigzag")
+
+
+def test_balanced_layout_refuses_rows_sharded_otherwise(dist_pool):
+    """The balanced layout shards a packed row by its documents: a row whose documents are only in its
+    restarting position ids (sharded as one sequence), or a packed batch sharded as one zigzag
+    sequence, is refused on every rank with a message naming what to call -- never computed."""
+    case = ModelCase("llama", "balanced", 2, True, documents="position_ids")
+    with pytest.raises(WorkerError, match="balanced layout shards a packed row by its documents") as failure:
+        dist_pool(2).run("helpers.hf_cases:run_rank", case=case)
+    assert "rank 0:" in str(failure.value) and "rank 1:" in str(failure.value)
+    with pytest.raises(WorkerError, match="not the balanced layout's shard") as failure:
+        dist_pool(2).run("helpers.hf_cases:balanced_mis_sharded")
+    assert "rank 0:" in str(failure.value) and "rank 1:" in str(failure.value)

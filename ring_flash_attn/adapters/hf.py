@@ -12,9 +12,11 @@ name keeps its own settings: a model runs with those of its ``config._attn_imple
 
 The attention function receives this rank's shard of the sequence (see
 :mod:`ring_flash_attn.adapters.sequence`) and calls the ring for the configured layout:
-``zigzag`` (balanced; packed batches use the all-gather family on the pack cut as one zigzag sequence,
-``packed_zigzag``) or ``ring`` / ``llama3``
-(contiguous shards; packed batches use llama3). With ``ulysses_degree > 1`` it runs Ulysses x ring
+``balanced`` (the default: every document of a packed row, or every row, zigzagged in chunks within
+a token of each other -- the same causal work on every rank whatever the document lengths; the
+P2P ring's ``balanced_ring_flash_attn_varlen_func``), ``zigzag`` (a row zigzagged as one sequence;
+packed batches use the all-gather family on the pack cut that way, ``packed_zigzag``) or ``ring`` /
+``llama3`` (contiguous shards; packed batches use llama3). With ``ulysses_degree > 1`` it runs Ulysses x ring
 (:mod:`ring_flash_attn.ulysses`): all-to-all inside groups of ``ulysses_degree`` consecutive ranks, the
 layout's ring across them. It takes no ``attention_mask``: causality comes from the layer, document
 boundaries from :func:`set_packed_batch`'s ``cu_seqlens``, else from where the row's ``position_ids``
@@ -33,9 +35,9 @@ import torch.distributed as dist
 
 from ..allgather.api import llama3_flash_attn_varlen_func, packed_allgather
 from ..allgather.plan import llama3_flash_attn_prepare_cu_seqlens
-from ..core.layouts import MODEL_LAYOUTS, ring_and_ulysses_rank
+from ..core.layouts import MODEL_LAYOUTS, ring_and_ulysses_rank, varlen_position_ids, varlen_token_index
 from ..core.validation import group_rank_and_size
-from ..ring.api import ring_flash_attn_func, zigzag_ring_flash_attn_func
+from ..ring.api import balanced_ring_flash_attn_varlen_func, ring_flash_attn_func, zigzag_ring_flash_attn_func
 from ..ulysses.api import ulysses_flash_attn_func, ulysses_flash_attn_varlen_func
 from ..ulysses.groups import UlyssesRingGroups, make_ulysses_ring_groups
 from .sequence import gather_sequence
@@ -51,7 +53,7 @@ class RingAttentionSettings:
     """What one registered implementation name runs (:func:`register_ring_attention`'s arguments)."""
 
     group: Optional[dist.ProcessGroup] = None
-    layout: str = "zigzag"  # "zigzag" or "ring" (llama3 for packed batches)
+    layout: str = "balanced"  # a key of MODEL_LAYOUTS
     heads_k_stride: Optional[int] = None
     backend: Optional[str] = None
     ulysses: Optional[UlyssesRingGroups] = None  # Ulysses x ring when ulysses_degree > 1
@@ -82,6 +84,7 @@ class PackedBatch:
     cu_seqlens: torch.Tensor
     max_seqlen: int
     llama3_args: Dict[Tuple[bool, int, int], Tuple] = field(default_factory=dict)
+    balanced_positions: Dict[Tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def of(cls, cu_seqlens: torch.Tensor) -> "PackedBatch":
@@ -169,6 +172,8 @@ def ring_attention_forward(
     batch = packed_batch_of_forward(s, kwargs.get("position_ids"), q.shape[:2])
     if batch is not None and q.shape[0] != 1:
         raise ValueError(f"packed batches (cu_seqlens set) need batch size 1, got {q.shape[0]}")
+    if layout == "balanced":
+        return _balanced_forward(q, k, v, s, batch, kwargs.get("position_ids"), options), None
     if s.ulysses is not None:
         return _ulysses_forward(q, k, v, layout, s.ulysses, batch, options), None
     if batch is None:
@@ -250,6 +255,11 @@ def documents_from_position_ids(position_ids: torch.Tensor, settings: RingAttent
     starts[:, 1:] = whole[:, 1:] != whole[:, :-1] + 1
     if not bool(starts[:, 1:].any()):
         return None
+    if MODEL_LAYOUTS[settings.layout] == "balanced" and group_rank_and_size(settings.group)[1] > 1:
+        raise ValueError("ring_attention: position_ids restart inside a row (packed documents), and the balanced "
+                         "layout shards a packed row by its documents, so they must be known when the inputs are "
+                         "sharded: adapters.shard_inputs(..., cu_seqlens=cu_seqlens) and hf.set_packed_batch("
+                         "cu_seqlens) (or register layout='zigzag', which finds documents from position_ids)")
     if max(rows, local.shape[0]) != 1:
         raise ValueError(f"ring_attention: position_ids restart inside a row (packed documents) with batch size "
                          f"{max(rows, local.shape[0])}; packed documents need one row: concatenate them into one "
@@ -297,6 +307,72 @@ def _ulysses_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     return out[None]
 
 
+@functools.lru_cache(maxsize=16)
+def _one_document(seqlen: int, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens`` of a row that is one document (a cached tensor: its host read is cached too)."""
+    return torch.tensor([0, seqlen], dtype=torch.int32, device=device)
+
+
+def _balanced_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: RingAttentionSettings,
+                      batch: Optional[PackedBatch], position_ids: Optional[torch.Tensor],
+                      options: dict) -> torch.Tensor:
+    """``(B, S_local, H, D)`` in the balanced layout: a packed row's documents, else every row one
+    document (rows one call each unless their length is a multiple of 2W: then every row is dealt
+    alike and they go as one pack)."""
+    _, world = group_rank_and_size(s.group)
+    rows, local_len = q.shape[:2]
+    if batch is not None:
+        check_balanced_positions(position_ids, batch, s)
+        return _balanced_call(q[0], k[0], v[0], batch.cu_seqlens, batch.max_seqlen, s, options)[None]
+    seqlen = local_len * world
+    if rows == 1 or seqlen % (2 * world) == 0:
+        cu = _one_document(seqlen, q.device) if rows == 1 else \
+            torch.arange(0, rows * seqlen + 1, seqlen, dtype=torch.int32, device=q.device)
+        flat = [t.reshape(-1, *t.shape[2:]) for t in (q, k, v)]
+        return _balanced_call(*flat, cu, seqlen, s, options).reshape(q.shape)
+    cu = _one_document(seqlen, q.device)
+    return torch.stack([_balanced_call(q[i], k[i], v[i], cu, seqlen, s, options) for i in range(rows)])
+
+
+def _balanced_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                   s: RingAttentionSettings, options: dict) -> torch.Tensor:
+    """Packed ``(T_local, H, D)`` in the balanced layout over the registration's group (Ulysses x ring
+    with ``ring_layout="balanced"`` when it has a Ulysses degree)."""
+    if s.ulysses is not None:
+        return ulysses_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, ring_layout="balanced",
+                                              **dict(options, group=s.ulysses))
+    return balanced_ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, **options)
+
+
+def check_balanced_positions(position_ids: Optional[torch.Tensor], batch: PackedBatch,
+                             settings: RingAttentionSettings) -> None:
+    """Refuse a packed row not sharded in the balanced layout of its documents: this rank's
+    ``position_ids`` must be the positions inside each document that layout gives it (checked once
+    per position-ids tensor; without position ids nothing can be checked).
+
+    Args:
+        position_ids: what transformers passed the layer (this rank's shard), or None.
+        batch: the packed batch of :func:`set_packed_batch`.
+        settings: the registration (its group and Ulysses degree)."""
+    if position_ids is None or torch.compiler.is_compiling():
+        return
+    key = (id(position_ids), position_ids._version, settings.ulysses_degree)
+    if key in batch.balanced_positions:
+        return
+    rank, world = group_rank_and_size(settings.group)
+    shard = dict(layout="balanced", rank=rank, world_size=world, ulysses_degree=settings.ulysses_degree)
+    inside = varlen_position_ids(batch.cu_seqlens, **shard)  # positions restarting per document, or in the pack
+    local = position_ids.reshape(-1).cpu().to(torch.int64)
+    if local.numel() != inside.numel() or not (torch.equal(local, inside) or
+                                               torch.equal(local, varlen_token_index(batch.cu_seqlens, **shard))):
+        raise ValueError("ring_attention: this rank's position_ids are not the balanced layout's shard of the packed "
+                         "batch given to hf.set_packed_batch: shard the row with adapters.shard_inputs(..., "
+                         "cu_seqlens=cu_seqlens) (or layouts.shard_varlen(x, cu_seqlens, 'balanced', rank, W)) and "
+                         "pass the same cu_seqlens to set_packed_batch")
+    batch.balanced_positions.clear()
+    batch.balanced_positions[key] = inside
+
+
 def _no_mask(*args, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> Optional[torch.Tensor]:
     """Mask builder for the ring: causality and document boundaries are handled by the ring itself,
     so no mask is built -- but a padding mask that pads (a 0 anywhere) is passed on, for the
@@ -327,17 +403,22 @@ def register_attention_function(name: str, fn) -> None:
 
 
 def register_ring_attention(
-    group: Optional[dist.ProcessGroup] = None, layout: str = "zigzag", heads_k_stride: Optional[int] = None,
+    group: Optional[dist.ProcessGroup] = None, layout: str = "balanced", heads_k_stride: Optional[int] = None,
     name: str = RING_ATTENTION_NAME, backend: Optional[str] = None, ulysses_degree: int = 1,
 ) -> str:
     """Register the ring as a transformers attention implementation; returns its name.
 
     Args:
         group: the process group the sequence is sharded over (None: the default group).
-        layout: ``"zigzag"`` (balanced causal work) or ``"ring"``/``"llama3"`` (contiguous shards).
-            Shard the model inputs with :func:`ring_flash_attn.adapters.shard_inputs` using the same
-            layout (and ``ulysses_degree``).
-        heads_k_stride: K/V heads gathered at a time by the llama3 family (packed batches).
+        layout: ``"balanced"`` (the default: every document of a packed row, or every row, cut into 2W
+            chunks within a token of each other; the same causal work on every rank whatever the
+            documents), ``"zigzag"`` (a row, packed or not, zigzagged as one sequence: balanced for
+            one long document; documents found from restarting ``position_ids``) or
+            ``"ring"``/``"llama3"`` (contiguous shards). Shard the model inputs with
+            :func:`ring_flash_attn.adapters.shard_inputs` using the same layout (and
+            ``ulysses_degree``, and for packed rows the ``cu_seqlens`` given to :func:`set_packed_batch`).
+        heads_k_stride: K/V heads gathered at a time by the all-gather family (packed batches of the
+            ``zigzag`` / ``ring`` / ``llama3`` layouts).
         name: the implementation's name in transformers' registry. The settings belong to it: a model
             set to this name runs with them whatever other names are registered later (registering
             the same name again replaces them).

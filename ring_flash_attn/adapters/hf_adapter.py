@@ -7,14 +7,19 @@ The original's path, unchanged::
     update_ring_flash_attn_params(cu_seqlens, group)       # every packed batch (global cu_seqlens)
     model(input_ids=local_ids, position_ids=local_position_ids)   # this rank's contiguous 1/W
 
+With ``update_ring_flash_attn_params(cu_seqlens, group, layout="balanced")`` and the inputs sharded
+with ``shard_varlen(x, cu_seqlens, "balanced", rank, W)`` the same path runs the balanced layout
+(every rank the same causal work, whatever the document lengths).
+
 :func:`substitute_hf_flash_attn` replaces ``transformers.modeling_flash_attention_utils.
 _flash_attention_forward`` by one of the functions :func:`create_ring_flash_attention_forward`
 returns (looked up when called, so a caller that replaces it is obeyed; the one with as many
 parameters as transformers' function, else the one that accepts its arguments by name), switched by
 :data:`RING_ATTN_SWITCH` (:func:`use_ring_attn`), and registers :func:`flash_attention_forward`, which
 calls it, as the ``flash_attention_2`` / ``flash_attention_3`` attention functions. That function
-runs :func:`ring_flash_attn.llama3_flash_attn_varlen_func` on the arguments that
-:func:`update_ring_flash_attn_params` put in :data:`DATA_PARAMS`.
+runs :func:`ring_flash_attn.llama3_flash_attn_varlen_func` (or, for the balanced layout,
+``balanced_llama3_flash_attn_varlen_func``) on the arguments that :func:`update_ring_flash_attn_params`
+put in :data:`DATA_PARAMS`.
 
 Without the flash-attn package, transformers refuses ``attn_implementation="flash_attention_2"``
 when it loads the model. Load it with ``attn_implementation="ring_attention"`` instead (or call
@@ -33,7 +38,7 @@ import torch.distributed as dist
 import transformers
 import transformers.modeling_flash_attention_utils
 
-from ..allgather.api import llama3_flash_attn_varlen_func
+from ..allgather.api import balanced_llama3_flash_attn_varlen_func, llama3_flash_attn_varlen_func
 from ..allgather.plan import llama3_flash_attn_prepare_cu_seqlens
 from ..core.validation import group_rank_and_size
 from .hf import RING_ATTENTION_NAME, register_attention_function, window_size_of
@@ -62,14 +67,31 @@ def check_params(f1: Callable, f2: Callable) -> bool:
     return len(inspect.signature(f1).parameters) == len(inspect.signature(f2).parameters)
 
 
-def update_ring_flash_attn_params(cu_seqlens: torch.Tensor, process_group: Optional[dist.ProcessGroup]) -> None:
+def update_ring_flash_attn_params(cu_seqlens: torch.Tensor, process_group: Optional[dist.ProcessGroup], *,
+                                  layout: str = "llama3") -> None:
     """Set the packed batch of the next forwards: ``cu_seqlens`` is the global cu_seqlens of the whole
-    packed sequence (int32), which the group's ranks hold in contiguous 1/W slices. Fills
-    :data:`DATA_PARAMS` (``cu_seqlens_q/k``, ``max_seqlen_q/k``, ``local_k_slice``) for causal attention."""
+    packed sequence (int32). Fills :data:`DATA_PARAMS` for causal attention.
+
+    Args:
+        cu_seqlens: the packed row's document boundaries (global, the same on every rank).
+        process_group: the ranks sharing the row (``None``: the default group).
+        layout: keyword-only; how the ranks hold the row. ``"llama3"`` (ring-flash-attn's): contiguous
+            1/W slices (``cu_seqlens_q/k``, ``max_seqlen_q/k``, ``local_k_slice`` prepared here).
+            ``"balanced"``: every document cut into 2W chunks within a token of each other, rank r
+            holding chunks r and 2W-1-r (``ring_flash_attn.layouts.shard_varlen(x, cu_seqlens,
+            "balanced", r, W)`` for the input ids, position ids and labels): the same causal work on
+            every rank, any document lengths, the pack's total a multiple of W (``pad_pack``).
+    """
+    if layout not in ("llama3", "balanced"):
+        raise ValueError(f"layout must be 'llama3' or 'balanced', got {layout!r}")
+    if layout == "balanced":
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        DATA_PARAMS.update(layout=layout, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()) if lengths.numel() else 0)
+        return
     rank, world_size = group_rank_and_size(process_group)
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice = llama3_flash_attn_prepare_cu_seqlens(
         cu_seqlens, True, rank, world_size)
-    DATA_PARAMS.update(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+    DATA_PARAMS.update(layout=layout, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                        max_seqlen_k=max_seqlen_k, local_k_slice=local_k_slice)
 
 
@@ -105,18 +127,25 @@ def _ring_varlen_attention(process_group, heads_k_stride: int, query_states: tor
     if query_states.shape[0] != 1:
         raise ValueError(f"ring_flash_attn.adapters.hf_adapter: a packed batch has batch size 1 (documents "
                          f"concatenated, cu_seqlens given to update_ring_flash_attn_params), got {query_states.shape[0]}")
-    missing = [k for k in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "local_k_slice")
-               if k not in DATA_PARAMS]
+    balanced = DATA_PARAMS.get("layout") == "balanced"
+    needed = ("cu_seqlens", "max_seqlen") if balanced else ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                                                             "max_seqlen_k", "local_k_slice")
+    missing = [k for k in needed if k not in DATA_PARAMS]
     if missing:
         raise RuntimeError("ring_flash_attn.adapters.hf_adapter: call update_ring_flash_attn_params(cu_seqlens, "
                            f"group) before the forward (DATA_PARAMS lacks {missing})")
     if deterministic is None:
         deterministic = os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
-    out = llama3_flash_attn_varlen_func(
-        query_states[0], key_states[0], value_states[0], DATA_PARAMS["cu_seqlens_q"], DATA_PARAMS["cu_seqlens_k"],
-        DATA_PARAMS["max_seqlen_q"], DATA_PARAMS["max_seqlen_k"], heads_k_stride, DATA_PARAMS["local_k_slice"],
-        dropout_p=dropout, softmax_scale=softmax_scale, causal=True, window_size=window_size_of(sliding_window),
-        deterministic=deterministic, group=process_group, softcap=softcap or 0.0, sinks=s_aux)
+    options = dict(dropout_p=dropout, softmax_scale=softmax_scale, causal=True, window_size=window_size_of(sliding_window),
+                   deterministic=deterministic, group=process_group, softcap=softcap or 0.0, sinks=s_aux)
+    q, k, v = query_states[0], key_states[0], value_states[0]
+    if balanced:
+        out = balanced_llama3_flash_attn_varlen_func(q, k, v, DATA_PARAMS["cu_seqlens"], DATA_PARAMS["max_seqlen"],
+                                                     heads_k_stride=heads_k_stride, **options)
+    else:
+        out = llama3_flash_attn_varlen_func(q, k, v, DATA_PARAMS["cu_seqlens_q"], DATA_PARAMS["cu_seqlens_k"],
+                                            DATA_PARAMS["max_seqlen_q"], DATA_PARAMS["max_seqlen_k"], heads_k_stride,
+                                            DATA_PARAMS["local_k_slice"], **options)
     return out[None]
 
 

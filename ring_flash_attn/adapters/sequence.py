@@ -2,9 +2,12 @@
 labels *before* sharding (a shard's last token predicts the next shard's first one), gather
 logits, and reduce the loss over the ring.
 
-Layouts for the model path: ``"zigzag"`` (balanced causal work) and ``"ring"`` / ``"llama3"``
-(contiguous). A packed batch (several documents in one row, global ``cu_seqlens``) is sharded
-like one sequence; positions restart at every document and no label crosses a document boundary.
+Layouts for the model path: ``"balanced"`` (the default: every document of a row cut into 2W chunks
+within a token of each other, rank r holding chunks r and 2W-1-r -- the same causal work on every
+rank whatever the document lengths; a row without documents is one document, which for a length
+divisible by 2W is the zigzag layout), ``"zigzag"`` (a row, packed or not, zigzagged as one
+sequence) and ``"ring"`` / ``"llama3"`` (contiguous). Positions restart at every document of a
+packed row (global ``cu_seqlens``) and no label crosses a document boundary.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..core.layouts import MODEL_LAYOUTS, document_position_ids, local_divisor, ring_and_ulysses_rank, shard, unshard
+from ..core.layouts import (MODEL_LAYOUTS, document_position_ids, local_divisor, ring_and_ulysses_rank, shard,
+                            shard_varlen, unshard, unshard_varlen)
 from ..core.layouts import position_ids as layout_position_ids
 
 IGNORE_INDEX = -100
@@ -33,6 +37,34 @@ def sequence_layout(layout: str) -> str:
     return MODEL_LAYOUTS[layout]
 
 
+def row_documents(seqlen: int, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+    """The global ``cu_seqlens`` of a row for the balanced layout: the packed row's, or one document."""
+    return cu_seqlens if cu_seqlens is not None else torch.tensor([0, seqlen], dtype=torch.int32)
+
+
+def shard_row(x: torch.Tensor, layout: str, rank: int, world_size: int, dim: int = 1, ulysses_degree: int = 1,
+              cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """This rank's part of ``x`` (the sequence along ``dim``) in a model layout.
+
+    Args:
+        x: a global tensor, e.g. ``(B, S)`` input ids.
+        layout: a model layout (``"balanced"``, ``"zigzag"``, ``"ring"``, ``"llama3"``).
+        rank, world_size: this rank and the group's size.
+        dim: the sequence dimension.
+        ulysses_degree: as given to ``register_ring_attention``.
+        cu_seqlens: the row's documents (global), used by the balanced layout (None: one document)."""
+    if sequence_layout(layout) == "balanced":
+        cu = row_documents(x.shape[dim], cu_seqlens)
+        return shard_varlen(x, cu, "balanced", rank, world_size, dim=dim, ulysses_degree=ulysses_degree)
+    return shard(x, sequence_layout(layout), rank, world_size, dim=dim, ulysses_degree=ulysses_degree)
+
+
+def layout_multiple(layout: str, world_size: int) -> int:
+    """What a row's length must be a multiple of in a model layout."""
+    seq_layout = sequence_layout(layout)
+    return world_size * (1 if seq_layout == "balanced" else local_divisor(seq_layout))
+
+
 def shift_labels(labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """``labels`` moved one token left (token t is trained to predict t+1); the last token of the
@@ -46,15 +78,14 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None
 
 def pad_for_layout(
     input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
-    layout: str = "zigzag", world_size: int = 1, pad_token_id: int = 0,
+    layout: str = "balanced", world_size: int = 1, pad_token_id: int = 0,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Pad ``(B, S)`` inputs at the end so the layout can split them over ``world_size`` ranks.
 
     The padding has label ``-100`` and comes after every real token, so causal attention never lets
     a real token see it; a packed row gets it as one extra document. Returns the padded
     ``(input_ids, labels, cu_seqlens)``."""
-    multiple = world_size * local_divisor(sequence_layout(layout))
-    extra = -input_ids.shape[1] % multiple
+    extra = -input_ids.shape[1] % layout_multiple(layout, world_size)
     if extra == 0:
         return input_ids, labels, cu_seqlens
     input_ids = F.pad(input_ids, (0, extra), value=pad_token_id)
@@ -67,14 +98,15 @@ def pad_for_layout(
 
 def shard_inputs(
     input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None, layout: str = "zigzag", group: Optional[dist.ProcessGroup] = None,
+    cu_seqlens: Optional[torch.Tensor] = None, layout: str = "balanced", group: Optional[dist.ProcessGroup] = None,
     ulysses_degree: int = 1,
 ) -> Dict[str, torch.Tensor]:
-    """This rank's ``input_ids``, ``position_ids`` (global positions, for RoPE) and ``shift_labels``
-    (labels already shifted over the whole sequence) from the global ``(B, S)`` batch;
-    ``ulysses_degree`` as given to ``register_ring_attention``."""
+    """This rank's ``input_ids``, ``position_ids`` (positions in each document, for RoPE) and
+    ``shift_labels`` (labels already shifted over the whole sequence) from the global ``(B, S)``
+    batch; ``cu_seqlens``: the documents of a packed row (the balanced layout shards every document;
+    pass the same tensor to ``set_packed_batch``); ``layout`` and ``ulysses_degree`` as given to
+    ``register_ring_attention``."""
     rank, world = _world(group)
-    seq_layout = sequence_layout(layout)
     check_splits(input_ids.shape[1], layout, rank, world, ulysses_degree)
     if position_ids is None:
         if cu_seqlens is not None:
@@ -82,8 +114,9 @@ def shard_inputs(
         else:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         position_ids = position_ids.expand(input_ids.shape[0], -1)
+
     def part(x: torch.Tensor) -> torch.Tensor:
-        return shard(x, seq_layout, rank, world, ulysses_degree=ulysses_degree)
+        return shard_row(x, layout, rank, world, ulysses_degree=ulysses_degree, cu_seqlens=cu_seqlens)
 
     out = {"input_ids": part(input_ids), "position_ids": part(position_ids)}
     if labels is not None:
@@ -97,14 +130,18 @@ def check_splits(seqlen: int, layout: str, rank: int, world_size: int, ulysses_d
 
     Args:
         seqlen: the global row length.
-        layout: the model layout (``"zigzag"``, ``"ring"`` or ``"llama3"``).
+        layout: the model layout (``"balanced"``, ``"zigzag"``, ``"ring"`` or ``"llama3"``).
         rank: this rank in the group.
         world_size: the group's size.
         ulysses_degree: as given to ``register_ring_attention``."""
     if ulysses_degree != 1:
         ring_and_ulysses_rank(rank, world_size, ulysses_degree)  # a bad degree: its own error
     try:
-        layout_position_ids(sequence_layout(layout), rank, world_size, seqlen, ulysses_degree=ulysses_degree)
+        if sequence_layout(layout) == "balanced":  # every rank the same count: the row's total divides
+            if seqlen <= 0 or seqlen % world_size:
+                raise ValueError
+        else:
+            layout_position_ids(sequence_layout(layout), rank, world_size, seqlen, ulysses_degree=ulysses_degree)
     except ValueError:
         ulysses = f" with ulysses_degree={ulysses_degree}" if ulysses_degree != 1 else ""
         raise ValueError(
@@ -114,14 +151,18 @@ def check_splits(seqlen: int, layout: str, rank: int, world_size: int, ulysses_d
             "attention mask)") from None
 
 
-def gather_sequence(local: torch.Tensor, layout: str = "zigzag", group: Optional[dist.ProcessGroup] = None,
-                    dim: int = 1, ulysses_degree: int = 1) -> torch.Tensor:
-    """The whole sequence from every rank's shard (e.g. logits for evaluation; not differentiable)."""
+def gather_sequence(local: torch.Tensor, layout: str = "balanced", group: Optional[dist.ProcessGroup] = None,
+                    dim: int = 1, ulysses_degree: int = 1, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The whole sequence from every rank's shard (e.g. logits for evaluation; not differentiable);
+    ``cu_seqlens``: the packed row's documents, as given to :func:`shard_inputs`."""
     _, world = _world(group)
     if world == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.contiguous(), group=group)
+    if sequence_layout(layout) == "balanced":
+        cu = row_documents(local.shape[dim] * world, cu_seqlens)
+        return unshard_varlen(parts, cu, "balanced", dim=dim, ulysses_degree=ulysses_degree)
     return unshard(parts, sequence_layout(layout), dim=dim, ulysses_degree=ulysses_degree)
 
 

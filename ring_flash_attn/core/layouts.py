@@ -169,8 +169,10 @@ BALANCED_LAYOUTS = ("balanced", "balanced_llama3")
 VARLEN_LAYOUTS = LAYOUTS + tuple(PACKED_LAYOUTS) + tuple(PER_DOCUMENT_ALIASES) + BALANCED_LAYOUTS
 RING_VARLEN_LAYOUTS = LAYOUTS + ("balanced",)  # the P2P family's packed layouts
 ALLGATHER_LAYOUTS = ("llama3", "zigzag_llama3", "packed_zigzag", "balanced_llama3")
-# the transformers adapter's layouts -> how it shards the model's inputs (a packed row as one sequence)
-MODEL_LAYOUTS = {"zigzag": "zigzag", "ring": "ring", "llama3": PACKED_LAYOUTS["llama3"]}
+# the transformers adapter's layouts -> how it shards the model's inputs: a row (packed ones too) as one
+# sequence, or for "balanced" every document of a row in the balanced layout (a row without documents
+# is one document)
+MODEL_LAYOUTS = {"balanced": "balanced", "zigzag": "zigzag", "ring": "ring", "llama3": PACKED_LAYOUTS["llama3"]}
 
 
 def _offsets(cu_seqlens) -> Tuple[int, ...]:

@@ -222,7 +222,7 @@ def ring_backward(
         send_dtype = dkv_message_dtype(plan, plan.rank, step, k)
         recv_dtype = dkv_message_dtype(plan, (plan.rank - 1) % w, step, k)
         incoming = [torch.empty(k.shape, dtype=recv_dtype, device=k.device) for _ in range(2)]
-        outgoing = [t.to(send_dtype) for t in dkv]  # alive until the next wait
+        outgoing = [t.to(send_dtype).contiguous() for t in dkv]  # alive until the next wait (kernels may give views)
         dkv_works = plan.comm.start(outgoing, incoming)
         kv.finish()
     RingComm.wait(dkv_works)  # after W hops every block's dK/dV is back with its owner

@@ -30,6 +30,7 @@ class ModelCase:
     # at every document, labels -100 at document starts, no cu_seqlens anywhere: a padding-free collator)
     documents: str = "cu_seqlens"
     batch_first: bool = False  # set_packed_batch before register_ring_attention
+    seqlen: int = SEQLEN  # of an unpacked row
 
     def id(self) -> str:
         ulysses = f"-U{self.ulysses_degree}" if self.ulysses_degree > 1 else ""
@@ -84,7 +85,7 @@ def build_model(name: str, attention_dropout: float = 0.0) -> torch.nn.Module:
 def batch(case: ModelCase) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
     rows = 1 if case.packed else case.batch
-    input_ids = torch.randint(0, 96, (rows, SEQLEN), generator=gen)
+    input_ids = torch.randint(0, 96, (rows, sum(DOCS) if case.packed else case.seqlen), generator=gen)
     labels = input_ids.clone()
     labels[:, 3] = -100  # an unlabelled token
     cu = torch.tensor([0, *torch.tensor(DOCS).cumsum(0).tolist()], dtype=torch.int32) if case.packed else None
@@ -122,7 +123,7 @@ def set_documents(case: ModelCase, group) -> None:
     if case.path == "substitute":
         from ring_flash_attn import update_ring_flash_attn_params
 
-        update_ring_flash_attn_params(cu, group)
+        update_ring_flash_attn_params(cu, group, **({"layout": "balanced"} if case.layout == "balanced" else {}))
     else:
         hf.set_packed_batch(cu if case.documents == "cu_seqlens" else None)
 
@@ -150,7 +151,7 @@ def forward_backward(model: torch.nn.Module, case: ModelCase, group) -> Dict[str
         "loss": share.item(),
         "global_loss": adapters.global_loss(share, group).item(),
         "gathered": adapters.gather_sequence(logits.detach(), case.layout, group,
-                                             ulysses_degree=case.ulysses_degree),
+                                             ulysses_degree=case.ulysses_degree, cu_seqlens=cu),
         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
     }
 
@@ -193,6 +194,25 @@ def generate_with_cache(rank: int, world_size: int, case: ModelCase) -> None:
     model.generate(local["input_ids"], max_new_tokens=2, do_sample=False)
 
 
+def balanced_mis_sharded(rank: int, world_size: int) -> None:
+    """The balanced layout registered and the packed batch given, but the row sharded as one zigzag
+    sequence: the forward must refuse it."""
+    from ring_flash_attn import adapters
+    from ring_flash_attn.adapters import hf
+
+    group = dist.group.WORLD
+    case = ModelCase("llama", "balanced", world_size, True)
+    model = build_model(case.model)
+    register(model, case, group)
+    input_ids, labels, cu = batch(case)
+    hf.set_packed_batch(cu)
+    local = adapters.shard_inputs(input_ids, labels, cu_seqlens=cu, layout="zigzag", group=group)
+    try:
+        model(input_ids=local["input_ids"], position_ids=local["position_ids"])
+    finally:
+        hf.set_packed_batch(None)
+
+
 def shard_row(rank: int, world_size: int, length: int, layout: str) -> None:
     """``shard_inputs`` on one row of ``length`` tokens."""
     from ring_flash_attn import adapters
@@ -233,7 +253,7 @@ def reference(case: ModelCase) -> Dict[str, object]:
     """One process, eager attention, documents of a packed row run separately."""
     model = build_model(case.model)
     input_ids, labels, cu = batch(case)
-    bounds = cu.tolist() if cu is not None else [0, SEQLEN]
+    bounds = cu.tolist() if cu is not None else [0, input_ids.shape[1]]
     logits, total, count = [], 0.0, 0
     for start, stop in zip(bounds[:-1], bounds[1:]):
         out = model(input_ids=input_ids[:, start:stop]).logits
@@ -250,11 +270,16 @@ def reference(case: ModelCase) -> Dict[str, object]:
 
 def check(case: ModelCase, per_rank: List[Dict[str, object]]) -> None:
     from ring_flash_attn.adapters.sequence import sequence_layout
-    from ring_flash_attn.layouts import unshard
+    from ring_flash_attn.layouts import unshard, unshard_varlen
 
     ref = reference(case)
-    logits = unshard([r["logits"] for r in per_rank], sequence_layout(case.layout), dim=1,
-                     ulysses_degree=case.ulysses_degree)
+    parts = [r["logits"] for r in per_rank]
+    if sequence_layout(case.layout) == "balanced":  # every document of the row (or the row as one)
+        _, _, cu = batch(case)
+        cu = cu if cu is not None else torch.tensor([0, case.seqlen])
+        logits = unshard_varlen(parts, cu, "balanced", dim=1, ulysses_degree=case.ulysses_degree)
+    else:
+        logits = unshard(parts, sequence_layout(case.layout), dim=1, ulysses_degree=case.ulysses_degree)
     scale = ref["logits"].abs().max()
     assert (logits - ref["logits"]).abs().max() <= 1e-4 * scale, f"{case.id()}: logits differ"
     for r in per_rank:
