@@ -49,7 +49,8 @@ Args:
     max_seqlen: the longest local document (checked).""" + OPTIONS + """
 Returns:
     ``out (total_local_tokens, nheads, headdim)``; with ``return_attn_probs=True`` ``(out, lse,
-    None)``, ``lse (nheads, total_local_tokens)`` float32. Attention never crosses a document.
+    None)``, ``lse (nheads, total_local_tokens)`` float32 (float64 for fp64 inputs).
+    Attention never crosses a document.
 """
 
 ALLGATHER_OPTIONS = """
@@ -66,7 +67,8 @@ Args:
         batch, reused by every layer).""" + ALLGATHER_OPTIONS + """
 Returns:
     ``out (local_tokens, nheads, headdim)``; with ``return_attn_probs=True`` ``(out, lse, None)``,
-    ``lse (nheads, local_tokens)`` float32. Attention never crosses a document.
+    ``lse (nheads, local_tokens)`` float32 (float64 for fp64 inputs).
+    Attention never crosses a document.
 """
 
 ZIGZAG_LLAMA3_DOCS = """
@@ -81,7 +83,8 @@ Args:
     heads_k_stride is keyword-only here.
 Returns:
     ``out (total_local_tokens, nheads, headdim)``; with ``return_attn_probs=True`` ``(out, lse,
-    None)``, ``lse (nheads, total_local_tokens)`` float32. Attention never crosses a document.
+    None)``, ``lse (nheads, total_local_tokens)`` float32 (float64 for fp64 inputs).
+    Attention never crosses a document.
 """
 
 ULYSSES_OPTIONS = OPTIONS.replace("""    group: the process group the sequence is sharded over; ``None``: the default group (one rank,
@@ -124,5 +127,6 @@ Args:
     max_seqlen: the longest global document (checked).""" + ULYSSES_OPTIONS + """
 Returns:
     ``out (total_local_tokens, nheads, headdim)``; with ``return_attn_probs=True`` ``(out, lse,
-    None)``, ``lse (nheads, total_local_tokens)`` float32. Attention never crosses a document.
+    None)``, ``lse (nheads, total_local_tokens)`` float32 (float64 for fp64 inputs).
+    Attention never crosses a document.
 """
