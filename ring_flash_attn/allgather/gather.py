@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.accumulate import sum_dtype
-from ..core.comm import all_gather_async, reduce_scatter_async
+from ..core.comm import all_gather_async, reduce_scatter_async, wait
 from ..core.merge import accumulator_dtype, merge_into
 from ..core.rows import take
 from ..kernels import BlockOptions
@@ -52,9 +52,8 @@ class KVGather:
     def keys(self, chunk: int) -> Tuple[Tensor, Tensor]:
         """Wait for ``chunk``'s gather; its K and V rows that this rank's queries need."""
         slot = chunk % 2
-        if self.works[slot] is not None:
-            self.works[slot].wait()
-            self.works[slot] = None
+        wait(self.works[slot])
+        self.works[slot] = None
         kv = take(self.gathered[slot], self.plan.k_rows, dim=0)
         return kv[:, 0], kv[:, 1]
 
@@ -145,8 +144,7 @@ def gather_backward(
 
     def finish(work_result):
         work, result, kv_heads = work_result
-        if work is not None:
-            work.wait()
+        wait(work)
         dk[:, kv_heads], dv[:, kv_heads] = result[:, 0], result[:, 1]
 
     # Each rank adds at most one partial per key where the keys are a slice and one call selects them:

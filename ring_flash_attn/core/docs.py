@@ -54,7 +54,8 @@ Returns:
 """
 
 ALLGATHER_OPTIONS = """
-    heads_k_stride: K/V heads gathered at a time (a divisor of ``nheads_k``; default: all); the next
+    heads_k_stride: K/V heads gathered at a time: a positive divisor of ``nheads_k``, or ``None`` for
+        all (the default where it is keyword-only); 0 is refused, as by ring-flash-attn. The next
         chunk's all-gather overlaps the current chunk's attention, memory grows with the stride.""" + OPTIONS
 
 LLAMA3_DOCS = """
