@@ -4,7 +4,8 @@ Code written for ring-flash-attn imports functions from the module files it had,
 ``from ring_flash_attn.zigzag_ring_flash_attn import zigzag_ring_flash_attn_func``. Each such module
 is registered in ``sys.modules`` as a small module holding the same objects as the top level, so
 those imports work and give the one implementation. ``ring_flash_attn.utils`` and
-``ring_flash_attn.adapters.hf_adapter`` are real modules of their own.
+``ring_flash_attn.adapters.hf_adapter`` are real modules of their own; :data:`ORIGINAL_MODULES`
+serves the original's other module paths from one of this package's modules.
 
 :data:`PUBLIC_MODULES`: this package's own short public paths for modules that live in a layer
 (``ring_flash_attn.layouts`` is :mod:`ring_flash_attn.core.layouts`).
@@ -32,10 +33,17 @@ MODULE_ALIASES: Dict[str, Tuple[str, ...]] = {
 
 PUBLIC_MODULES: Dict[str, str] = {"layouts": "core.layouts"}
 
+# ring-flash-attn 0.1.x's module paths -> the module of this package that implements them
+ORIGINAL_MODULES: Dict[str, str] = {"triton_utils": "varlen_lse"}
+
 
 def install_module_aliases(package: types.ModuleType) -> None:
-    """Register ``<package>.<alias>`` for every entry of :data:`MODULE_ALIASES` and
-    :data:`PUBLIC_MODULES` (idempotent)."""
+    """Register ``<package>.<alias>`` for every entry of :data:`MODULE_ALIASES`,
+    :data:`PUBLIC_MODULES` and :data:`ORIGINAL_MODULES` (idempotent).
+
+    Args:
+        package: the ``ring_flash_attn`` module itself.
+    """
     for alias, names in MODULE_ALIASES.items():
         full = f"{package.__name__}.{alias}"
         if full in sys.modules:
@@ -46,7 +54,7 @@ def install_module_aliases(package: types.ModuleType) -> None:
         module.__all__ = list(names)
         sys.modules[full] = module
         setattr(package, alias, module)
-    for alias, target in PUBLIC_MODULES.items():
+    for alias, target in {**PUBLIC_MODULES, **ORIGINAL_MODULES}.items():
         module = importlib.import_module(f"{package.__name__}.{target}")
         sys.modules.setdefault(f"{package.__name__}.{alias}", module)
         setattr(package, alias, module)

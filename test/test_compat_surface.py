@@ -100,6 +100,42 @@ def test_flatten_and_unflatten_varlen_lse():
     assert torch.equal(flatten_varlen_lse(padded, cu), packed.T)
 
 
+def test_triton_utils_path_as_the_original_test_file_uses_it():
+    """ring-flash-attn's test/test_triton_kernels.py, on CPU: the triton_utils twins agree with the
+    utils functions, and both with a direct computation; unflatten keeps the dtype."""
+    from ring_flash_attn.triton_utils import flatten_varlen_lse as triton_flatten_varlen_lse
+    from ring_flash_attn.triton_utils import unflatten_varlen_lse as triton_unflatten_varlen_lse
+    from ring_flash_attn.utils import flatten_varlen_lse, unflatten_varlen_lse
+
+    cu_seqlens = [0, 15, 156, 529]
+    cu_seqlens_tensor = torch.tensor(cu_seqlens, dtype=torch.int32)
+    batch_size, n_head = len(cu_seqlens) - 1, 5
+    max_seqlen = (cu_seqlens_tensor[1:] - cu_seqlens_tensor[:-1]).max().item()
+    lse = torch.randn((batch_size, n_head, max_seqlen), dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    flatten_lse = flatten_varlen_lse(lse, cu_seqlens_tensor)
+    triton_flatten_lse = triton_flatten_varlen_lse(lse, cu_seqlens_tensor)
+    assert torch.all(flatten_lse == triton_flatten_lse)
+    direct = torch.cat([lse[i, :, :cu_seqlens[i + 1] - cu_seqlens[i]] for i in range(batch_size)], dim=1)
+    assert triton_flatten_lse.shape == (n_head, 529) and torch.equal(triton_flatten_lse, direct)
+
+    flatten_lse = flatten_lse.transpose(-2, -1).unsqueeze(dim=-1)
+    triton_flatten_lse = triton_flatten_lse.transpose(-2, -1).unsqueeze(dim=-1)
+    unflatten_lse = unflatten_varlen_lse(flatten_lse, cu_seqlens_tensor, max_seqlen)
+    triton_unflatten_lse = triton_unflatten_varlen_lse(triton_flatten_lse, cu_seqlens_tensor, max_seqlen)
+    assert triton_unflatten_lse.shape == (batch_size, n_head, max_seqlen)
+    for i in range(batch_size):
+        seqlen = cu_seqlens[i + 1] - cu_seqlens[i]
+        assert torch.all(unflatten_lse[i, :, :seqlen] == triton_unflatten_lse[i, :, :seqlen])
+        assert torch.equal(triton_unflatten_lse[i, :, :seqlen], lse[i, :, :seqlen])
+        assert torch.isneginf(triton_unflatten_lse[i, :, seqlen:]).all()
+
+    packed = torch.randn(529, n_head, dtype=torch.float64)  # (total, nheads) too; the dtype is kept
+    padded = triton_unflatten_varlen_lse(packed, cu_seqlens_tensor, max_seqlen + 2)
+    assert padded.dtype == torch.float64 and torch.equal(triton_flatten_varlen_lse(padded, cu_seqlens_tensor), packed.T)
+    with pytest.raises(ValueError, match="max_seqlen=100"):
+        triton_unflatten_varlen_lse(packed, cu_seqlens_tensor, 100)
+
+
 def test_get_default_args():
     from ring_flash_attn.utils import get_default_args
 

@@ -10,9 +10,14 @@ A failure prints a one-line reproducer: ``python test/test_fuzz.py "<case>"``.
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import shlex
+import subprocess
 import sys
+from pathlib import Path
+from typing import Union
 
 import pytest
 
@@ -61,6 +66,30 @@ def random_case(rng: random.Random):
 
 CASES = [random_case(random.Random(SEED * 100003 + i)) for i in range(N_CASES)]
 
+# what a case's repr needs besides the case classes: its NaN / Inf values print as nan / inf
+REPR_NAMES = {"Case": Case, "VarlenCase": VarlenCase, "nan": math.nan, "inf": math.inf}
+
+
+def repro_command(case: Union[Case, VarlenCase]) -> str:
+    """The shell command that replays ``case`` (run from the repository root); the repr in double
+    quotes when nothing in it is special to the shell there (it holds single-quoted names).
+
+    Args:
+        case: a fuzz case.
+    """
+    text = repr(case)
+    quoted = f'"{text}"' if not set(text) & set('"$`\\!') else shlex.quote(text)
+    return f"python test/test_fuzz.py {quoted}"
+
+
+def case_from_repr(text: str) -> Union[Case, VarlenCase]:
+    """The case a :func:`repro_command` names.
+
+    Args:
+        text: ``repr(case)``.
+    """
+    return eval(text, dict(REPR_NAMES))  # noqa: S307 -- a test's own repr
+
 
 def run_case(pool_for, case) -> None:
     """Check against float64, allowing 1.5x what one device makes of the same inputs (fp16/bf16 with
@@ -73,7 +102,7 @@ def run_case(pool_for, case) -> None:
     try:
         module.check(case, pool_for(case.world_size).run(f"{module.__name__}:run_rank", case=case), allowance)
     except Exception as err:
-        raise AssertionError(f"{err}\nreproduce: python test/test_fuzz.py {repr(repr(case))}") from err
+        raise AssertionError(f"{err}\nreproduce: {repro_command(case)}") from err
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
@@ -81,10 +110,28 @@ def test_fuzz(dist_pool, case):
     run_case(dist_pool, case)
 
 
+def test_repro_command_of_a_nan_case_replays():
+    """The printed reproducer of cases with NaN / Inf inputs evaluates (their repr holds nan / inf),
+    and the command runs the case."""
+    poisoned = [Case(layout="zigzag", packing="func", causal=True, dtype="fp32", backend="reference", world_size=1,
+                     poison=(("v", 3, 0, -math.inf), ("q", 5, 1, math.nan))),
+                VarlenCase(layout="llama3", packing="func", causal=False, dtype="fp32", backend="reference",
+                           world_size=1, doc_lengths=(3, 5), poison=(("v", 2, 0, math.inf),))]
+    for case in poisoned:
+        argument = shlex.split(repro_command(case))[-1]
+        assert repr(case_from_repr(argument)) == repr(case)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    command = shlex.split(repro_command(poisoned[0]))
+    done = subprocess.run([sys.executable, *command[1:]], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("passed:"), done.stdout + done.stderr
+
+
 if __name__ == "__main__":  # replay one case: python test/test_fuzz.py "Case(...)"
     from helpers.dist_pool import DistPool
 
-    replay = eval(sys.argv[1], {"Case": Case, "VarlenCase": VarlenCase})  # noqa: S307 -- a test's own repr
+    replay = case_from_repr(sys.argv[1])
     pool = DistPool(replay.world_size)
     try:
         run_case(lambda w: pool, replay)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers.attention_cases import Case, check, gathered, reference
-from helpers.dist_pool import DistPool
+from helpers.dist_pool import DistPool, WorkerError
 
 
 def test_mismatched_call_raises_on_every_rank(dist_pool):
@@ -37,6 +37,22 @@ def test_skipped_call_times_out_instead_of_hanging():
         pool.close(force=True)
     assert answers[1] == "skipped"
     assert "not every rank" in answers[0], answers[0]
+
+
+@pytest.mark.parametrize("family", ["zigzag", "zigzag_llama3", "ulysses"])
+def test_unchecked_length_mismatch_error_names_the_check(family):
+    """Ranks with different local lengths and no RING_FLASH_ATTN_CHECK: gloo aborts the rank that
+    receives more than it posted (rank 1, not catchable); rank 0 then raises, naming the check,
+    instead of gloo's bare "Connection reset by peer"."""
+    pool = DistPool(2)  # rank 1 dies: never reused
+    try:
+        with pytest.raises(WorkerError) as caught:
+            pool.run("helpers.robustness_cases:unchecked_length_mismatch", timeout=60, family=family)
+    finally:
+        pool.close(force=True)
+    rank_0 = str(caught.value).split("rank 1:")[0]
+    assert "rank 0:" in rank_0 and "CommunicationError" in rank_0, str(caught.value)
+    assert "RING_FLASH_ATTN_CHECK=1" in rank_0, rank_0
 
 
 def test_input_forms_give_the_same_result(dist_pool):

@@ -80,6 +80,9 @@ def _option_cases() -> list:
                                    softcap=4.0, q_scale=4.0, alibi=True, lse_grad=True, nheads=8, nheads_k=2, seed=w),
                         u),
         ]
+    for layout in ("llama3", "zigzag_llama3"):  # float64 through the all-gather ring's windowed dK/dV sums
+        cases.append(UlyssesCase(VarlenCase(layout=layout, packing="func", causal=False, dtype="fp64", backend="auto",
+                                            world_size=4, doc_lengths=(4, 12, 8), window=(5, 2), seed=7), 2))
     for u, r in ((2, 1), (3, 1), (4, 1)):  # pure Ulysses: documents of any length, length-1 ones included
         w = u * r
         cases.append(UlyssesCase(VarlenCase(layout="ring", packing="func", causal=True, dtype="fp32",

@@ -137,6 +137,32 @@ def test_softmax_scale_must_be_finite_and_positive(scale):
             call()
 
 
+@pytest.mark.parametrize("stride,error", [(0, ValueError), (-1, ValueError), (3, ValueError), (True, TypeError),
+                                           (1.0, TypeError)])
+def test_heads_k_stride_is_a_positive_divisor_in_every_allgather_function(stride, error):
+    """0 is refused as ring-flash-attn refuses it (not read as "all heads"), the same way in the
+    llama3 functions (positional), the zigzag_llama3 ones (keyword) and the model adapter's layout."""
+    from ring_flash_attn.allgather.api import packed_allgather
+
+    q, k, v = _packed()  # nheads_k = 2
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32)
+    prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, 0, 1)
+    calls = {
+        "llama3": lambda s: rfa.llama3_flash_attn_varlen_func(q, k, v, *prepared[:4], s, prepared[4], causal=True),
+        "llama3 kvpacked": lambda s: rfa.llama3_flash_attn_varlen_kvpacked_func(
+            q, torch.stack([k, v], 1), *prepared[:4], s, prepared[4], causal=True),
+        "zigzag_llama3": lambda s: rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu, 4, causal=True,
+                                                                            heads_k_stride=s),
+        "packed_zigzag": lambda s: packed_allgather("packed_zigzag", q, k, v, cu, causal=True, heads_k_stride=s),
+    }
+    for name, call in calls.items():
+        with pytest.raises(error, match="heads_k_stride"):
+            call(stride)
+        expected = call(None)
+        for good in (1, 2):
+            torch.testing.assert_close(call(good), expected, rtol=0, atol=1e-6, msg=name)
+
+
 def test_causal_must_be_a_bool():
     with pytest.raises(TypeError, match="causal must be a bool"):
         rfa.ring_flash_attn_func(*qkv(), causal="False")

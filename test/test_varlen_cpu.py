@@ -54,6 +54,10 @@ CASES = _cases() + [  # sliding windows on the all-gather family (documents cros
                window=window, heads_k_stride=1, seed=w)
     for w, layout, causal, window in itertools.product((2, 3), ("llama3", "zigzag_llama3", "packed_zigzag"), (True, False),
                                                        ((3, -1), (5, 2), (40, 0), (-1, 4)))
+] + [  # float64 stays float64 through the windowed calls' dK/dV sums (non-causal windows, several documents)
+    VarlenCase(layout=layout, packing="func", causal=False, dtype="fp64", backend="auto", world_size=w,
+               doc_lengths=doc_lengths(layout, w, random.Random(300 + w), 1), window=window, seed=w)
+    for w, layout, window in itertools.product((2, 3), ("llama3", "zigzag_llama3", "packed_zigzag"), ((5, 2), (-1, 4)))
 ] + [  # sliding windows on the ring family: the window in tokens, each document its own schedule
     VarlenCase(layout=layout, packing=("func", "kvpacked")[n % 2], causal=causal, dtype=("fp64", "bf16")[n % 2],
                backend="auto", world_size=w, doc_lengths=doc_lengths(layout, w, random.Random(200 + n), 1),

@@ -16,6 +16,7 @@ from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seql
                                check_options, check_qkv, check_same_call_across_group, check_sinks, default_scale,
                                kernel_ready, normalized_window, process_group_name, unpack)
 from .ops import allgather_forward_op
+from .plan import check_heads_k_stride
 
 Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
@@ -32,11 +33,12 @@ def _allgather(q: Tensor, k: Tensor, v: Tensor, layout: str, cu_q: Tensor, cu_k:
     check_alibi_slopes(alibi_slopes, q, batch=None)
     check_sinks(sinks, q)
     window = normalized_window(window_size)
+    stride = check_heads_k_stride(heads_k_stride, k.shape[1])
     check_same_call_across_group(group, q.device, call_signature(
         "allgather", layout, q, k, causal, softmax_scale, heads_k_stride=heads_k_stride, softcap=softcap,
         window_size=window, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None))
     out, lse, *_ = allgather_forward_op(q, k, v, cu_q, cu_k, alibi_slopes, sinks, max_q, max_k, layout, k_slice[0],
-                                        k_slice[1], heads_k_stride or 0, bool(causal), window[0], window[1],
+                                        k_slice[1], stride, bool(causal), window[0], window[1],
                                         default_scale(q, softmax_scale), float(softcap), float(dropout_p),
                                         bool(deterministic), backend or "", process_group_name(group),
                                         bool(return_attn_probs))

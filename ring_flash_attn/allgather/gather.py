@@ -3,8 +3,8 @@
 :class:`KVGather` all-gathers K/V ``heads_k_stride`` heads at a time into two alternating buffers,
 the next chunk's collective in flight while the current chunk computes; memory grows with the
 stride, not with all heads. :class:`PlainGather` runs a plan's varlen calls over the gathered keys
-and, backward, reduce-scatters dK/dV back to their owners (float32; the input dtype where each key
-gets only two terms).
+and, backward, reduce-scatters dK/dV back to their owners (float32, float64 for float64 inputs; the
+input dtype where each key gets only two terms).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.accumulate import sum_dtype
-from ..core.comm import all_gather_async, reduce_scatter_async
+from ..core.comm import all_gather_async, reduce_scatter_async, wait
 from ..core.merge import accumulator_dtype, merge_into
 from ..core.rows import take
 from ..kernels import BlockOptions
@@ -52,9 +52,8 @@ class KVGather:
     def keys(self, chunk: int) -> Tuple[Tensor, Tensor]:
         """Wait for ``chunk``'s gather; its K and V rows that this rank's queries need."""
         slot = chunk % 2
-        if self.works[slot] is not None:
-            self.works[slot].wait()
-            self.works[slot] = None
+        wait(self.works[slot])
+        self.works[slot] = None
         kv = take(self.gathered[slot], self.plan.k_rows, dim=0)
         return kv[:, 0], kv[:, 1]
 
@@ -115,11 +114,13 @@ def attend(plan: AllGatherPlan, options: BlockOptions, q: Tensor, k: Tensor, v: 
 
 
 def attend_backward(plan: AllGatherPlan, options: BlockOptions, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`attend`: dq over disjoint rows; dK/dV summed in float32 over the calls."""
+    """Gradients of :func:`attend`: dq over disjoint rows; dK/dV summed over the calls in float32
+    (float64 for float64 inputs)."""
     grads = [plan.backend.backward_varlen(dout, q, k, v, out, lse, meta, options) for meta in plan.metas]
     if len(grads) == 1:
         return grads[0]
-    dq, dk, dv = grads[0][0].clone(), grads[0][1].float(), grads[0][2].float()
+    wide = accumulator_dtype(k.dtype)
+    dq, dk, dv = grads[0][0].clone(), grads[0][1].to(wide), grads[0][2].to(wide)
     for dq_m, dk_m, dv_m in grads[1:]:
         dq += dq_m  # each row's gradient comes from one call: adding zeros, exact
         dk += dk_m
@@ -143,13 +144,12 @@ def gather_backward(
 
     def finish(work_result):
         work, result, kv_heads = work_result
-        if work is not None:
-            work.wait()
+        wait(work)
         dk[:, kv_heads], dv[:, kv_heads] = result[:, 0], result[:, 1]
 
     # Each rank adds at most one partial per key where the keys are a slice and one call selects them:
     # the reduce-scatter sums W terms (core.accumulate.sum_dtype). Zigzag layouts (a rank's two chunks
-    # can both need a key) and windowed calls: float32. Every rank evaluates the same.
+    # can both need a key) and windowed calls: float32 (float64 for float64). Every rank evaluates the same.
     terms = w if isinstance(plan.k_rows, slice) and not plan.windowed else None
     reduce_dtype = sum_dtype(k.dtype, terms, plan.backend.results_in_input_dtype)
     for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(group_size):

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.accumulate import sum_dtype
-from ..core.comm import reduce_scatter_async
+from ..core.comm import reduce_scatter_async, wait
 from ..core.layouts import buffer_row_of, shard_positions
 from ..core.mask import VarlenMeta
 from ..core.merge import accumulator_dtype, merge_into
@@ -90,8 +90,7 @@ class OwnKeysFirst:
         dropout = plan.options.dropout
 
         def finish(work, mine, local_grads, kv_heads):
-            if work is not None:
-                work.wait()
+            wait(work)
             for i, (target, grad) in enumerate(zip((dk, dv), local_grads)):
                 target[:, kv_heads] = grad if mine is None else mine[:, i] + grad  # float32 math, one rounding
 

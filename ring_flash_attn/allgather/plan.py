@@ -16,6 +16,7 @@ gathered buffer, no reordering copy.
 from __future__ import annotations
 
 import bisect
+import operator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence, Tuple
@@ -161,7 +162,25 @@ def llama3_flash_attn_prepare_cu_seqlens(
 
 
 def check_heads_k_stride(heads_k_stride: Optional[int], nheads_k: int) -> int:
-    stride = nheads_k if heads_k_stride is None else int(heads_k_stride)
+    """The number of K/V heads to gather at a time.
+
+    Args:
+        heads_k_stride: a positive divisor of ``nheads_k``, or None for all heads at once. 0 and
+            negative values are refused (ring-flash-attn 0.1.x fails on 0 too), as are bools and floats.
+        nheads_k: the K/V heads of the call.
+
+    Returns:
+        The stride, ``nheads_k`` for None.
+    """
+    if heads_k_stride is None:
+        return nheads_k
+    if isinstance(heads_k_stride, bool):
+        raise TypeError(f"heads_k_stride must be an int or None, got {heads_k_stride!r}")
+    try:
+        stride = operator.index(heads_k_stride)
+    except TypeError:
+        raise TypeError(f"heads_k_stride must be an int or None, got {heads_k_stride!r}") from None
     if stride <= 0 or nheads_k % stride:
-        raise ValueError(f"heads_k_stride ({heads_k_stride}) must be a positive divisor of nheads_k ({nheads_k})")
+        raise ValueError(f"heads_k_stride (K/V heads gathered at a time) must be a positive divisor of nheads_k "
+                         f"({nheads_k}), {nheads_k} or None for all heads at once; got {heads_k_stride!r}")
     return stride

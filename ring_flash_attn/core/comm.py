@@ -1,14 +1,52 @@
 """Point-to-point exchange around the ring: each rank sends to ``rank + 1`` and receives from
 ``rank - 1`` (ranks within the process group), all posted in one ``batch_isend_irecv`` so the
 transfer runs while the caller computes. Buffers belong to the caller and are reused every hop.
-Also the asynchronous all-gather / reduce-scatter of the all-gather (llama3) family."""
+Also the asynchronous all-gather / reduce-scatter of the all-gather (llama3) family and the
+all-to-all of Ulysses.
+
+Every communication of an attention call is posted and waited for through this module: a failure
+(gloo's "Connection reset by peer" when another rank aborted on a size mismatch, a crashed peer)
+becomes a :class:`CommunicationError` that names the cross-rank call check."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import contextlib
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+CHECK_HINT = (
+    "if the ranks called attention differently (different local sequence lengths, shapes or options), "
+    "run with RING_FLASH_ATTN_CHECK=1: every call then compares its arguments across the ranks before "
+    "communicating and raises an error naming what differs; otherwise see the other ranks' logs"
+)
+
+
+class CommunicationError(RuntimeError):
+    """A collective or point-to-point transfer of an attention call failed (the original error is
+    its ``__cause__``)."""
+
+
+@contextlib.contextmanager
+def explained_failures() -> Iterator[None]:
+    """Re-raise a ``RuntimeError`` of the communication inside as a :class:`CommunicationError`
+    naming ``RING_FLASH_ATTN_CHECK=1`` (once: one already explained passes through)."""
+    try:
+        yield
+    except CommunicationError:
+        raise
+    except RuntimeError as err:
+        raise CommunicationError(f"ring_flash_attn: a communication of this attention call failed ({err}); "
+                                 f"{CHECK_HINT}") from err
+
+
+def wait(work: Optional[dist.Work]) -> None:
+    """Wait for ``work`` (None: nothing to wait for); a failure raises :class:`CommunicationError`."""
+    if work is None:
+        return
+    with explained_failures():
+        work.wait()
 
 
 class RingComm:
@@ -28,12 +66,13 @@ class RingComm:
         number of tensors, in the same order, with matching sizes."""
         ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group) for t in send]
         ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group) for t in recv]
-        return dist.batch_isend_irecv(ops) if ops else []
+        with explained_failures():
+            return dist.batch_isend_irecv(ops) if ops else []
 
     @staticmethod
     def wait(works: List[dist.Work]) -> None:
         for work in works:
-            work.wait()
+            wait(work)
 
 
 # torch 2.13 renamed the tensor collectives (the old names warn); older torch has only the old ones.
@@ -43,9 +82,17 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 def all_gather_async(output: torch.Tensor, local: torch.Tensor, group: Optional[dist.ProcessGroup]) -> dist.Work:
     """``output`` (W * n, ...) gets every rank's contiguous ``local`` (n, ...), in rank order."""
-    return _all_gather_single(output, local, group=group, async_op=True)
+    with explained_failures():
+        return _all_gather_single(output, local, group=group, async_op=True)
 
 
 def reduce_scatter_async(output: torch.Tensor, full: torch.Tensor, group: Optional[dist.ProcessGroup]) -> dist.Work:
     """``output`` (n, ...) gets the sum over ranks of this rank's part of ``full`` (W * n, ...)."""
-    return _reduce_scatter_single(output, full, group=group, async_op=True)
+    with explained_failures():
+        return _reduce_scatter_single(output, full, group=group, async_op=True)
+
+
+def all_to_all_async(output: torch.Tensor, send: torch.Tensor, group: Optional[dist.ProcessGroup]) -> dist.Work:
+    """``output[u]`` gets rank ``u``'s ``send[r]`` (this rank ``r``); both ``(W, ...)``, contiguous."""
+    with explained_failures():
+        return dist.all_to_all_single(output, send, group=group, async_op=True)

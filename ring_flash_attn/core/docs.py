@@ -49,11 +49,13 @@ Args:
     max_seqlen: the longest local document (checked).""" + OPTIONS + """
 Returns:
     ``out (total_local_tokens, nheads, headdim)``; with ``return_attn_probs=True`` ``(out, lse,
-    None)``, ``lse (nheads, total_local_tokens)`` float32. Attention never crosses a document.
+    None)``, ``lse (nheads, total_local_tokens)`` float32 (float64 for fp64 inputs).
+    Attention never crosses a document.
 """
 
 ALLGATHER_OPTIONS = """
-    heads_k_stride: K/V heads gathered at a time (a divisor of ``nheads_k``; default: all); the next
+    heads_k_stride: K/V heads gathered at a time: a positive divisor of ``nheads_k``, or ``None`` for
+        all (the default where it is keyword-only); 0 is refused, as by ring-flash-attn. The next
         chunk's all-gather overlaps the current chunk's attention, memory grows with the stride.""" + OPTIONS
 
 LLAMA3_DOCS = """
@@ -66,7 +68,8 @@ Args:
         batch, reused by every layer).""" + ALLGATHER_OPTIONS + """
 Returns:
     ``out (local_tokens, nheads, headdim)``; with ``return_attn_probs=True`` ``(out, lse, None)``,
-    ``lse (nheads, local_tokens)`` float32. Attention never crosses a document.
+    ``lse (nheads, local_tokens)`` float32 (float64 for fp64 inputs).
+    Attention never crosses a document.
 """
 
 ZIGZAG_LLAMA3_DOCS = """
@@ -81,7 +84,8 @@ Args:
     heads_k_stride is keyword-only here.
 Returns:
     ``out (total_local_tokens, nheads, headdim)``; with ``return_attn_probs=True`` ``(out, lse,
-    None)``, ``lse (nheads, total_local_tokens)`` float32. Attention never crosses a document.
+    None)``, ``lse (nheads, total_local_tokens)`` float32 (float64 for fp64 inputs).
+    Attention never crosses a document.
 """
 
 BALANCED_ARGS = """
@@ -149,5 +153,6 @@ Args:
     max_seqlen: the longest global document (checked).""" + ULYSSES_OPTIONS + """
 Returns:
     ``out (total_local_tokens, nheads, headdim)``; with ``return_attn_probs=True`` ``(out, lse,
-    None)``, ``lse (nheads, total_local_tokens)`` float32. Attention never crosses a document.
+    None)``, ``lse (nheads, total_local_tokens)`` float32 (float64 for fp64 inputs).
+    Attention never crosses a document.
 """

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..core.comm import all_to_all_async, wait
+
 Tensor = torch.Tensor
 
 
@@ -58,8 +60,7 @@ class Exchange:
     work: Optional[dist.Work]
 
     def wait(self) -> Tensor:
-        if self.work is not None:
-            self.work.wait()
+        wait(self.work)
         return self.arrive
 
 
@@ -78,4 +79,4 @@ class AllToAll:
         """Post the exchange of ``send`` into ``arrive`` (both ``(degree, ...)``, contiguous)."""
         if self.group is None:
             return Exchange(arrive, None)
-        return Exchange(arrive, dist.all_to_all_single(arrive, send, group=self.group, async_op=True))
+        return Exchange(arrive, all_to_all_async(arrive, send, self.group))

@@ -48,6 +48,10 @@ SIGNATURES = {
         "RingComm": (("process_group", REQUIRED),),
         "AllGatherComm": (("group", None),),
     },
+    "ring_flash_attn.triton_utils": {
+        "flatten_varlen_lse": (("lse", REQUIRED), ("cu_seqlens", REQUIRED)),
+        "unflatten_varlen_lse": (("lse", REQUIRED), ("cu_seqlens", REQUIRED), ("max_seqlen", REQUIRED)),
+    },
 }
 # the top level re-exports every function of the attention modules and the two adapter entry points
 TOP_LEVEL = sorted({name for module, funcs in SIGNATURES.items() if module.count(".") == 1

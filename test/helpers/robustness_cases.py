@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 import ring_flash_attn as rfa
+from ring_flash_attn.core.validation import CHECK_ENV
 
 GROUP = None  # the default group
 
@@ -171,3 +172,21 @@ def lse_only_loss(rank: int, world_size: int) -> Dict[str, tuple]:
         for name, g, r in zip("qkv", got, ref):
             pairs[f"{use}: d{name}"] = (g, rfa.shard(r, "zigzag", rank, world_size).float())
     return pairs
+
+
+def unchecked_length_mismatch(rank: int, world_size: int, family: str) -> None:
+    """Without the check, rank 0 holds 8 local tokens and the others 4 (each call consistent on its
+    own rank): forward and backward of ``family`` (zigzag, zigzag_llama3 or ulysses). Raises."""
+    assert CHECK_ENV not in os.environ
+    n = 8 if rank == 0 else 4
+    gen = torch.Generator().manual_seed(rank)
+    if family == "zigzag_llama3":
+        q, k, v = (torch.randn(n, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+        cu_seqlens = torch.tensor([0, n * world_size], dtype=torch.int32)
+        out = rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_seqlens, n * world_size, causal=True,
+                                                       group=dist.group.WORLD)
+    else:
+        q, k, v = (torch.randn(1, n, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+        fn = rfa.ulysses_flash_attn_func if family == "ulysses" else rfa.zigzag_ring_flash_attn_func
+        out = fn(q, k, v, causal=True, group=dist.group.WORLD)
+    out.sum().backward()
