@@ -216,3 +216,12 @@ def test_balanced_layout_refuses_rows_sharded_otherwise(dist_pool):
     with pytest.raises(WorkerError, match="not the balanced layout's shard") as failure:
         dist_pool(2).run("helpers.hf_cases:balanced_mis_sharded")
     assert "rank 0:" in str(failure.value) and "rank 1:" in str(failure.value)
+
+
+def test_register_refuses_a_heads_k_stride_that_is_not_positive():
+    """heads_k_stride 0 (or a bool / float) is refused at registration, as the functions refuse it."""
+    from ring_flash_attn.adapters import hf
+
+    for bad in (0, -1, True, 1.0):
+        with pytest.raises(ValueError, match="heads_k_stride must be None"):
+            hf.register_ring_attention(None, layout="ring", heads_k_stride=bad, name="ring_bad_stride")

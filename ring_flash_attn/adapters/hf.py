@@ -184,7 +184,7 @@ def ring_attention_forward(
                                **options)
         return out[None], None
     prepared = _llama3_args(batch, causal, s.group)
-    stride = s.heads_k_stride or k.shape[2]
+    stride = k.shape[2] if s.heads_k_stride is None else s.heads_k_stride
     out = llama3_flash_attn_varlen_func(q[0], k[0], v[0], *prepared[:4], stride, prepared[4], **options)
     return out[None], None
 
@@ -430,6 +430,10 @@ def register_ring_attention(
     """
     if layout not in MODEL_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(MODEL_LAYOUTS)}")
+    if heads_k_stride is not None and (isinstance(heads_k_stride, bool) or not isinstance(heads_k_stride, int)
+                                       or heads_k_stride <= 0):
+        raise ValueError(f"heads_k_stride must be None (all K/V heads at once) or a positive divisor of the "
+                         f"model's K/V heads, got {heads_k_stride!r}")
     ulysses = None
     if ulysses_degree != 1:
         rank, world_size = group_rank_and_size(group)
