@@ -48,10 +48,11 @@ def _cases() -> list:
     # packed documents: FA2 (cuDNN refuses varlen, see kernels/torch_cuda.py), and auto
     for n, (w, backend, layout, packing, causal) in enumerate(itertools.product(
             WORLD_SIZES or [2], ("torch_cuda_flash", "auto"),
-            ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3", "packed_zigzag"), PACKINGS, (True, False))):
+            ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3", "packed_zigzag", "balanced", "balanced_llama3"),
+            PACKINGS, (True, False))):
         unit = 2 * w * 8
         docs = (unit * 3, unit, unit * 5, unit * 2) if n % 3 else (unit * 6,)
-        if layout in ("llama3", "zigzag_llama3", "packed_zigzag"):
+        if layout in ("llama3", "zigzag_llama3", "packed_zigzag", "balanced", "balanced_llama3"):
             docs = fit_documents(layout, w, (200, 1, 37, 700, 5, 2 * w * 16) if n % 3 else (unit * 6,))
         mha = packing == "qkvpacked"
         cases.append(VarlenCase(layout=layout, packing=packing, causal=causal, dtype=("bf16", "fp16")[n % 2],
@@ -60,14 +61,18 @@ def _cases() -> list:
                                 seed=n, device="cuda"))
     # sliding windows on packed documents (ring family): per-document flash window pieces, FA2 varlen
     for n, (w, layout, causal, window) in enumerate(itertools.product(
-            WORLD_SIZES or [2], ("ring", "zigzag", "stripe"), (True, False), ((100, -1), (300, 50)))):
+            WORLD_SIZES or [2], ("ring", "zigzag", "stripe", "balanced"), (True, False), ((100, -1), (300, 50)))):
         unit = 2 * w * 8
+        docs = (unit * 3, unit, unit * 5, unit * 2)
+        if layout == "balanced":
+            docs = fit_documents(layout, w, (200, 1, 37, 700, 5, 2 * w * 16))
         cases.append(VarlenCase(layout=layout, packing="func", causal=causal, dtype="bf16", backend="torch_cuda_flash",
-                                world_size=w, doc_lengths=(unit * 3, unit, unit * 5, unit * 2), nheads=8, nheads_k=2,
+                                world_size=w, doc_lengths=docs, nheads=8, nheads_k=2,
                                 head_dim=128, window=window, seed=n, device="cuda"))
     # non-causal sliding windows on the all-gather family: several varlen calls per head chunk
     for n, (w, layout, window) in enumerate(itertools.product(
-            WORLD_SIZES or [2], ("llama3", "zigzag_llama3", "packed_zigzag"), ((100, -1), (300, 50), (-1, 40)))):
+            WORLD_SIZES or [2], ("llama3", "zigzag_llama3", "packed_zigzag", "balanced_llama3"),
+            ((100, -1), (300, 50), (-1, 40)))):
         docs = fit_documents(layout, w, (200, 1, 37, 700, 5, 2 * w * 16))
         cases.append(VarlenCase(layout=layout, packing="func", causal=False, dtype="bf16", backend="torch_cuda_flash",
                                 world_size=w, doc_lengths=docs, nheads=8, nheads_k=2, head_dim=128, window=window,
@@ -98,7 +103,7 @@ SINK_CASES = [
     VarlenCase(layout=layout, packing="func", causal=True, dtype="bf16", backend="torch_cuda_flash", world_size=w,
                doc_lengths=fit_documents(layout, w, (200, 1, 37, 700, 5, 2 * w * 16)), nheads=8, nheads_k=2,
                head_dim=128, sinks=True, seed=w, device="cuda")
-    for w, layout in itertools.product(WORLD_SIZES or [2], ("llama3", "zigzag_llama3"))
+    for w, layout in itertools.product(WORLD_SIZES or [2], ("llama3", "zigzag_llama3", "balanced", "balanced_llama3"))
 ]
 
 
