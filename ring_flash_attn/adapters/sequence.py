@@ -16,14 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..core.layouts import MODEL_LAYOUTS, document_position_ids, local_divisor, shard, unshard
+from ..core.validation import group_rank_and_size
 
 IGNORE_INDEX = -100
-
-
-def _world(group) -> Tuple[int, int]:
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def sequence_layout(layout: str) -> str:
@@ -72,7 +67,7 @@ def shard_inputs(
     """This rank's ``input_ids``, ``position_ids`` (global positions, for RoPE) and ``shift_labels``
     (labels already shifted over the whole sequence) from the global ``(B, S)`` batch;
     ``ulysses_degree`` as given to ``register_ring_attention``."""
-    rank, world = _world(group)
+    rank, world = group_rank_and_size(group)
     seq_layout = sequence_layout(layout)
     if position_ids is None:
         if cu_seqlens is not None:
@@ -92,7 +87,7 @@ def shard_inputs(
 def gather_sequence(local: torch.Tensor, layout: str = "zigzag", group: Optional[dist.ProcessGroup] = None,
                     dim: int = 1, ulysses_degree: int = 1) -> torch.Tensor:
     """The whole sequence from every rank's shard (e.g. logits for evaluation; not differentiable)."""
-    _, world = _world(group)
+    _, world = group_rank_and_size(group)
     if world == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(world)]

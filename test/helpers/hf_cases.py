@@ -86,11 +86,13 @@ def batch(case: ModelCase) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.T
     return input_ids, labels, cu
 
 
-def run_rank(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
+def run_rank(rank: int, world_size: int, case: ModelCase,
+             group: Optional[dist.ProcessGroup] = None) -> Dict[str, object]:
+    """This rank's logits, loss share and gradients over ``group`` (default: the whole world)."""
     from ring_flash_attn import adapters
     from ring_flash_attn.adapters import hf
 
-    group = dist.group.WORLD
+    group = group if group is not None else dist.group.WORLD
     model = build_model(case.model)
     input_ids, labels, cu = batch(case)
     if case.path == "substitute":  # ring-flash-attn's path; "ring_attention" is the name to load with sans flash-attn
