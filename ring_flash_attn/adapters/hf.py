@@ -425,8 +425,10 @@ def register_ring_attention(
         backend: the block kernel (see ``ring_flash_attn.kernels``).
         ulysses_degree: > 1: Ulysses x ring, all-to-all inside groups of this many consecutive ranks
             (a divisor of the group's size and of the model's attention heads), the layout's ring
-            across them; equal to the group's size: pure Ulysses. Every rank must call this (it
-            creates the process groups).
+            across them; equal to the group's size: pure Ulysses. Every rank of ``group`` (and no
+            other) must call this: with ``ulysses_degree`` between 1 and the group's size it creates
+            the Ulysses and ring groups among them (:func:`ring_flash_attn.make_ulysses_ring_groups`),
+            so each data-parallel replica registers on its own group.
     """
     if layout not in MODEL_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(MODEL_LAYOUTS)}")

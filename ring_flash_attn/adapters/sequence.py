@@ -21,14 +21,9 @@ import torch.nn.functional as F
 from ..core.layouts import (MODEL_LAYOUTS, document_position_ids, local_divisor, ring_and_ulysses_rank, shard,
                             shard_varlen, unshard, unshard_varlen)
 from ..core.layouts import position_ids as layout_position_ids
+from ..core.validation import group_rank_and_size
 
 IGNORE_INDEX = -100
-
-
-def _world(group) -> Tuple[int, int]:
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def sequence_layout(layout: str) -> str:
@@ -106,7 +101,7 @@ def shard_inputs(
     batch; ``cu_seqlens``: the documents of a packed row (the balanced layout shards every document;
     pass the same tensor to ``set_packed_batch``); ``layout`` and ``ulysses_degree`` as given to
     ``register_ring_attention``."""
-    rank, world = _world(group)
+    rank, world = group_rank_and_size(group)
     check_splits(input_ids.shape[1], layout, rank, world, ulysses_degree)
     if position_ids is None:
         if cu_seqlens is not None:
@@ -155,7 +150,7 @@ def gather_sequence(local: torch.Tensor, layout: str = "balanced", group: Option
                     dim: int = 1, ulysses_degree: int = 1, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The whole sequence from every rank's shard (e.g. logits for evaluation; not differentiable);
     ``cu_seqlens``: the packed row's documents, as given to :func:`shard_inputs`."""
-    _, world = _world(group)
+    _, world = group_rank_and_size(group)
     if world == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(world)]

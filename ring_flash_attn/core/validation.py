@@ -177,10 +177,26 @@ def check_sinks(sinks: Optional[torch.Tensor], q: torch.Tensor) -> None:
 
 
 def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
-    """(rank, world size) in ``group``; ``(0, 1)`` when torch.distributed is not initialised."""
+    """(rank, world size) in ``group``; ``(0, 1)`` when torch.distributed is not initialised and this
+    process runs alone. Every public function passes its group through here.
+
+    Args:
+        group: the process group, or None for the default one.
+
+    Raises:
+        RuntimeError: no group is initialised but ``WORLD_SIZE`` (set by torchrun and other
+            launchers) says this process is one of several: each would attend to its own shard only.
+        ValueError: ``group`` is given without torch.distributed, or this process is not in it."""
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("a process group was given but torch.distributed is not initialized")
+        launched = _launched_world_size()
+        if launched > 1:
+            raise RuntimeError(
+                f"ring_flash_attn: WORLD_SIZE={launched} (this process is one of {launched} that a launcher such as "
+                f"torchrun started) but torch.distributed is not initialized, so each process would attend to its "
+                f"own shard only. Call torch.distributed.init_process_group() before ring_flash_attn's functions "
+                f"(or, for a single-process run, unset WORLD_SIZE or set it to 1).")
         return 0, 1
     rank = dist.get_rank(group)
     if rank < 0:
@@ -188,9 +204,22 @@ def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
+def _launched_world_size() -> int:
+    """``WORLD_SIZE`` from the environment as an int (1 when unset or not a number)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def process_group_name(group: Optional[dist.ProcessGroup]) -> str:
     """The name a custom op finds ``group`` by (``""``: no communication, one rank), after checking
-    that this process belongs to it (:func:`group_rank_and_size`)."""
+    that this process belongs to it (:func:`group_rank_and_size`). torch registers every group it
+    creates under a name no other live group of this process has (and refuses a duplicate), and
+    ``dist.get_rank`` refuses a group it has not registered, so the name leads back to ``group``.
+
+    Args:
+        group: the process group, or None for the default one."""
     group_rank_and_size(group)
     if not (dist.is_available() and dist.is_initialized()):
         return ""

@@ -156,8 +156,10 @@ def forward_backward(model: torch.nn.Module, case: ModelCase, group) -> Dict[str
     }
 
 
-def run_rank(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
-    group = dist.group.WORLD
+def run_rank(rank: int, world_size: int, case: ModelCase,
+             group: Optional[dist.ProcessGroup] = None) -> Dict[str, object]:
+    """This rank's logits, loss share and gradients over ``group`` (default: the whole world)."""
+    group = group if group is not None else dist.group.WORLD
     model = build_model(case.model)
     if case.batch_first:
         set_documents(case, group)

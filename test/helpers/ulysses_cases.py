@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -78,8 +78,10 @@ def _shard(case: UlyssesCase, name: str, x: torch.Tensor, rank: int) -> torch.Te
     return rfa.shard(x, base.layout, rank, base.world_size, dim=2 if name == "dlse" else 1, ulysses_degree=u)
 
 
-def run_rank(rank: int, world_size: int, case: UlyssesCase, deterministic_twice: bool = False) -> Dict[str, torch.Tensor]:
-    """This rank's out, lse and input gradients (``deterministic_twice``: the call made twice, both results)."""
+def run_rank(rank: int, world_size: int, case: UlyssesCase, deterministic_twice: bool = False,
+             group: Optional[rfa.UlyssesRingGroups] = None) -> Dict[str, torch.Tensor]:
+    """This rank's out, lse and input gradients (``deterministic_twice``: the call made twice, both results;
+    ``group``: the groups to run over, default ``make_ulysses_ring_groups`` of the whole world)."""
     base = case.base
     assert world_size == base.world_size
     device = torch.device("cuda", rank) if base.device == "cuda" else torch.device("cpu")
@@ -87,7 +89,7 @@ def run_rank(rank: int, world_size: int, case: UlyssesCase, deterministic_twice:
     x = {name: _shard(case, name, t, rank).to(device) for name, t in inputs.items()}
     pack_dim = 1 if case.packed else 2
     kwargs = dict(causal=base.causal, window_size=base.window, softcap=base.softcap, return_attn_probs=base.return_lse,
-                  group=groups(case.ulysses_degree, world_size), backend=base.backend, ring_layout=base.layout,
+                  group=group or groups(case.ulysses_degree, world_size), backend=base.backend, ring_layout=base.layout,
                   head_chunks=case.head_chunks, deterministic=getattr(base, "deterministic", False))
     if base.alibi:
         kwargs["alibi_slopes"] = alibi_slopes(base.nheads, None if case.packed else base.batch).to(device)
