@@ -73,3 +73,31 @@ def test_two_ranks_need_each_remote_key_once(layout, causal):
             _, remote_meta, rows, repeats, _ = own_keys_split(layout, offsets, rank, 2, tuple(meta.offsets_q),
                                                               key_ranges, causal, torch.device("cpu"))
             assert repeats is None or repeats.repeat_rows.numel() == 0, (offsets, rank)
+
+
+def test_every_layout_helper_refuses_a_rank_outside_the_world():
+    """rank >= world_size or < 0 (and a world size below 1) is refused with a clear error, never served
+    another rank's tokens or an index error from deep inside."""
+    from ring_flash_attn.core.layouts import local_pieces
+    from ring_flash_attn.layouts import position_ids, shard, shard_varlen, varlen_position_ids, varlen_token_index
+
+    x = torch.arange(16.0)[None, :, None]
+    cu = torch.tensor([0, 5, 16])
+    calls = [
+        lambda r, w: shard(x, "zigzag", r, w),
+        lambda r, w: shard(x, "ring", r, w, ulysses_degree=1),
+        lambda r, w: position_ids("zigzag", r, w, 16),
+        lambda r, w: position_ids("stripe", r, w, 16, ulysses_degree=2) if w % 2 == 0 else position_ids("stripe", r, w, 16),
+        lambda r, w: shard_varlen(x[0], cu, "balanced", r, w),
+        lambda r, w: shard_varlen(x[0], cu, "llama3", r, w),
+        lambda r, w: varlen_token_index(cu, "zigzag_llama3", r, w),
+        lambda r, w: varlen_position_ids(cu, "balanced", r, w),
+        lambda r, w: local_pieces("balanced_llama3", (0, 5, 16), r, w),
+    ]
+    for call in calls:
+        for rank, world in ((2, 2), (-1, 2), (0, 0), (4, 2)):
+            with pytest.raises(ValueError, match="rank must be in"):
+                call(rank, world)
+    with pytest.raises(TypeError, match="rank must be an int"):
+        shard(x, "zigzag", 0.0, 2)
+    assert shard(x, "zigzag", 1, 2).shape == (1, 8, 1)  # in range: unchanged

@@ -121,6 +121,7 @@ def position_ids(
 ) -> torch.Tensor:
     """Global positions (int64, ``(seqlen // world_size,)``) of this rank's tokens, e.g. for RoPE
     (``ulysses_degree``: see the module docstring)."""
+    check_rank(rank, world_size)
     if ulysses_degree != 1:
         ring_rank, ring_degree, ulysses_rank = ring_and_ulysses_rank(rank, world_size, ulysses_degree)
         if seqlen % world_size:
