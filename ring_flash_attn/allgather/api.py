@@ -13,8 +13,9 @@ import torch.distributed as dist
 from ..core.docs import BALANCED_LLAMA3_DOCS, LLAMA3_DOCS, ZIGZAG_LLAMA3_DOCS
 from ..core.eager import public
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_nonempty_pack,
-                               check_options, check_qkv, check_same_call_across_group, check_sinks, default_scale,
-                               kernel_ready, normalized_window, process_group_name, unpack)
+                               check_options, check_qkv, check_same_call_across_group, check_sinks, checking_calls,
+                               default_scale, host_offsets, kernel_ready, normalized_window, process_group_name,
+                               unpack)
 from .ops import allgather_forward_op
 from .plan import check_heads_k_stride
 
@@ -34,9 +35,12 @@ def _allgather(q: Tensor, k: Tensor, v: Tensor, layout: str, cu_q: Tensor, cu_k:
     check_sinks(sinks, q)
     window = normalized_window(window_size)
     stride = check_heads_k_stride(heads_k_stride, k.shape[1])
-    check_same_call_across_group(group, q.device, call_signature(
-        "allgather", layout, q, k, causal, softmax_scale, heads_k_stride=heads_k_stride, softcap=softcap,
-        window_size=window, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None))
+    if checking_calls():  # a packed layout's global cu_seqlens must be the same on every rank (llama3's are per rank)
+        documents = {} if cu_k is not None else {"cu_seqlens": host_offsets(cu_q)}
+        check_same_call_across_group(group, q.device, call_signature(
+            "allgather", layout, q, k, causal, softmax_scale, heads_k_stride=heads_k_stride, softcap=softcap,
+            window_size=window, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None,
+            **documents))
     out, lse, *_ = allgather_forward_op(q, k, v, cu_q, cu_k, alibi_slopes, sinks, max_q, max_k, layout, k_slice[0],
                                         k_slice[1], stride, bool(causal), window[0], window[1],
                                         default_scale(q, softmax_scale), float(softcap), float(dropout_p),

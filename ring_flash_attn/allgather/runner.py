@@ -12,10 +12,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core.layouts import local_pieces
+from ..core.layouts import BALANCED_LAYOUTS, local_pieces
 from ..core.mask import Band, VarlenMeta
 from ..core.rows import Rows
-from ..core.validation import check_cu_seqlens, default_scale, group_rank_and_size, host_offsets
+from ..core.validation import check_balanced_tokens, check_cu_seqlens, default_scale, group_rank_and_size, host_offsets
 from ..kernels import block_options, select_block_kernel
 from .gather import PlainGather
 from .own_keys_first import OwnKeysFirst, own_keys_split
@@ -95,6 +95,8 @@ def packed_pack(layout: str, q: Tensor, cu_seqlens: Tensor, max_seqlen: Optional
     """This rank's part of the batch with global ``cu_seqlens`` in a layout of ``local_pieces``."""
     offsets = host_offsets(cu_seqlens)
     check_cu_seqlens(offsets, offsets[-1], max_seqlen=max_seqlen)
+    if layout in BALANCED_LAYOUTS:  # names pad_pack / shard_varlen
+        check_balanced_tokens(offsets, q.shape[0], rank, world_size)
     if offsets[-1] != q.shape[0] * world_size:
         raise ValueError(f"cu_seqlens ends at {offsets[-1]}, but {world_size} ranks x {q.shape[0]} local tokens "
                          f"= {q.shape[0] * world_size}")

@@ -16,8 +16,8 @@ from ..core.docs import ULYSSES_DOCS, ULYSSES_VARLEN_DOCS
 from ..core.eager import public
 from ..core.layouts import ALLGATHER_LAYOUTS, LAYOUTS, RING_VARLEN_LAYOUTS, local_divisor
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_options, check_qkv,
-                               check_same_call_across_group, check_sinks, default_scale, kernel_ready,
-                               normalized_window, unpack)
+                               check_same_call_across_group, check_sinks, checking_calls, default_scale,
+                               host_offsets, kernel_ready, normalized_window, unpack)
 from .groups import UlyssesRingGroups, as_ulysses_ring_groups
 from .ops import head_split, ulysses_forward_op
 
@@ -58,10 +58,12 @@ def ulysses_attention(
                          f"{groups.ulysses_degree} x local_seqlen {q.shape[1]}) to be a multiple of "
                          f"{local_divisor(ring_layout)}")
     ulysses_name, ring_name, parent_name = groups.names()
-    check_same_call_across_group(groups.group, q.device, call_signature(
-        "ulysses-varlen" if packed else "ulysses", ring_layout, q, k, causal, softmax_scale, window_size=window,
-        softcap=softcap, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None,
-        degrees=(groups.ulysses_degree, groups.ring_degree)))
+    if checking_calls():  # the global cu_seqlens of a packed batch: the same on every rank
+        documents = {"cu_seqlens": host_offsets(cu_seqlens)} if packed else {}
+        check_same_call_across_group(groups.group, q.device, call_signature(
+            "ulysses-varlen" if packed else "ulysses", ring_layout, q, k, causal, softmax_scale, window_size=window,
+            softcap=softcap, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None,
+            degrees=(groups.ulysses_degree, groups.ring_degree), **documents))
     out, lse, *_ = ulysses_forward_op(
         q, k, v, cu_seqlens, alibi_slopes, sinks, int(max_seqlen), ring_layout, bool(causal), window[0], window[1],
         default_scale(q, softmax_scale), float(softcap), float(dropout_p), bool(deterministic), backend or "",

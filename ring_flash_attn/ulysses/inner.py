@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..allgather import ops as allgather_ops
-from ..core.layouts import ALLGATHER_LAYOUTS, check_document_lengths
+from ..core.layouts import ALLGATHER_LAYOUTS, BALANCED_LAYOUTS, check_document_lengths
 from ..core.validation import check_cu_seqlens, host_offsets
 from ..ring import ops as ring_ops
 
@@ -73,6 +73,10 @@ def packed_inner_offsets(cu_seqlens: Tensor, max_seqlen: int, layout: str, local
     ranks takes local offsets (every document split as its layout needs); the balanced layout, the
     all-gather family and a ring of one rank the global ones."""
     offsets = host_offsets(cu_seqlens)
+    if layout in BALANCED_LAYOUTS and offsets[-1] % world_size:
+        raise ValueError(f"ring_layout {layout!r} needs the packed batch's total ({offsets[-1]} tokens, the global "
+                         f"cu_seqlens' last entry) to be a multiple of the world size {world_size}; pad the pack at "
+                         "its end (ring_flash_attn.layouts.pad_pack)")
     if offsets[-1] != local_tokens * world_size:
         raise ValueError(f"cu_seqlens (global) ends at {offsets[-1]}, but {world_size} ranks x {local_tokens} local "
                          f"tokens = {local_tokens * world_size}")

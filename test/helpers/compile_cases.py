@@ -4,7 +4,7 @@ shapes, called at several sequence lengths, against the same block in eager mode
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -183,30 +183,35 @@ def _packed_args(layout: str, global_lengths, causal: bool, rank: int, world_siz
     if layout == "llama3":
         prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, causal, rank, world_size)
         return (*prepared[:4], 1, prepared[4]), int(cu[-1]) // world_size
-    if layout in ("zigzag_llama3", "ulysses"):  # global cu_seqlens
+    if layout in ("zigzag_llama3", "ulysses", "balanced", "balanced_llama3"):  # global cu_seqlens
         return (cu, max(global_lengths)), int(cu[-1]) // world_size
     local = torch.div(cu, world_size, rounding_mode="floor")
     return (local, max(global_lengths) // world_size), int(local[-1])
 
 
 def compiled_packed_blocks(rank: int, world_size: int, layouts: List[str], settle: int = 0,
+                           documents: Optional[Sequence[Tuple[int, ...]]] = None, packings: Sequence[str] = PACKINGS,
                            **options) -> Dict[str, float]:
     """Like :func:`compiled_blocks` for the packed functions: documents of changing lengths and
     counts, ``cu_seqlens`` (llama3: its prepared arguments, computed per batch outside the compiled
     block) inputs of the compiled block, read on the host inside the op. ``graphs-first`` is counted
     after batch ``settle`` (dynamo specializes an int argument that is 0 or 1 when first seen, such as
-    llama3's ``local_k_slice.start``: one recompilation when it first changes)."""
+    llama3's ``local_k_slice.start``: one recompilation when it first changes). ``documents``: the
+    batches' global document lengths (default: lengths in units of 2W, which every layout takes);
+    ``packings``: which of func / kvpacked / qkvpacked to compile."""
     results = {}
     batches = ((1, 2, 1), (2, 1, 1, 2), (3,), (1, 1, 2, 1))  # document lengths in units of 2W
-    for n, (layout, packing) in enumerate((lay, p) for lay in layouts for p in PACKINGS):
+    if documents is None:
+        documents = [tuple(2 * world_size * n for n in lengths) for lengths in batches]
+    for n, (layout, packing) in enumerate((lay, p) for lay in layouts for p in packings):
         torch.manual_seed(n)
         causal = n % 3 != 2
         block = PackedBlock(layout, packing, use_lse=n % 2 == 0, causal=causal, **options)
         counter = CompileCounterWithBackend("aot_eager")
         torch._dynamo.reset()
         compiled = torch.compile(block, backend=counter, fullgraph=True, dynamic=True)
-        for i, lengths in enumerate(batches):
-            call_args, tokens = _packed_args(layout, [2 * world_size * n for n in lengths], causal, rank, world_size)
+        for i, lengths in enumerate(documents):
+            call_args, tokens = _packed_args(layout, lengths, causal, rank, world_size)
             x = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(10 * rank + i), requires_grad=True)
             leaves = [x, *block.parameters()]
             got = [compiled(x, *call_args)]
@@ -221,10 +226,13 @@ def compiled_packed_blocks(rank: int, world_size: int, layouts: List[str], settl
     return results
 
 
-def compiled_ulysses(rank: int, world_size: int, ulysses_degree: int, ring_layout: str, packed: bool) -> Dict[str, float]:
+def compiled_ulysses(rank: int, world_size: int, ulysses_degree: int, ring_layout: str, packed: bool,
+                     documents: Optional[Sequence[Tuple[int, ...]]] = None,
+                     packings: Sequence[str] = PACKINGS) -> Dict[str, float]:
     """:func:`compiled_blocks` (or :func:`compiled_packed_blocks`) of the Ulysses functions over
     ``ulysses_degree`` x ``world_size / ulysses_degree`` ranks, the ring in ``ring_layout``."""
     options = dict(group=groups(ulysses_degree, world_size), ring_layout=ring_layout)
     if packed:
-        return compiled_packed_blocks(rank, world_size, ["ulysses"], **options)
+        return compiled_packed_blocks(rank, world_size, ["ulysses"], documents=documents, packings=packings,
+                                      **options)
     return compiled_blocks(rank, world_size, ["ulysses"], **options)

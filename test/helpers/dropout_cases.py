@@ -98,6 +98,8 @@ def _attention(case: DropoutCase, q, k, v, p: float, seed: int) -> torch.Tensor:
         return rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu, max(case.doc_lengths), heads_k_stride=1, **kw)
     if case.layout == "packed_zigzag":
         return packed_allgather("packed_zigzag", q, k, v, cu, **kw)
+    if case.layout in ("balanced", "balanced_llama3"):  # the global cu_seqlens
+        return public_function(case.layout, varlen=True)(q, k, v, cu, max(case.doc_lengths), **kw)
     local_cu = local_cu_seqlens(cu, case.layout, case.world_size)
     max_len = int((local_cu[1:] - local_cu[:-1]).max())
     return public_function(case.layout, varlen=True)(q, k, v, local_cu, max_len, **kw)

@@ -56,6 +56,7 @@ class VarlenCase:
     view: str = ""  # q, k, v passed as strided views: a key of attention_cases.VIEWS
     lse_grad: bool = False  # the loss uses lse too: <out, dout> + <lse, dlse>
     sinks: bool = False  # attention sinks, as attention_cases.Case.sinks
+    deterministic: bool = False
 
     @property
     def cu_seqlens(self) -> torch.Tensor:
@@ -69,6 +70,7 @@ class VarlenCase:
         stride += "-alibi" if self.alibi else ""
         stride += poison_id(self.poison) + (f"-{self.view}" if self.view else "") + ("-dlse" if self.lse_grad else "")
         stride += "-sinks" if self.sinks else ""
+        stride += "-det" if self.deterministic else ""
         return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{'causal' if self.causal else 'full'}-"
                 f"{self.dtype}-h{self.nheads}k{self.nheads_k}-d{self.head_dim}{stride}-docs{docs}-{self.backend}")
 
@@ -110,6 +112,8 @@ def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv, sinks=None):
         common["window_size"] = case.window
     if case.alibi:
         common["alibi_slopes"] = alibi_slopes(case.nheads).to(q.device)
+    if case.deterministic:
+        common["deterministic"] = True
     first = {"func": as_view(case, q, k, v), "kvpacked": (q, kv), "qkvpacked": (qkv,)}[case.packing]
     if case.layout in rfa.LAYOUTS:
         fn = public_function(case.layout, case.packing, varlen=True)
