@@ -20,6 +20,7 @@ import torch
 import ring_flash_attn as rfa
 from helpers.attention_cases import PACKINGS
 from helpers.balanced_cases import BALANCED, random_pack
+from helpers.compile_cases import check_compiled
 from helpers.dropout_cases import DropoutCase, check_dropout
 from helpers.ulysses_cases import UlyssesCase
 from helpers.ulysses_cases import check as check_ulysses
@@ -161,15 +162,6 @@ def test_ulysses_ring_matches_float64_reference(dist_pool, case):
 COMPILE_DOCUMENTS = ((1, 6, 3), (7, 2, 1, 2), (13, 1), (2, 1, 1, 3, 5))
 
 
-def _check_compiled(results, tolerance: float = 1e-5):
-    for name, value in results.items():
-        if name.endswith("-graphs-last"):
-            first = results[name.replace("-last", "-first")]
-            assert value == first, f"{name}: recompiled for new documents ({first} -> {value} graphs)"
-        elif not name.endswith("-graphs-first"):
-            assert value <= tolerance, f"{name}: compiled differs from eager by {value:.3g}"
-
-
 @pytest.mark.parametrize("world_size,packings", [(1, ("func", "qkvpacked")), (2, ("kvpacked",))])
 def test_fullgraph_compile_without_recompiling(dist_pool, world_size, packings):
     """Both families (causal and full, a loss with and without lse; W = 1: func, qkvpacked; W = 2:
@@ -178,14 +170,14 @@ def test_fullgraph_compile_without_recompiling(dist_pool, world_size, packings):
     results = dist_pool(world_size).run("helpers.compile_cases:compiled_packed_blocks", layouts=list(BALANCED),
                                         documents=COMPILE_DOCUMENTS, packings=packings, timeout=600)
     for rank_results in results:
-        _check_compiled(rank_results)
+        check_compiled(rank_results)
 
 
 def test_ulysses_ring_fullgraph(dist_pool):
     """Ulysses x ring (one Ulysses rank per ring rank) with ``ring_layout="balanced"``: the same."""
     for results in dist_pool(2).run("helpers.compile_cases:compiled_ulysses", ulysses_degree=1, ring_layout="balanced",
                                     packed=True, documents=COMPILE_DOCUMENTS, packings=("func",), timeout=600):
-        _check_compiled(results)
+        check_compiled(results)
 
 
 @pytest.mark.parametrize("layout,ulysses", [("balanced", False), ("balanced_llama3", False), ("balanced", True),

@@ -7,22 +7,15 @@ from __future__ import annotations
 
 import pytest
 
+from helpers.compile_cases import check_compiled
+
 LAYOUTS = ["ring", "zigzag", "stripe"]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_fullgraph_compile_matches_eager(dist_pool, world_size):
     for results in dist_pool(world_size).run("helpers.compile_cases:compiled_blocks", layouts=LAYOUTS, timeout=600):
-        _check(results)
-
-
-def _check(results, tolerance: float = 1e-5):
-    for name, value in results.items():
-        if name.endswith("-graphs-last"):
-            first = results[name.replace("-last", "-first")]
-            assert value == first, f"{name}: recompiled for new shapes ({first} -> {value} graphs)"
-        elif not name.endswith("-graphs-first"):
-            assert value <= tolerance, f"{name}: compiled differs from eager by {value:.3g}"
+        check_compiled(results)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -31,7 +24,7 @@ def test_packed_documents_fullgraph(dist_pool, world_size):
     input of the compiled block, no recompilation."""
     for results in dist_pool(world_size).run("helpers.compile_cases:compiled_packed_blocks", layouts=LAYOUTS,
                                              timeout=600):
-        _check(results)
+        check_compiled(results)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -40,7 +33,7 @@ def test_allgather_family_fullgraph(dist_pool, world_size):
     at most one recompilation (the first change of a 0 / 1 int argument), none after it."""
     for results in dist_pool(world_size).run("helpers.compile_cases:compiled_packed_blocks",
                                              layouts=["llama3", "zigzag_llama3"], settle=1, timeout=600):
-        _check(results)
+        check_compiled(results)
 
 
 @pytest.mark.parametrize("ulysses_degree,world_size,ring_layout,packed", [
@@ -51,7 +44,7 @@ def test_ulysses_fullgraph(dist_pool, ulysses_degree, world_size, ring_layout, p
     recompilation for new lengths or documents."""
     for results in dist_pool(world_size).run("helpers.compile_cases:compiled_ulysses", ulysses_degree=ulysses_degree,
                                              ring_layout=ring_layout, packed=packed, timeout=600):
-        _check(results)
+        check_compiled(results)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -71,7 +64,7 @@ def test_dropout_and_alibi_trace(dist_pool, world_size):
     (dropout masks included), no recompilation for a second length."""
     for results in dist_pool(world_size).run("helpers.compile_cases:compiled_with_dropout", timeout=600):
         assert results.pop("dropout_effect") > 0.1, "dropout left the output unchanged"
-        _check(results, tolerance=1e-6)
+        check_compiled(results, tolerance=1e-6)
 
 
 @pytest.mark.parametrize("layout,packed,ulysses_degree", [("zigzag", False, 1), ("zigzag", True, 1),

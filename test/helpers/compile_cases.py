@@ -236,3 +236,15 @@ def compiled_ulysses(rank: int, world_size: int, ulysses_degree: int, ring_layou
         return compiled_packed_blocks(rank, world_size, ["ulysses"], documents=documents, packings=packings,
                                       **options)
     return compiled_blocks(rank, world_size, ["ulysses"], **options)
+
+
+def check_compiled(results: Dict[str, float], tolerance: float = 1e-5) -> None:
+    """Assert a compile run's results: every ``*-graphs-last`` count equals its ``*-graphs-first`` (no
+    recompilation for new shapes or documents), every other value (compiled against eager) within
+    ``tolerance``."""
+    for name, value in results.items():
+        if name.endswith("-graphs-last"):
+            first = results[name.replace("-last", "-first")]
+            assert value == first, f"{name}: recompiled for new shapes or documents ({first} -> {value} graphs)"
+        elif not name.endswith("-graphs-first"):
+            assert value <= tolerance, f"{name}: compiled differs from eager by {value:.3g}"
