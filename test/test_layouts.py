@@ -101,3 +101,24 @@ def test_every_layout_helper_refuses_a_rank_outside_the_world():
     with pytest.raises(TypeError, match="rank must be an int"):
         shard(x, "zigzag", 0.0, 2)
     assert shard(x, "zigzag", 1, 2).shape == (1, 8, 1)  # in range: unchanged
+
+
+def test_ulysses_packs_are_documented_with_ulysses_degree():
+    """A Ulysses pack is sharded with shard_varlen(..., ulysses_degree=U); shard_varlen(x, cu, "ring", r, W)
+    splits every document instead (the same token count, so no function can tell). The functions' help
+    and docs/usage.md show the right call and name the wrong one; and the right call is the contiguous
+    r-th 1/W of the pack for pure Ulysses (U = W)."""
+    import pathlib
+
+    import ring_flash_attn as rfa
+    from ring_flash_attn.layouts import shard_varlen
+
+    help_text = rfa.ulysses_flash_attn_varlen_func.__doc__
+    assert "ulysses_degree=U" in help_text and "splits every document instead" in help_text
+    usage = (pathlib.Path(__file__).parents[1] / "docs" / "usage.md").read_text()
+    assert "shard_varlen(x, cu_seqlens, ring_layout, rank, W, ulysses_degree=U)" in usage
+    assert "splits *every document* over the" in usage
+    x, cu = torch.arange(12), torch.tensor([0, 4, 12])
+    for layout in ("ring", "zigzag", "balanced"):
+        assert shard_varlen(x, cu, layout, 1, 3, ulysses_degree=3).tolist() == [4, 5, 6, 7]
+    assert shard_varlen(x, cu, "ring", 1, 2).tolist() != shard_varlen(x, cu, "ring", 1, 2, ulysses_degree=2).tolist()
