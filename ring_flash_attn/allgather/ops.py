@@ -1,10 +1,10 @@
 """The all-gather family's forward and backward as ``torch.library`` custom ops (see
 :mod:`ring_flash_attn.ring.ops`): tensors q, k, v, the batch's ``cu_seqlens`` (llama3: its prepared
 ``cu_seqlens_q`` / ``cu_seqlens_k``), the ALiBi slopes and the attention sinks, every other
-argument a primitive; the op reads the offsets on the host and rebuilds the plan and strategy
-(cached on primitives), so ``torch.compile`` traces a call into the caller's graph. The forward's
-third output is the call's dropout seed, which the backward takes, its fourth the lse before the
-sinks (empty without)."""
+argument a primitive; the op reads the offsets on the host and takes the plan's host-side part from
+a cache keyed on the primitives and those offsets (:func:`~.runner.shared_gather_plan`), so
+``torch.compile`` traces a call into the caller's graph. The forward's third output is the call's
+dropout seed, which the backward takes, its fourth the lse before the sinks (empty without)."""
 
 from __future__ import annotations
 
@@ -15,25 +15,31 @@ import torch
 from ..core.function import ATTENTION_OP_TAGS, attention_backward, fake_dropout_seed, register_attention_autograd
 from ..core.merge import accumulator_dtype
 from ..core.sinks import fake_dsinks, fake_lse_before, forward_outputs
-from ..core.validation import group_rank_and_size, resolve_group
+from ..core.validation import group_rank_and_size, host_offsets, resolve_group
+from ..kernels import block_options, select_backend
 from ..kernels.dropout import draw_dropout_seed
-from .runner import build_runner, call_pack
+from .runner import GatherKey, build_runner, shared_gather_plan
 
 Tensor = torch.Tensor
 
 
-def _runner(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor], alibi_slopes: Optional[Tensor],
-            dropout_seed: Optional[int], max_q: int, max_k: int, layout: str, k_start: int, k_stop: int,
-            heads_k_stride: int, causal: bool, window_left: int, window_right: int, softmax_scale: float,
-            softcap: float, dropout_p: float, deterministic: bool, backend: str, group: str):
-    """The strategy of a call; ``dropout_seed`` None: a forward, which draws one when ``dropout_p`` is set."""
+def _runner(q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Optional[Tensor], alibi_slopes: Optional[Tensor],
+            dropout_seed: Optional[int], max_q: int, max_k: int, layout: str, k_slice: Tuple[int, int],
+            heads_k_stride: int, causal: bool, window: Tuple[int, int], softmax_scale: float, softcap: float,
+            dropout_p: float, deterministic: bool, backend: str, group: str):
+    """The strategy of a call: the shared plan of its key (``cu_seqlens`` read on the host once per
+    tensor, :func:`host_offsets`) with the call's group, kernel and options; ``dropout_seed`` None: a
+    forward, which draws one when ``dropout_p`` is set."""
     pg = resolve_group(group)
     rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
     if dropout_seed is None:
         dropout_seed = draw_dropout_seed() if dropout_p else 0
-    pack = call_pack(q, layout, cu_q, cu_k, max_q, max_k, (k_start, k_stop), causal, rank, world_size)
-    return build_runner(q, k, v, pack, heads_k_stride or None, softmax_scale, causal, (window_left, window_right),
-                        softcap, alibi_slopes, deterministic, dropout_p, pg, backend or None, dropout_seed)
+    shared = shared_gather_plan(GatherKey(
+        layout, host_offsets(cu_q), None if cu_k is None else host_offsets(cu_k), max_q, max_k, k_slice, q.shape[0],
+        k.shape[1], heads_k_stride or None, bool(causal), window, rank, world_size, q.device, q.dtype, q.shape[-1],
+        bool(deterministic), bool(softcap), bool(dropout_p), alibi_slopes is not None))
+    options = block_options(softmax_scale, softcap, dropout_p, alibi_slopes, deterministic, dropout_seed)
+    return build_runner(shared, rank, world_size, pg, select_backend(shared.kernel_call, backend or None), options)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor], alibi_slopes: Optional[Tensor],
@@ -44,8 +50,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor
     """``(out (T, H, D), lse (H, T), dropout_seed, lse_before_sinks)`` of this rank's packed queries
     (with ``sinks``, out and lse include them): the forward op's work, also called directly by the
     compositions above the family."""
-    runner = _runner(q, k, v, cu_q, cu_k, alibi_slopes, None, max_q, max_k, layout, k_start, k_stop, heads_k_stride,
-                     causal, window_left, window_right, softmax_scale, softcap, dropout_p, deterministic, backend,
+    runner = _runner(q, k, cu_q, cu_k, alibi_slopes, None, max_q, max_k, layout, (k_start, k_stop), heads_k_stride,
+                     causal, (window_left, window_right), softmax_scale, softcap, dropout_p, deterministic, backend,
                      group)
     out, lse = runner.forward(q, k, v)
     out, lse, lse_before = forward_outputs(out.contiguous(), lse.contiguous(), sinks)
@@ -81,8 +87,8 @@ def backward(dout: Optional[Tensor], dlse: Optional[Tensor], q: Tensor, k: Tenso
              group: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dsinks)`` of this rank's shard for the gradients ``dout`` of its output and
     ``dlse`` of its lse (either may be None); dsinks empty without sinks. The backward op's work."""
-    runner = _runner(q, k, v, cu_q, cu_k, alibi_slopes, int(dropout_seed[0]), max_q, max_k, layout, k_start, k_stop,
-                     heads_k_stride, causal, window_left, window_right, softmax_scale, softcap, dropout_p,
+    runner = _runner(q, k, cu_q, cu_k, alibi_slopes, int(dropout_seed[0]), max_q, max_k, layout, (k_start, k_stop),
+                     heads_k_stride, causal, (window_left, window_right), softmax_scale, softcap, dropout_p,
                      deterministic, backend, group)
 
     def run_backward(*tensors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

@@ -1,25 +1,27 @@
 """Building a call's plan and strategy from host data: this rank's part of the packed batch
-(:class:`LocalPack`, from llama3's prepared arguments or from the global ``cu_seqlens``) and the
-strategy acting on it. Used by the custom ops (:mod:`.ops`) and by the eager path of the public
-functions (:mod:`.api`)."""
+(:class:`LocalPack`, from llama3's prepared arguments or from the global ``cu_seqlens``) and what
+the strategy needs of it, cached per :class:`GatherKey` of primitives (:func:`shared_gather_plan`),
+then the strategy acting on it with the call's own group and options (:func:`build_runner`). Used
+by the custom ops (:mod:`.ops`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from functools import lru_cache
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 
 from ..core.layouts import BALANCED_LAYOUTS, local_pieces
 from ..core.mask import Band, VarlenMeta
 from ..core.rows import Rows
-from ..core.validation import check_balanced_tokens, check_cu_seqlens, default_scale, group_rank_and_size, host_offsets
-from ..kernels import block_options, select_block_kernel
+from ..core.validation import check_balanced_tokens, check_cu_seqlens
+from ..kernels import Backend, BlockOptions, KernelCall
 from .gather import PlainGather
 from .own_keys_first import OwnKeysFirst, own_keys_split
-from .plan import AllGatherPlan, check_heads_k_stride, document_meta, gathered_keys, window_metas
+from .plan import AllGatherPlan, RowRepeats, check_heads_k_stride, document_meta, gathered_keys, window_metas
 
 Tensor = torch.Tensor
 
@@ -36,78 +38,133 @@ class LocalPack:
     starts: Tuple[Tuple[int, int], ...]  # per document of meta: global position of its first query, first key
 
 
-def build_runner(q: Tensor, k: Tensor, v: Tensor, pack: LocalPack, heads_k_stride: Optional[int],
-                 softmax_scale: Optional[float], causal: bool, window: Tuple[int, int], softcap: float,
-                 alibi_slopes: Optional[Tensor], deterministic: bool, dropout_p: float, group,
-                 backend: Optional[str], dropout_seed: int = 0):
-    """The plan and its strategy for one call (options already validated). Without a sliding window
-    the plan attends to the rank's own keys while the others are gathered (:class:`OwnKeysFirst`)."""
-    if causal and window[1] >= 0:  # causal already bounds keys at the query
+class GatherKey(NamedTuple):
+    """Everything the host-side part of an all-gather call's plan (:class:`SharedGatherPlan`) depends
+    on, as primitives: two calls with equal keys get the same documents, key rows, kernel call and
+    ALiBi positions."""
+
+    layout: str  # llama3, zigzag_llama3 or packed_zigzag
+    offsets_q: Tuple[int, ...]  # the global cu_seqlens of a packed layout, or llama3's prepared cu_seqlens_q
+    offsets_k: Optional[Tuple[int, ...]]  # llama3's prepared cu_seqlens_k (None: a packed layout)
+    max_q: int  # max_seqlen (-1: not given), or llama3's max_seqlen_q
+    max_k: int  # llama3's max_seqlen_k
+    k_slice: Tuple[int, int]  # llama3's local_k_slice
+    local_tokens: int
+    nheads_k: int
+    heads_k_stride: Optional[int]  # None: all K/V heads at once
+    causal: bool
+    window: Tuple[int, int]
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int
+    deterministic: bool
+    softcap: bool
+    dropout: bool
+    alibi: bool  # ALiBi slopes given (their values are a per-call tensor, never part of the plan)
+
+
+@dataclass(frozen=True, eq=False)
+class SharedGatherPlan:
+    """The part of an all-gather call's plan and strategy that calls with equal :class:`GatherKey`
+    share (no process group, no options: those are the call's own)."""
+
+    kernel_call: KernelCall  # what the block kernel is asked (the kernel is chosen per call, memoised)
+    heads_k_stride: int
+    metas: Tuple[VarlenMeta, ...]  # as AllGatherPlan.metas
+    k_rows: Rows
+    k_repeats: Optional[RowRepeats]
+    windowed: bool
+    local_meta: Optional[VarlenMeta]  # own keys first: local queries against local keys; None: PlainGather
+    q_positions: Optional[Tensor]  # ALiBi: global positions of the queries
+    k_positions: Optional[Tensor]  # ALiBi: ... of the metas' keys (own keys first: the remote keys)
+
+
+PLAN_CACHE_SIZE = 128
+
+
+@lru_cache(maxsize=PLAN_CACHE_SIZE)
+def shared_gather_plan(key: GatherKey) -> SharedGatherPlan:
+    """This rank's part of the batch (:class:`LocalPack`) and what the strategy needs of it, checked
+    and built once per key (a refused key raises every time: errors are not cached). Without a
+    sliding window the plan attends to the rank's own keys while the others are gathered
+    (:class:`OwnKeysFirst`)."""
+    pack = llama3_pack(key) if key.offsets_k is not None else packed_pack(key)
+    window, device = key.window, key.device
+    if key.causal and window[1] >= 0:  # causal already bounds keys at the query
         window = (window[0], -1)
     meta = dataclasses.replace(pack.meta, window=window)  # causal: a piece's keys end at its last query
-    rank, world_size = group_rank_and_size(group)
-    check_cu_seqlens(meta.offsets_q, q.shape[0], "cu_seqlens_q")
-    kernel = select_block_kernel(q, k, v, (Band(*meta.relative_bounds()),), deterministic, backend, varlen=True,
-                                 softcap=softcap, dropout_p=dropout_p, alibi_slopes=alibi_slopes)
+    check_cu_seqlens(meta.offsets_q, key.local_tokens, "cu_seqlens_q")
+    call = KernelCall(device_type=device.type, dtype=key.dtype, head_dim=key.head_dim,
+                      bands=(Band(*meta.relative_bounds()),), deterministic=key.deterministic, varlen=True,
+                      softcap=key.softcap, dropout=key.dropout, alibi=key.alibi)
+    stride = check_heads_k_stride(key.heads_k_stride, key.nheads_k)
     q_positions = None
-    if alibi_slopes is not None:  # global positions of the queries
-        q_positions = torch.cat([torch.arange(start, start + n) for start, n in pack.pieces]).to(q.device)
-    options = block_options(default_scale(q, softmax_scale), softcap, dropout_p, alibi_slopes, deterministic,
-                            dropout_seed)
-    plan = functools.partial(AllGatherPlan, rank=rank, world_size=world_size, group=group, backend=kernel,
-                             heads_k_stride=check_heads_k_stride(heads_k_stride, k.shape[1]))
+    if key.alibi:  # global positions of the queries
+        q_positions = torch.cat([torch.arange(start, start + n) for start, n in pack.pieces]).to(device)
     if window == (-1, -1):
         key_ranges = tuple((ks, ks + lk) for (_, ks), (_, lk) in zip(pack.starts, meta.lengths))
         local_meta, remote_meta, rows, repeats, remote_positions = own_keys_split(
-            pack.layout, pack.offsets, rank, world_size, meta.offsets_q, key_ranges, meta.causal, q.device)
-        local, remote = options, options
-        if q_positions is not None:
-            local, remote = options.at_positions(q_positions, q_positions), options.at_positions(q_positions,
-                                                                                                 remote_positions)
-        return OwnKeysFirst(plan(options=options, metas=(remote_meta,), k_rows=rows, k_repeats=repeats),
-                            local_meta, local, remote)
-    windowed = not causal  # keys run past the queries: the window is cut per document into flash calls
-    metas = window_metas(meta, pack.starts, bool(causal), window, q.device) if windowed else (meta,)
+            pack.layout, pack.offsets, key.rank, key.world_size, meta.offsets_q, key_ranges, meta.causal, device)
+        return SharedGatherPlan(call, stride, (remote_meta,), rows, repeats, False, local_meta, q_positions,
+                                remote_positions)
+    windowed = not key.causal  # keys run past the queries: the window is cut per document into flash calls
+    metas = window_metas(meta, pack.starts, key.causal, window, device) if windowed else (meta,)
     rows, repeats = pack.key_rows, None
     if pack.layout != "llama3":
-        rows, repeats = gathered_keys(pack.layout, pack.offsets, rank, world_size, bool(causal), q.device)
-    if alibi_slopes is not None:  # and of the selected keys
-        k_positions = torch.arange(q.shape[0] * world_size, device=q.device)[pack.key_rows]
-        options = options.at_positions(q_positions, k_positions)
-    return PlainGather(plan(options=options, metas=metas, k_rows=rows, k_repeats=repeats, windowed=windowed))
+        rows, repeats = gathered_keys(pack.layout, pack.offsets, key.rank, key.world_size, key.causal, device)
+    k_positions = None
+    if key.alibi:  # and of the selected keys
+        k_positions = torch.arange(key.local_tokens * key.world_size, device=device)[pack.key_rows]
+    return SharedGatherPlan(call, stride, metas, rows, repeats, windowed, None, q_positions, k_positions)
 
 
-def llama3_pack(q: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                k_start: int, k_stop: int, causal: bool, rank: int, world_size: int) -> LocalPack:
-    """This rank's part of the batch from :func:`llama3_flash_attn_prepare_cu_seqlens`'s arguments."""
-    meta = VarlenMeta(host_offsets(cu_seqlens_q), host_offsets(cu_seqlens_k), bool(causal),
-                      cu_seqlens_q.to(q.device, torch.int32), cu_seqlens_k.to(q.device, torch.int32))
-    check_cu_seqlens(meta.offsets_q, q.shape[0], "cu_seqlens_q", max_seqlen_q, "max_seqlen_q")
-    check_cu_seqlens(meta.offsets_k, meta.offsets_k[-1], "cu_seqlens_k", max_seqlen_k, "max_seqlen_k")
-    starts = tuple((rank * q.shape[0] + meta.offsets_q[i], k_start + meta.offsets_k[i])
+def build_runner(shared: SharedGatherPlan, rank: int, world_size: int, group: Optional[dist.ProcessGroup],
+                 kernel: Backend, options: BlockOptions) -> Union[OwnKeysFirst, PlainGather]:
+    """The plan and its strategy for one call: the shared part with the call's process group, kernel
+    and options (scale, soft-cap, dropout seed, ALiBi slopes)."""
+    local = remote = options
+    if shared.q_positions is not None:
+        local = options.at_positions(shared.q_positions, shared.q_positions)
+        remote = options.at_positions(shared.q_positions, shared.k_positions)
+    own_keys_first = shared.local_meta is not None
+    plan = AllGatherPlan(rank=rank, world_size=world_size, group=group, backend=kernel,
+                         options=options if own_keys_first else remote, heads_k_stride=shared.heads_k_stride,
+                         metas=shared.metas, k_rows=shared.k_rows, k_repeats=shared.k_repeats,
+                         windowed=shared.windowed)
+    if own_keys_first:
+        return OwnKeysFirst(plan, shared.local_meta, local, remote)
+    return PlainGather(plan)
+
+
+def _device_offsets(offsets: Tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.tensor(offsets, dtype=torch.int32).to(device, non_blocking=True)
+
+
+def llama3_pack(key: GatherKey) -> LocalPack:
+    """This rank's part of the batch from :func:`llama3_flash_attn_prepare_cu_seqlens`'s arguments
+    (their host offsets: the plan holds its own device copies, never the caller's tensors)."""
+    meta = VarlenMeta(key.offsets_q, key.offsets_k, bool(key.causal), _device_offsets(key.offsets_q, key.device),
+                      _device_offsets(key.offsets_k, key.device))
+    check_cu_seqlens(meta.offsets_q, key.local_tokens, "cu_seqlens_q", key.max_q, "max_seqlen_q")
+    check_cu_seqlens(meta.offsets_k, meta.offsets_k[-1], "cu_seqlens_k", key.max_k, "max_seqlen_k")
+    rank, tokens, k_start = key.rank, key.local_tokens, key.k_slice[0]
+    starts = tuple((rank * tokens + meta.offsets_q[i], k_start + meta.offsets_k[i])
                    for i in range(len(meta.lengths)))  # contiguous shards: documents' queries and keys in order
-    return LocalPack("llama3", (0, q.shape[0] * world_size), ((rank * q.shape[0], q.shape[0]),), meta,
-                     slice(k_start, k_stop), starts)
+    return LocalPack("llama3", (0, tokens * key.world_size), ((rank * tokens, tokens),), meta, slice(*key.k_slice),
+                     starts)
 
 
-def packed_pack(layout: str, q: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int], causal: bool, rank: int,
-                world_size: int) -> LocalPack:
+def packed_pack(key: GatherKey) -> LocalPack:
     """This rank's part of the batch with global ``cu_seqlens`` in a layout of ``local_pieces``."""
-    offsets = host_offsets(cu_seqlens)
-    check_cu_seqlens(offsets, offsets[-1], max_seqlen=max_seqlen)
-    if layout in BALANCED_LAYOUTS:  # names pad_pack / shard_varlen
-        check_balanced_tokens(offsets, q.shape[0], rank, world_size)
-    if offsets[-1] != q.shape[0] * world_size:
-        raise ValueError(f"cu_seqlens ends at {offsets[-1]}, but {world_size} ranks x {q.shape[0]} local tokens "
-                         f"= {q.shape[0] * world_size}")
-    pieces = local_pieces(layout, offsets, rank, world_size)
-    meta, key_rows, starts = document_meta(offsets, pieces, bool(causal), q.device)
-    return LocalPack(layout, offsets, pieces, meta, key_rows, starts)
-
-
-def call_pack(q: Tensor, layout: str, cu_q: Tensor, cu_k: Optional[Tensor], max_q: int, max_k: int,
-              k_slice: Tuple[int, int], causal: bool, rank: int, world_size: int) -> LocalPack:
-    """The :class:`LocalPack` of a call (:func:`llama3_pack` or :func:`packed_pack`)."""
-    if cu_k is not None:
-        return llama3_pack(q, cu_q, cu_k, max_q, max_k, k_slice[0], k_slice[1], causal, rank, world_size)
-    return packed_pack(layout, q, cu_q, max_q if max_q >= 0 else None, causal, rank, world_size)
+    offsets, world_size = key.offsets_q, key.world_size
+    check_cu_seqlens(offsets, offsets[-1], max_seqlen=key.max_q if key.max_q >= 0 else None)
+    if key.layout in BALANCED_LAYOUTS:  # names pad_pack / shard_varlen
+        check_balanced_tokens(offsets, key.local_tokens, key.rank, world_size)
+    if offsets[-1] != key.local_tokens * world_size:
+        raise ValueError(f"cu_seqlens ends at {offsets[-1]}, but {world_size} ranks x {key.local_tokens} local "
+                         f"tokens = {key.local_tokens * world_size}")
+    pieces = local_pieces(key.layout, offsets, key.rank, world_size)
+    meta, key_rows, starts = document_meta(offsets, pieces, bool(key.causal), key.device)
+    return LocalPack(key.layout, offsets, pieces, meta, key_rows, starts)

@@ -12,6 +12,7 @@ documents' window pieces grouped into few varlen calls (:class:`WindowCalls`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -89,7 +90,8 @@ class VarlenMeta:
     the packed q and keys ``offsets_k[i]:offsets_k[i+1]`` of the packed k. ``causal`` and
     ``window`` (flash's ``window_size``) are aligned bottom-right per document (flash convention: a
     document's last query sits on its last key), which for equal lengths is the plain diagonal. Host
-    offsets and device ``cu_seqlens`` are both kept, built once per call so kernels need no host sync."""
+    offsets and device ``cu_seqlens`` are both kept, built once per call so kernels need no host sync;
+    the per-document lengths and what derives from them are computed at their first read."""
 
     offsets_q: Tuple[int, ...]
     offsets_k: Tuple[int, ...]
@@ -105,25 +107,25 @@ class VarlenMeta:
         to_dev = lambda o: torch.tensor(o, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
         return cls(tuple(offsets_q), tuple(offsets_k), causal, to_dev(offsets_q), to_dev(offsets_k), tuple(window))
 
-    @property
+    @cached_property
     def lengths(self) -> Tuple[Tuple[int, int], ...]:
         oq, ok = self.offsets_q, self.offsets_k
         return tuple((oq[i + 1] - oq[i], ok[i + 1] - ok[i]) for i in range(len(oq) - 1))
 
-    @property
+    @cached_property
     def max_seqlen_q(self) -> int:
         return max((lq for lq, _ in self.lengths), default=0)
 
-    @property
+    @cached_property
     def max_seqlen_k(self) -> int:
         return max((lk for _, lk in self.lengths), default=0)
 
-    @property
+    @cached_property
     def has_empty_documents(self) -> bool:
         """Documents with queries but no keys or keys but no queries (the ring's unused rows)."""
         return any((lq == 0) != (lk == 0) for lq, lk in self.lengths)
 
-    @property
+    @cached_property
     def square(self) -> bool:
         """True when every causal document has as many queries as keys (top-left == bottom-right)."""
         return not self.causal or all(lq == lk for lq, lk in self.lengths)

@@ -314,12 +314,12 @@ def host_offsets(cu_seqlens: Tensor) -> Tuple[int, ...]:
     layer of a model can pass the same cu_seqlens and only the first call pays (writes that bypass
     the version counter are not seen there)."""
     if cu_seqlens.device.type == "cpu":
-        return tuple(int(x) for x in cu_seqlens.tolist())
+        return tuple(cu_seqlens.tolist())  # an integer tensor's tolist() gives Python ints
     key = id(cu_seqlens)
     hit = _HOST_OFFSETS.get(key)
     if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
         return hit[2]
-    offsets = tuple(int(x) for x in cu_seqlens.tolist())
+    offsets = tuple(cu_seqlens.tolist())
     if len(_HOST_OFFSETS) > 256:
         _HOST_OFFSETS.clear()
     _HOST_OFFSETS[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, offsets)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from functools import lru_cache
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from ..core.mask import Band
 from .base import Backend, BlockOptions, KernelCall, Tensor
@@ -77,10 +77,19 @@ def explain_selection(call: KernelCall) -> Dict[str, list]:
 
 
 def select_backend(call: KernelCall, name: Optional[str] = None) -> Backend:
-    """The backend named (argument, else ``$RING_FLASH_ATTN_BACKEND``, else ``auto``) for ``call``."""
-    backend = _select(call, name or os.environ.get(ENV_VAR) or "auto")
+    """The backend named (argument, else ``$RING_FLASH_ATTN_BACKEND``, else ``auto``) for ``call``.
+    Memoised on the call, the name and the registry's contents (:func:`_memoised_select`)."""
+    backend = _memoised_select(call, name or os.environ.get(ENV_VAR) or "auto", tuple(BACKENDS.items()))
     _log_choice(call, backend.name)
     return backend
+
+
+@lru_cache(maxsize=256)
+def _memoised_select(call: KernelCall, name: str, registry: Tuple[Tuple[str, Backend], ...]) -> Backend:
+    """:func:`_select`, redone only for a new call, name or ``registry`` (the registered backends as
+    they are now: one added, replaced or removed, even by editing :data:`BACKENDS` directly, is a new
+    key). What backends answer depends on the call alone; refusals raise and are not remembered."""
+    return _select(call, name)
 
 
 @lru_cache(maxsize=256)

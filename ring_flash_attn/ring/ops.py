@@ -4,10 +4,11 @@ graph instead of breaking around it.
 
 Everything an op needs besides its tensors is a primitive argument: the layout name, the mask
 (causal, window), the scale, the soft-cap, the dropout probability, determinism, the kernel name
-and the process group by name; the op rebuilds its plan from them (the schedules are cached on
-primitives, so that costs a dictionary look-up). The fake implementations give the shapes (out like
-q, lse ``(B, H, S)`` or ``(H, T)``), so a new sequence length needs no recompilation when it is
-marked dynamic. ALiBi slopes and attention sinks are tensor arguments (the op derives the ALiBi
+and the process group by name; the host-side part of the plan (schedule, kernel call, ALiBi
+positions) is cached on them and, for packed calls, on the host offsets of ``cu_seqlens``
+(:func:`shared_plan`), so a repeated call costs a dictionary look-up. The fake implementations give
+the shapes (out like q, lse ``(B, H, S)`` or ``(H, T)``), so a new sequence length needs no
+recompilation when it is marked dynamic. ALiBi slopes and attention sinks are tensor arguments (the op derives the ALiBi
 positions; :mod:`ring_flash_attn.core.sinks`). The forward's third output is the call's dropout
 seed (an int64 tensor, 0 without dropout), which the backward takes to replay the masks
 (:mod:`ring_flash_attn.kernels.dropout`); its fourth the lse before the sinks (empty without).
@@ -16,7 +17,9 @@ Autograd is registered on the forward op (:func:`~ring_flash_attn.core.function.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -26,52 +29,94 @@ from ..core.layouts import position_ids, varlen_token_index
 from ..core.merge import accumulator_dtype
 from ..core.sinks import fake_dsinks, fake_lse_before, forward_outputs
 from ..core.validation import check_balanced_tokens, check_cu_seqlens, group_rank_and_size, host_offsets, resolve_group
-from ..kernels import block_options, select_block_kernel
+from ..kernels import KernelCall, block_options, select_backend
 from ..kernels.dropout import draw_dropout_seed
 from .engine import RingPlan, ring_backward, ring_forward
-from .packed import varlen_ring_schedule
-from .schedules import ring_schedule
+from .packed import VarlenRingSchedule, varlen_ring_schedule
+from .schedules import RingSchedule, ring_schedule
 
 Tensor = torch.Tensor
 
 
-def _plan(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor],
-          dropout_seed: Optional[int], max_seqlen: int, layout: str, causal: bool, window_left: int,
-          window_right: int, softmax_scale: float, softcap: float, dropout_p: float, deterministic: bool,
-          backend: str, group: str) -> RingPlan:
-    """The plan of a call: batch ``(B, S, H, D)`` tensors, or with ``cu_seqlens`` (local offsets) packed
-    documents as one batch row ``(1, T, H, D)``, whose offsets are read here (once per tensor, cached).
-    With ALiBi slopes, every rank's global token positions. ``dropout_seed`` None: a forward, which
-    draws one when ``dropout_p`` is set."""
-    pg = resolve_group(group)
-    rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
-    window = (window_left, window_right)
-    positions = None
-    if cu_seqlens is None:
-        schedule = ring_schedule(layout, world_size, q.shape[1], causal, window)
-        if alibi_slopes is not None:
-            positions = tuple(position_ids(layout, r, world_size, q.shape[1] * world_size, q.device)
-                              for r in range(world_size))
+class PlanKey(NamedTuple):
+    """Everything the host-side part of a ring call's plan (:class:`SharedPlan`) depends on, as
+    primitives: two calls with equal keys get the same schedule, kernel call and ALiBi positions."""
+
+    layout: str
+    offsets: Optional[Tuple[int, ...]]  # the host cu_seqlens of a packed call (None: batch)
+    local_len: int  # tokens per batch row of this rank
+    max_seqlen: int
+    rank: int
+    world_size: int
+    causal: bool
+    window: Tuple[int, int]
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int
+    deterministic: bool
+    softcap: bool
+    dropout: bool
+    alibi: bool  # ALiBi slopes given (their values are a per-call tensor, never part of the plan)
+
+
+@dataclass(frozen=True, eq=False)
+class SharedPlan:
+    """The part of a :class:`RingPlan` that calls with equal :class:`PlanKey` share."""
+
+    schedule: Union[RingSchedule, VarlenRingSchedule]
+    kernel_call: KernelCall  # what the block kernel is asked (the kernel is chosen per call, memoised)
+    positions: Optional[Tuple[Tensor, ...]]  # every rank's global token positions (ALiBi only)
+
+
+PLAN_CACHE_SIZE = 128
+
+
+@lru_cache(maxsize=PLAN_CACHE_SIZE)
+def shared_plan(key: PlanKey) -> SharedPlan:
+    """The schedule, kernel call and ALiBi positions of ``key``, checked and built once per key (a
+    refused key raises every time: errors are not cached)."""
+    w, positions = key.world_size, None
+    if key.offsets is None:
+        schedule = ring_schedule(key.layout, w, key.local_len, key.causal, key.window)
+        if key.alibi:
+            positions = tuple(position_ids(key.layout, r, w, key.local_len * w, key.device) for r in range(w))
     else:
-        offsets = host_offsets(cu_seqlens)
-        if layout == "balanced":  # global offsets
-            check_cu_seqlens(offsets, offsets[-1], max_seqlen=max_seqlen)
-            check_balanced_tokens(offsets, q.shape[1], rank, world_size)
+        offsets = key.offsets
+        if key.layout == "balanced":  # global offsets
+            check_cu_seqlens(offsets, offsets[-1], max_seqlen=key.max_seqlen)
+            check_balanced_tokens(offsets, key.local_len, key.rank, w)
             global_offsets = offsets
         else:
-            check_cu_seqlens(offsets, q.shape[1], max_seqlen=max_seqlen)
-            global_offsets = tuple(x * world_size for x in offsets)
-        schedule = varlen_ring_schedule(layout, offsets, world_size, causal, q.device, window)
-        if alibi_slopes is not None:  # positions in the global packed sequence (documents never mix)
-            positions = tuple(varlen_token_index(global_offsets, layout, r, world_size).to(q.device)
-                              for r in range(world_size))
-    kernel = select_block_kernel(q, k, v, schedule.bands(), deterministic, backend or None,
-                                 varlen=cu_seqlens is not None, softcap=softcap, dropout_p=dropout_p,
-                                 alibi_slopes=alibi_slopes)
+            check_cu_seqlens(offsets, key.local_len, max_seqlen=key.max_seqlen)
+            global_offsets = tuple(x * w for x in offsets)
+        schedule = varlen_ring_schedule(key.layout, offsets, w, key.causal, key.device, key.window)
+        if key.alibi:  # positions in the global packed sequence (documents never mix)
+            positions = tuple(varlen_token_index(global_offsets, key.layout, r, w).to(key.device) for r in range(w))
+    call = KernelCall(device_type=key.device.type, dtype=key.dtype, head_dim=key.head_dim,
+                      bands=tuple(schedule.bands()), deterministic=key.deterministic, varlen=key.offsets is not None,
+                      softcap=key.softcap, dropout=key.dropout, alibi=key.alibi)
+    return SharedPlan(schedule, call, positions)
+
+
+def _plan(q: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_seed: Optional[int],
+          max_seqlen: int, layout: str, causal: bool, window: Tuple[int, int], softmax_scale: float, softcap: float,
+          dropout_p: float, deterministic: bool, backend: str, group: str) -> RingPlan:
+    """The plan of a call: batch ``(B, S, H, D)`` tensors, or with ``cu_seqlens`` (local offsets) packed
+    documents as one batch row ``(1, T, H, D)``, whose offsets are read here (once per tensor,
+    :func:`host_offsets`). The schedule, kernel call and ALiBi positions come from
+    :func:`shared_plan`; the process group, the kernel options and the dropout seed are the call's own.
+    ``dropout_seed`` None: a forward, which draws one when ``dropout_p`` is set."""
+    pg = resolve_group(group)
+    rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
+    offsets = None if cu_seqlens is None else host_offsets(cu_seqlens)
+    shared = shared_plan(PlanKey(layout, offsets, q.shape[1], max_seqlen, rank, world_size, causal, window, q.device,
+                                 q.dtype, q.shape[-1], deterministic, bool(softcap), bool(dropout_p),
+                                 alibi_slopes is not None))
+    kernel = select_backend(shared.kernel_call, backend or None)
     if dropout_seed is None:
         dropout_seed = draw_dropout_seed() if dropout_p else 0
     return RingPlan(rank=rank, world_size=world_size, comm=RingComm(pg) if world_size > 1 else None,
-                    schedule=schedule, backend=kernel, positions=positions, group=pg,
+                    schedule=shared.schedule, backend=kernel, positions=shared.positions, group=pg,
                     options=block_options(softmax_scale, softcap, dropout_p, alibi_slopes, deterministic,
                                           dropout_seed))
 
@@ -90,8 +135,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], alibi
     directly by the compositions above the family (no second pass through the dispatcher)."""
     packed = cu_seqlens is not None
     q_rows, k_rows, v_rows = (_rows(t, packed) for t in (q, k, v))
-    plan = _plan(q_rows, k_rows, v_rows, cu_seqlens, alibi_slopes, None, max_seqlen, layout, causal, window_left,
-                 window_right, softmax_scale, softcap, dropout_p, deterministic, backend, group)
+    plan = _plan(q_rows, cu_seqlens, alibi_slopes, None, max_seqlen, layout, causal, (window_left, window_right),
+                 softmax_scale, softcap, dropout_p, deterministic, backend, group)
     out, lse = ring_forward(plan, q_rows, k_rows, v_rows)
     if packed:
         out, lse = out[0], lse[0]
@@ -128,8 +173,8 @@ def backward(dout: Optional[Tensor], dlse: Optional[Tensor], q: Tensor, k: Tenso
     ``dlse`` of its lse (either may be None); dsinks empty without sinks. The backward op's work."""
     packed = cu_seqlens is not None
     q_rows, k_rows, v_rows = (_rows(t, packed) for t in (q, k, v))
-    plan = _plan(q_rows, k_rows, v_rows, cu_seqlens, alibi_slopes, int(dropout_seed[0]), max_seqlen, layout, causal,
-                 window_left, window_right, softmax_scale, softcap, dropout_p, deterministic, backend, group)
+    plan = _plan(q_rows, cu_seqlens, alibi_slopes, int(dropout_seed[0]), max_seqlen, layout, causal,
+                 (window_left, window_right), softmax_scale, softcap, dropout_p, deterministic, backend, group)
 
     def run_backward(*tensors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         grads = ring_backward(plan, *(_rows(t, packed) for t in tensors))

@@ -7,6 +7,7 @@ is plain attention on the whole sequence."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
@@ -72,7 +73,17 @@ def packed_inner_offsets(cu_seqlens: Tensor, max_seqlen: int, layout: str, local
     the whole pack (read on the host, once per tensor). The ring family over ``ring_degree > 1``
     ranks takes local offsets (every document split as its layout needs); the balanced layout, the
     all-gather family and a ring of one rank the global ones."""
-    offsets = host_offsets(cu_seqlens)
+    local = _checked_inner_offsets(host_offsets(cu_seqlens), max_seqlen, layout, local_tokens, world_size,
+                                   ring_degree)
+    return (cu_seqlens, max_seqlen) if local is None else local
+
+
+@lru_cache(maxsize=64)
+def _checked_inner_offsets(offsets: Tuple[int, ...], max_seqlen: int, layout: str, local_tokens: int,
+                           world_size: int, ring_degree: int) -> Optional[Tuple[Tensor, int]]:
+    """:func:`packed_inner_offsets` on the host ``offsets``, checked once per key: the local
+    ``(cu_seqlens, max_seqlen)`` (a host tensor of the cache's own, read only by the ring ops), or
+    None where the global ones are passed on."""
     if layout in BALANCED_LAYOUTS and offsets[-1] % world_size:
         raise ValueError(f"ring_layout {layout!r} needs the packed batch's total ({offsets[-1]} tokens, the global "
                          f"cu_seqlens' last entry) to be a multiple of the world size {world_size}; pad the pack at "
@@ -82,6 +93,6 @@ def packed_inner_offsets(cu_seqlens: Tensor, max_seqlen: int, layout: str, local
                          f"tokens = {local_tokens * world_size}")
     check_cu_seqlens(offsets, offsets[-1], max_seqlen=max_seqlen)
     if layout in ALLGATHER_LAYOUTS or layout == "balanced" or ring_degree == 1:
-        return cu_seqlens, max_seqlen
+        return None
     check_document_lengths(offsets, layout, ring_degree)
     return torch.tensor([x // ring_degree for x in offsets], dtype=torch.int32), max_seqlen // ring_degree
