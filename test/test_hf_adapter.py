@@ -281,7 +281,8 @@ def test_auto_split_needs_the_config():
 
 def test_flash_kwargs_refused_where_inconsistent():
     """cu_seq_lens_q without cu_seq_lens_k, different query and key documents, a max_length that is not
-    the longest document, or documents other than set_packed_batch's: a ValueError naming the layer."""
+    the longest document, documents that do not cover the row, or documents other than
+    set_packed_batch's: a ValueError naming the layer."""
     from helpers.hf_cases import build_model
     from ring_flash_attn.adapters import hf
 
@@ -301,6 +302,9 @@ def test_flash_kwargs_refused_where_inconsistent():
         call(cu_seq_lens_q=cu.clone(), cu_seq_lens_k=torch.tensor([0, 4, 8], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"layer 1 .*max_length_k=4 is not the longest document"):
         call(cu_seq_lens_q=cu.clone(), cu_seq_lens_k=cu.clone(), max_length_q=5, max_length_k=4)
+    shard = torch.tensor([0, 3, 6], dtype=torch.int32)  # not the whole row of 8 tokens
+    with pytest.raises(ValueError, match=r"layer 1 .*cu_seq_lens_q ends at 6, but the row has 8 tokens"):
+        call(cu_seq_lens_q=shard, cu_seq_lens_k=shard.clone())
     hf.set_packed_batch(torch.tensor([0, 4, 8], dtype=torch.int32))
     try:
         with pytest.raises(ValueError, match=r"layer 1 .*differs from the cu_seqlens given to hf.set_packed_batch"):

@@ -19,9 +19,10 @@ packed batches use the all-gather family on the pack cut that way, ``packed_zigz
 ``llama3`` (contiguous shards; packed batches use llama3). With ``ulysses_degree > 1`` it runs Ulysses x ring
 (:mod:`ring_flash_attn.ulysses`): all-to-all inside groups of ``ulysses_degree`` consecutive ranks, the
 layout's ring across them. It takes no ``attention_mask``: causality comes from the layer, document
-boundaries from :func:`set_packed_batch`'s ``cu_seqlens``, else from where the row's ``position_ids``
-restart (all-gathered once per forward: each rank holds only its shard of them). Decoding with a KV
-cache (``generate()``) is refused.
+boundaries from the model call's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (a flattening collator's), else
+:func:`set_packed_batch`'s ``cu_seqlens``, else from where the row's ``position_ids`` restart
+(all-gathered once per forward: each rank holds only its shard of them). Decoding with a KV cache
+(``generate()``) is refused; so is Llama 4's chunked attention on rows longer than a chunk.
 """
 
 from __future__ import annotations
@@ -180,12 +181,12 @@ def ring_attention_forward(
     options = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, softcap=softcap or 0.0, group=s.group,
                    backend=s.backend, window_size=window_size_of(sliding_window), sinks=s_aux)
     layout = MODEL_LAYOUTS[s.layout]
-    batch = packed_batch_of_flash_kwargs(module, kwargs, s)
+    world = group_rank_and_size(s.group)[1]
+    batch = packed_batch_of_flash_kwargs(module, kwargs, s, q.shape[1] * world)
     if batch is None:
         batch = packed_batch_of_forward(s, kwargs.get("position_ids"), q.shape[:2])
     if batch is not None and q.shape[0] != 1:
         raise ValueError(f"packed batches (cu_seqlens set) need batch size 1, got {q.shape[0]}")
-    world = group_rank_and_size(s.group)[1]
     check_llama4_layer(module, batch.tokens if batch is not None else q.shape[1] * world, world)
     if layout == "balanced":
         return _balanced_forward(q, k, v, s, batch, kwargs.get("position_ids"), options), None
@@ -286,20 +287,23 @@ def documents_from_position_ids(position_ids: torch.Tensor, settings: RingAttent
 FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def packed_batch_of_flash_kwargs(module: torch.nn.Module, kwargs: Dict[str, Any],
-                                 settings: RingAttentionSettings) -> Optional[PackedBatch]:
+def packed_batch_of_flash_kwargs(module: torch.nn.Module, kwargs: Dict[str, Any], settings: RingAttentionSettings,
+                                 row_tokens: int) -> Optional[PackedBatch]:
     """The documents given by transformers' flash-attention keywords (``cu_seq_lens_q`` / ``_k``,
     ``max_length_q`` / ``_k``, e.g. from ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``),
     or None where none is set. They describe the whole packed row (global ``cu_seqlens``, as for
     :func:`set_packed_batch`) while the model gets this rank's shard; queries and keys must have the
-    same documents, the maximum lengths (where given) must be the longest document, and a
-    :func:`set_packed_batch` batch must be the same -- else a ``ValueError`` naming the layer. Read once
-    per forward (later layers get the same tensor).
+    same documents, the maximum lengths (where given) must be the longest document, the documents
+    must cover the whole row (not this rank's shard), and a :func:`set_packed_batch` batch must be the
+    same -- else a ``ValueError`` naming the layer. Read once per forward (later layers get the same
+    tensor).
 
     Args:
         module: the attention layer (named in errors).
         kwargs: the keywords transformers passed the attention function.
-        settings: the registration (its layout's per-batch arguments are prepared here)."""
+        settings: the registration (its layout's per-batch arguments are prepared here).
+        row_tokens: this rank's tokens x the group's size (the row's length, but for the balanced
+            layout, whose shards may differ by a token: that layout checks its shards itself)."""
     global _FROM_FLASH_KWARGS
     given = {name: kwargs[name] for name in FLASH_KWARGS if kwargs.get(name) is not None}
     if not given:
@@ -324,6 +328,10 @@ def packed_batch_of_flash_kwargs(module: torch.nn.Module, kwargs: Dict[str, Any]
         if name in given and int(given[name]) != batch.max_seqlen:
             raise ValueError(f"{layer}: {name}={int(given[name])} is not the longest document of cu_seq_lens_q "
                              f"({batch.max_seqlen})")
+    if MODEL_LAYOUTS[settings.layout] != "balanced" and batch.tokens != row_tokens:
+        raise ValueError(f"{layer}: cu_seq_lens_q ends at {batch.tokens}, but the row has {row_tokens} tokens (this "
+                         "rank's x the group's size): pass the whole packed row's documents (as the collator made "
+                         "them, before sharding), not this rank's shard's")
     if _BATCH is not None:
         if not torch.equal(_BATCH.cu_seqlens.to(cu_q.device, torch.int64), cu_q.to(torch.int64)):
             raise ValueError(f"{layer}: cu_seq_lens_q {cu_q.tolist()} differs from the cu_seqlens given to "
