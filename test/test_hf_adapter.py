@@ -47,6 +47,17 @@ CASES = (
     + [ModelCase("llama", "balanced", w, True, path="substitute") for w in (2, 3)]
     + [ModelCase("llama", "balanced", 2, batch=2), ModelCase("llama", "balanced", 2, batch=2, seqlen=22),
        ModelCase("mistral", "balanced", 3, True)]
+    # documents from transformers' flash-attention keywords (cu_seq_lens_q/k, max_length_q/k of the whole row)
+    + [ModelCase("llama", layout, w, True, documents="flash_kwargs") for layout, w in itertools.product(
+        ("balanced", "zigzag", "ring"), (2, 3))]
+    + [ModelCase("llama", "balanced", 2, True, ulysses_degree=2, documents="flash_kwargs")]
+    # ulysses_degree="auto" (4 heads, 2 K/V heads, one node): U = W where W divides the heads, else the ring alone
+    + [ModelCase("llama", "balanced", 2, True, ulysses_degree=2, auto_split=True),
+       ModelCase("llama", "zigzag", 4, False, ulysses_degree=4, auto_split=True),
+       ModelCase("llama", "balanced", 3, True, auto_split=True)]
+    # Llama 4: a chunked-attention layer (chunks longer than the row) and a no-RoPE layer with temperature tuning
+    + [ModelCase("llama4", layout, w, True) for layout, w in itertools.product(("balanced", "zigzag"), (2, 3))]
+    + [ModelCase("llama4", "balanced", 2)]
     # set_packed_batch before register_ring_attention
     + [ModelCase("llama", layout, 2, True, ulysses_degree=u, batch_first=True) for layout, u in itertools.product(
         ("zigzag", "ring"), (1, 2))]
@@ -225,3 +236,112 @@ def test_register_refuses_a_heads_k_stride_that_is_not_positive():
     for bad in (0, -1, True, 1.0):
         with pytest.raises(ValueError, match="heads_k_stride must be None"):
             hf.register_ring_attention(None, layout="ring", heads_k_stride=bad, name="ring_bad_stride")
+
+
+@pytest.mark.parametrize("world_size,heads,kv_heads,per_node,want", [
+    (8, 32, 8, 8, (8, 1)),  # one node: Ulysses over all 8 ranks, 4 query heads and 1 K/V head each, no ring
+    (16, 32, 8, 8, (8, 2)),  # two nodes: Ulysses inside each, the ring of 2 across them
+    (16, 32, 2, 8, (8, 2)),  # 2 K/V heads over 8 ranks: each rank gets one (repeated 4 times)
+    (8, 6, 6, 8, (2, 4)),  # 6 heads do not split over 8 or 4 ranks
+    (8, 24, 6, 8, (2, 4)),  # 6 K/V heads over 4 or 8 ranks: repeated beyond one per rank
+    (8, 32, 8, 4, (4, 2)),  # 4 ranks per node
+    (12, 12, 4, 6, (2, 6)),  # 6 per node: U 6 and 3 repeat the 4 K/V heads beyond one per rank, 4 spans nodes
+    (1, 4, 2, None, (1, 1)),  # one rank
+    (3, 4, 2, None, (1, 3)),  # 3 ranks: 4 heads do not split, the ring alone
+])
+def test_choose_ulysses_degree(world_size, heads, kv_heads, per_node, want):
+    from ring_flash_attn.adapters import choose_ulysses_degree
+
+    split = choose_ulysses_degree(world_size, heads, kv_heads, per_node)
+    assert (split.ulysses_degree, split.ring_degree) == want
+    assert split.reasons[-1].startswith(f"U = {want[0]}:")
+    assert all(reason.startswith("not U = ") for reason in split.reasons[:-1])
+
+
+def test_ranks_per_node_default(monkeypatch):
+    """LOCAL_WORLD_SIZE, else the CUDA device count, else the world size."""
+    from ring_flash_attn.adapters import choose_ulysses_degree, default_ranks_per_node
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_ranks_per_node(8) == 2
+    assert choose_ulysses_degree(8, 8, 8).ulysses_degree == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_ranks_per_node(8) == 8
+
+
+def test_auto_split_needs_the_config():
+    from ring_flash_attn.adapters import hf
+
+    with pytest.raises(ValueError, match=r"config=model.config"):
+        hf.register_ring_attention(None, ulysses_degree="auto", name="ring_auto_bad")
+    with pytest.raises(ValueError, match="only with ulysses_degree='auto'"):
+        hf.register_ring_attention(None, ranks_per_node=8, name="ring_auto_bad")
+
+
+def test_flash_kwargs_refused_where_inconsistent():
+    """cu_seq_lens_q without cu_seq_lens_k, different query and key documents, a max_length that is not
+    the longest document, documents that do not cover the row, or documents other than
+    set_packed_batch's: a ValueError naming the layer."""
+    from helpers.hf_cases import build_model
+    from ring_flash_attn.adapters import hf
+
+    model = build_model("llama")
+    hf.register_ring_attention(None, layout="ring")
+    layer = model.model.layers[1].self_attn
+    q = torch.randn(1, 4, 8, 16)
+
+    def call(**kwargs):
+        hf.ring_attention_forward(layer, q, q[:, :2], q[:, :2], None, implementation="ring_attention", **kwargs)
+
+    hf.set_packed_batch(None)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"layer 1 .*without both cu_seq_lens_q and cu_seq_lens_k"):
+        call(cu_seq_lens_q=cu.clone(), max_length_q=5)
+    with pytest.raises(ValueError, match=r"layer 1 .*differs from cu_seq_lens_k"):
+        call(cu_seq_lens_q=cu.clone(), cu_seq_lens_k=torch.tensor([0, 4, 8], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"layer 1 .*max_length_k=4 is not the longest document"):
+        call(cu_seq_lens_q=cu.clone(), cu_seq_lens_k=cu.clone(), max_length_q=5, max_length_k=4)
+    shard = torch.tensor([0, 3, 6], dtype=torch.int32)  # not the whole row of 8 tokens
+    with pytest.raises(ValueError, match=r"layer 1 .*cu_seq_lens_q ends at 6, but the row has 8 tokens"):
+        call(cu_seq_lens_q=shard, cu_seq_lens_k=shard.clone())
+    hf.set_packed_batch(torch.tensor([0, 4, 8], dtype=torch.int32))
+    try:
+        with pytest.raises(ValueError, match=r"layer 1 .*differs from the cu_seqlens given to hf.set_packed_batch"):
+            call(cu_seq_lens_q=cu.clone(), cu_seq_lens_k=cu.clone())
+    finally:
+        hf.set_packed_batch(None)
+
+
+def test_llama4_chunked_attention_longer_than_a_chunk_is_refused():
+    """Llama 4's chunked local attention on a row longer than attention_chunk_size would run as full
+    causal attention: refused naming the layer; a row of one chunk runs and equals the eager model."""
+    from helpers.hf_cases import build_model, model_available
+    from ring_flash_attn.adapters import hf
+
+    if not model_available("llama4"):
+        pytest.skip("this transformers has no Llama4ForCausalLM")
+    model = build_model("llama4", attention_chunk_size=8)
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    want = model(input_ids=ids[:, :8]).logits
+    model.set_attn_implementation(hf.register_ring_attention(None))
+    hf.set_packed_batch(None)
+    with pytest.raises(ValueError, match=r"layer 0 \(Llama4TextAttention\) is a chunked-attention layer "
+                                         r"\(attention_chunk_size=8.* 12 tokens"):
+        model(input_ids=ids)
+    torch.testing.assert_close(model(input_ids=ids[:, :8]).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_llama4_temperature_tuning_on_long_sharded_rows_is_refused():
+    """Llama 4's no-RoPE layers scale queries by the token's index, which transformers takes in the
+    rank's shard: refused for sharded rows of floor_scale tokens or more."""
+    from helpers.hf_cases import build_model, model_available
+    from ring_flash_attn.adapters.hf import check_llama4_layer
+
+    if not model_available("llama4"):
+        pytest.skip("this transformers has no Llama4ForCausalLM")
+    layer = build_model("llama4").model.layers[1].self_attn
+    with pytest.raises(ValueError, match=r"layer 1 \(Llama4TextAttention\) tunes the attention temperature"):
+        check_llama4_layer(layer, layer.floor_scale, 2)
+    check_llama4_layer(layer, layer.floor_scale - 1, 2)
+    check_llama4_layer(layer, 10 * layer.floor_scale, 1)  # one rank: the index is the row's

@@ -10,6 +10,7 @@ from .sequence import (
     sharded_causal_lm_loss,
     shift_labels,
 )
+from .split import UlyssesSplit, choose_ulysses_degree, default_ranks_per_node
 
 
 _HF_NAMES = {"register_ring_attention": "hf", "set_packed_batch": "hf", "ring_attention_forward": "hf",

@@ -19,16 +19,18 @@ packed batches use the all-gather family on the pack cut that way, ``packed_zigz
 ``llama3`` (contiguous shards; packed batches use llama3). With ``ulysses_degree > 1`` it runs Ulysses x ring
 (:mod:`ring_flash_attn.ulysses`): all-to-all inside groups of ``ulysses_degree`` consecutive ranks, the
 layout's ring across them. It takes no ``attention_mask``: causality comes from the layer, document
-boundaries from :func:`set_packed_batch`'s ``cu_seqlens``, else from where the row's ``position_ids``
-restart (all-gathered once per forward: each rank holds only its shard of them). Decoding with a KV
-cache (``generate()``) is refused.
+boundaries from the model call's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (a flattening collator's), else
+:func:`set_packed_batch`'s ``cu_seqlens``, else from where the row's ``position_ids`` restart
+(all-gathered once per forward: each rank holds only its shard of them). Decoding with a KV cache
+(``generate()``) is refused; so is Llama 4's chunked attention on rows longer than a chunk.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -41,7 +43,10 @@ from ..ring.api import balanced_ring_flash_attn_varlen_func, ring_flash_attn_fun
 from ..ulysses.api import ulysses_flash_attn_func, ulysses_flash_attn_varlen_func
 from ..ulysses.groups import UlyssesRingGroups, make_ulysses_ring_groups
 from .sequence import gather_sequence
+from .split import UlyssesSplit, choose_ulysses_degree
 
+
+logger = logging.getLogger(__name__)
 
 # Not "ring_flash_attention": transformers 5 treats every implementation whose name contains "flash"
 # as a flash-attn kernel to import and refuses the model when there is none.
@@ -57,6 +62,7 @@ class RingAttentionSettings:
     heads_k_stride: Optional[int] = None
     backend: Optional[str] = None
     ulysses: Optional[UlyssesRingGroups] = None  # Ulysses x ring when ulysses_degree > 1
+    split: Optional[UlyssesSplit] = None  # the choice of ulysses_degree="auto"
 
     @property
     def ulysses_degree(self) -> int:
@@ -83,6 +89,7 @@ class PackedBatch:
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    tokens: int  # of the whole row
     llama3_args: Dict[Tuple[bool, int, int], Tuple] = field(default_factory=dict)
     balanced_positions: Dict[Tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
 
@@ -91,12 +98,13 @@ class PackedBatch:
         """The batch of global ``cu_seqlens`` (its longest document read once, here; an empty pack is
         refused by the attention functions)."""
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        return cls(cu_seqlens, int(lengths.max()) if lengths.numel() else 0)
+        return cls(cu_seqlens, int(lengths.max()) if lengths.numel() else 0, int(cu_seqlens[-1]))
 
 
 @dataclass
 class _DerivedDocuments:
-    """Documents found from one forward's position ids (every layer gets the same tensor)."""
+    """Documents found from one forward's position ids or ``cu_seq_lens_q`` (every layer gets the same
+    tensor)."""
 
     position_ids: torch.Tensor
     version: int
@@ -107,6 +115,7 @@ class _DerivedDocuments:
 _BATCH: Optional[PackedBatch] = None  # set_packed_batch(cu_seqlens)
 _FROM_POSITION_IDS = True  # without cu_seqlens: documents where position_ids restart
 _DERIVED: Optional[_DerivedDocuments] = None
+_FROM_FLASH_KWARGS: Optional[_DerivedDocuments] = None
 
 
 def _llama3_args(batch: PackedBatch, causal: bool, group) -> Tuple:
@@ -152,10 +161,13 @@ def ring_attention_forward(
     Honoured: ``scaling``, ``dropout``, ``sliding_window`` (``w``: a query sees its last ``w`` keys,
     itself included, as transformers' masks define it; ``window_size=(w - 1, w - 1)``, causal layers
     cutting the right side to 0), ``softcap`` (Gemma 2's logit soft-capping), ``s_aux`` (gpt-oss's
-    attention sinks), ``is_causal``, ``position_ids`` (documents of a packed row, where no
-    :func:`set_packed_batch` gave them). Anything else that would change the result -- an attention
-    mask, cu_seq_lens / max_length arguments, ``output_attentions``, keys from a KV cache -- raises a
-    ``ValueError`` naming the layer and the option (:func:`check_model_kwargs`).
+    attention sinks), ``is_causal``, ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` /
+    ``max_length_k`` (the packed row's documents, from a flattening collator: equal for queries and
+    keys, see :func:`packed_batch_of_flash_kwargs`), ``position_ids`` (documents of a packed row,
+    where neither those nor :func:`set_packed_batch` gave them). Anything else that would change the
+    result -- an attention mask, ``output_attentions``, keys from a KV cache, Llama 4's chunked
+    attention on rows longer than a chunk -- raises a ``ValueError`` naming the layer and the option
+    (:func:`check_model_kwargs`, :func:`check_llama4_layer`).
 
     ``implementation``: the registered name whose settings apply (the function registered under a
     name passes it); ``None``: the module's ``config._attn_implementation``."""
@@ -169,9 +181,13 @@ def ring_attention_forward(
     options = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, softcap=softcap or 0.0, group=s.group,
                    backend=s.backend, window_size=window_size_of(sliding_window), sinks=s_aux)
     layout = MODEL_LAYOUTS[s.layout]
-    batch = packed_batch_of_forward(s, kwargs.get("position_ids"), q.shape[:2])
+    world = group_rank_and_size(s.group)[1]
+    batch = packed_batch_of_flash_kwargs(module, kwargs, s, q.shape[1] * world)
+    if batch is None:
+        batch = packed_batch_of_forward(s, kwargs.get("position_ids"), q.shape[:2])
     if batch is not None and q.shape[0] != 1:
         raise ValueError(f"packed batches (cu_seqlens set) need batch size 1, got {q.shape[0]}")
+    check_llama4_layer(module, batch.tokens if batch is not None else q.shape[1] * world, world)
     if layout == "balanced":
         return _balanced_forward(q, k, v, s, batch, kwargs.get("position_ids"), options), None
     if s.ulysses is not None:
@@ -268,16 +284,105 @@ def documents_from_position_ids(position_ids: torch.Tensor, settings: RingAttent
     return PackedBatch.of(cu_seqlens.to(torch.int32))
 
 
+FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def packed_batch_of_flash_kwargs(module: torch.nn.Module, kwargs: Dict[str, Any], settings: RingAttentionSettings,
+                                 row_tokens: int) -> Optional[PackedBatch]:
+    """The documents given by transformers' flash-attention keywords (``cu_seq_lens_q`` / ``_k``,
+    ``max_length_q`` / ``_k``, e.g. from ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``),
+    or None where none is set. They describe the whole packed row (global ``cu_seqlens``, as for
+    :func:`set_packed_batch`) while the model gets this rank's shard; queries and keys must have the
+    same documents, the maximum lengths (where given) must be the longest document, the documents
+    must cover the whole row (not this rank's shard), and a :func:`set_packed_batch` batch must be the
+    same -- else a ``ValueError`` naming the layer. Read once per forward (later layers get the same
+    tensor).
+
+    Args:
+        module: the attention layer (named in errors).
+        kwargs: the keywords transformers passed the attention function.
+        settings: the registration (its layout's per-batch arguments are prepared here).
+        row_tokens: this rank's tokens x the group's size (the row's length, but for the balanced
+            layout, whose shards may differ by a token: that layout checks its shards itself)."""
+    global _FROM_FLASH_KWARGS
+    given = {name: kwargs[name] for name in FLASH_KWARGS if kwargs.get(name) is not None}
+    if not given:
+        return None
+    cu_q, cu_k = given.get("cu_seq_lens_q"), given.get("cu_seq_lens_k")
+    derived = _FROM_FLASH_KWARGS
+    if (derived is not None and derived.position_ids is cu_q and cu_q is not None
+            and derived.version == cu_q._version and derived.settings is settings):
+        return derived.batch
+    layer = f"ring_attention, layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
+    if torch.compiler.is_compiling():
+        raise ValueError(f"{layer}: cu_seq_lens_q / cu_seq_lens_k cannot be read inside a compiled model: call "
+                         "hf.set_packed_batch(cu_seqlens) before the forward instead")
+    if cu_q is None or cu_k is None:
+        raise ValueError(f"{layer}: got {', '.join(given)} without both cu_seq_lens_q and cu_seq_lens_k: pass "
+                         "both (the packed row's global document boundaries) or call hf.set_packed_batch(cu_seqlens)")
+    if cu_q.shape != cu_k.shape or not torch.equal(cu_q, cu_k.to(cu_q.device)):
+        raise ValueError(f"{layer}: cu_seq_lens_q {cu_q.tolist()} differs from cu_seq_lens_k {cu_k.tolist()}; ring "
+                         "attention runs self-attention over one packed row: queries and keys have the same documents")
+    batch = PackedBatch.of(cu_q.to(torch.int32))
+    for name in ("max_length_q", "max_length_k"):
+        if name in given and int(given[name]) != batch.max_seqlen:
+            raise ValueError(f"{layer}: {name}={int(given[name])} is not the longest document of cu_seq_lens_q "
+                             f"({batch.max_seqlen})")
+    if MODEL_LAYOUTS[settings.layout] != "balanced" and batch.tokens != row_tokens:
+        raise ValueError(f"{layer}: cu_seq_lens_q ends at {batch.tokens}, but the row has {row_tokens} tokens (this "
+                         "rank's x the group's size): pass the whole packed row's documents (as the collator made "
+                         "them, before sharding), not this rank's shard's")
+    if _BATCH is not None:
+        if not torch.equal(_BATCH.cu_seqlens.to(cu_q.device, torch.int64), cu_q.to(torch.int64)):
+            raise ValueError(f"{layer}: cu_seq_lens_q {cu_q.tolist()} differs from the cu_seqlens given to "
+                             f"hf.set_packed_batch ({_BATCH.cu_seqlens.tolist()})")
+        batch = _BATCH
+    _prepare_llama3(batch, settings)
+    _FROM_FLASH_KWARGS = _DerivedDocuments(cu_q, cu_q._version, settings, batch)
+    return batch
+
+
+def check_llama4_layer(module: torch.nn.Module, row_length: int, world_size: int) -> None:
+    """Refuse a Llama 4 layer whose result depends on where its tokens sit in the row, which this
+    adapter does not reproduce: chunked local attention (``config.attention_chunk_size``, layers of
+    type ``"chunked_attention"``; a query sees only keys of its chunk of the row) on a row longer than
+    one chunk -- on shorter rows it is plain causal attention and runs -- and, on a sharded row, the
+    no-RoPE layers' attention temperature tuning, whose scale transformers computes from the token's
+    index in the local shard, once the row reaches ``floor_scale`` tokens.
+
+    Args:
+        module: the attention layer (its ``config``, ``layer_idx``, ``use_rope``, ...).
+        row_length: tokens in the whole (global) row.
+        world_size: ranks the row is sharded over."""
+    config = getattr(module, "config", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    chunk = getattr(config, "attention_chunk_size", None)
+    layer = f"ring_attention, layer {layer_idx} ({type(module).__name__})"
+    if (chunk is not None and isinstance(layer_idx, int) and layer_idx < len(layer_types)
+            and layer_types[layer_idx] == "chunked_attention" and row_length > chunk):
+        raise ValueError(f"{layer} is a chunked-attention layer (attention_chunk_size={chunk}, Llama 4) and the row "
+                         f"has {row_length} tokens: chunked local attention is not supported by ring attention (it "
+                         "would run full causal attention); use rows of at most attention_chunk_size tokens")
+    floor_scale = getattr(module, "floor_scale", None)
+    if (world_size > 1 and getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", True)
+            and floor_scale is not None and row_length >= floor_scale):
+        raise ValueError(f"{layer} tunes the attention temperature by the token's index (attn_temperature_tuning, "
+                         f"floor_scale={floor_scale}) and transformers takes that index in this rank's shard, not in "
+                         f"the row of {row_length} tokens: not supported by ring attention for rows of floor_scale "
+                         "tokens or more")
+
+
 # keyword arguments transformers passes that check_model_kwargs lets through (position ids reach RoPE
 # before this function and give the documents where set_packed_batch did not; keys from a KV cache are
 # refused by check_no_kv_cache; router outputs are the model's business)
 IGNORED_MODEL_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "output_router_logits",
-                                  "past_key_values", "past_key_value", "is_causal"})
+                                  "past_key_values", "past_key_value", "is_causal", *FLASH_KWARGS})
 
 
 def check_model_kwargs(module: torch.nn.Module, attention_mask: Optional[torch.Tensor], kwargs: dict) -> None:
     """Refuse what this attention cannot honour, naming the layer: a mask (padding or custom; document
-    boundaries come from ``set_packed_batch``), flash-attn varlen arguments, attention weights to
+    boundaries come from ``set_packed_batch`` or the flash-attention keywords), attention weights to
     return, and any keyword this adapter does not know that is set."""
     layer = f"ring_attention, layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
     if attention_mask is not None:
@@ -288,9 +393,6 @@ def check_model_kwargs(module: torch.nn.Module, attention_mask: Optional[torch.T
     for name, value in kwargs.items():
         if name in IGNORED_MODEL_KWARGS or value is None or value is False:
             continue
-        if name.startswith(("cu_seq_lens", "max_length")):
-            raise ValueError(f"{layer}: got {name}; pass the packed batch's global cu_seqlens with "
-                             "hf.set_packed_batch(cu_seqlens) instead")
         raise ValueError(f"{layer}: cannot honour the option {name}={value!r}")
 
 
@@ -404,7 +506,8 @@ def register_attention_function(name: str, fn) -> None:
 
 def register_ring_attention(
     group: Optional[dist.ProcessGroup] = None, layout: str = "balanced", heads_k_stride: Optional[int] = None,
-    name: str = RING_ATTENTION_NAME, backend: Optional[str] = None, ulysses_degree: int = 1,
+    name: str = RING_ATTENTION_NAME, backend: Optional[str] = None, ulysses_degree: Union[int, str] = 1,
+    config: Any = None, ranks_per_node: Optional[int] = None,
 ) -> str:
     """Register the ring as a transformers attention implementation; returns its name.
 
@@ -428,7 +531,17 @@ def register_ring_attention(
             across them; equal to the group's size: pure Ulysses. Every rank of ``group`` (and no
             other) must call this: with ``ulysses_degree`` between 1 and the group's size it creates
             the Ulysses and ring groups among them (:func:`ring_flash_attn.make_ulysses_ring_groups`),
-            so each data-parallel replica registers on its own group.
+            so each data-parallel replica registers on its own group. ``"auto"``: the degree
+            :func:`~ring_flash_attn.adapters.choose_ulysses_degree` picks from the group's size, the
+            heads of ``config`` and ``ranks_per_node`` (Ulysses inside a node as far as the heads allow,
+            the ring across nodes); every rank of ``group`` must call it (it checks that they chose
+            alike), and the choice with its reasons is logged and kept in
+            ``settings_for(name).split``.
+        config: with ``ulysses_degree="auto"``: the model's config (``model.config``; a multimodal
+            config's text config is used), read for ``num_attention_heads`` and
+            ``num_key_value_heads``.
+        ranks_per_node: with ``ulysses_degree="auto"``: ranks per node (None: ``LOCAL_WORLD_SIZE``,
+            else the CUDA device count, else the group's size).
     """
     if layout not in MODEL_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(MODEL_LAYOUTS)}")
@@ -436,16 +549,51 @@ def register_ring_attention(
                                        or heads_k_stride <= 0):
         raise ValueError(f"heads_k_stride must be None (all K/V heads at once) or a positive divisor of the "
                          f"model's K/V heads, got {heads_k_stride!r}")
+    split = None
+    if ulysses_degree == "auto":
+        split = auto_split(group, config, ranks_per_node)
+        ulysses_degree = split.ulysses_degree
+    elif config is not None or ranks_per_node is not None:
+        raise ValueError("config and ranks_per_node are read only with ulysses_degree='auto'")
     ulysses = None
     if ulysses_degree != 1:
         rank, world_size = group_rank_and_size(group)
         _, ring_degree, _ = ring_and_ulysses_rank(rank, world_size, ulysses_degree)
         ulysses = make_ulysses_ring_groups(ulysses_degree, ring_degree, group)
-    settings = _SETTINGS[name] = RingAttentionSettings(group, layout, heads_k_stride, backend, ulysses)
+    settings = _SETTINGS[name] = RingAttentionSettings(group, layout, heads_k_stride, backend, ulysses, split)
     if _BATCH is not None:  # set_packed_batch came first
         _prepare_llama3(_BATCH, settings)
     register_attention_function(name, functools.partial(ring_attention_forward, implementation=name))
     return name
+
+
+def auto_split(group: Optional[dist.ProcessGroup], config: Any, ranks_per_node: Optional[int]) -> UlyssesSplit:
+    """:func:`choose_ulysses_degree` for ``group`` and the heads of a model ``config``, checked to be the
+    same on every rank of the group (one all-gather where it has more than one rank) and logged.
+
+    Args:
+        group: the context-parallel group (None: the default group).
+        config: the model's config (``get_text_config()`` where it has one).
+        ranks_per_node: as for :func:`choose_ulysses_degree`."""
+    if config is None:
+        raise ValueError("ulysses_degree='auto' needs the model's heads: register_ring_attention(group, "
+                         "ulysses_degree='auto', config=model.config)")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None)
+    if heads is None:
+        raise ValueError(f"ulysses_degree='auto': the config ({type(config).__name__}) has no num_attention_heads")
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    _, world = group_rank_and_size(group)
+    split = choose_ulysses_degree(world, heads, kv_heads, ranks_per_node)
+    if world > 1:
+        chosen: list = [None] * world
+        dist.all_gather_object(chosen, split.ulysses_degree, group=group)
+        if len(set(chosen)) > 1:
+            raise ValueError(f"ulysses_degree='auto' chose differently on the ranks of the group ({chosen}): they see "
+                             "different ranks per node or configs; pass ranks_per_node= (or ulysses_degree=U)")
+    logger.info("ring_attention: ulysses_degree %d x ring %d (%s)", split.ulysses_degree, split.ring_degree,
+                "; ".join(split.reasons))
+    return split
 
 
 def set_packed_batch(cu_seqlens: Optional[torch.Tensor], *, from_position_ids: bool = True) -> None:
@@ -464,9 +612,9 @@ def set_packed_batch(cu_seqlens: Optional[torch.Tensor], *, from_position_ids: b
             one host read per forward, and cannot run inside a compiled model. False: every row is
             one sequence, ``position_ids`` are not read.
     """
-    global _BATCH, _FROM_POSITION_IDS, _DERIVED
+    global _BATCH, _FROM_POSITION_IDS, _DERIVED, _FROM_FLASH_KWARGS
     _BATCH = None if cu_seqlens is None else PackedBatch.of(cu_seqlens)
-    _FROM_POSITION_IDS, _DERIVED = bool(from_position_ids), None
+    _FROM_POSITION_IDS, _DERIVED, _FROM_FLASH_KWARGS = bool(from_position_ids), None, None
     if _BATCH is not None:
         for settings in _SETTINGS.values():
             _prepare_llama3(_BATCH, settings)

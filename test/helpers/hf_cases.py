@@ -26,15 +26,20 @@ class ModelCase:
     path: str = "registry"  # registry | substitute (ring-flash-attn's substitute_hf_flash_attn)
     batch: int = 1
     ulysses_degree: int = 1  # > 1: Ulysses x ring through the registry
-    # how a packed row's documents are given: "cu_seqlens" (set_packed_batch) or "position_ids" (restarting
-    # at every document, labels -100 at document starts, no cu_seqlens anywhere: a padding-free collator)
+    # how a packed row's documents are given: "cu_seqlens" (set_packed_batch), "position_ids" (restarting
+    # at every document, labels -100 at document starts, no cu_seqlens anywhere: a padding-free collator) or
+    # "flash_kwargs" (cu_seq_lens_q/k and max_length_q/k of the whole row passed to the model call, as
+    # DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives them; no set_packed_batch)
     documents: str = "cu_seqlens"
     batch_first: bool = False  # set_packed_batch before register_ring_attention
     seqlen: int = SEQLEN  # of an unpacked row
+    auto_split: bool = False  # register with ulysses_degree="auto" (which must choose ulysses_degree)
 
     def id(self) -> str:
         ulysses = f"-U{self.ulysses_degree}" if self.ulysses_degree > 1 else ""
-        packing = ("packed-by-positions" if self.documents == "position_ids" else "packed") if self.packed else "single"
+        packing = ({"position_ids": "packed-by-positions", "flash_kwargs": "packed-by-flash-kwargs"}.get(
+            self.documents, "packed")) if self.packed else "single"
+        ulysses = "-Uauto" + ulysses if self.auto_split else ulysses
         order = "-batch-first" if self.batch_first else ""
         return f"W{self.world_size}{ulysses}-{self.model}-{self.layout}-{packing}-{self.path}{order}"
 
@@ -45,10 +50,11 @@ def model_available(name: str) -> bool:
     return hasattr(transformers, {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                   "qwen2-sliding": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                   "gpt-oss": "GptOssForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                                  "gemma3": "Gemma3ForCausalLM", "mistral": "MistralForCausalLM"}[name])
+                                  "gemma3": "Gemma3ForCausalLM", "mistral": "MistralForCausalLM",
+                                  "llama4": "Llama4ForCausalLM"}[name])
 
 
-def build_model(name: str, attention_dropout: float = 0.0) -> torch.nn.Module:
+def build_model(name: str, attention_dropout: float = 0.0, attention_chunk_size: int = 64) -> torch.nn.Module:
     import transformers
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -72,6 +78,12 @@ def build_model(name: str, attention_dropout: float = 0.0) -> torch.nn.Module:
                                                          layer_types=SLIDING_THEN_FULL), transformers.Gemma3ForCausalLM),
         # a sliding window on every layer
         "mistral": lambda: (transformers.MistralConfig(**common, sliding_window=5), transformers.MistralForCausalLM),
+        # layer 0: RoPE, chunked attention (chunks of attention_chunk_size, here longer than the rows: it runs);
+        # layer 1: no RoPE, full attention with temperature tuning (floor_scale above the row length)
+        "llama4": lambda: (transformers.Llama4TextConfig(**common, head_dim=16, intermediate_size_mlp=96,
+                                                         no_rope_layers=[1, 0], attention_chunk_size=attention_chunk_size,
+                                                         num_local_experts=2, interleave_moe_layer_step=2),
+                           transformers.Llama4ForCausalLM),
     }[name]()
     torch.manual_seed(0)
     model = cls(config).float()
@@ -111,12 +123,17 @@ def register(model: torch.nn.Module, case: ModelCase, group, name: Optional[str]
         substitute_hf_flash_attn(group, heads_k_stride=1)
         model.config._attn_implementation = "flash_attention_2"  # what from_pretrained would set
         return
-    use_implementation(model, hf.register_ring_attention(group, layout=case.layout, ulysses_degree=case.ulysses_degree,
-                                                         **({} if name is None else {"name": name})))
+    options = dict(ulysses_degree="auto", config=model.config, ranks_per_node=case.world_size) if case.auto_split \
+        else dict(ulysses_degree=case.ulysses_degree)
+    name = hf.register_ring_attention(group, layout=case.layout, **options, **({} if name is None else {"name": name}))
+    chosen = hf.settings_for(name).ulysses_degree
+    assert chosen == case.ulysses_degree, f"{case.id()}: registered with ulysses_degree {chosen}"
+    use_implementation(model, name)
 
 
 def set_documents(case: ModelCase, group) -> None:
-    """Tell the adapter the batch's documents as the case does (set_packed_batch, or nothing but position ids)."""
+    """Tell the adapter the batch's documents as the case does (set_packed_batch, nothing but position ids, or
+    nothing but the flash-attention keywords of the model call)."""
     from ring_flash_attn.adapters import hf
 
     _, _, cu = batch(case)
@@ -124,6 +141,8 @@ def set_documents(case: ModelCase, group) -> None:
         from ring_flash_attn import update_ring_flash_attn_params
 
         update_ring_flash_attn_params(cu, group, **({"layout": "balanced"} if case.layout == "balanced" else {}))
+    elif case.documents == "flash_kwargs":  # position ids not read: the documents come from the keywords alone
+        hf.set_packed_batch(None, from_position_ids=False)
     else:
         hf.set_packed_batch(cu if case.documents == "cu_seqlens" else None)
 
@@ -142,7 +161,9 @@ def forward_backward(model: torch.nn.Module, case: ModelCase, group) -> Dict[str
     else:
         local = adapters.shard_inputs(input_ids, labels, cu_seqlens=cu, layout=case.layout, group=group,
                                       ulysses_degree=case.ulysses_degree)
-    logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+    flash = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=int(cu.diff().max()),
+                 max_length_k=int(cu.diff().max())) if case.documents == "flash_kwargs" else {}
+    logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"], **flash).logits
     share = adapters.sharded_causal_lm_loss(logits, local["shift_labels"], group)
     share.backward()
     hf.set_packed_batch(None)
