@@ -9,8 +9,8 @@ Two strategies act on it: :class:`~.gather.PlainGather` (one pass over the gathe
 windows) and :class:`~.own_keys_first.OwnKeysFirst` (own keys while the others are gathered).
 
 Layouts of the packed batch (:func:`ring_flash_attn.core.layouts.local_pieces`): ``llama3``,
-``zigzag_llama3``, ``packed_zigzag``. Zigzag shards reach the kernel through an index into the
-gathered buffer, no reordering copy.
+``zigzag_llama3``, ``packed_zigzag``, ``balanced_llama3``. Zigzag and balanced shards reach the
+kernel through an index into the gathered buffer, no reordering copy.
 """
 
 from __future__ import annotations

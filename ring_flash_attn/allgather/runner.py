@@ -30,7 +30,7 @@ Tensor = torch.Tensor
 class LocalPack:
     """This rank's part of a packed batch, as the family sees it (host data, built once per batch)."""
 
-    layout: str  # llama3, zigzag_llama3 or packed_zigzag
+    layout: str  # a layout of ALLGATHER_LAYOUTS (llama3, zigzag_llama3, packed_zigzag, balanced_llama3)
     offsets: Tuple[int, ...]  # the global cu_seqlens ((0, total) is enough for llama3)
     pieces: Tuple[Tuple[int, int], ...]  # (global start, length) of this rank's runs of tokens
     meta: VarlenMeta  # local query documents against their keys
@@ -43,7 +43,7 @@ class GatherKey(NamedTuple):
     on, as primitives: two calls with equal keys get the same documents, key rows, kernel call and
     ALiBi positions."""
 
-    layout: str  # llama3, zigzag_llama3 or packed_zigzag
+    layout: str  # a layout of ALLGATHER_LAYOUTS (llama3, zigzag_llama3, packed_zigzag, balanced_llama3)
     offsets_q: Tuple[int, ...]  # the global cu_seqlens of a packed layout, or llama3's prepared cu_seqlens_q
     offsets_k: Optional[Tuple[int, ...]]  # llama3's prepared cu_seqlens_k (None: a packed layout)
     max_q: int  # max_seqlen (-1: not given), or llama3's max_seqlen_q

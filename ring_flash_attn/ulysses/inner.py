@@ -1,7 +1,7 @@
 """What Ulysses attends after its all-to-all: every token of the ring shard for a chunk of heads, over
 the ring group, through the work of the custom ops (``forward`` / ``backward``, called directly) of
-the ring family (``ring``, ``zigzag``, ``stripe``) or of the all-gather family (``llama3``,
-``zigzag_llama3``, ``packed_zigzag``). With a ring of one rank this
+the ring family (``ring``, ``zigzag``, ``stripe``, ``balanced``) or of the all-gather family
+(``llama3``, ``zigzag_llama3``, ``packed_zigzag``, ``balanced_llama3``). With a ring of one rank this
 is plain attention on the whole sequence."""
 
 from __future__ import annotations
