@@ -345,3 +345,13 @@ def test_llama4_temperature_tuning_on_long_sharded_rows_is_refused():
         check_llama4_layer(layer, layer.floor_scale, 2)
     check_llama4_layer(layer, layer.floor_scale - 1, 2)
     check_llama4_layer(layer, 10 * layer.floor_scale, 1)  # one rank: the index is the row's
+
+
+def test_helpers_follow_the_registration(dist_pool):
+    """shard_inputs / gather_sequence / pad_for_layout without a layout (or Ulysses degree) use the
+    default registration's, and gather_sequence of a balanced packed row takes set_packed_batch's
+    documents when none are given: a model registered with layout="ring" (or ulysses_degree=2) and
+    inputs sharded with the helpers' defaults match the eager model."""
+    for case in (ModelCase("llama", "ring", 2), ModelCase("llama", "balanced", 2, True, ulysses_degree=2),
+                 ModelCase("llama", "balanced", 2, True)):
+        check(case, dist_pool(2).run("helpers.hf_cases:run_rank_with_defaults", case=case))

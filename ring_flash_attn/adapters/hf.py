@@ -275,7 +275,9 @@ def documents_from_position_ids(position_ids: torch.Tensor, settings: RingAttent
         raise ValueError("ring_attention: position_ids restart inside a row (packed documents), and the balanced "
                          "layout shards a packed row by its documents, so they must be known when the inputs are "
                          "sharded: adapters.shard_inputs(..., cu_seqlens=cu_seqlens) and hf.set_packed_batch("
-                         "cu_seqlens) (or register layout='zigzag', which finds documents from position_ids)")
+                         "cu_seqlens) (or register layout='zigzag', which finds documents from position_ids); or "
+                         "the inputs were sharded with another layout or ulysses_degree than this registration's "
+                         f"({settings.layout!r}, {settings.ulysses_degree})")
     if max(rows, local.shape[0]) != 1:
         raise ValueError(f"ring_attention: position_ids restart inside a row (packed documents) with batch size "
                          f"{max(rows, local.shape[0])}; packed documents need one row: concatenate them into one "
@@ -469,8 +471,9 @@ def check_balanced_positions(position_ids: Optional[torch.Tensor], batch: Packed
                                                torch.equal(local, varlen_token_index(batch.cu_seqlens, **shard))):
         raise ValueError("ring_attention: this rank's position_ids are not the balanced layout's shard of the packed "
                          "batch given to hf.set_packed_batch: shard the row with adapters.shard_inputs(..., "
-                         "cu_seqlens=cu_seqlens) (or layouts.shard_varlen(x, cu_seqlens, 'balanced', rank, W)) and "
-                         "pass the same cu_seqlens to set_packed_batch")
+                         "cu_seqlens=cu_seqlens) (or layouts.shard_varlen(x, cu_seqlens, 'balanced', rank, W)) with "
+                         f"this registration's ulysses_degree ({settings.ulysses_degree}) and pass the same "
+                         "cu_seqlens to set_packed_batch")
     batch.balanced_positions.clear()
     batch.balanced_positions[key] = inside
 
@@ -594,6 +597,13 @@ def auto_split(group: Optional[dist.ProcessGroup], config: Any, ranks_per_node: 
     logger.info("ring_attention: ulysses_degree %d x ring %d (%s)", split.ulysses_degree, split.ring_degree,
                 "; ".join(split.reasons))
     return split
+
+
+def active_documents(seqlen: int) -> Optional[torch.Tensor]:
+    """The ``cu_seqlens`` of :func:`set_packed_batch`'s batch when it covers a row of ``seqlen`` tokens."""
+    if _BATCH is None or int(_BATCH.cu_seqlens[-1]) != seqlen:
+        return None
+    return _BATCH.cu_seqlens
 
 
 def set_packed_batch(cu_seqlens: Optional[torch.Tensor], *, from_position_ids: bool = True) -> None:

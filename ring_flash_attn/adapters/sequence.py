@@ -32,6 +32,19 @@ def sequence_layout(layout: str) -> str:
     return MODEL_LAYOUTS[layout]
 
 
+def registered(layout: Optional[str], ulysses_degree: Optional[int] = None) -> Tuple[str, int]:
+    """``(layout, ulysses_degree)``, each ``None`` filled from ``register_ring_attention``'s registration
+    under the default name (what a model set to ``"ring_attention"`` runs), else ``("balanced", 1)``: the
+    helpers shard as the attention expects unless told otherwise."""
+    if layout is not None and ulysses_degree is not None:
+        return layout, ulysses_degree
+    from .hf import settings_for  # hf imports this module
+
+    settings = settings_for(None)
+    return (settings.layout if layout is None else layout,
+            settings.ulysses_degree if ulysses_degree is None else ulysses_degree)
+
+
 def row_documents(seqlen: int, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
     """The global ``cu_seqlens`` of a row for the balanced layout: the packed row's, or one document."""
     return cu_seqlens if cu_seqlens is not None else torch.tensor([0, seqlen], dtype=torch.int32)
@@ -73,13 +86,14 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None
 
 def pad_for_layout(
     input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
-    layout: str = "balanced", world_size: int = 1, pad_token_id: int = 0,
+    layout: Optional[str] = None, world_size: int = 1, pad_token_id: int = 0,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Pad ``(B, S)`` inputs at the end so the layout can split them over ``world_size`` ranks.
 
     The padding has label ``-100`` and comes after every real token, so causal attention never lets
     a real token see it; a packed row gets it as one extra document. Returns the padded
     ``(input_ids, labels, cu_seqlens)``."""
+    layout, _ = registered(layout, 1)
     extra = -input_ids.shape[1] % layout_multiple(layout, world_size)
     if extra == 0:
         return input_ids, labels, cu_seqlens
@@ -93,14 +107,15 @@ def pad_for_layout(
 
 def shard_inputs(
     input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None, layout: str = "balanced", group: Optional[dist.ProcessGroup] = None,
-    ulysses_degree: int = 1,
+    cu_seqlens: Optional[torch.Tensor] = None, layout: Optional[str] = None,
+    group: Optional[dist.ProcessGroup] = None, ulysses_degree: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
     """This rank's ``input_ids``, ``position_ids`` (positions in each document, for RoPE) and
     ``shift_labels`` (labels already shifted over the whole sequence) from the global ``(B, S)``
     batch; ``cu_seqlens``: the documents of a packed row (the balanced layout shards every document;
     pass the same tensor to ``set_packed_batch``); ``layout`` and ``ulysses_degree`` as given to
-    ``register_ring_attention``."""
+    ``register_ring_attention`` (``None``: those of its default registration, see :func:`registered`)."""
+    layout, ulysses_degree = registered(layout, ulysses_degree)
     rank, world = group_rank_and_size(group)
     check_splits(input_ids.shape[1], layout, rank, world, ulysses_degree)
     if position_ids is None:
@@ -146,16 +161,24 @@ def check_splits(seqlen: int, layout: str, rank: int, world_size: int, ulysses_d
             "attention mask)") from None
 
 
-def gather_sequence(local: torch.Tensor, layout: str = "balanced", group: Optional[dist.ProcessGroup] = None,
-                    dim: int = 1, ulysses_degree: int = 1, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The whole sequence from every rank's shard (e.g. logits for evaluation; not differentiable);
-    ``cu_seqlens``: the packed row's documents, as given to :func:`shard_inputs`."""
+def gather_sequence(local: torch.Tensor, layout: Optional[str] = None, group: Optional[dist.ProcessGroup] = None,
+                    dim: int = 1, ulysses_degree: Optional[int] = None,
+                    cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The whole sequence from every rank's shard (e.g. logits for evaluation; not differentiable).
+    ``layout`` / ``ulysses_degree``: as for :func:`shard_inputs`; ``cu_seqlens``: the packed row's
+    documents, as given to :func:`shard_inputs` (balanced layout; default: those of the active
+    ``set_packed_batch`` when they cover the row, else the row is one document)."""
+    layout, ulysses_degree = registered(layout, ulysses_degree)
     _, world = group_rank_and_size(group)
     if world == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.contiguous(), group=group)
     if sequence_layout(layout) == "balanced":
+        if cu_seqlens is None:
+            from .hf import active_documents  # hf imports this module
+
+            cu_seqlens = active_documents(local.shape[dim] * world)
         cu = row_documents(local.shape[dim] * world, cu_seqlens)
         return unshard_varlen(parts, cu, "balanced", dim=dim, ulysses_degree=ulysses_degree)
     return unshard(parts, sequence_layout(layout), dim=dim, ulysses_degree=ulysses_degree)

@@ -190,6 +190,27 @@ def run_rank(rank: int, world_size: int, case: ModelCase,
     return forward_backward(model, case, group)
 
 
+def run_rank_with_defaults(rank: int, world_size: int, case: ModelCase) -> Dict[str, object]:
+    """:func:`run_rank` with the sequence helpers called without layout / Ulysses degree (and
+    gather_sequence without cu_seqlens, set_packed_batch still active): they follow the registration."""
+    from ring_flash_attn import adapters
+    from ring_flash_attn.adapters import hf
+
+    group = dist.group.WORLD
+    model = build_model(case.model)
+    register(model, case, group)
+    set_documents(case, group)
+    input_ids, labels, cu = batch(case)
+    local = adapters.shard_inputs(input_ids, labels, cu_seqlens=cu, group=group)
+    logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+    share = adapters.sharded_causal_lm_loss(logits, local["shift_labels"], group)
+    share.backward()
+    gathered = adapters.gather_sequence(logits.detach(), group=group)
+    hf.set_packed_batch(None)
+    return {"logits": logits.detach(), "loss": share.item(), "global_loss": adapters.global_loss(share, group).item(),
+            "gathered": gathered, "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+
+
 def two_registrations(rank: int, world_size: int, first: ModelCase, second: ModelCase) -> List[Dict[str, object]]:
     """Two models registered under two names with different settings, both registrations before
     either model runs: each model's results."""
