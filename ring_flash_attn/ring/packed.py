@@ -15,9 +15,8 @@ chunks: the blocks are cut into flash window pieces and grouped into varlen call
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -160,11 +159,11 @@ def varlen_ring_schedule(
     ranks = range(world_size)
     if layout == "balanced" or tuple(window) != (-1, -1):
         if layout == "balanced":
-            pair_jobs = functools.partial(_balanced_jobs, offsets, world_size)
+            pair_jobs = partial(_balanced_jobs, offsets, world_size)
         else:
             check_layout(layout)
             check_local_offsets(layout, offsets)
-            pair_jobs = functools.partial(_windowed_jobs, layout, offsets, world_size)
+            pair_jobs = partial(_windowed_jobs, layout, offsets, world_size)
         built = [[pair_jobs(r, s, causal, window, device) for s in ranks] for r in ranks]
         jobs = tuple(tuple(built[r][s][0] for s in ranks) for r in ranks)
         bands = tuple(sorted({b for row in built for _, bs in row for b in bs}, key=repr))
