@@ -304,8 +304,8 @@ def packed_batch_of_flash_kwargs(module: torch.nn.Module, kwargs: Dict[str, Any]
         module: the attention layer (named in errors).
         kwargs: the keywords transformers passed the attention function.
         settings: the registration (its layout's per-batch arguments are prepared here).
-        row_tokens: this rank's tokens x the group's size (the row's length, but for the balanced
-            layout, whose shards may differ by a token: that layout checks its shards itself)."""
+        row_tokens: this rank's tokens x the group's size (the row's length; the balanced layout's
+            functions check the documents' total against the shards themselves)."""
     global _FROM_FLASH_KWARGS
     given = {name: kwargs[name] for name in FLASH_KWARGS if kwargs.get(name) is not None}
     if not given:
@@ -412,9 +412,10 @@ def _ulysses_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
 
 
 @functools.lru_cache(maxsize=16)
-def _one_document(seqlen: int, device: torch.device) -> torch.Tensor:
-    """``cu_seqlens`` of a row that is one document (a cached tensor: its host read is cached too)."""
-    return torch.tensor([0, seqlen], dtype=torch.int32, device=device)
+def _rows_as_documents(rows: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens`` of ``rows`` rows of ``seqlen`` tokens, each one document (a cached tensor, so its
+    host read is cached too: no device-to-host copy per layer)."""
+    return torch.arange(0, rows * seqlen + 1, seqlen, dtype=torch.int32, device=device)
 
 
 def _balanced_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: RingAttentionSettings,
@@ -430,11 +431,10 @@ def _balanced_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Ring
         return _balanced_call(q[0], k[0], v[0], batch.cu_seqlens, batch.max_seqlen, s, options)[None]
     seqlen = local_len * world
     if rows == 1 or seqlen % (2 * world) == 0:
-        cu = _one_document(seqlen, q.device) if rows == 1 else \
-            torch.arange(0, rows * seqlen + 1, seqlen, dtype=torch.int32, device=q.device)
         flat = [t.reshape(-1, *t.shape[2:]) for t in (q, k, v)]
+        cu = _rows_as_documents(rows, seqlen, q.device)
         return _balanced_call(*flat, cu, seqlen, s, options).reshape(q.shape)
-    cu = _one_document(seqlen, q.device)
+    cu = _rows_as_documents(1, seqlen, q.device)
     return torch.stack([_balanced_call(q[i], k[i], v[i], cu, seqlen, s, options) for i in range(rows)])
 
 
@@ -601,7 +601,7 @@ def auto_split(group: Optional[dist.ProcessGroup], config: Any, ranks_per_node: 
 
 def active_documents(seqlen: int) -> Optional[torch.Tensor]:
     """The ``cu_seqlens`` of :func:`set_packed_batch`'s batch when it covers a row of ``seqlen`` tokens."""
-    if _BATCH is None or int(_BATCH.cu_seqlens[-1]) != seqlen:
+    if _BATCH is None or _BATCH.tokens != seqlen:
         return None
     return _BATCH.cu_seqlens
 
