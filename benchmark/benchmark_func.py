@@ -76,6 +76,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mix", default=None, choices=sorted(MIX_BY_NAME),
                    help="--varlen: document lengths drawn from this mix of benchmark/balance.py (any lengths: "
                         "variants llama3, balanced, balanced_llama3)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time replays of one CUDA graph of the step (captured after warm-up) instead of eager calls")
     p.add_argument("--ulysses-degree", type=int, default=0,
                    help="run the variants as Ulysses x ring with this Ulysses degree (a divisor of W and of the heads)")
     args = p.parse_args()
@@ -291,6 +293,26 @@ def make_step(args, problem: Problem, variant: str, whole: bool = False,
     return step
 
 
+def graphed(step: Callable[[], List[torch.Tensor]], device: torch.device) -> Callable[[], List[torch.Tensor]]:
+    """``step`` captured in one CUDA graph (after three warm-up calls on a side stream, which also fill
+    the plan caches), as a function that replays it and returns the graph's outputs."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+
+    def replay() -> List[torch.Tensor]:
+        graph.replay()
+        return outputs
+
+    return replay
+
+
 def single_device_seconds(args, device, backend_name: str) -> Optional[float]:
     """Seconds per call of one block kernel on the local problem (one device, no ring), or None."""
     backend = BACKENDS.get(backend_name)
@@ -417,6 +439,10 @@ def main() -> None:
                                problem.reference(None))
         if gpu:
             torch.cuda.reset_peak_memory_stats(device)
+        if args.cuda_graph and gpu:
+            step = graphed(step, device)
+            if not args.no_check:  # the replay's results against single-device attention too
+                errors = [max(a, b) for a, b in zip(errors, max_errors(step(), problem.reference(variant)))]
         seconds, host = time_per_iter(step, args, device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else float("nan")
         name = f"U{args.ulysses_degree}x{variant}" if args.ulysses_degree else variant
@@ -427,6 +453,7 @@ def main() -> None:
         name = torch.cuda.get_device_name(device) if gpu else "CPU"
         docs = f"documents {problem.lengths} (global), " if args.varlen else f"batch={args.batch}, "
         window = f"window_size={tuple(args.window)}, " if tuple(args.window) != (-1, -1) else ""
+        mode += ", one CUDA graph replayed" if args.cuda_graph and gpu else ""
         print(f"# {name} x{w}, torch {torch.__version__}, {'varlen ' if args.varlen else ''}{args.packing}, {mode}, "
               f"{args.dtype}, causal={args.causal}, {window}{docs}{args.seqlen} tokens/rank, heads {args.nheads}/"
               f"{args.nheads_k}, d={args.head_dim}, backend={args.backend or 'auto'}"

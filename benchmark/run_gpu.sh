@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs recorded in benchmark/RESULTS.md: the correctness suite, the benchmarks, the profiles.
-# Usage (on a machine with N GPUs): bash benchmark/run_gpu.sh [N] [tests|bench|ulysses|compile|profile|all]
+# Usage (on a machine with N GPUs): bash benchmark/run_gpu.sh [N] [tests|bench|sweep|ulysses|compile|profile|all]
 #   -- logs go to ${OUT:-.}/
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -10,7 +10,8 @@ what=${2:-all}
 out=${OUT:-.}
 quiet() { grep -v -i -E "warn|\*\*\*\*|return func"; }
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q test/test_ring_gpu.py test/test_kernels.py test/test_merge_gpu.py -p no:cacheprovider -rf \
+  python3 -m pytest -q test/test_ring_gpu.py test/test_kernels.py test/test_merge_gpu.py test/test_cuda_graphs.py \
+    -p no:cacheprovider -rf \
     > "$out/gpu_tests.log" 2>&1
   grep -E "^FAILED|passed|failed" "$out/gpu_tests.log" | tail -15
 fi
@@ -25,6 +26,22 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     bench --backend torch_cuda_flash
     RING_FLASH_ATTN_TRITON=0 bench --fwd-only --variants zigzag,stripe --no-check
   } | tee "$out/bench.log"
+fi
+if [ "$what" = sweep ] || [ "$what" = all ]; then
+  # small shards, where the host sets the pace: 1k / 2k / 4k / 8k tokens per rank, batch and packed,
+  # every family and Ulysses U = 1, eager; then 1k / 2k replayed from one CUDA graph (the host ms of a replay)
+  bench() { torchrun --nproc_per_node "$n" benchmark/benchmark_func.py --no-check "$@" 2>&1 | quiet; }
+  {
+    for s in 1024 2048 4096 8192; do
+      bench --seqlen "$s"
+      bench --seqlen "$s" --varlen
+      bench --seqlen "$s" --ulysses-degree "$n" --variants ring
+    done
+    for s in $([ "$n" = 1 ] && echo 1024 2048); do  # graphs: run at W = 1 so far
+      bench --seqlen "$s" --cuda-graph --variants ring,zigzag
+      bench --seqlen "$s" --cuda-graph --varlen --variants zigzag,balanced,zigzag_llama3
+    done
+  } | tee "$out/bench-sweep.log"
 fi
 if [ "$what" = ulysses ] || [ "$what" = all ]; then
   bench() { torchrun --nproc_per_node "$n" benchmark/benchmark_func.py "$@" 2>&1 | quiet; }

@@ -1,7 +1,8 @@
 """Public functions of the all-gather family: ``llama3_flash_attn_varlen_*`` (ring-flash-attn
 0.1.x's signatures, with its :func:`llama3_flash_attn_prepare_cu_seqlens`) and the load-balanced
 ``zigzag_llama3_flash_attn_varlen_*`` (global ``cu_seqlens``, each rank holding zigzag chunks of
-every document). Thin wrappers: validate, then the custom ops (:mod:`.ops`)."""
+every document). Thin wrappers: validate, build the call's :class:`~ring_flash_attn.core.spec.CallSpec`, then the
+family's ops (:data:`.ops.GATHER_OPS`)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import torch
 import torch.distributed as dist
 
 from ..core.docs import BALANCED_LLAMA3_DOCS, LLAMA3_DOCS, ZIGZAG_LLAMA3_DOCS
-from ..core.eager import public
+from ..core.public import public
+from ..core.spec import CallSpec
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_nonempty_pack,
                                check_options, check_qkv, check_same_call_across_group, check_sinks, checking_calls,
                                default_scale, host_offsets, kernel_ready, normalized_window, process_group_name,
                                unpack)
-from .ops import allgather_forward_op
+from .ops import GATHER_OPS
 from .plan import check_heads_k_stride
 
 Tensor = torch.Tensor
@@ -41,11 +43,10 @@ def _allgather(q: Tensor, k: Tensor, v: Tensor, layout: str, cu_q: Tensor, cu_k:
             "allgather", layout, q, k, causal, softmax_scale, heads_k_stride=heads_k_stride, softcap=softcap,
             window_size=window, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None,
             **documents))
-    out, lse, *_ = allgather_forward_op(q, k, v, cu_q, cu_k, alibi_slopes, sinks, max_q, max_k, layout, k_slice[0],
-                                        k_slice[1], stride, bool(causal), window[0], window[1],
-                                        default_scale(q, softmax_scale), float(softcap), float(dropout_p),
-                                        bool(deterministic), backend or "", process_group_name(group),
-                                        bool(return_attn_probs))
+    spec = CallSpec(layout, bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
+                    float(dropout_p), bool(deterministic), backend or "", process_group_name(group), max_q, max_k,
+                    k_slice[0], k_slice[1], stride)
+    out, lse, *_ = GATHER_OPS(q, k, v, (cu_q, cu_k, alibi_slopes, sinks), spec, bool(return_attn_probs))
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..core.eager import eager_under_compile
+from ..core.public import eager_under_compile
 from ..core.layouts import buffer_row_of, local_pieces, shard_positions
 from ..core.mask import Band, VarlenMeta, WindowCalls
 from ..core.rows import Rows

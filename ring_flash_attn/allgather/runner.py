@@ -1,6 +1,6 @@
 """Building a call's plan and strategy from host data: this rank's part of the packed batch
 (:class:`LocalPack`, from llama3's prepared arguments or from the global ``cu_seqlens``) and what
-the strategy needs of it, cached per :class:`GatherKey` of primitives (:func:`shared_gather_plan`),
+the strategy needs of it, cached per :class:`GatherKey` (the call's spec, shapes and host offsets) (:func:`shared_gather_plan`),
 then the strategy acting on it with the call's own group and options (:func:`build_runner`). Used
 by the custom ops (:mod:`.ops`)."""
 
@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ..core.layouts import BALANCED_LAYOUTS, local_pieces
 from ..core.mask import Band, VarlenMeta
 from ..core.rows import Rows
+from ..core.spec import CallSpec
 from ..core.validation import check_balanced_tokens, check_cu_seqlens
 from ..kernels import Backend, BlockOptions, KernelCall
 from .gather import PlainGather
@@ -40,28 +41,19 @@ class LocalPack:
 
 class GatherKey(NamedTuple):
     """Everything the host-side part of an all-gather call's plan (:class:`SharedGatherPlan`) depends
-    on, as primitives: two calls with equal keys get the same documents, key rows, kernel call and
-    ALiBi positions."""
+    on: two calls with equal keys get the same documents, key rows, kernel call and ALiBi positions.
+    The spec's ``max_seqlen`` is -1 where a packed call was given none."""
 
-    layout: str  # a layout of ALLGATHER_LAYOUTS (llama3, zigzag_llama3, packed_zigzag, balanced_llama3)
+    spec: CallSpec
     offsets_q: Tuple[int, ...]  # the global cu_seqlens of a packed layout, or llama3's prepared cu_seqlens_q
     offsets_k: Optional[Tuple[int, ...]]  # llama3's prepared cu_seqlens_k (None: a packed layout)
-    max_q: int  # max_seqlen (-1: not given), or llama3's max_seqlen_q
-    max_k: int  # llama3's max_seqlen_k
-    k_slice: Tuple[int, int]  # llama3's local_k_slice
     local_tokens: int
     nheads_k: int
-    heads_k_stride: Optional[int]  # None: all K/V heads at once
-    causal: bool
-    window: Tuple[int, int]
     rank: int
     world_size: int
     device: torch.device
     dtype: torch.dtype
     head_dim: int
-    deterministic: bool
-    softcap: bool
-    dropout: bool
     alibi: bool  # ALiBi slopes given (their values are a per-call tensor, never part of the plan)
 
 
@@ -91,15 +83,16 @@ def shared_gather_plan(key: GatherKey) -> SharedGatherPlan:
     sliding window the plan attends to the rank's own keys while the others are gathered
     (:class:`OwnKeysFirst`)."""
     pack = llama3_pack(key) if key.offsets_k is not None else packed_pack(key)
-    window, device = key.window, key.device
-    if key.causal and window[1] >= 0:  # causal already bounds keys at the query
+    spec, device = key.spec, key.device
+    window = spec.window
+    if spec.causal and window[1] >= 0:  # causal already bounds keys at the query
         window = (window[0], -1)
     meta = dataclasses.replace(pack.meta, window=window)  # causal: a piece's keys end at its last query
     check_cu_seqlens(meta.offsets_q, key.local_tokens, "cu_seqlens_q")
     call = KernelCall(device_type=device.type, dtype=key.dtype, head_dim=key.head_dim,
-                      bands=(Band(*meta.relative_bounds()),), deterministic=key.deterministic, varlen=True,
-                      softcap=key.softcap, dropout=key.dropout, alibi=key.alibi)
-    stride = check_heads_k_stride(key.heads_k_stride, key.nheads_k)
+                      bands=(Band(*meta.relative_bounds()),), deterministic=spec.deterministic, varlen=True,
+                      softcap=bool(spec.softcap), dropout=bool(spec.dropout_p), alibi=key.alibi)
+    stride = check_heads_k_stride(spec.heads_k_stride or None, key.nheads_k)
     q_positions = None
     if key.alibi:  # global positions of the queries
         q_positions = torch.cat([torch.arange(start, start + n) for start, n in pack.pieces]).to(device)
@@ -109,11 +102,11 @@ def shared_gather_plan(key: GatherKey) -> SharedGatherPlan:
             pack.layout, pack.offsets, key.rank, key.world_size, meta.offsets_q, key_ranges, meta.causal, device)
         return SharedGatherPlan(call, stride, (remote_meta,), rows, repeats, False, local_meta, q_positions,
                                 remote_positions)
-    windowed = not key.causal  # keys run past the queries: the window is cut per document into flash calls
-    metas = window_metas(meta, pack.starts, key.causal, window, device) if windowed else (meta,)
+    windowed = not spec.causal  # keys run past the queries: the window is cut per document into flash calls
+    metas = window_metas(meta, pack.starts, spec.causal, window, device) if windowed else (meta,)
     rows, repeats = pack.key_rows, None
     if pack.layout != "llama3":
-        rows, repeats = gathered_keys(pack.layout, pack.offsets, key.rank, key.world_size, key.causal, device)
+        rows, repeats = gathered_keys(pack.layout, pack.offsets, key.rank, key.world_size, spec.causal, device)
     k_positions = None
     if key.alibi:  # and of the selected keys
         k_positions = torch.arange(key.local_tokens * key.world_size, device=device)[pack.key_rows]
@@ -145,26 +138,27 @@ def _device_offsets(offsets: Tuple[int, ...], device: torch.device) -> Tensor:
 def llama3_pack(key: GatherKey) -> LocalPack:
     """This rank's part of the batch from :func:`llama3_flash_attn_prepare_cu_seqlens`'s arguments
     (their host offsets: the plan holds its own device copies, never the caller's tensors)."""
-    meta = VarlenMeta(key.offsets_q, key.offsets_k, bool(key.causal), _device_offsets(key.offsets_q, key.device),
+    spec = key.spec
+    meta = VarlenMeta(key.offsets_q, key.offsets_k, spec.causal, _device_offsets(key.offsets_q, key.device),
                       _device_offsets(key.offsets_k, key.device))
-    check_cu_seqlens(meta.offsets_q, key.local_tokens, "cu_seqlens_q", key.max_q, "max_seqlen_q")
-    check_cu_seqlens(meta.offsets_k, meta.offsets_k[-1], "cu_seqlens_k", key.max_k, "max_seqlen_k")
-    rank, tokens, k_start = key.rank, key.local_tokens, key.k_slice[0]
+    check_cu_seqlens(meta.offsets_q, key.local_tokens, "cu_seqlens_q", spec.max_seqlen, "max_seqlen_q")
+    check_cu_seqlens(meta.offsets_k, meta.offsets_k[-1], "cu_seqlens_k", spec.max_seqlen_k, "max_seqlen_k")
+    rank, tokens, k_start = key.rank, key.local_tokens, spec.k_start
     starts = tuple((rank * tokens + meta.offsets_q[i], k_start + meta.offsets_k[i])
                    for i in range(len(meta.lengths)))  # contiguous shards: documents' queries and keys in order
-    return LocalPack("llama3", (0, tokens * key.world_size), ((rank * tokens, tokens),), meta, slice(*key.k_slice),
+    return LocalPack("llama3", (0, tokens * key.world_size), ((rank * tokens, tokens),), meta, slice(spec.k_start, spec.k_stop),
                      starts)
 
 
 def packed_pack(key: GatherKey) -> LocalPack:
     """This rank's part of the batch with global ``cu_seqlens`` in a layout of ``local_pieces``."""
-    offsets, world_size = key.offsets_q, key.world_size
-    check_cu_seqlens(offsets, offsets[-1], max_seqlen=key.max_q if key.max_q >= 0 else None)
-    if key.layout in BALANCED_LAYOUTS:  # names pad_pack / shard_varlen
+    offsets, world_size, layout, max_q = key.offsets_q, key.world_size, key.spec.layout, key.spec.max_seqlen
+    check_cu_seqlens(offsets, offsets[-1], max_seqlen=max_q if max_q >= 0 else None)
+    if layout in BALANCED_LAYOUTS:  # names pad_pack / shard_varlen
         check_balanced_tokens(offsets, key.local_tokens, key.rank, world_size)
     if offsets[-1] != key.local_tokens * world_size:
         raise ValueError(f"cu_seqlens ends at {offsets[-1]}, but {world_size} ranks x {key.local_tokens} local "
                          f"tokens = {key.local_tokens * world_size}")
-    pieces = local_pieces(key.layout, offsets, key.rank, world_size)
-    meta, key_rows, starts = document_meta(offsets, pieces, bool(key.causal), key.device)
-    return LocalPack(key.layout, offsets, pieces, meta, key_rows, starts)
+    pieces = local_pieces(layout, offsets, key.rank, world_size)
+    meta, key_rows, starts = document_meta(offsets, pieces, key.spec.causal, key.device)
+    return LocalPack(layout, offsets, pieces, meta, key_rows, starts)

@@ -1,5 +1,5 @@
 """Argument documentation the public functions share: appended to each one's docstring by
-:func:`ring_flash_attn.core.eager.public`, so ``help()`` on any of them lists every argument."""
+:func:`ring_flash_attn.core.public.public`, so ``help()`` on any of them lists every argument."""
 
 OPTIONS = """
     dropout_p: dropout probability on the attention weights (0 at evaluation). The kernels that

@@ -1,16 +1,18 @@
-"""The autograd boundary of every family: :func:`register_attention_autograd` gives a family's
-forward / backward custom ops their autograd -- gradients through lse exact
+"""The autograd boundary of every family: :class:`AttentionOps` defines a family's forward /
+backward custom ops from its Python work and gives them, and the plain eager route that skips the
+dispatcher, one autograd -- gradients through lse exact
 (:func:`lse_gradient_inputs`), the dropout seed carried from forward to backward, attention sinks
 (:func:`attention_backward`), an unused output free, the backward's cross-rank check, double
 backward refused."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from .sinks import sink_backward
+from .spec import SPEC_SCHEMA, CallSpec
 from .validation import backward_signature, check_same_call_across_group, resolve_group
 
 Tensor = torch.Tensor
@@ -39,9 +41,25 @@ def lse_gradient_inputs(dlse: Tensor, out: Tensor) -> Tuple[Tensor, Tensor]:
 ATTENTION_OP_TAGS = (torch.Tag.nondeterministic_seeded,)  # a forward may draw a dropout seed: never merged or recomputed
 
 
-def fake_dropout_seed() -> Tensor:
-    """The fake of a forward op's third output: the call's dropout seed, one int64 on the host."""
-    return torch.empty(1, dtype=torch.int64, device="cpu")
+def dropout_seed_output(seed: int, spec: CallSpec, device: torch.device) -> Tensor:
+    """A forward op's dropout-seed output: with dropout, the seed as one int64 on the host (the
+    backward reads it there); without, an empty int64 tensor on the inputs' device, so that a call
+    without dropout has every output on the device and a CUDA graph (``reduce-overhead``) takes it."""
+    if spec.dropout_p:
+        return torch.tensor([seed], dtype=torch.int64)
+    return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def fake_dropout_seed(spec: CallSpec, device: torch.device, count: int = 1) -> Tensor:
+    """The fake of :func:`dropout_seed_output` (``count`` seeds: one per Ulysses head chunk)."""
+    if spec.dropout_p:
+        return torch.empty(count, dtype=torch.int64, device="cpu")
+    return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def seed_of(dropout_seed: Tensor) -> int:
+    """The seed a backward replays: :func:`dropout_seed_output`'s first entry (0 when empty: no dropout)."""
+    return int(dropout_seed[0]) if dropout_seed.numel() else 0
 
 
 def backward_passes(run_backward: Callable[..., Tuple[Tensor, Tensor, Tensor]], dout: Optional[Tensor],
@@ -74,44 +92,136 @@ def attention_backward(run_backward: Callable[..., Tuple[Tensor, Tensor, Tensor]
     return (*backward_passes(run_backward, dout, dlse, q, k, v, out, lse_before), dsinks)
 
 
-def register_attention_autograd(forward_op, backward_op, extra_tensors: int, keeps_inputs: bool = True) -> None:
-    """Autograd for a family's custom ops: ``forward_op(q, k, v, *extra, *primitives, lse_grad) ->
-    (out, lse, *state)`` and ``backward_op(dout, dlse, *saved, *extra, *primitives) -> (dq, dk, dv,
-    dsinks)``, with ``extra_tensors`` tensor arguments after q, k, v (``cu_seqlens``, ALiBi slopes, ...,
-    the sinks last; each may be None) and the process group's name last among the primitives.
-    ``saved`` is ``(q, k, v, out, lse, *state)``, or only ``state`` when not ``keeps_inputs`` (a family
-    whose state holds what its backward needs); ``state`` holds the call's dropout seed(s) and the lse
-    before the sinks (:func:`~.sinks.forward_outputs`).
+class AttentionOps:
+    """A family's forward and backward, defined once and reachable two ways with the same autograd:
+    as ``torch.library`` custom ops (``ring_flash_attn::<family>_forward`` / ``_backward``), which
+    ``torch.compile``, export, fake tensors and dispatch modes (selective activation checkpointing,
+    FlopCounterMode) see as single ops, and, for a plain eager call, through an
+    ``autograd.Function`` that calls the same Python work directly (the dispatcher's argument
+    handling costs more host time than the work on a small shard). :meth:`__call__` picks the route
+    (:func:`plain_eager_call`); the results are the same bits either way.
 
-    ``dout`` / ``dlse`` arrive as None when unused (an unused output costs nothing); ``dlse`` only
-    when the caller receives lse (``lse_grad``). A loss that uses lse makes the backward take a
-    second pass (:func:`backward_passes`): every rank must then use lse's gradient (the same code on
-    every rank does), or the others wait for the rank that does not."""
+    Calls are ``(q, k, v, tensors, spec, lse_grad)``: ``tensors`` the family's further tensor
+    arguments (``cu_seqlens``, ALiBi slopes, ..., the sinks last; each may be None), ``spec`` the
+    :class:`~.spec.CallSpec`, ``lse_grad`` whether the caller receives lse (its gradient counts).
 
-    def setup_context(ctx, inputs, output) -> None:
-        q, k, v, *rest = inputs
-        kept = (q, k, v, *output) if keeps_inputs else output[2:]
-        ctx.save_for_backward(*kept, *rest[:extra_tensors])
-        ctx.device = q.device
-        ctx.has_sinks = rest[extra_tensors - 1] is not None
-        ctx.primitives = tuple(rest[extra_tensors:-1])
-        ctx.lse_grad = rest[-1]
+    Args:
+        family: the ops' name prefix.
+        tensors: the names of the further tensor arguments, sinks last.
+        saved: the names of what the backward takes after ``dout`` / ``dlse``: ``(q, k, v, out, lse,
+            *state)`` when ``keeps_inputs``, else the forward's state outputs alone (a family whose
+            state holds what its backward needs); ``state`` = the forward's outputs after out, lse.
+        forward: ``(q, k, v, tensors, spec) -> (out, lse, *state)``.
+        backward: ``(dout, dlse, saved, tensors, spec) -> (dq, dk, dv, dsinks)``; dout / dlse None
+            when unused (an unused output costs nothing), dsinks empty without sinks.
+        fake_forward / fake_backward: the same signatures, returning empty tensors of the outputs'
+            shapes (what ``torch.compile`` traces with).
+        keeps_inputs: see ``saved``.
+    """
+
+    def __init__(self, family: str, tensors: Sequence[str], saved: Sequence[str], forward: Callable,
+                 backward: Callable, fake_forward: Callable, fake_backward: Callable, keeps_inputs: bool = True):
+        self.family, self.forward, self.backward, self.keeps_inputs = family, forward, backward, keeps_inputs
+        n = self.n_tensors = len(tensors)
+        optional = ", ".join(f"Tensor? {t}" for t in tensors)
+        state = len(saved) - 5 if keeps_inputs else len(saved)  # outputs after out, lse
+        outputs = ", ".join(["Tensor"] * (2 + state))
+        self.forward_op = torch.library.custom_op(
+            f"ring_flash_attn::{family}_forward",
+            lambda q, k, v, *rest: forward(q, k, v, rest[:n], CallSpec(*rest[n:-1])), mutates_args=(),
+            schema=f"(Tensor q, Tensor k, Tensor v, {optional}, {SPEC_SCHEMA}, bool lse_grad) -> ({outputs})",
+            tags=ATTENTION_OP_TAGS)
+        self.forward_op.register_fake(lambda q, k, v, *rest: fake_forward(q, k, v, rest[:n], CallSpec(*rest[n:-1])))
+        saved_args = ", ".join(f"Tensor {s}" for s in saved)
+        m = len(saved)
+        self.backward_op = torch.library.custom_op(
+            f"ring_flash_attn::{family}_backward",
+            lambda dout, dlse, *rest: backward(dout, dlse, rest[:m], rest[m:m + n], CallSpec(*rest[m + n:])),
+            mutates_args=(),
+            schema=f"(Tensor? dout, Tensor? dlse, {saved_args}, {optional}, {SPEC_SCHEMA}) -> "
+                   "(Tensor, Tensor, Tensor, Tensor)")
+        self.backward_op.register_fake(
+            lambda dout, dlse, *rest: fake_backward(dout, dlse, rest[:m], rest[m:m + n], CallSpec(*rest[m + n:])))
+        self._register_op_autograd()
+        self.function = self._autograd_function()
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, tensors: Tuple[Optional[Tensor], ...], spec: CallSpec,
+                 lse_grad: bool) -> Tuple[Tensor, ...]:
+        """``(out, lse, *state)`` of the call, with autograd."""
+        if plain_eager_call(q):
+            return self.function.apply(q, k, v, *tensors, spec, lse_grad)
+        return self.forward_op(q, k, v, *tensors, *spec, lse_grad)
+
+    def _save(self, ctx, q: Tensor, k: Tensor, v: Tensor, tensors: tuple, spec: CallSpec, lse_grad: bool,
+              output: tuple) -> None:
+        """What a backward needs, saved on ``ctx`` (both routes)."""
+        kept = (q, k, v, *output) if self.keeps_inputs else output[2:]
+        ctx.save_for_backward(*kept, *tensors)
+        ctx.device, ctx.spec, ctx.lse_grad = q.device, spec, lse_grad
+        ctx.has_sinks = tensors[-1] is not None
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
 
-    def backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor], *_state_grads):
-        saved = ctx.saved_tensors
+    def _gradients(self, ctx, dout: Optional[Tensor], dlse: Optional[Tensor], run_backward: Callable) -> tuple:
+        """``(dq, dk, dv, *grads of tensors)`` (only the sinks have one), from ``run_backward(dout, dlse,
+        saved, tensors, spec)`` -- the backward op or its work directly. Checks the call across the
+        group first (``RING_FLASH_ATTN_CHECK``)."""
         dlse = dlse if ctx.lse_grad else None
-        check_same_call_across_group(resolve_group(ctx.primitives[-1]), ctx.device,
+        check_same_call_across_group(resolve_group(ctx.spec.group), ctx.device,
                                      backward_signature(dout, dlse is not None))
-        after_sinks = (None,) * (len(ctx.primitives) + 1)  # the primitives and lse_grad
         if dout is None and dlse is None:
-            return (None,) * (3 + extra_tensors) + after_sinks
-        dq, dk, dv, dsinks = backward_op(dout, dlse, *saved, *ctx.primitives)
-        return (dq, dk, dv) + (None,) * (extra_tensors - 1) + (dsinks if ctx.has_sinks else None,) + after_sinks
+            return (None,) * (3 + self.n_tensors)
+        saved = ctx.saved_tensors
+        kept = len(saved) - self.n_tensors
+        dq, dk, dv, dsinks = run_backward(dout, dlse, saved[:kept], saved[kept:], ctx.spec)
+        return (dq, dk, dv) + (None,) * (self.n_tensors - 1) + (dsinks if ctx.has_sinks else None,)
 
-    def no_double_backward(ctx, *grads):
-        raise RuntimeError("ring_flash_attn: double backward is not supported -- the attention functions are "
-                           "once-differentiable, as flash-attn's (trying to differentiate twice)")
+    def _register_op_autograd(self) -> None:
+        n = self.n_tensors
 
-    forward_op.register_autograd(backward, setup_context=setup_context)
-    backward_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
+        def setup_context(ctx, inputs, output) -> None:
+            q, k, v, *rest = inputs
+            self._save(ctx, q, k, v, tuple(rest[:n]), CallSpec(*rest[n:-1]), rest[-1], output)
+
+        def run_backward_op(dout, dlse, saved, tensors, spec):
+            return self.backward_op(dout, dlse, *saved, *tensors, *spec)
+
+        def backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor], *_state_grads):
+            return self._gradients(ctx, dout, dlse, run_backward_op) + (None,) * (len(ctx.spec) + 1)
+
+        self.forward_op.register_autograd(backward, setup_context=setup_context)
+        self.backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+    def _autograd_function(self) -> type:
+        """The ``autograd.Function`` of the plain eager route (its node: ``<Family>AttentionBackward``)."""
+        ops, n = self, self.n_tensors
+
+        def forward(ctx, q, k, v, *rest):
+            tensors, spec, lse_grad = rest[:n], rest[n], rest[n + 1]
+            output = ops.forward(q, k, v, tensors, spec)
+            ops._save(ctx, q, k, v, tensors, spec, lse_grad, output)
+            return output
+
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, dout, dlse, *_state_grads):
+            return ops._gradients(ctx, dout, dlse, ops.backward) + (None, None)
+
+        return type(f"{self.family.capitalize()}Attention", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("ring_flash_attn: double backward is not supported -- the attention functions are "
+                       "once-differentiable, as flash-attn's (trying to differentiate twice)")
+
+
+PLAIN_EAGER = True  # tests turn it off to run every call through the custom ops
+
+
+def plain_eager_call(q: Tensor) -> bool:
+    """Whether a call may skip the dispatcher (:class:`AttentionOps`): a plain tensor in eager mode
+    -- not traced (``torch.compile``, export, jit), no dispatch mode active (fake tensors,
+    selective activation checkpointing, FlopCounterMode, ...), no functorch transform, not on the
+    meta device. Everything else meets the custom ops, as it would without this route."""
+    return (not torch.compiler.is_compiling() and PLAIN_EAGER and type(q) is torch.Tensor
+            and q.device.type != "meta" and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._are_functorch_transforms_active() and not torch.jit.is_tracing())

@@ -28,7 +28,13 @@ _SEED_MODULUS = 2**63
 
 def draw_dropout_seed() -> int:
     """One call's seed: a number from the default CPU generator, with this process's global rank in
-    its low bits (so two processes never share a seed, whatever groups they attend in)."""
+    its low bits (so two processes never share a seed, whatever groups they attend in). Refused
+    while a CUDA graph is being captured: the seed is drawn on the host, so every replay would drop
+    the same entries."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("ring_flash_attn: dropout_p > 0 inside a CUDA graph capture -- the dropout seed is drawn "
+                           "on the host per call, so every replay would drop the same entries; capture without "
+                           "dropout (or run this step eagerly)")
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return (int(torch.randint(0, 2**_SEED_BITS, (1,)).item()) << _RANK_BITS) + rank
 

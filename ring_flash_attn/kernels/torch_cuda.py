@@ -73,8 +73,10 @@ class TorchCudaFlashBackend(BottomRightCausalBackend):
 
     def call_backward(self, dout, q, k, v, out, lse, causal, options: BlockOptions, varlen=None,
                       window=NO_WINDOW) -> Tuple[Tensor, Tensor, Tensor]:
-        seed = options.dropout.next_seed() if options.dropout is not None else 0  # only read with dropout
-        rng_state = _philox_state(seed, q.device)
+        if options.dropout is not None:
+            rng_state = _philox_state(options.dropout.next_seed(), q.device)
+        else:  # unread without dropout: no host-to-device copy, so a CUDA graph can capture the call
+            rng_state = torch.empty(2, dtype=torch.uint64, device=q.device)
         rng_extra = torch.empty(0, device=q.device)
         with deterministic_algorithms(options.deterministic):  # aten's FA2 backward reads the global flag
             return torch.ops.aten._flash_attention_backward(

@@ -2,7 +2,8 @@
 families (with ``kvpacked`` / ``qkvpacked`` twins) for the ``ring``, ``zigzag`` and ``stripe``
 layouts, with ring-flash-attn 0.1.x's parameters in its order, then ``softcap`` and ``backend``
 keyword-only. Each unpacks its inputs and calls :func:`ring_attention` / :func:`ring_attention_varlen`,
-which validate them and call the custom op (:mod:`.ops`); no algorithm lives here.
+which validate them, build the call's :class:`~ring_flash_attn.core.spec.CallSpec` and run the
+family's ops (:data:`.ops.RING_OPS`); no algorithm lives here.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import torch
 import torch.distributed as dist
 
 from ..core.docs import BALANCED_DOCS, BATCH_DOCS, VARLEN_DOCS
-from ..core.eager import public
+from ..core.public import public
+from ..core.spec import CallSpec
 from ..core.layouts import RING_VARLEN_LAYOUTS, check_layout, check_local_seqlen
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_options, check_qkv,
                                check_same_call_across_group, check_sinks, checking_calls, default_scale, host_offsets,
                                kernel_ready, normalized_window, process_group_name, unpack)
-from .ops import ring_forward_op
+from .ops import RING_OPS
 
 Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
@@ -44,13 +46,13 @@ def ring_attention(
     check_sinks(sinks, q)
     check_local_seqlen(layout, q.shape[1])
     window = normalized_window(window_size)
-    check_same_call_across_group(group, q.device, call_signature(
-        "batch", layout, q, k, causal, softmax_scale, window_size=window, softcap=softcap, dropout_p=dropout_p,
-        alibi=alibi_slopes is not None, sinks=sinks is not None))
-    out, lse, *_ = ring_forward_op(q, k, v, None, alibi_slopes, sinks, 0, layout, bool(causal), window[0],
-                                   window[1], default_scale(q, softmax_scale), float(softcap), float(dropout_p),
-                                   bool(deterministic), backend or "", process_group_name(group),
-                                   bool(return_attn_probs))
+    if checking_calls():
+        check_same_call_across_group(group, q.device, call_signature(
+            "batch", layout, q, k, causal, softmax_scale, window_size=window, softcap=softcap, dropout_p=dropout_p,
+            alibi=alibi_slopes is not None, sinks=sinks is not None))
+    spec = CallSpec(layout, bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
+                    float(dropout_p), bool(deterministic), backend or "", process_group_name(group))
+    out, lse, *_ = RING_OPS(q, k, v, (None, alibi_slopes, sinks), spec, bool(return_attn_probs))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -75,10 +77,9 @@ def ring_attention_varlen(
         check_same_call_across_group(group, q.device, call_signature(
             "varlen", layout, q, k, causal, softmax_scale, cu_seqlens=host_offsets(cu_seqlens), window_size=window,
             softcap=softcap, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None))
-    out, lse, *_ = ring_forward_op(q, k, v, cu_seqlens, alibi_slopes, sinks, int(max_seqlen), layout,
-                                   bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
-                                   float(dropout_p), bool(deterministic), backend or "", process_group_name(group),
-                                   bool(return_attn_probs))
+    spec = CallSpec(layout, bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
+                    float(dropout_p), bool(deterministic), backend or "", process_group_name(group), int(max_seqlen))
+    out, lse, *_ = RING_OPS(q, k, v, (cu_seqlens, alibi_slopes, sinks), spec, bool(return_attn_probs))
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -1,4 +1,4 @@
-"""The P2P ring engine and its autograd Function.
+"""The P2P ring engine: :func:`ring_forward` and :func:`ring_backward` of one :class:`RingPlan`.
 
 Forward: each rank keeps its queries; K/V blocks travel ``rank -> rank + 1`` for ``W - 1`` hops,
 the next hop's transfer in flight while the current block computes. Each block's ``(out, lse)``
@@ -22,7 +22,7 @@ from ..core.merge import accumulator_dtype
 from ..core.rows import Rows, take
 from ..kernels import Backend, BlockOptions
 from ..kernels.dropout import cuda_rng_sandbox
-from .schedules import BlockJob, RingSchedule
+from .schedules import BlockJob, Schedule
 
 Tensor = torch.Tensor
 
@@ -34,17 +34,10 @@ class RingPlan:
     rank: int
     world_size: int
     comm: Optional[RingComm]  # None when the world size is 1
-    schedule: RingSchedule  # or a VarlenRingSchedule: anything with jobs_for() and forwards_kv()
+    schedule: Schedule
     backend: Backend
     options: BlockOptions  # the call's scale, soft-cap, dropout record, ALiBi slopes, determinism
     positions: Optional[Tuple[Tensor, ...]] = None  # every rank's global token positions (ALiBi only)
-    group: Optional[dist.ProcessGroup] = None  # the caller's group (None: the default group)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-        return ring_forward(self, q, k, v)
-
-    def backward(self, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
-        return ring_backward(self, dout, q, k, v, out, lse)
 
 
 class KVRotation:

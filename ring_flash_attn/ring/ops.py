@@ -2,17 +2,18 @@
 ops, so that ``torch.compile`` (``fullgraph=True`` included) traces a public call into the caller's
 graph instead of breaking around it.
 
-Everything an op needs besides its tensors is a primitive argument: the layout name, the mask
-(causal, window), the scale, the soft-cap, the dropout probability, determinism, the kernel name
-and the process group by name; the host-side part of the plan (schedule, kernel call, ALiBi
-positions) is cached on them and, for packed calls, on the host offsets of ``cu_seqlens``
-(:func:`shared_plan`), so a repeated call costs a dictionary look-up. The fake implementations give
+Everything an op needs besides its tensors is the call's :class:`~ring_flash_attn.core.spec.CallSpec`
+(layout, mask, scale, soft-cap, dropout, determinism, kernel name, process group by name); the
+host-side part of the plan (schedule, kernel call, ALiBi positions) is cached on it, the shapes and,
+for packed calls, the host offsets of ``cu_seqlens`` (:func:`shared_plan`), so a repeated call costs
+a dictionary look-up. The fake implementations give
 the shapes (out like q, lse ``(B, H, S)`` or ``(H, T)``), so a new sequence length needs no
 recompilation when it is marked dynamic. ALiBi slopes and attention sinks are tensor arguments (the op derives the ALiBi
 positions; :mod:`ring_flash_attn.core.sinks`). The forward's third output is the call's dropout
-seed (an int64 tensor, 0 without dropout), which the backward takes to replay the masks
+seed (:func:`~ring_flash_attn.core.function.dropout_seed_output`), which the backward takes to replay the masks
 (:mod:`ring_flash_attn.kernels.dropout`); its fourth the lse before the sinks (empty without).
-Autograd is registered on the forward op (:func:`~ring_flash_attn.core.function.register_attention_autograd`).
+:data:`RING_OPS` (:class:`~ring_flash_attn.core.function.AttentionOps`) holds the ops, their autograd
+and the plain eager route.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from ..core.comm import RingComm
-from ..core.function import ATTENTION_OP_TAGS, attention_backward, fake_dropout_seed, register_attention_autograd
+from ..core.function import AttentionOps, attention_backward, dropout_seed_output, fake_dropout_seed, seed_of
 from ..core.layouts import position_ids, varlen_token_index
 from ..core.merge import accumulator_dtype
+from ..core.spec import CallSpec
 from ..core.sinks import fake_dsinks, fake_lse_before, forward_outputs
 from ..core.validation import check_balanced_tokens, check_cu_seqlens, group_rank_and_size, host_offsets, resolve_group
 from ..kernels import KernelCall, block_options, select_backend
@@ -39,23 +41,17 @@ Tensor = torch.Tensor
 
 
 class PlanKey(NamedTuple):
-    """Everything the host-side part of a ring call's plan (:class:`SharedPlan`) depends on, as
-    primitives: two calls with equal keys get the same schedule, kernel call and ALiBi positions."""
+    """Everything the host-side part of a ring call's plan (:class:`SharedPlan`) depends on: two
+    calls with equal keys get the same schedule, kernel call and ALiBi positions."""
 
-    layout: str
+    spec: CallSpec
     offsets: Optional[Tuple[int, ...]]  # the host cu_seqlens of a packed call (None: batch)
     local_len: int  # tokens per batch row of this rank
-    max_seqlen: int
     rank: int
     world_size: int
-    causal: bool
-    window: Tuple[int, int]
     device: torch.device
     dtype: torch.dtype
     head_dim: int
-    deterministic: bool
-    softcap: bool
-    dropout: bool
     alibi: bool  # ALiBi slopes given (their values are a per-call tensor, never part of the plan)
 
 
@@ -75,50 +71,48 @@ PLAN_CACHE_SIZE = 128
 def shared_plan(key: PlanKey) -> SharedPlan:
     """The schedule, kernel call and ALiBi positions of ``key``, checked and built once per key (a
     refused key raises every time: errors are not cached)."""
-    w, positions = key.world_size, None
+    spec, w, positions = key.spec, key.world_size, None
     if key.offsets is None:
-        schedule = ring_schedule(key.layout, w, key.local_len, key.causal, key.window)
+        schedule = ring_schedule(spec.layout, w, key.local_len, spec.causal, spec.window)
         if key.alibi:
-            positions = tuple(position_ids(key.layout, r, w, key.local_len * w, key.device) for r in range(w))
+            positions = tuple(position_ids(spec.layout, r, w, key.local_len * w, key.device) for r in range(w))
     else:
         offsets = key.offsets
-        if key.layout == "balanced":  # global offsets
-            check_cu_seqlens(offsets, offsets[-1], max_seqlen=key.max_seqlen)
+        if spec.layout == "balanced":  # global offsets
+            check_cu_seqlens(offsets, offsets[-1], max_seqlen=spec.max_seqlen)
             check_balanced_tokens(offsets, key.local_len, key.rank, w)
             global_offsets = offsets
         else:
-            check_cu_seqlens(offsets, key.local_len, max_seqlen=key.max_seqlen)
+            check_cu_seqlens(offsets, key.local_len, max_seqlen=spec.max_seqlen)
             global_offsets = tuple(x * w for x in offsets)
-        schedule = varlen_ring_schedule(key.layout, offsets, w, key.causal, key.device, key.window)
+        schedule = varlen_ring_schedule(spec.layout, offsets, w, spec.causal, key.device, spec.window)
         if key.alibi:  # positions in the global packed sequence (documents never mix)
-            positions = tuple(varlen_token_index(global_offsets, key.layout, r, w).to(key.device) for r in range(w))
+            positions = tuple(varlen_token_index(global_offsets, spec.layout, r, w).to(key.device) for r in range(w))
     call = KernelCall(device_type=key.device.type, dtype=key.dtype, head_dim=key.head_dim,
-                      bands=tuple(schedule.bands()), deterministic=key.deterministic, varlen=key.offsets is not None,
-                      softcap=key.softcap, dropout=key.dropout, alibi=key.alibi)
+                      bands=tuple(schedule.bands()), deterministic=spec.deterministic, varlen=key.offsets is not None,
+                      softcap=bool(spec.softcap), dropout=bool(spec.dropout_p), alibi=key.alibi)
     return SharedPlan(schedule, call, positions)
 
 
 def _plan(q: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_seed: Optional[int],
-          max_seqlen: int, layout: str, causal: bool, window: Tuple[int, int], softmax_scale: float, softcap: float,
-          dropout_p: float, deterministic: bool, backend: str, group: str) -> RingPlan:
+          spec: CallSpec) -> RingPlan:
     """The plan of a call: batch ``(B, S, H, D)`` tensors, or with ``cu_seqlens`` (local offsets) packed
     documents as one batch row ``(1, T, H, D)``, whose offsets are read here (once per tensor,
     :func:`host_offsets`). The schedule, kernel call and ALiBi positions come from
     :func:`shared_plan`; the process group, the kernel options and the dropout seed are the call's own.
     ``dropout_seed`` None: a forward, which draws one when ``dropout_p`` is set."""
-    pg = resolve_group(group)
+    pg = resolve_group(spec.group)
     rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
     offsets = None if cu_seqlens is None else host_offsets(cu_seqlens)
-    shared = shared_plan(PlanKey(layout, offsets, q.shape[1], max_seqlen, rank, world_size, causal, window, q.device,
-                                 q.dtype, q.shape[-1], deterministic, bool(softcap), bool(dropout_p),
+    shared = shared_plan(PlanKey(spec, offsets, q.shape[1], rank, world_size, q.device, q.dtype, q.shape[-1],
                                  alibi_slopes is not None))
-    kernel = select_backend(shared.kernel_call, backend or None)
+    kernel = select_backend(shared.kernel_call, spec.backend or None)
     if dropout_seed is None:
-        dropout_seed = draw_dropout_seed() if dropout_p else 0
+        dropout_seed = draw_dropout_seed() if spec.dropout_p else 0
     return RingPlan(rank=rank, world_size=world_size, comm=RingComm(pg) if world_size > 1 else None,
-                    schedule=shared.schedule, backend=kernel, positions=shared.positions, group=pg,
-                    options=block_options(softmax_scale, softcap, dropout_p, alibi_slopes, deterministic,
-                                          dropout_seed))
+                    schedule=shared.schedule, backend=kernel, positions=shared.positions,
+                    options=block_options(spec.softmax_scale, spec.softcap, spec.dropout_p, alibi_slopes,
+                                          spec.deterministic, dropout_seed))
 
 
 def _rows(x: Tensor, packed: bool) -> Tensor:
@@ -126,81 +120,59 @@ def _rows(x: Tensor, packed: bool) -> Tensor:
     return x[None] if packed else x
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor],
-            sinks: Optional[Tensor], max_seqlen: int, layout: str, causal: bool, window_left: int, window_right: int,
-            softmax_scale: float, softcap: float, dropout_p: float, deterministic: bool, backend: str,
-            group: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+RingTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # cu_seqlens, ALiBi slopes, sinks
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, tensors: RingTensors,
+            spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out, lse, dropout_seed, lse_before_sinks)`` of this rank's queries (batch: lse ``(B, H, S)``;
-    packed: ``(H, T)``; with ``sinks``, out and lse include them): the forward op's work, also called
-    directly by the compositions above the family (no second pass through the dispatcher)."""
+    packed: ``(H, T)``; with sinks, out and lse include them): the forward op's work, also called
+    directly by the compositions above the family (no second pass through the dispatcher).
+    ``tensors``: ``(cu_seqlens, alibi_slopes, sinks)``, each may be None."""
+    cu_seqlens, alibi_slopes, sinks = tensors
     packed = cu_seqlens is not None
     q_rows, k_rows, v_rows = (_rows(t, packed) for t in (q, k, v))
-    plan = _plan(q_rows, cu_seqlens, alibi_slopes, None, max_seqlen, layout, causal, (window_left, window_right),
-                 softmax_scale, softcap, dropout_p, deterministic, backend, group)
+    plan = _plan(q_rows, cu_seqlens, alibi_slopes, None, spec)
     out, lse = ring_forward(plan, q_rows, k_rows, v_rows)
     if packed:
         out, lse = out[0], lse[0]
     out, lse, lse_before = forward_outputs(out.contiguous(), lse.contiguous(), sinks)
     seed = plan.options.dropout.seed if plan.options.dropout is not None else 0
-    return out, lse, torch.tensor([seed], dtype=torch.int64), lse_before
+    return out, lse, dropout_seed_output(seed, spec, q.device), lse_before
 
 
-@torch.library.custom_op("ring_flash_attn::ring_forward", mutates_args=(), tags=ATTENTION_OP_TAGS)
-def ring_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor],
-                    sinks: Optional[Tensor], max_seqlen: int, layout: str, causal: bool, window_left: int,
-                    window_right: int, softmax_scale: float, softcap: float, dropout_p: float, deterministic: bool,
-                    backend: str, group: str, lse_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`forward` as a custom op; ``lse_grad``: the caller receives lse (its gradient counts)."""
-    return forward(q, k, v, cu_seqlens, alibi_slopes, sinks, max_seqlen, layout, causal, window_left, window_right,
-                   softmax_scale, softcap, dropout_p, deterministic, backend, group)
-
-
-@ring_forward_op.register_fake
-def _(q, k, v, cu_seqlens, alibi_slopes, sinks, max_seqlen, layout, causal, window_left, window_right, softmax_scale,
-      softcap, dropout_p, deterministic, backend, group, lse_grad):
-    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
+def fake_forward(q: Tensor, k: Tensor, v: Tensor, tensors: RingTensors, spec: CallSpec) -> Tuple[Tensor, ...]:
+    packed = tensors[0] is not None
+    lse_shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
     lse = q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype))
-    return (torch.empty_like(q, memory_format=torch.contiguous_format), lse, fake_dropout_seed(),
-            fake_lse_before(lse, sinks))
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), lse, fake_dropout_seed(spec, q.device),
+            fake_lse_before(lse, tensors[2]))
 
 
-def backward(dout: Optional[Tensor], dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-             dropout_seed: Tensor, lse_before: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor],
-             sinks: Optional[Tensor], max_seqlen: int, layout: str, causal: bool, window_left: int,
-             window_right: int, softmax_scale: float, softcap: float, dropout_p: float, deterministic: bool,
-             backend: str, group: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...], tensors: RingTensors,
+             spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dsinks)`` of this rank's shard for the gradients ``dout`` of its output and
-    ``dlse`` of its lse (either may be None); dsinks empty without sinks. The backward op's work."""
+    ``dlse`` of its lse (either may be None); dsinks empty without sinks. ``saved``: ``(q, k, v, out,
+    lse, dropout_seed, lse_before_sinks)``. The backward op's work."""
+    q, k, v, out, lse, dropout_seed, lse_before = saved
+    cu_seqlens, alibi_slopes, sinks = tensors
     packed = cu_seqlens is not None
-    q_rows, k_rows, v_rows = (_rows(t, packed) for t in (q, k, v))
-    plan = _plan(q_rows, cu_seqlens, alibi_slopes, int(dropout_seed[0]), max_seqlen, layout, causal,
-                 (window_left, window_right), softmax_scale, softcap, dropout_p, deterministic, backend, group)
+    plan = _plan(_rows(q, packed), cu_seqlens, alibi_slopes, seed_of(dropout_seed), spec)
 
-    def run_backward(*tensors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        grads = ring_backward(plan, *(_rows(t, packed) for t in tensors))
+    def run_backward(*grads_in: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        grads = ring_backward(plan, *(_rows(t, packed) for t in grads_in))
         return tuple((g[0] if packed else g).contiguous() for g in grads)
 
     return attention_backward(run_backward, dout, dlse, q, k, v, out, lse, lse_before, sinks)
 
 
-@torch.library.custom_op("ring_flash_attn::ring_backward", mutates_args=())
-def ring_backward_op(dout: Optional[Tensor], dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                     lse: Tensor, dropout_seed: Tensor, lse_before: Tensor, cu_seqlens: Optional[Tensor],
-                     alibi_slopes: Optional[Tensor], sinks: Optional[Tensor], max_seqlen: int, layout: str,
-                     causal: bool, window_left: int, window_right: int, softmax_scale: float, softcap: float,
-                     dropout_p: float, deterministic: bool, backend: str,
-                     group: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`backward` as a custom op."""
-    return backward(dout, dlse, q, k, v, out, lse, dropout_seed, lse_before, cu_seqlens, alibi_slopes, sinks,
-                    max_seqlen, layout, causal, window_left, window_right, softmax_scale, softcap, dropout_p,
-                    deterministic, backend, group)
-
-
-@ring_backward_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, dropout_seed, lse_before, cu_seqlens, alibi_slopes, sinks, max_seqlen, layout,
-      causal, window_left, window_right, softmax_scale, softcap, dropout_p, deterministic, backend, group):
+def fake_backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...], tensors: RingTensors,
+                  spec: CallSpec) -> Tuple[Tensor, ...]:
+    q, k, v, _, lse = saved[:5]
     grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    return (*grads, fake_dsinks(lse, sinks))
+    return (*grads, fake_dsinks(lse, tensors[2]))
 
 
-register_attention_autograd(ring_forward_op, ring_backward_op, extra_tensors=3)
+RING_OPS = AttentionOps("ring", tensors=("cu_seqlens", "alibi_slopes", "sinks"),
+                        saved=("q", "k", "v", "out", "lse", "dropout_seed", "lse_before"), forward=forward,
+                        backward=backward, fake_forward=fake_forward, fake_backward=fake_backward)

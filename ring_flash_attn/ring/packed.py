@@ -132,8 +132,8 @@ def _balanced_jobs(offsets: Tuple[int, ...], world_size: int, rank: int, src: in
 
 @dataclass(frozen=True, eq=False)
 class VarlenRingSchedule:
-    """Per-(rank, source) jobs over packed documents; ``hops`` says which K/V hops are sent and
-    ``kernel_bands`` what the block kernel must handle."""
+    """Per-(rank, source) jobs over packed documents (a :class:`~.schedules.Schedule`); ``hops`` says
+    which K/V hops are sent and ``kernel_bands`` what the block kernel must handle."""
 
     hops: RingSchedule
     jobs: Tuple[Tuple[Tuple[BlockJob, ...], ...], ...]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Protocol, Tuple
 
 from ..core.layouts import Segment, segments
 from ..core.mask import Band, VarlenMeta, position_bounds, trim_to_top_left_causal
@@ -122,9 +122,23 @@ def without_empty_edges(job: BlockJob) -> BlockJob:
                     Band(None, 0).normalized(rows.stop - rows.start, trim.key_end))
 
 
+class Schedule(Protocol):
+    """What the engine asks of a schedule (:class:`RingSchedule` for batch calls,
+    :class:`~.packed.VarlenRingSchedule` for packed documents)."""
+
+    def jobs_for(self, rank: int, src: int) -> Tuple[BlockJob, ...]:
+        """The jobs ``rank`` runs on the K/V block of rank ``src``, in order."""
+
+    def forwards_kv(self, sender: int, step: int) -> bool:
+        """Whether ``sender`` passes on the K/V block it holds at ``step`` (both sides evaluate it)."""
+
+    def bands(self) -> Tuple[Band, ...]:
+        """The masks the block kernel must handle (what kernel selection is asked)."""
+
+
 @dataclass(frozen=True)
 class RingSchedule:
-    """All ranks' jobs for one ring call, plus which K/V hops are worth sending."""
+    """All ranks' jobs for one ring call, plus which K/V hops are worth sending (a :class:`Schedule`)."""
 
     world_size: int
     jobs: Tuple[Tuple[Tuple[BlockJob, ...], ...], ...]  # jobs[rank][src]

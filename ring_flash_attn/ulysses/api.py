@@ -2,8 +2,8 @@
 ``ulysses_flash_attn_func`` with its ``kvpacked`` / ``qkvpacked`` twins, and the packed-document
 ``ulysses_flash_attn_varlen_*`` (global ``cu_seqlens``). The signatures are the ring functions';
 ``group`` is a process group (pure Ulysses) or :class:`~.groups.UlyssesRingGroups` (2D), and
-``ring_layout`` / ``head_chunks`` are keyword-only extras. Thin wrappers: validate, then the custom
-op (:mod:`.ops`)."""
+``ring_layout`` / ``head_chunks`` are keyword-only extras. Thin wrappers: validate, build the
+call's :class:`~ring_flash_attn.core.spec.CallSpec`, then the ops (:data:`.ops.ULYSSES_OPS`)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import torch
 import torch.distributed as dist
 
 from ..core.docs import ULYSSES_DOCS, ULYSSES_VARLEN_DOCS
-from ..core.eager import public
+from ..core.public import public
+from ..core.spec import CallSpec
 from ..core.layouts import ALLGATHER_LAYOUTS, LAYOUTS, RING_VARLEN_LAYOUTS, local_divisor
 from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_options, check_qkv,
                                check_same_call_across_group, check_sinks, checking_calls, default_scale,
                                host_offsets, kernel_ready, normalized_window, unpack)
 from .groups import UlyssesRingGroups, as_ulysses_ring_groups
-from .ops import head_split, ulysses_forward_op
+from .ops import ULYSSES_OPS, head_split
 
 Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
@@ -64,10 +65,10 @@ def ulysses_attention(
             "ulysses-varlen" if packed else "ulysses", ring_layout, q, k, causal, softmax_scale, window_size=window,
             softcap=softcap, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None,
             degrees=(groups.ulysses_degree, groups.ring_degree), **documents))
-    out, lse, *_ = ulysses_forward_op(
-        q, k, v, cu_seqlens, alibi_slopes, sinks, int(max_seqlen), ring_layout, bool(causal), window[0], window[1],
-        default_scale(q, softmax_scale), float(softcap), float(dropout_p), bool(deterministic), backend or "",
-        split.kv_repeat, split.chunks, ulysses_name, ring_name, parent_name, bool(return_attn_probs))
+    spec = CallSpec(ring_layout, bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
+                    float(dropout_p), bool(deterministic), backend or "", parent_name, int(max_seqlen),
+                    kv_repeat=split.kv_repeat, chunks=split.chunks, ulysses_group=ulysses_name, ring_group=ring_name)
+    out, lse, *_ = ULYSSES_OPS(q, k, v, (cu_seqlens, alibi_slopes, sinks), spec, bool(return_attn_probs))
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ..allgather import ops as allgather_ops
 from ..core.layouts import ALLGATHER_LAYOUTS, BALANCED_LAYOUTS, check_document_lengths
+from ..core.spec import CallSpec
 from ..core.validation import check_cu_seqlens, host_offsets
 from ..ring import ops as ring_ops
 
@@ -22,48 +23,32 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class InnerAttention:
-    """One call's attention of a head chunk over the ring group (primitives as the wings' ops take them)."""
+    """One call's attention of a head chunk over the ring group: the wings' forward / backward work
+    with the ring shard's ``cu_seqlens`` and the call's spec for the ring (its layout, the ring group)."""
 
     cu_seqlens: Optional[Tensor]  # None: batch; the ring family's local offsets, or the all-gather family's global
-    max_seqlen: int
-    layout: str
-    causal: bool
-    window_left: int
-    window_right: int
-    softmax_scale: float
-    softcap: float
-    dropout_p: float
-    deterministic: bool
-    backend: str
-    ring_group: str
+    spec: CallSpec
+
+    def _tensors(self, slopes: Optional[Tensor], sinks: Optional[Tensor]) -> tuple:
+        """The wing's tensor arguments after q, k, v."""
+        if self.spec.layout in ALLGATHER_LAYOUTS:
+            return self.cu_seqlens, None, slopes, sinks
+        return self.cu_seqlens, slopes, sinks
 
     @property
-    def allgather(self) -> bool:
-        return self.layout in ALLGATHER_LAYOUTS
-
-    def _options(self) -> tuple:
-        return (self.causal, self.window_left, self.window_right, self.softmax_scale, self.softcap, self.dropout_p,
-                self.deterministic, self.backend, self.ring_group)
-
-    def _tensors_and_layout(self, slopes: Optional[Tensor], sinks: Optional[Tensor]) -> tuple:
-        """The op arguments between q, k, v (or the saved tensors) and the options."""
-        if self.allgather:
-            return (self.cu_seqlens, None, slopes, sinks, self.max_seqlen, -1, self.layout, 0, 0, 0)
-        return (self.cu_seqlens, slopes, sinks, self.max_seqlen, self.layout)
+    def _ops(self):
+        return allgather_ops if self.spec.layout in ALLGATHER_LAYOUTS else ring_ops
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor],
                 sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(out, lse, dropout_seed, lse_before_sinks)`` of the chunk."""
-        ops = allgather_ops if self.allgather else ring_ops
-        return ops.forward(q, k, v, *self._tensors_and_layout(slopes, sinks), *self._options())
+        return self._ops.forward(q, k, v, self._tensors(slopes, sinks), self.spec)
 
-    def backward(self, dout: Optional[Tensor], dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                 lse: Tensor, seed: Tensor, lse_before: Tensor, slopes: Optional[Tensor],
-                 sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(dq, dk, dv, dsinks)`` of the chunk for the gradients of its out and lse (either may be None)."""
-        ops = allgather_ops if self.allgather else ring_ops
-        return ops.backward(dout, dlse, q, k, v, out, lse, seed, lse_before, *self._tensors_and_layout(slopes, sinks),
-                  *self._options())
+    def backward(self, dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...],
+                 slopes: Optional[Tensor], sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(dq, dk, dv, dsinks)`` of the chunk for the gradients of its out and lse (either may be
+        None); ``saved``: ``(q, k, v, out, lse, dropout_seed, lse_before_sinks)`` of the chunk."""
+        return self._ops.backward(dout, dlse, saved, self._tensors(slopes, sinks), self.spec)
 
 
 def packed_inner_offsets(cu_seqlens: Tensor, max_seqlen: int, layout: str, local_tokens: int, world_size: int,

@@ -7,7 +7,8 @@ exchange runs while chunk ``c`` is attended, and chunk ``c``'s result travels ba
 is. The forward op returns, besides ``(out, lse)``, the dropout seed of every chunk and what the
 backward needs in the heads layout (q, k, v as they arrived, out and lse as they were sent), so the
 backward exchanges only the gradients: ``dout`` / ``dlse`` in, ``dq`` / ``dk`` / ``dv`` out, again
-chunk by chunk. Autograd: :func:`~ring_flash_attn.core.function.register_attention_autograd`.
+chunk by chunk. The ops, their autograd and the plain eager route: :data:`ULYSSES_OPS`
+(:class:`~ring_flash_attn.core.function.AttentionOps`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core.function import ATTENTION_OP_TAGS, register_attention_autograd
+from ..core.function import AttentionOps, fake_dropout_seed
 from ..core.merge import accumulator_dtype
 from ..core.sinks import fake_dsinks
+from ..core.spec import CallSpec
 from ..core.validation import resolve_group
 from .exchange import PACKED, PACKED_LSE, ROWS, ROWS_LSE, AllToAll, Dims, heads_to_send, join_heads, join_tokens, \
     tokens_to_send
@@ -86,32 +88,35 @@ def _put_chunk(buffer: Optional[Tensor], chunk: int, chunks: int, value: Tensor)
     return buffer
 
 
-def _inner(cu_seqlens: Optional[Tensor], max_seqlen: int, local_tokens: int, ring_layout: str, degree: int,
-           ring_group: str, options: tuple) -> InnerAttention:
-    ring_degree, _ = _degree_and_rank(ring_group)
-    layout = ring_layout if ring_degree > 1 else "ring"  # one ring rank: every layout is the whole sequence
+def _inner(cu_seqlens: Optional[Tensor], local_tokens: int, degree: int, spec: CallSpec) -> InnerAttention:
+    """The attention of a head chunk over the ring group: the spec's ring layout (``ring`` over one
+    ring rank: every layout is then the whole sequence) and, packed, the offsets the ring shard takes."""
+    ring_degree, _ = _degree_and_rank(spec.ring_group)
+    layout = spec.layout if ring_degree > 1 else "ring"
+    max_seqlen = spec.max_seqlen
     if cu_seqlens is not None:
         cu_seqlens, max_seqlen = packed_inner_offsets(cu_seqlens, max_seqlen, layout, local_tokens,
                                                       degree * ring_degree, ring_degree)
-    return InnerAttention(cu_seqlens, max_seqlen, layout, *options, ring_group)
+    return InnerAttention(cu_seqlens, spec._replace(layout=layout, group=spec.ring_group, max_seqlen=max_seqlen,
+                                                    kv_repeat=1, chunks=1, ulysses_group="", ring_group=""))
 
 
-@torch.library.custom_op("ring_flash_attn::ulysses_forward", mutates_args=(), tags=ATTENTION_OP_TAGS)
-def ulysses_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor],
-                       sinks: Optional[Tensor], max_seqlen: int, ring_layout: str, causal: bool, window_left: int,
-                       window_right: int, softmax_scale: float, softcap: float, dropout_p: float,
-                       deterministic: bool, backend: str, kv_repeat: int, chunks: int, ulysses_group: str,
-                       ring_group: str, group: str, lse_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+UlyssesTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # cu_seqlens, ALiBi slopes, sinks
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, tensors: UlyssesTensors, spec: CallSpec) -> Tuple[Tensor, ...]:
     """``(out, lse, dropout seeds (chunks,), q, k, v as arrived, out, lse as sent, lse before the
     sinks)``: this rank's rows (batch ``(B, S, H, D)`` / lse ``(B, H, S)``; packed ``(T, H, D)`` /
     ``(H, T)`` with the global ``cu_seqlens``), then the backward's state ``(chunks, degree, ...)``
-    (the lse before the sinks ``(chunks, ...)`` in the heads layout, empty without sinks)."""
+    (the lse before the sinks ``(chunks, ...)`` in the heads layout, empty without sinks).
+    ``tensors``: ``(cu_seqlens, alibi_slopes, sinks)``."""
+    cu_seqlens, alibi_slopes, sinks = tensors
+    kv_repeat, chunks = spec.kv_repeat, spec.chunks
     packed = cu_seqlens is not None
     dims, lse_dims = _dims(packed)
-    degree, rank = _degree_and_rank(ulysses_group)
-    inner = _inner(cu_seqlens, max_seqlen, q.shape[dims.tokens], ring_layout, degree, ring_group,
-                   (causal, window_left, window_right, softmax_scale, softcap, dropout_p, deterministic, backend))
-    exchange = AllToAll(resolve_group(ulysses_group))
+    degree, rank = _degree_and_rank(spec.ulysses_group)
+    inner = _inner(cu_seqlens, q.shape[dims.tokens], degree, spec)
+    exchange = AllToAll(resolve_group(spec.ulysses_group))
     if kv_repeat > 1:
         k, v = (t.repeat_interleave(kv_repeat, dim=dims.heads) for t in (k, v))
     sends = [heads_to_send(t, dims, degree, chunks) for t in (q, k, v)]
@@ -144,13 +149,12 @@ def ulysses_forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Ten
             lse_before if sinks is not None else lse.new_empty(0))
 
 
-@ulysses_forward_op.register_fake
-def _(q, k, v, cu_seqlens, alibi_slopes, sinks, max_seqlen, ring_layout, causal, window_left, window_right,
-      softmax_scale, softcap, dropout_p, deterministic, backend, kv_repeat, chunks, ulysses_group, ring_group, group,
-      lse_grad):
+def fake_forward(q: Tensor, k: Tensor, v: Tensor, tensors: UlyssesTensors, spec: CallSpec) -> Tuple[Tensor, ...]:
+    cu_seqlens, _, sinks = tensors
+    kv_repeat, chunks = spec.kv_repeat, spec.chunks
     packed = cu_seqlens is not None
     dims, lse_dims = _dims(packed)
-    degree, _ = _degree_and_rank(ulysses_group)
+    degree, _ = _degree_and_rank(spec.ulysses_group)
     lse_dtype = accumulator_dtype(q.dtype)
     lse = q.new_empty((q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype)
 
@@ -162,28 +166,24 @@ def _(q, k, v, cu_seqlens, alibi_slopes, sinks, max_seqlen, ring_layout, causal,
     lse_sent = state(lse, lse_dims)
     lse_before = lse_sent.new_empty((chunks, *lse_sent.shape[2:-1], lse_sent.shape[-1] * degree))
     return (torch.empty_like(q, memory_format=torch.contiguous_format), lse,
-            torch.empty(chunks, dtype=torch.int64, device="cpu"), state(q, dims), state(k, dims, kv_repeat),
+            fake_dropout_seed(spec, q.device, chunks), state(q, dims), state(k, dims, kv_repeat),
             state(v, dims, kv_repeat), state(q, dims), lse_sent, lse_before if sinks is not None else lse.new_empty(0))
 
 
-@torch.library.custom_op("ring_flash_attn::ulysses_backward", mutates_args=())
-def ulysses_backward_op(dout: Optional[Tensor], dlse: Optional[Tensor], seeds: Tensor, q_arrived: Tensor,
-                        k_arrived: Tensor, v_arrived: Tensor, out_sent: Tensor, lse_sent: Tensor, lse_before: Tensor,
-                        cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor], sinks: Optional[Tensor],
-                        max_seqlen: int, ring_layout: str, causal: bool, window_left: int, window_right: int,
-                        softmax_scale: float, softcap: float, dropout_p: float, deterministic: bool, backend: str,
-                        kv_repeat: int, chunks: int, ulysses_group: str, ring_group: str,
-                        group: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...], tensors: UlyssesTensors,
+             spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dsinks)`` of this rank's rows for the gradients ``dout`` of its out and ``dlse`` of
-    its lse (either may be None), from the forward's state. dsinks: the heads this rank attended
-    (every query of the sequence for them), 0 for the others; empty without sinks."""
+    its lse (either may be None), from the forward's state ``saved`` (its outputs after out, lse).
+    dsinks: the heads this rank attended (every query of the sequence for them), 0 for the others;
+    empty without sinks."""
+    seeds, q_arrived, k_arrived, v_arrived, out_sent, lse_sent, lse_before = saved
+    cu_seqlens, alibi_slopes, sinks = tensors
+    kv_repeat, chunks = spec.kv_repeat, spec.chunks
     packed = cu_seqlens is not None
     dims, lse_dims = _dims(packed)
-    degree, rank = _degree_and_rank(ulysses_group)
-    local_tokens = q_arrived.shape[2 + dims.tokens]
-    inner = _inner(cu_seqlens, max_seqlen, local_tokens, ring_layout, degree, ring_group,
-                   (causal, window_left, window_right, softmax_scale, softcap, dropout_p, deterministic, backend))
-    exchange = AllToAll(resolve_group(ulysses_group))
+    degree, rank = _degree_and_rank(spec.ulysses_group)
+    inner = _inner(cu_seqlens, q_arrived.shape[2 + dims.tokens], degree, spec)
+    exchange = AllToAll(resolve_group(spec.ulysses_group))
     given = [(g, d) for g, d in ((dout, dims), (dlse, lse_dims)) if g is not None]
     sends = [heads_to_send(g.contiguous(), d, degree, chunks) for g, d in given]
     arrived = [exchange.arrival_buffer(s) for s in sends]
@@ -198,11 +198,10 @@ def ulysses_backward_op(dout: Optional[Tensor], dlse: Optional[Tensor], seeds: T
         dlse_c = next(grads_in) if dlse is not None else None
         if c + 1 < chunks:
             incoming = [exchange.start(a[c + 1], s[c + 1]) for a, s in zip(arrived, sends)]
-        saved = [join_tokens(x[c], dims) for x in (q_arrived, k_arrived, v_arrived, out_sent)]
-        *grads, dsinks_c = inner.backward(
-            dout_c, dlse_c, *saved, join_tokens(lse_sent[c], lse_dims), seeds[c:c + 1],
-            lse_before[c] if sinks is not None else lse_before, *(
-                _chunk_heads(x, degree, chunks, rank, c) for x in (alibi_slopes, sinks)))
+        saved_c = (*(join_tokens(x[c], dims) for x in (q_arrived, k_arrived, v_arrived, out_sent)),
+                   join_tokens(lse_sent[c], lse_dims), seeds[c:c + 1], lse_before[c] if sinks is not None else lse_before)
+        *grads, dsinks_c = inner.backward(dout_c, dlse_c, saved_c, *(
+            _chunk_heads(x, degree, chunks, rank, c) for x in (alibi_slopes, sinks)))
         if sinks is not None:
             dsinks[rank, c] = dsinks_c
         for i, g in enumerate(grads):
@@ -219,10 +218,10 @@ def ulysses_backward_op(dout: Optional[Tensor], dlse: Optional[Tensor], seeds: T
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsinks.flatten()
 
 
-@ulysses_backward_op.register_fake
-def _(dout, dlse, seeds, q_arrived, k_arrived, v_arrived, out_sent, lse_sent, lse_before, cu_seqlens, alibi_slopes,
-      sinks, max_seqlen, ring_layout, causal, window_left, window_right, softmax_scale, softcap, dropout_p,
-      deterministic, backend, kv_repeat, chunks, ulysses_group, ring_group, group):
+def fake_backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...], tensors: UlyssesTensors,
+                  spec: CallSpec) -> Tuple[Tensor, ...]:
+    q_arrived, k_arrived, v_arrived, lse_sent = saved[1], saved[2], saved[3], saved[5]
+    cu_seqlens, sinks, kv_repeat = tensors[0], tensors[2], spec.kv_repeat
     dims, _ = _dims(cu_seqlens is not None)
 
     def grad(arrived: Tensor, repeat: int = 1) -> Tensor:
@@ -233,4 +232,7 @@ def _(dout, dlse, seeds, q_arrived, k_arrived, v_arrived, out_sent, lse_sent, ls
     return grad(q_arrived), grad(k_arrived, kv_repeat), grad(v_arrived, kv_repeat), fake_dsinks(lse_sent, sinks)
 
 
-register_attention_autograd(ulysses_forward_op, ulysses_backward_op, extra_tensors=3, keeps_inputs=False)
+ULYSSES_OPS = AttentionOps("ulysses", tensors=("cu_seqlens", "alibi_slopes", "sinks"),
+                           saved=("seeds", "q_arrived", "k_arrived", "v_arrived", "out_sent", "lse_sent", "lse_before"),
+                           forward=forward, backward=backward, fake_forward=fake_forward, fake_backward=fake_backward,
+                           keeps_inputs=False)

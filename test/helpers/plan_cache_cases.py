@@ -192,3 +192,56 @@ def stale_plans(family: str, rank: int = 0, world_size: int = 1) -> List[str]:
         if not all(torch.equal(a, b) for a, b in zip(got, _fresh(family, docs, rank, world_size))):
             wrong.append(name)
     return wrong
+
+
+FAMILY_OPS = {"ring": "ring", "zigzag": "ring", "zigzag_varlen": "ring", "balanced": "ring", "llama3": "allgather",
+              "zigzag_llama3": "allgather", "ulysses": "ulysses", "ulysses_packed": "ulysses"}
+
+
+@contextlib.contextmanager
+def counting_op_calls() -> Iterator[Counter]:
+    """Meanwhile every family's forward op counts its calls through the dispatcher (by family)."""
+    from ring_flash_attn.allgather.ops import GATHER_OPS
+    from ring_flash_attn.ulysses.ops import ULYSSES_OPS
+    counts: Counter = Counter()
+    families = {"ring": ring_ops.RING_OPS, "allgather": GATHER_OPS, "ulysses": ULYSSES_OPS}
+    originals = {name: ops.forward_op for name, ops in families.items()}
+
+    def counted(name: str, op: Callable) -> Callable:
+        def call(*args):
+            counts[name] += 1
+            return op(*args)
+        return call
+
+    try:
+        for name, ops in families.items():
+            ops.forward_op = counted(name, originals[name])
+        yield counts
+    finally:
+        for name, ops in families.items():
+            ops.forward_op = originals[name]
+
+
+def routes_agree(family: str, rank: int = 0, world_size: int = 1) -> List[str]:
+    """The plain eager route and the custom ops' route of ``family`` (``core.function.PLAIN_EAGER``
+    on / off) on the same calls: the option sets whose results differ in a single bit, or whose route
+    was not the one asked for (the plain route must not reach the dispatcher, the other must)."""
+    from ring_flash_attn.core import function
+    option_sets = {"plain": {}, "dropout": {"dropout_p": 0.25}, "softcap + window": {"softcap": 0.5, "window_size": (3, 0)},
+                   "sinks": {"sinks": torch.tensor([0.5, -1.0, 0.0, 2.0])}, "not causal": {"causal": False}}
+    wrong = []
+    for name, options in option_sets.items():
+        results = {}
+        for plain in (True, False):
+            function.PLAIN_EAGER = plain
+            try:
+                with counting_op_calls() as counts:
+                    torch.manual_seed(3)
+                    results[plain] = family_call(family, DOCS_A, rank, world_size, **dict(options))[0]
+            finally:
+                function.PLAIN_EAGER = True
+            if counts[FAMILY_OPS[family]] != (0 if plain else 1):
+                wrong.append(f"{name}: {'plain' if plain else 'op'} route made {dict(counts)} op calls")
+        if not all(torch.equal(a, b) for a, b in zip(results[True], results[False])):
+            wrong.append(f"{name}: results differ")
+    return wrong

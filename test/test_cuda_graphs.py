@@ -1,0 +1,123 @@
+"""CUDA graphs on one GPU (W = 1): a hand-captured ``torch.cuda.graph`` of a forward + backward step
+through the batch functions, and through a packed function whose documents were seen before the
+capture (no host read of ``cu_seqlens`` inside it), replays to eager's results; a
+``torch.compile(mode="reduce-overhead")`` step runs as a CUDA graph (no cudagraph skip) and gives
+eager's results. Skipped without CUDA."""
+
+from __future__ import annotations
+
+from typing import Callable, List
+
+import pytest
+import torch
+
+import ring_flash_attn as rfa
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+HEADS, KV_HEADS, DIM, TOKENS = 8, 2, 64, 512
+
+
+def _inputs(batch: bool) -> List[torch.Tensor]:
+    """q, k, v (leaves) and dout on the GPU, bf16: ``(2, S, H, D)`` or packed ``(T, H, D)``."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lead = (2, TOKENS) if batch else (TOKENS,)
+    q, k, v, dout = (torch.randn(*lead, h, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+                     for h in (HEADS, KV_HEADS, KV_HEADS, HEADS))
+    return [q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout]
+
+
+def _step(fn: Callable, tensors: List[torch.Tensor]) -> Callable[[], List[torch.Tensor]]:
+    q, k, v, dout = tensors
+
+    def step() -> List[torch.Tensor]:
+        out = fn(q, k, v)
+        return [out, *torch.autograd.grad(out, (q, k, v), dout)]
+
+    return step
+
+
+def _captured(step: Callable[[], List[torch.Tensor]]) -> Callable[[], List[torch.Tensor]]:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+
+    def replay() -> List[torch.Tensor]:
+        graph.replay()
+        return outputs
+
+    return replay
+
+
+CU = [0, 96, 320, 384, 512]  # packed documents (multiples of 2)
+CALLS = {
+    "ring": (True, lambda q, k, v: rfa.ring_flash_attn_func(q, k, v, causal=True)),
+    "zigzag": (True, lambda q, k, v: rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True)),
+    "zigzag_not_causal": (True, lambda q, k, v: rfa.zigzag_ring_flash_attn_func(q, k, v)),
+    "ulysses": (True, lambda q, k, v: rfa.ulysses_flash_attn_func(q, k, v, causal=True)),
+    "zigzag_varlen": (False, lambda q, k, v: rfa.zigzag_ring_flash_attn_varlen_func(
+        q, k, v, CU_TENSOR, 224, causal=True)),
+    "balanced": (False, lambda q, k, v: rfa.balanced_ring_flash_attn_varlen_func(q, k, v, CU_TENSOR, 224, causal=True)),
+    "zigzag_llama3": (False, lambda q, k, v: rfa.zigzag_llama3_flash_attn_varlen_func(
+        q, k, v, CU_TENSOR, 224, causal=True)),
+}
+CU_TENSOR = torch.tensor(CU, dtype=torch.int32, device="cuda") if torch.cuda.is_available() else None
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_a_captured_step_replays_to_eagers_results(name):
+    batch, fn = CALLS[name]
+    tensors = _inputs(batch)
+    eager = [t.clone() for t in _step(fn, tensors)()]
+    replay = _captured(_step(fn, tensors))
+    for _ in range(2):
+        got = replay()
+        for g, w in zip(got, eager):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with torch.no_grad():  # new values in the captured inputs: the replay follows them
+        for t in tensors[:3]:
+            t.mul_(0.5)
+    eager = _step(fn, tensors)()
+    for g, w in zip(replay(), eager):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_reduce_overhead_compile_runs_as_a_cuda_graph():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    tensors = _inputs(batch=True)
+
+    def fn(q, k, v):
+        return rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True).float().square().sum()
+
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    q, k, v, _ = tensors
+    want = torch.autograd.grad(fn(q, k, v), (q, k, v))
+    for _ in range(3):
+        loss = compiled(q, k, v)
+        got = torch.autograd.grad(loss, (q, k, v))
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    torch.testing.assert_close(loss, fn(q, k, v), rtol=1e-3, atol=1e-3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
+def test_dropout_inside_a_capture_is_refused():
+    q, k, v, _ = _inputs(batch=True)
+    rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True, dropout_p=0.1)  # warm-up, eager: fine
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError) as info:
+        with torch.cuda.graph(graph):
+            rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True, dropout_p=0.1)
+    chain, err = [], info.value
+    while err is not None:  # ending the failed capture may raise on top of ours
+        chain.append(str(err))
+        err = err.__context__
+    assert any("inside a CUDA graph capture" in m for m in chain), chain
