@@ -3,7 +3,7 @@ the ranks (ring attention through the transformers registry), then checking the 
 same model trained in one process on the same batches (plain attention, the model's own loss, SGD).
 
     torchrun --nproc_per_node 2 examples/train_with_trainer.py [--layout balanced|zigzag|ring]
-        [--collator flatten|padding] [--steps 4]
+        [--collator flatten|padding] [--steps 4] [--accumulate 1]
 
 ``flatten``: transformers' ``DataCollatorWithFlattening`` (every batch one packed row, position ids
 restarting at each document); ``padding``: ``DataCollatorForLanguageModeling(mlm=False)`` (rows
@@ -78,21 +78,24 @@ def make_collator(kind: str) -> Any:
     return transformers.DataCollatorForLanguageModeling(word_tokenizer(), mlm=False)
 
 
-def training_args(steps: int, lr: float, batch_size: int, output_dir: str) -> transformers.TrainingArguments:
+def training_args(steps: int, lr: float, batch_size: int, accumulate: int,
+                  output_dir: str) -> transformers.TrainingArguments:
     """Plain SGD at a constant rate, a loss and gradient norm logged every step, nothing saved."""
     return transformers.TrainingArguments(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+        gradient_accumulation_steps=accumulate,
         optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1e9, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False)
 
 
-def train_context_parallel(layout: str, collator: str, steps: int, lr: float, batch_size: int) -> Dict[str, Any]:
+def train_context_parallel(layout: str, collator: str, steps: int, lr: float, batch_size: int,
+                           accumulate: int) -> Dict[str, Any]:
     """The Trainer run over every rank: logged losses and gradient norms, final parameters."""
     model = tiny_llama()
     model.set_attn_implementation(hf.register_ring_attention(dist.group.WORLD, layout=layout))
-    data = counting_documents(batch_size * steps, collator)
+    data = counting_documents(batch_size * steps * accumulate, collator)
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = ContextParallelTrainer(model=model, args=training_args(steps, lr, batch_size, out_dir),
+        trainer = ContextParallelTrainer(model=model, args=training_args(steps, lr, batch_size, accumulate, out_dir),
                                          train_dataset=data, data_collator=make_collator(collator))
         trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -100,19 +103,23 @@ def train_context_parallel(layout: str, collator: str, steps: int, lr: float, ba
             "params": {name: p.detach().clone() for name, p in model.named_parameters()}}
 
 
-def train_single_process(collator: str, steps: int, lr: float, batch_size: int) -> Dict[str, Any]:
+def train_single_process(collator: str, steps: int, lr: float, batch_size: int, accumulate: int) -> Dict[str, Any]:
     """The reference: the same model, batches (in the trainer's order) and SGD steps in one process,
-    with sdpa attention and the model's own mean loss."""
+    with sdpa attention and the model's own loss, the mean over the labelled tokens of each step's
+    ``accumulate`` batches."""
     model = tiny_llama()
     model.set_attn_implementation("sdpa")
     initial = copy.deepcopy(model.state_dict())
-    data = counting_documents(batch_size * steps, collator)
+    data = counting_documents(batch_size * steps * accumulate, collator)
     order = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
     loader = DataLoader(data, batch_size=batch_size, sampler=order, collate_fn=make_collator(collator))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     losses, grad_norms = [], []
-    for batch, _ in zip(loader, range(steps)):
-        loss = model(**batch).loss
+    batches = iter(loader)
+    for _ in range(steps):
+        step_batches = [next(batches) for _ in range(accumulate)]
+        labelled = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in step_batches)
+        loss = sum(model(**batch, num_items_in_batch=labelled).loss for batch in step_batches)
         loss.backward()
         grad_norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))))
         optimizer.step()
@@ -140,15 +147,16 @@ def main() -> None:
     p.add_argument("--collator", default="flatten", choices=["flatten", "padding"])
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=3, help="documents per step (all ranks see the same)")
+    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--out", help="save the runs and their differences here (torch.save)")
     args = p.parse_args()
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    run = train_context_parallel(args.layout, args.collator, args.steps, args.lr, args.batch_size)
+    run = train_context_parallel(args.layout, args.collator, args.steps, args.lr, args.batch_size, args.accumulate)
     if dist.get_rank() == 0:
-        reference = train_single_process(args.collator, args.steps, args.lr, args.batch_size)
+        reference = train_single_process(args.collator, args.steps, args.lr, args.batch_size, args.accumulate)
         for step, (loss, ref_loss) in enumerate(zip(run["losses"], reference["losses"])):
             print(f"step {step}: loss {loss:.6f} (one process: {ref_loss:.6f}), grad norm "
                   f"{run['grad_norms'][step]:.6f} (one process: {reference['grad_norms'][step]:.6f})")
