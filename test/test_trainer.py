@@ -124,3 +124,24 @@ def test_trainer_matches_single_process(layout: str, collator: str, accumulate: 
     assert moved > 0.05  # a wrong gradient scale (e.g. DDP's average left as is) would show far above tolerance
     for name, want in ref["params"].items():
         assert (run["params"][name] - want).abs().max() <= 1e-5, name
+
+
+def test_trainer_refuses_evaluation(tmp_path: Path) -> None:
+    """The Trainer's evaluation loader gives each rank a different batch: refused, not sharded as one."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from train_with_trainer import counting_documents, tiny_llama, training_args
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    from ring_flash_attn.adapters import ContextParallelCollator, ContextParallelTrainer, hf
+
+    model = tiny_llama()
+    model.set_attn_implementation(hf.register_ring_attention())
+    trainer = ContextParallelTrainer(model=model, args=training_args(1, 0.1, 2, 1, str(tmp_path)),
+                                     train_dataset=counting_documents(2, "flatten"),
+                                     data_collator=transformers.DataCollatorWithFlattening())
+    assert isinstance(trainer.data_collator, ContextParallelCollator)
+    with pytest.raises(NotImplementedError, match="different batch"):
+        trainer.evaluate(counting_documents(2, "flatten"))

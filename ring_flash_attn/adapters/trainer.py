@@ -43,8 +43,8 @@ class ContextParallelTrainer(Trainer):
 
     Args:
         cp_group: the context-parallel group the attention was registered on (None: all ranks).
-        Everything else: as for ``transformers.Trainer`` (no label smoothing; training only: the
-        evaluation loaders are the Trainer's own)."""
+        Everything else: as for ``transformers.Trainer`` (no label smoothing; training only:
+        evaluation and prediction loaders are refused)."""
 
     def __init__(self, *args: Any, cp_group: Optional[dist.ProcessGroup] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -77,6 +77,16 @@ class ContextParallelTrainer(Trainer):
                                collate_fn=self.data_collator, drop_last=self.args.dataloader_drop_last,
                                num_workers=self.args.dataloader_num_workers,
                                pin_memory=self.args.dataloader_pin_memory)
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
+        """Refused: the Trainer's evaluation loader gives each rank a different batch, which the
+        context-parallel collator would shard as if it were the same one."""
+        raise NotImplementedError(
+            "ContextParallelTrainer wires training only: the Trainer's evaluation loader gives each rank a different "
+            "batch. Evaluate with a loop that collates the same batch on every rank (ContextParallelCollator) and "
+            "reports adapters.global_loss(sharded_causal_lm_loss(...)), or with the model's normal attention on one rank")
+
+    get_test_dataloader = get_eval_dataloader
 
     def _get_num_items_in_batch(self, batch_samples: List[Dict[str, Any]],
                                 device: torch.device) -> Optional[torch.Tensor]:
