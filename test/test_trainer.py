@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ring_flash_attn.adapters import shard_batch, sharded_causal_lm_loss, shift_labels
-from ring_flash_attn.adapters.sequence import IGNORE_INDEX
+from ring_flash_attn.adapters.sequence import IGNORE_INDEX, layout_multiple
 from ring_flash_attn.core.layouts import unshard, unshard_varlen
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,30 +34,32 @@ def flattened_batch() -> dict:
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-def reassemble(parts: list, layout: str, cu_seqlens: torch.Tensor) -> torch.Tensor:
+def reassemble(parts: list, layout: str, cu_seqlens: torch.Tensor, ulysses_degree: int) -> torch.Tensor:
     """The whole row from every rank's shard."""
     if layout == "balanced":
-        return unshard_varlen(parts, cu_seqlens, "balanced", dim=1)
-    return unshard(parts, layout, dim=1)
+        return unshard_varlen(parts, cu_seqlens, "balanced", dim=1, ulysses_degree=ulysses_degree)
+    return unshard(parts, layout, dim=1, ulysses_degree=ulysses_degree)
 
 
-@pytest.mark.parametrize("layout,world", [("balanced", 2), ("balanced", 3), ("zigzag", 2), ("ring", 3)])
+@pytest.mark.parametrize("layout,world,ulysses", [("balanced", 2, 1), ("balanced", 3, 1), ("zigzag", 2, 1),
+                                                  ("ring", 3, 1), ("balanced", 4, 2), ("zigzag", 4, 2)])
 @pytest.mark.parametrize("documents", ["position_ids", "flash_kwargs"])
-def test_shard_batch_packed_row(layout: str, world: int, documents: str) -> None:
+def test_shard_batch_packed_row(layout: str, world: int, ulysses: int, documents: str) -> None:
     batch = flattened_batch()
     cu = torch.tensor([0, 5, 12, 16], dtype=torch.int32)
     if documents == "flash_kwargs":
         batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)
         del batch["position_ids"]
-    shards = [shard_batch(batch, layout=layout, ulysses_degree=1, rank_and_size=(r, world)) for r in range(world)]
+    shards = [shard_batch(batch, layout=layout, ulysses_degree=ulysses, rank_and_size=(r, world))
+              for r in range(world)]
     padded_cu = shards[0]["cu_seq_lens_q"]
     extra = int(padded_cu[-1]) - 16
-    assert extra == -16 % (world * (1 if layout == "balanced" else 2 if layout == "zigzag" else 1))
+    assert extra == -16 % layout_multiple(layout, world)
     assert shards[0]["max_length_q"] == 7
     want_labels = F.pad(shift_labels(batch["labels"], cu), (0, extra), value=IGNORE_INDEX)
     assert want_labels[0, :16].tolist() == [-100, 102, 103, 104, -100, 106, 107, 108, 109, 110, 111, -100,
                                             113, 114, 115, -100]
-    whole = {key: reassemble([s[key] for s in shards], layout, padded_cu)
+    whole = {key: reassemble([s[key] for s in shards], layout, padded_cu, ulysses)
              for key in ("input_ids", "shift_labels", "position_ids")}
     assert torch.equal(whole["shift_labels"], want_labels)
     assert torch.equal(whole["input_ids"][:, :16], batch["input_ids"])
