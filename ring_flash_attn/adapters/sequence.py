@@ -12,7 +12,7 @@ packed row (global ``cu_seqlens``) and no label crosses a document boundary.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -117,6 +117,15 @@ def shard_inputs(
     ``register_ring_attention`` (``None``: those of its default registration, see :func:`registered`)."""
     layout, ulysses_degree = registered(layout, ulysses_degree)
     rank, world = group_rank_and_size(group)
+    return shard_inputs_at(input_ids, labels, position_ids, cu_seqlens, layout, rank, world, ulysses_degree)
+
+
+def shard_inputs_at(
+    input_ids: torch.Tensor, labels: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor], layout: str, rank: int, world: int, ulysses_degree: int = 1,
+) -> Dict[str, torch.Tensor]:
+    """:func:`shard_inputs` for an explicit ``rank`` of ``world`` ranks (no process group needed: e.g.
+    in a data loader's worker process)."""
     check_splits(input_ids.shape[1], layout, rank, world, ulysses_degree)
     if position_ids is None:
         if cu_seqlens is not None:
@@ -185,17 +194,33 @@ def gather_sequence(local: torch.Tensor, layout: Optional[str] = None, group: Op
 
 
 def sharded_causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor,
-                           group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+                           group: Optional[dist.ProcessGroup] = None,
+                           num_items: Optional[Union[torch.Tensor, int]] = None) -> torch.Tensor:
     """This rank's share of the mean next-token loss over the whole sequence: its summed
     cross-entropy divided by the number of labelled tokens on *all* ranks. The shares add up to the
     global mean, so ``backward()`` on every rank plus a sum of gradients over the ring (what DDP /
-    FSDP do) gives exactly the gradients of the unsharded model. ``global_loss(share)`` reports it."""
-    total = F.cross_entropy(logits.float().flatten(0, -2), shift_labels.flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
-    count = (shift_labels != IGNORE_INDEX).sum().to(torch.float32)
+    FSDP do) gives exactly the gradients of the unsharded model. ``global_loss(share)`` reports it.
+
+    ``num_items``: the global count of labelled tokens when already known (e.g. over every
+    micro-batch of a gradient-accumulation step, see :func:`global_label_count`); None: this
+    batch's, all-reduced over ``group``."""
+    total = F.cross_entropy(logits.float().flatten(0, -2), shift_labels.flatten().to(logits.device),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    if num_items is None:
+        num_items = global_label_count([shift_labels], group)
+    count = torch.as_tensor(num_items, dtype=torch.float32, device=total.device)
+    return total / count.clamp_min(1)
+
+
+def global_label_count(shift_labels: Iterable[torch.Tensor],
+                       group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """The labelled (not ``-100``) tokens of this rank's ``shift_labels`` shards, summed over the
+    tensors and all-reduced over ``group`` (a float32 scalar)."""
+    count = sum((labels != IGNORE_INDEX).sum().to(torch.float32) for labels in shift_labels)
+    count = torch.as_tensor(count, dtype=torch.float32)
     if dist.is_initialized():
         dist.all_reduce(count, group=group)
-    return total / count.clamp_min(1)
+    return count
 
 
 def global_loss(share: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:

@@ -1,0 +1,173 @@
+"""Training a tiny randomly initialised Llama with ``transformers.Trainer``, its sequence sharded over
+the ranks (ring attention through the transformers registry), then checking the run against the
+same model trained in one process on the same batches (plain attention, the model's own loss, SGD).
+
+    torchrun --nproc_per_node 2 examples/train_with_trainer.py [--layout balanced|zigzag|ring]
+        [--collator flatten|padding] [--steps 4] [--accumulate 1]
+
+``flatten``: transformers' ``DataCollatorWithFlattening`` (every batch one packed row, position ids
+restarting at each document); ``padding``: ``DataCollatorForLanguageModeling(mlm=False)`` (rows
+padded on the right, with an attention mask). Documents are short counting sequences whose first
+tokens (a "prompt") have no labels, so the ranks hold uneven numbers of labelled tokens.
+Runs on CPU (gloo). Rank 0 prints the loss and gradient norm of every step, both runs', and the
+largest parameter difference at the end; ``--out FILE`` saves them (``torch.save``).
+
+The wiring, in short::
+
+    model.set_attn_implementation(hf.register_ring_attention(group))   # before the trainer
+    trainer = ContextParallelTrainer(model=model, args=args, train_dataset=data,
+                                     data_collator=DataCollatorWithFlattening(), cp_group=group)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+import transformers
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ring_flash_attn.adapters import ContextParallelTrainer, hf
+
+VOCAB = 128
+PAD = VOCAB - 1  # never produced by the data
+
+
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    """A 2-layer Llama (GQA: 4 heads, 2 K/V heads), the same weights on every rank."""
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      use_cache=False, pad_token_id=PAD)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def counting_documents(count: int, collator: str, seed: int = 1) -> List[Dict[str, List[int]]]:
+    """Documents counting up by a stride of their own (6 to 24 tokens); for the flattening collator
+    the first 1 to 4 are unlabelled (the language-modelling collator labels every token itself)."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(count):
+        length = int(torch.randint(6, 25, (1,), generator=gen))
+        start, stride = (int(torch.randint(0, n, (1,), generator=gen)) for n in (PAD, 4))
+        ids = ((start + (stride + 1) * torch.arange(length)) % PAD).tolist()
+        prompt = int(torch.randint(1, 5, (1,), generator=gen))
+        docs.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]} if collator == "flatten"
+                    else {"input_ids": ids})
+    return docs
+
+
+def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A tokenizer for padding only (one token per id, pad = ``PAD``, right padding), built offline."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocab = {str(i): i for i in range(VOCAB)}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="0")),
+                                                pad_token=str(PAD), padding_side="right")
+
+
+def make_collator(kind: str) -> Any:
+    """The full-batch collator every rank runs (the trainer shards its output)."""
+    if kind == "flatten":
+        return transformers.DataCollatorWithFlattening()
+    return transformers.DataCollatorForLanguageModeling(word_tokenizer(), mlm=False)
+
+
+def training_args(steps: int, lr: float, batch_size: int, accumulate: int,
+                  output_dir: str) -> transformers.TrainingArguments:
+    """Plain SGD at a constant rate, a loss and gradient norm logged every step, nothing saved."""
+    return transformers.TrainingArguments(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+        gradient_accumulation_steps=accumulate,
+        optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1e9, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False)
+
+
+def train_context_parallel(layout: str, collator: str, steps: int, lr: float, batch_size: int,
+                           accumulate: int) -> Dict[str, Any]:
+    """The Trainer run over every rank: logged losses and gradient norms, final parameters."""
+    model = tiny_llama()
+    model.set_attn_implementation(hf.register_ring_attention(dist.group.WORLD, layout=layout))
+    data = counting_documents(batch_size * steps * accumulate, collator)
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = ContextParallelTrainer(model=model, args=training_args(steps, lr, batch_size, accumulate, out_dir),
+                                         train_dataset=data, data_collator=make_collator(collator))
+        trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return {"losses": [entry["loss"] for entry in logs], "grad_norms": [entry["grad_norm"] for entry in logs],
+            "params": {name: p.detach().clone() for name, p in model.named_parameters()}}
+
+
+def train_single_process(collator: str, steps: int, lr: float, batch_size: int, accumulate: int) -> Dict[str, Any]:
+    """The reference: the same model, batches (in the trainer's order) and SGD steps in one process,
+    with sdpa attention and the model's own loss, the mean over the labelled tokens of each step's
+    ``accumulate`` batches."""
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    initial = copy.deepcopy(model.state_dict())
+    data = counting_documents(batch_size * steps * accumulate, collator)
+    order = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
+    loader = DataLoader(data, batch_size=batch_size, sampler=order, collate_fn=make_collator(collator))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    losses, grad_norms = [], []
+    batches = iter(loader)
+    for _ in range(steps):
+        step_batches = [next(batches) for _ in range(accumulate)]
+        labelled = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in step_batches)
+        loss = sum(model(**batch, num_items_in_batch=labelled).loss for batch in step_batches)
+        loss.backward()
+        grad_norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))))
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "grad_norms": grad_norms, "initial": initial,
+            "params": {name: p.detach().clone() for name, p in model.named_parameters()}}
+
+
+def compare(run: Dict[str, Any], reference: Dict[str, Any]) -> Dict[str, float]:
+    """Largest relative differences of losses and gradient norms, largest parameter difference, and
+    how far the reference's parameters moved (what a wrong gradient scale would show in)."""
+    def rel(a: List[float], b: List[float]) -> float:
+        return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+    return {"loss": rel(run["losses"], reference["losses"]),
+            "grad_norm": rel(run["grad_norms"], reference["grad_norms"]),
+            "params": max(float((run["params"][n] - p).abs().max()) for n, p in reference["params"].items()),
+            "moved": max(float((reference["initial"][n] - p).abs().max()) for n, p in reference["params"].items())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layout", default="balanced", choices=["balanced", "zigzag", "ring"])
+    p.add_argument("--collator", default="flatten", choices=["flatten", "padding"])
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=3, help="documents per step (all ranks see the same)")
+    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--out", help="save the runs and their differences here (torch.save)")
+    args = p.parse_args()
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    run = train_context_parallel(args.layout, args.collator, args.steps, args.lr, args.batch_size, args.accumulate)
+    if dist.get_rank() == 0:
+        reference = train_single_process(args.collator, args.steps, args.lr, args.batch_size, args.accumulate)
+        for step, (loss, ref_loss) in enumerate(zip(run["losses"], reference["losses"])):
+            print(f"step {step}: loss {loss:.6f} (one process: {ref_loss:.6f}), grad norm "
+                  f"{run['grad_norms'][step]:.6f} (one process: {reference['grad_norms'][step]:.6f})")
+        diffs = compare(run, reference)
+        print(f"largest differences: loss {diffs['loss']:.2e} (relative), grad norm {diffs['grad_norm']:.2e} "
+              f"(relative), parameters {diffs['params']:.2e} (they moved up to {diffs['moved']:.2e})")
+        if args.out:
+            torch.save({"run": run, "reference": reference, "diffs": diffs}, args.out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
