@@ -18,11 +18,14 @@ P2P ring's ``balanced_ring_flash_attn_varlen_func``), ``zigzag`` (a row zigzagge
 packed batches use the all-gather family on the pack cut that way, ``packed_zigzag``) or ``ring`` /
 ``llama3`` (contiguous shards; packed batches use llama3). With ``ulysses_degree > 1`` it runs Ulysses x ring
 (:mod:`ring_flash_attn.ulysses`): all-to-all inside groups of ``ulysses_degree`` consecutive ranks, the
-layout's ring across them. It takes no ``attention_mask``: causality comes from the layer, document
-boundaries from the model call's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (a flattening collator's), else
-:func:`set_packed_batch`'s ``cu_seqlens``, else from where the row's ``position_ids`` restart
-(all-gathered once per forward: each rank holds only its shard of them). Decoding with a KV cache
-(``generate()``) is refused; so is Llama 4's chunked attention on rows longer than a chunk.
+layout's ring across them. Causality comes from the layer, document boundaries from the model call's
+``cu_seq_lens_q`` / ``cu_seq_lens_k`` (a flattening collator's), else :func:`set_packed_batch`'s
+``cu_seqlens`` (one per row for a batch of packed rows), else from where the rows' ``position_ids``
+restart (all-gathered once per forward: each rank holds only its shard of them). The only mask it
+takes is a 2-D right-padding ``attention_mask`` (each rank its shard; checked over the group once per
+forward, :func:`padding_of_mask`): causal attention keeps the padding from the real tokens, and the
+padding's outputs are zeroed. Decoding with a KV cache (``generate()``) is refused; so is Llama 4's
+chunked attention on rows longer than a chunk.
 """
 
 from __future__ import annotations
@@ -191,11 +194,13 @@ def ring_attention_forward(
     cutting the right side to 0), ``softcap`` (Gemma 2's logit soft-capping), ``s_aux`` (gpt-oss's
     attention sinks), ``is_causal``, ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` /
     ``max_length_k`` (the packed row's documents, from a flattening collator: equal for queries and
-    keys, see :func:`packed_batch_of_flash_kwargs`), ``position_ids`` (documents of a packed row,
-    where neither those nor :func:`set_packed_batch` gave them). Anything else that would change the
-    result -- an attention mask, ``output_attentions``, keys from a KV cache, Llama 4's chunked
-    attention on rows longer than a chunk -- raises a ``ValueError`` naming the layer and the option
-    (:func:`check_model_kwargs`, :func:`check_llama4_layer`).
+    keys, see :func:`packed_batch_of_flash_kwargs`), ``position_ids`` (documents of packed rows,
+    where neither those nor :func:`set_packed_batch` gave them), a 2-D right-padding
+    ``attention_mask`` (this rank's shard; :func:`padding_of_mask`). Anything else that would change
+    the result -- a 4-D / custom mask, left padding, a mask with holes, ``output_attentions``, keys
+    from a KV cache, Llama 4's chunked attention on rows longer than a chunk -- raises a
+    ``ValueError`` naming the layer and the option (:func:`check_model_kwargs`,
+    :func:`check_llama4_layer`).
 
     ``implementation``: the registered name whose settings apply (the function registered under a
     name passes it); ``None``: the module's ``config._attn_implementation``."""

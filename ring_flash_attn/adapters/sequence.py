@@ -7,7 +7,10 @@ within a token of each other, rank r holding chunks r and 2W-1-r -- the same cau
 rank whatever the document lengths; a row without documents is one document, which for a length
 divisible by 2W is the zigzag layout), ``"zigzag"`` (a row, packed or not, zigzagged as one
 sequence) and ``"ring"`` / ``"llama3"`` (contiguous). Positions restart at every document of a
-packed row (global ``cu_seqlens``) and no label crosses a document boundary.
+packed row (global ``cu_seqlens``) and no label crosses a document boundary. A batch of packed rows
+takes one ``cu_seqlens`` per row (a list): the balanced layout deals its rows as one pack (each rank
+gets its tokens of the rows end to end, as ``B`` rows of ``S / W``), the others shard every row on
+its own. A right-padding ``attention_mask`` is sharded like the inputs (labels -100 at padding).
 """
 
 from __future__ import annotations
@@ -219,8 +222,8 @@ def check_splits(seqlen: int, layout: str, rank: int, world_size: int, ulysses_d
         raise ValueError(
             f"a row of {seqlen} tokens does not split over {world_size} ranks in layout {layout!r}{ulysses}: pad it "
             f"first with ring_flash_attn.adapters.pad_for_layout(input_ids, labels, cu_seqlens, layout={layout!r}, "
-            f"world_size={world_size}) (padding at the end, labels -100; the model's ring attention takes no "
-            "attention mask)") from None
+            f"world_size={world_size}) (padding at the end, labels -100; with a right-padding attention_mask, "
+            "pad the mask with 0s too)") from None
 
 
 def gather_sequence(local: torch.Tensor, layout: Optional[str] = None, group: Optional[dist.ProcessGroup] = None,
