@@ -23,11 +23,12 @@ CASES = (
     # right-padded rows (lengths 24, 17, 9, 1 of 24) with their attention_mask
     [BatchCase(m, layout, w, "padded") for m, layout, w in itertools.product(
         ("llama", "mistral"), ("balanced", "zigzag", "ring"), (2, 3))]
-    + [BatchCase("qwen2", "balanced", 2, "padded"), BatchCase("llama", "balanced", 2, "padded", ulysses_degree=2)]
+    + [BatchCase("qwen2", "balanced", 2, "padded")]
+    + [BatchCase("llama", layout, 2, "padded", ulysses_degree=2) for layout in ("balanced", "zigzag", "ring")]
     # two packed rows, documents per row from set_packed_batch([cu_row0, cu_row1])
     + [BatchCase(m, layout, w, "packed-cu") for m, layout, w in itertools.product(
         ("llama", "mistral"), ("balanced", "zigzag", "ring"), (2, 3))]
-    + [BatchCase("llama", layout, 2, "packed-cu", ulysses_degree=2) for layout in ("balanced", "zigzag")]
+    + [BatchCase("llama", layout, 2, "packed-cu", ulysses_degree=2) for layout in ("balanced", "zigzag", "ring")]
     # two packed rows, documents only in position ids restarting per row (the layouts that shard rows alone)
     + [BatchCase(m, layout, w, "packed-positions") for m, layout, w in itertools.product(
         ("llama", "qwen2"), ("zigzag", "ring"), (2, 3))]
@@ -70,8 +71,9 @@ def test_masks_refused_on_every_rank(dist_pool, kind, message):
 
 
 def test_single_process_refusals():
-    """On one process: a 4-D mask, a batch of packed rows whose row count the model does not get, and
-    a padding mask on a non-causal layer are refused naming the layer."""
+    """On one process: a 4-D mask, a batch of packed rows whose row count the model does not get or
+    whose rows differ in length, flash-attention keywords with two rows, and a padding mask on a
+    non-causal layer are refused."""
     from ring_flash_attn.adapters import hf
 
     model = build_model("llama")
@@ -88,8 +90,13 @@ def test_single_process_refusals():
             model(input_ids=ids[:1])
     finally:
         hf.set_packed_batch(None)
+    with pytest.raises(ValueError, match="all rows of one length"):
+        hf.set_packed_batch([cu, torch.tensor([0, 9], dtype=torch.int32)])
     layer = model.model.layers[0].self_attn
     q = torch.randn(2, 4, 8, 16)
+    flash = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=5, max_length_k=5)
+    with pytest.raises(ValueError, match="the packed batch has 1 row"):  # a flattening collator's: one row
+        hf.ring_attention_forward(layer, q, q[:, :2], q[:, :2], None, **flash)
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[1, 5:] = False
     with pytest.raises(ValueError, match=r"layer 0 .*not causal"):

@@ -325,7 +325,8 @@ def documents_from_position_ids(position_ids: torch.Tensor, settings: RingAttent
         raise ValueError("ring_attention: position_ids restart inside a row (packed documents), and the balanced "
                          "layout shards a packed row by its documents, so they must be known when the inputs are "
                          "sharded: adapters.shard_inputs(..., cu_seqlens=cu_seqlens) and hf.set_packed_batch("
-                         "cu_seqlens) (or register layout='zigzag', which finds documents from position_ids); or "
+                         "cu_seqlens), for several rows a list of one cu_seqlens per row (or register "
+                         "layout='zigzag', which finds documents from position_ids); or "
                          "the inputs were sharded with another layout or ulysses_degree than this registration's "
                          f"({settings.layout!r}, {settings.ulysses_degree})")
     end = torch.tensor([whole.shape[1]], device=whole.device)

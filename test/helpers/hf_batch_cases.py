@@ -97,6 +97,9 @@ def run_rank(rank: int, world_size: int, case: BatchCase) -> Dict[str, object]:
     share.backward()
     gathered = adapters.gather_sequence(logits.detach(), case.layout, group, ulysses_degree=case.ulysses_degree,
                                         cu_seqlens=cu)
+    if case.form != "packed-positions":  # without cu_seqlens: set_packed_batch's, one per row
+        assert torch.equal(adapters.gather_sequence(logits.detach(), case.layout, group,
+                                                    ulysses_degree=case.ulysses_degree), gathered)
     hf.set_packed_batch(None)
     padding = None if "attention_mask" not in local else (local["attention_mask"] == 0)
     return {"loss": share.item(), "global_loss": adapters.global_loss(share, group).item(), "gathered": gathered,
