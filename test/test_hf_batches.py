@@ -23,7 +23,8 @@ CASES = (
     # right-padded rows (lengths 24, 17, 9, 1 of 24) with their attention_mask
     [BatchCase(m, layout, w, "padded") for m, layout, w in itertools.product(
         ("llama", "mistral"), ("balanced", "zigzag", "ring"), (2, 3))]
-    + [BatchCase("qwen2", "balanced", 2, "padded")]
+    + [BatchCase("qwen2", "balanced", 2, "padded"), BatchCase("qwen2-sliding", "zigzag", 3, "padded"),
+       BatchCase("gpt-oss", "balanced", 2, "padded"), BatchCase("gpt-oss", "ring", 3, "packed-cu")]
     + [BatchCase("llama", layout, 2, "padded", ulysses_degree=2) for layout in ("balanced", "zigzag", "ring")]
     # two packed rows, documents per row from set_packed_batch([cu_row0, cu_row1])
     + [BatchCase(m, layout, w, "packed-cu") for m, layout, w in itertools.product(
