@@ -490,8 +490,9 @@ def padding_of_mask(module: torch.nn.Module, attention_mask: Optional[torch.Tens
             return checked.padding
     layer = f"ring_attention, layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
     if torch.compiler.is_compiling():
-        raise ValueError(f"{layer}: a padding attention_mask cannot be checked inside a compiled model (that takes "
-                         "an all-gather and a host read): pack the rows instead (hf.set_packed_batch)")
+        raise ValueError(f"{layer}: a 2-D attention_mask cannot be checked inside a compiled model (that takes "
+                         "an all-gather and a host read): pass no attention_mask where nothing pads, else pack the "
+                         "rows' real tokens instead (hf.set_packed_batch)")
     whole = gather_mask(attention_mask, settings, batch, batch_shape, layer)
     pads = check_right_padding(whole, layer)
     if pads and not causal:
