@@ -131,3 +131,26 @@ def test_shard_and_gather_rows_as_one_pack():
         parts = [shard_row(x, "balanced", r, world, cu_seqlens=cu) for r in range(world)]
         assert all(p.shape == (2, 24 // world) for p in parts)
         assert torch.equal(unshard_rows_as_one_pack(parts, cu), x)
+
+
+def test_compiled_model_with_a_padding_mask():
+    """Inside a compiled graph the mask cannot be checked: fullgraph raises an error saying so; a graph
+    break runs that part eagerly and equals the eager model at real tokens."""
+    from ring_flash_attn.adapters import hf
+
+    model = build_model("llama")
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(8)[None] < torch.tensor([8, 5])[:, None]).long()
+    want = model(input_ids=ids, attention_mask=mask).logits
+    model.set_attn_implementation(hf.register_ring_attention(None))
+    hf.set_packed_batch(None, from_position_ids=False)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Exception, match="cannot be checked inside a compiled model"):
+            torch.compile(model, backend="eager", fullgraph=True)(input_ids=ids, attention_mask=mask)
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="eager")(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+        hf.set_packed_batch(None)
