@@ -114,8 +114,9 @@ def test_attention_dropout_in_training(dist_pool):
 
 
 def test_what_the_adapter_cannot_honour_is_refused():
-    """A padding mask, flash-attn varlen arguments, attention weights or an unknown option: a
-    ValueError naming the layer and the option, never a silently different result."""
+    """A left-padding mask (right padding runs: test_hf_batches.py), flash-attn varlen arguments,
+    attention weights or an unknown option: a ValueError naming the layer and the option, never a
+    silently different result."""
     from helpers.hf_cases import build_model
     from ring_flash_attn.adapters import hf
 
@@ -123,8 +124,8 @@ def test_what_the_adapter_cannot_honour_is_refused():
     model.set_attn_implementation(hf.register_ring_attention(None, layout="ring"))
     ids = torch.randint(0, 96, (1, 8))
     padding = torch.ones(1, 8, dtype=torch.long)
-    padding[0, 6:] = 0
-    with pytest.raises(ValueError, match=r"layer 0 \(MistralAttention\): got an attention mask"):
+    padding[0, :2] = 0
+    with pytest.raises(ValueError, match=r"layer 0 \(MistralAttention\): the attention_mask pads on the left"):
         model(input_ids=ids, attention_mask=padding)
     model(input_ids=ids, attention_mask=torch.ones(1, 8, dtype=torch.long))  # no padding: nothing to refuse
     q = torch.randn(1, 4, 8, 16)
@@ -160,14 +161,18 @@ def test_documents_from_position_ids():
 
 
 def test_restarting_position_ids_refused_where_not_exact():
-    """Documents in several rows, or position ids that do not match the queries: a ValueError."""
+    """Position ids that do not match the queries: a ValueError; documents in several rows (here one
+    row of position ids for two rows of queries) run row by row, document by document."""
     from ring_flash_attn.adapters import hf
 
     hf.set_packed_batch(None)
     q = torch.randn(2, 2, 6, 8)
     restarting = torch.tensor([[0, 1, 2, 0, 1, 2]])
-    with pytest.raises(ValueError, match="packed documents need one row"):
-        hf.ring_attention_forward(torch.nn.Module(), q, q, q, None, position_ids=restarting)
+    out, _ = hf.ring_attention_forward(torch.nn.Module(), q, q, q, None, position_ids=restarting)
+    for doc in (slice(0, 3), slice(3, 6)):
+        part = q[:, :, doc]
+        want = torch.nn.functional.scaled_dot_product_attention(part, part, part, is_causal=True).transpose(1, 2)
+        torch.testing.assert_close(out[:, doc], want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="set_packed_batch"):
         hf.ring_attention_forward(torch.nn.Module(), q, q, q, None, position_ids=torch.arange(5)[None])
     hf.ring_attention_forward(torch.nn.Module(), q, q, q, None, position_ids=torch.arange(6)[None])  # not packed

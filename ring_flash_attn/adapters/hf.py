@@ -18,11 +18,14 @@ P2P ring's ``balanced_ring_flash_attn_varlen_func``), ``zigzag`` (a row zigzagge
 packed batches use the all-gather family on the pack cut that way, ``packed_zigzag``) or ``ring`` /
 ``llama3`` (contiguous shards; packed batches use llama3). With ``ulysses_degree > 1`` it runs Ulysses x ring
 (:mod:`ring_flash_attn.ulysses`): all-to-all inside groups of ``ulysses_degree`` consecutive ranks, the
-layout's ring across them. It takes no ``attention_mask``: causality comes from the layer, document
-boundaries from the model call's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (a flattening collator's), else
-:func:`set_packed_batch`'s ``cu_seqlens``, else from where the row's ``position_ids`` restart
-(all-gathered once per forward: each rank holds only its shard of them). Decoding with a KV cache
-(``generate()``) is refused; so is Llama 4's chunked attention on rows longer than a chunk.
+layout's ring across them. Causality comes from the layer, document boundaries from the model call's
+``cu_seq_lens_q`` / ``cu_seq_lens_k`` (a flattening collator's), else :func:`set_packed_batch`'s
+``cu_seqlens`` (one per row for a batch of packed rows), else from where the rows' ``position_ids``
+restart (all-gathered once per forward: each rank holds only its shard of them). The only mask it
+takes is a 2-D right-padding ``attention_mask`` (each rank its shard; checked over the group once per
+forward, :func:`padding_of_mask`): causal attention keeps the padding from the real tokens, and the
+padding's outputs are zeroed. Decoding with a KV cache (``generate()``) is refused; so is Llama 4's
+chunked attention on rows longer than a chunk.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -42,7 +45,7 @@ from ..core.validation import group_rank_and_size
 from ..ring.api import balanced_ring_flash_attn_varlen_func, ring_flash_attn_func, zigzag_ring_flash_attn_func
 from ..ulysses.api import ulysses_flash_attn_func, ulysses_flash_attn_varlen_func
 from ..ulysses.groups import UlyssesRingGroups, make_ulysses_ring_groups
-from .sequence import gather_sequence
+from .sequence import Documents, batch_cu_seqlens, gather_sequence, per_row
 from .split import UlyssesSplit, choose_ulysses_degree
 
 
@@ -84,14 +87,16 @@ def settings_for(name: Optional[str]) -> RingAttentionSettings:
 
 @dataclass
 class PackedBatch:
-    """The documents of a packed row: their global ``cu_seqlens``, the longest one and, once computed,
-    the llama3 arguments per ``(causal, rank, world size)`` (every layer reuses them)."""
+    """The documents of a packed row -- or of a batch of packed rows laid end to end as one pack: their
+    global ``cu_seqlens``, the longest one and, once computed, the llama3 arguments per ``(causal,
+    rank, world size)`` (every layer reuses them); for a batch of rows, each row's own batch too."""
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    tokens: int  # of the whole row
+    tokens: int  # of the whole row (of every row, for a batch of rows)
     llama3_args: Dict[Tuple[bool, int, int], Tuple] = field(default_factory=dict)
     balanced_positions: Dict[Tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+    row_batches: Tuple["PackedBatch", ...] = ()  # a batch of packed rows: each row's documents
 
     @classmethod
     def of(cls, cu_seqlens: torch.Tensor) -> "PackedBatch":
@@ -99,6 +104,31 @@ class PackedBatch:
         refused by the attention functions)."""
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         return cls(cu_seqlens, int(lengths.max()) if lengths.numel() else 0, int(cu_seqlens[-1]))
+
+    @classmethod
+    def of_rows(cls, rows_cu_seqlens: Sequence[torch.Tensor]) -> "PackedBatch":
+        """The batch of packed rows with these per-row ``cu_seqlens`` (rows of one length): one pack
+        of every row's documents, and each row's own batch."""
+        if len(rows_cu_seqlens) == 1:
+            return cls.of(torch.as_tensor(rows_cu_seqlens[0]).to(torch.int32))
+        batch = cls.of(batch_cu_seqlens(rows_cu_seqlens))
+        batch.row_batches = tuple(cls.of(torch.as_tensor(cu).to(torch.int32)) for cu in rows_cu_seqlens)
+        return batch
+
+    @property
+    def rows(self) -> int:
+        """Rows in the batch (1: one packed row)."""
+        return max(1, len(self.row_batches))
+
+    @property
+    def row_tokens(self) -> int:
+        """Tokens of one row."""
+        return self.tokens // self.rows
+
+    @property
+    def documents(self) -> Documents:
+        """What :func:`~ring_flash_attn.adapters.shard_inputs` takes as ``cu_seqlens`` for this batch."""
+        return [b.cu_seqlens for b in self.row_batches] if self.row_batches else self.cu_seqlens
 
 
 @dataclass
@@ -131,8 +161,9 @@ def _prepare_llama3(batch: PackedBatch, settings: RingAttentionSettings) -> None
     """Prepare, outside the model, what a ``ring``-layout registration's layers need for ``batch`` (so a
     compiled model does no host work on ``cu_seqlens``)."""
     if settings.ulysses is None and MODEL_LAYOUTS[settings.layout] == "ring":
-        for causal in (True, False):
-            _llama3_args(batch, causal, settings.group)
+        for row in batch.row_batches or (batch,):
+            for causal in (True, False):
+                _llama3_args(row, causal, settings.group)
 
 
 def window_size_of(sliding_window: Optional[int]) -> Tuple[int, int]:
@@ -163,11 +194,13 @@ def ring_attention_forward(
     cutting the right side to 0), ``softcap`` (Gemma 2's logit soft-capping), ``s_aux`` (gpt-oss's
     attention sinks), ``is_causal``, ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` /
     ``max_length_k`` (the packed row's documents, from a flattening collator: equal for queries and
-    keys, see :func:`packed_batch_of_flash_kwargs`), ``position_ids`` (documents of a packed row,
-    where neither those nor :func:`set_packed_batch` gave them). Anything else that would change the
-    result -- an attention mask, ``output_attentions``, keys from a KV cache, Llama 4's chunked
-    attention on rows longer than a chunk -- raises a ``ValueError`` naming the layer and the option
-    (:func:`check_model_kwargs`, :func:`check_llama4_layer`).
+    keys, see :func:`packed_batch_of_flash_kwargs`), ``position_ids`` (documents of packed rows,
+    where neither those nor :func:`set_packed_batch` gave them), a 2-D right-padding
+    ``attention_mask`` (this rank's shard; :func:`padding_of_mask`). Anything else that would change
+    the result -- a 4-D / custom mask, left padding, a mask with holes, ``output_attentions``, keys
+    from a KV cache, Llama 4's chunked attention on rows longer than a chunk -- raises a
+    ``ValueError`` naming the layer and the option (:func:`check_model_kwargs`,
+    :func:`check_llama4_layer`).
 
     ``implementation``: the registered name whose settings apply (the function registered under a
     name passes it); ``None``: the module's ``config._attn_implementation``."""
@@ -180,29 +213,45 @@ def ring_attention_forward(
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     options = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, softcap=softcap or 0.0, group=s.group,
                    backend=s.backend, window_size=window_size_of(sliding_window), sinks=s_aux)
-    layout = MODEL_LAYOUTS[s.layout]
     world = group_rank_and_size(s.group)[1]
     batch = packed_batch_of_flash_kwargs(module, kwargs, s, q.shape[1] * world)
     if batch is None:
         batch = packed_batch_of_forward(s, kwargs.get("position_ids"), q.shape[:2])
-    if batch is not None and q.shape[0] != 1:
-        raise ValueError(f"packed batches (cu_seqlens set) need batch size 1, got {q.shape[0]}")
-    check_llama4_layer(module, batch.tokens if batch is not None else q.shape[1] * world, world)
+    if batch is not None and q.shape[0] != batch.rows:
+        raise ValueError(f"ring_attention: the packed batch has {batch.rows} row(s) of documents but the model got "
+                         f"{q.shape[0]} rows: give one cu_seqlens per row (hf.set_packed_batch([cu_row0, cu_row1, "
+                         "...])), or one packed row")
+    check_llama4_layer(module, batch.row_tokens if batch is not None else q.shape[1] * world, world)
+    padding = padding_of_mask(module, attention_mask, causal, s, batch, q.shape[:2])
+    out = _attend(q, k, v, s, batch, kwargs.get("position_ids"), options)
+    if padding is not None:  # right padding: causal attention kept it from every real token; zero its own output
+        out = out * padding[:, :, None, None].to(out.dtype)
+    return out, None
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: RingAttentionSettings,
+            batch: Optional[PackedBatch], position_ids: Optional[torch.Tensor], options: dict) -> torch.Tensor:
+    """``(B, S_local, H, D)`` queries, keys and values through the registration's layout: the balanced
+    layout runs every row's documents in one call, the others a batch of packed rows row by row."""
+    layout = MODEL_LAYOUTS[s.layout]
     if layout == "balanced":
-        return _balanced_forward(q, k, v, s, batch, kwargs.get("position_ids"), options), None
+        return _balanced_forward(q, k, v, s, batch, position_ids, options)
+    if batch is not None and batch.row_batches:  # each row sharded on its own: one call per row
+        return torch.cat([_attend(q[r:r + 1], k[r:r + 1], v[r:r + 1], s, row, None, options)
+                          for r, row in enumerate(batch.row_batches)])
     if s.ulysses is not None:
-        return _ulysses_forward(q, k, v, layout, s.ulysses, batch, options), None
+        return _ulysses_forward(q, k, v, layout, s.ulysses, batch, options)
     if batch is None:
         fn = zigzag_ring_flash_attn_func if layout == "zigzag" else ring_flash_attn_func
-        return fn(q, k, v, **options), None
+        return fn(q, k, v, **options)
     if layout == "zigzag":  # the pack is sharded as one sequence (sequence.shard_inputs)
         out = packed_allgather("packed_zigzag", q[0], k[0], v[0], batch.cu_seqlens, heads_k_stride=s.heads_k_stride,
                                **options)
-        return out[None], None
-    prepared = _llama3_args(batch, causal, s.group)
+        return out[None]
+    prepared = _llama3_args(batch, options["causal"], s.group)
     stride = k.shape[2] if s.heads_k_stride is None else s.heads_k_stride
     out = llama3_flash_attn_varlen_func(q[0], k[0], v[0], *prepared[:4], stride, prepared[4], **options)
-    return out[None], None
+    return out[None]
 
 
 def check_no_kv_cache(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -249,10 +298,11 @@ def packed_batch_of_forward(settings: RingAttentionSettings, position_ids: Optio
 
 def documents_from_position_ids(position_ids: torch.Tensor, settings: RingAttentionSettings,
                                 batch_shape: Tuple[int, int]) -> Optional[PackedBatch]:
-    """The documents of a row whose ``position_ids`` restart, as transformers finds them (a document
+    """The documents of the rows whose ``position_ids`` restart, as transformers finds them (a document
     starts wherever a position is not the previous one + 1), from every rank's shard: the group
     all-gathers them (collective: every rank of the group calls it) and puts them back in sequence
-    order. None if no row restarts.
+    order. None if no row restarts; for several rows, a batch of packed rows (each row sharded on its
+    own: the zigzag / ring layouts; a row that never restarts is one document).
 
     Args:
         position_ids: this rank's ``(S_local,)`` or ``(1 or B, S_local)`` position ids.
@@ -275,15 +325,13 @@ def documents_from_position_ids(position_ids: torch.Tensor, settings: RingAttent
         raise ValueError("ring_attention: position_ids restart inside a row (packed documents), and the balanced "
                          "layout shards a packed row by its documents, so they must be known when the inputs are "
                          "sharded: adapters.shard_inputs(..., cu_seqlens=cu_seqlens) and hf.set_packed_batch("
-                         "cu_seqlens) (or register layout='zigzag', which finds documents from position_ids); or "
+                         "cu_seqlens), for several rows a list of one cu_seqlens per row (or register "
+                         "layout='zigzag', which finds documents from position_ids); or "
                          "the inputs were sharded with another layout or ulysses_degree than this registration's "
                          f"({settings.layout!r}, {settings.ulysses_degree})")
-    if max(rows, local.shape[0]) != 1:
-        raise ValueError(f"ring_attention: position_ids restart inside a row (packed documents) with batch size "
-                         f"{max(rows, local.shape[0])}; packed documents need one row: concatenate them into one "
-                         "row (or call hf.set_packed_batch(cu_seqlens) for it)")
-    cu_seqlens = torch.cat([starts[0].nonzero().flatten(), torch.tensor([whole.shape[1]], device=whole.device)])
-    return PackedBatch.of(cu_seqlens.to(torch.int32))
+    end = torch.tensor([whole.shape[1]], device=whole.device)
+    rows_cu = [torch.cat([row.nonzero().flatten(), end]).to(torch.int32) for row in starts.expand(rows, -1)]
+    return PackedBatch.of_rows(rows_cu)
 
 
 FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -383,19 +431,115 @@ IGNORED_MODEL_KWARGS = frozenset({"position_ids", "use_cache", "cache_position",
 
 
 def check_model_kwargs(module: torch.nn.Module, attention_mask: Optional[torch.Tensor], kwargs: dict) -> None:
-    """Refuse what this attention cannot honour, naming the layer: a mask (padding or custom; document
-    boundaries come from ``set_packed_batch`` or the flash-attention keywords), attention weights to
-    return, and any keyword this adapter does not know that is set."""
+    """Refuse what this attention cannot honour, naming the layer: a mask other than a 2-D padding mask
+    (a custom 4-D mask or a block mask; document boundaries come from ``set_packed_batch`` or the
+    flash-attention keywords; the 2-D mask is checked by :func:`padding_of_mask`), attention weights
+    to return, and any keyword this adapter does not know that is set."""
     layer = f"ring_attention, layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
-    if attention_mask is not None:
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
         raise ValueError(f"{layer}: got an attention mask ({type(attention_mask).__name__}"
-                         f"{tuple(getattr(attention_mask, 'shape', ()))}); ring attention takes no mask: pack "
-                         "documents with hf.set_packed_batch(cu_seqlens), pad at the end with "
-                         "adapters.pad_for_layout (labels -100)")
+                         f"{tuple(getattr(attention_mask, 'shape', ()))}); ring attention takes no custom or 4-D "
+                         "mask, only a 2-D right-padding mask: pack documents with hf.set_packed_batch(cu_seqlens), "
+                         "pad at the end (a right-padding attention_mask, or adapters.pad_for_layout, labels -100)")
     for name, value in kwargs.items():
         if name in IGNORED_MODEL_KWARGS or value is None or value is False:
             continue
         raise ValueError(f"{layer}: cannot honour the option {name}={value!r}")
+
+
+@dataclass
+class _CheckedMask:
+    """A padding mask checked once per forward (every layer gets the same tensor) and what it gave."""
+
+    mask: torch.Tensor
+    version: int
+    settings: RingAttentionSettings
+    batch: Optional[PackedBatch]
+    padding: Optional[torch.Tensor]
+
+
+_CHECKED_MASKS: List[_CheckedMask] = []  # the last few (a model may build a full and a sliding one)
+
+
+def padding_of_mask(module: torch.nn.Module, attention_mask: Optional[torch.Tensor], causal: bool,
+                    settings: RingAttentionSettings, batch: Optional[PackedBatch],
+                    batch_shape: Tuple[int, int]) -> Optional[torch.Tensor]:
+    """This rank's ``(B, S_local)`` shard of a right-padding mask where the batch pads, else None.
+
+    The mask the model was given is this rank's shard of the global ``(B, S)`` mask (sharded like the
+    inputs, e.g. by ``adapters.shard_inputs(..., attention_mask=mask)``). The group all-gathers the
+    shards' shapes, then the shards (collective: every rank of the group calls it, once per mask
+    tensor, i.e. once per forward), and every rank checks the same global mask: each row must be its
+    real tokens then padding. Causal attention keeps the padding from every real token, so the
+    attention runs as without a mask and the padding's outputs are zeroed. Refused, on every rank
+    alike, with a ``ValueError`` naming the layer: shards of different shapes, a mask that does not
+    match the queries, left padding, holes, and padding on a non-causal layer.
+
+    Args:
+        module: the attention layer (named in errors).
+        attention_mask: what transformers passed the layer (2-D or None).
+        causal: whether the layer is causal.
+        settings: the registration (its group, layout and Ulysses degree shard the sequence).
+        batch: the forward's packed batch (its documents shard the balanced layout), or None.
+        batch_shape: the query's ``(B, S_local)``."""
+    if attention_mask is None:
+        return None
+    for checked in _CHECKED_MASKS:
+        if (checked.mask is attention_mask and checked.version == attention_mask._version
+                and checked.settings is settings and checked.batch is batch):
+            return checked.padding
+    layer = f"ring_attention, layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
+    if torch.compiler.is_compiling():
+        raise ValueError(f"{layer}: a 2-D attention_mask cannot be checked inside a compiled model (that takes "
+                         "an all-gather and a host read): pass no attention_mask where nothing pads, else pack the "
+                         "rows' real tokens instead (hf.set_packed_batch)")
+    whole = gather_mask(attention_mask, settings, batch, batch_shape, layer)
+    pads = check_right_padding(whole, layer)
+    if pads and not causal:
+        raise ValueError(f"{layer} is not causal and the attention_mask pads: ring attention supports padding on "
+                         "causal layers only (where no real token sees the padding after it)")
+    padding = attention_mask if pads else None
+    _CHECKED_MASKS.append(_CheckedMask(attention_mask, attention_mask._version, settings, batch, padding))
+    del _CHECKED_MASKS[:-4]
+    return padding
+
+
+def gather_mask(attention_mask: torch.Tensor, settings: RingAttentionSettings, batch: Optional[PackedBatch],
+                batch_shape: Tuple[int, int], layer: str) -> torch.Tensor:
+    """The global ``(B, S)`` mask from every rank's shard, after checking -- on every rank alike, from
+    one all-gather of the shapes -- that every shard has the queries' ``(B, S_local)`` shape."""
+    _, world = group_rank_and_size(settings.group)
+    shape = torch.tensor([*attention_mask.shape, *batch_shape], dtype=torch.int64)
+    shapes = [shape.clone() for _ in range(world)]
+    if world > 1:
+        dist.all_gather(shapes, shape, group=settings.group)
+    if any(not torch.equal(sh[:2], sh[2:]) or not torch.equal(sh, shapes[0]) for sh in shapes):
+        raise ValueError(f"{layer}: the ranks' attention_mask shards and queries have the (B, S_local) shapes "
+                         f"{[(tuple(sh[:2].tolist()), tuple(sh[2:].tolist())) for sh in shapes]} (mask, queries, "
+                         "rank by rank): every rank must pass its shard of one (B, S) mask, sharded like the inputs "
+                         "(adapters.shard_inputs(..., attention_mask=mask))")
+    local = attention_mask.to(torch.int32)
+    if world == 1:
+        return local
+    documents = batch.documents if batch is not None else None
+    return gather_sequence(local, settings.layout, settings.group, dim=1, ulysses_degree=settings.ulysses_degree,
+                           cu_seqlens=documents)
+
+
+def check_right_padding(mask: torch.Tensor, layer: str) -> bool:
+    """Whether the global ``(B, S)`` mask pads; a ``ValueError`` unless every row is real tokens (1)
+    then padding (0): left padding and holes are refused."""
+    lengths = (mask != 0).sum(1)
+    index = torch.arange(mask.shape[1], device=mask.device)
+    if torch.equal(mask != 0, index[None] < lengths[:, None]):
+        return bool((lengths < mask.shape[1]).any())
+    if torch.equal(mask != 0, index[None] >= mask.shape[1] - lengths[:, None]):
+        raise ValueError(f"{layer}: the attention_mask pads on the left; ring attention supports right padding "
+                         "only (real tokens first): pad on the right (tokenizer.padding_side = 'right', which "
+                         "DataCollatorWithPadding and DataCollatorForLanguageModeling follow)")
+    raise ValueError(f"{layer}: the attention_mask is not a padding mask (0s between real tokens): ring attention "
+                     "takes a right-padding mask only; give documents as documents (hf.set_packed_batch or "
+                     "position_ids restarting per document)")
 
 
 def _ulysses_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, groups: UlyssesRingGroups,
@@ -421,16 +565,20 @@ def _rows_as_documents(rows: int, seqlen: int, device: torch.device) -> torch.Te
 def _balanced_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: RingAttentionSettings,
                       batch: Optional[PackedBatch], position_ids: Optional[torch.Tensor],
                       options: dict) -> torch.Tensor:
-    """``(B, S_local, H, D)`` in the balanced layout: a packed row's documents, else every row one
-    document (rows one call each unless their length is a multiple of 2W: then every row is dealt
-    alike and they go as one pack)."""
+    """``(B, S_local, H, D)`` in the balanced layout: a packed row's documents (or a batch of packed
+    rows dealt as one pack), else every row one document (rows one call each unless their length is a
+    multiple of 2W and there is no Ulysses degree: then every row is dealt alike and they go as one
+    pack)."""
     _, world = group_rank_and_size(s.group)
     rows, local_len = q.shape[:2]
-    if batch is not None:
+    if batch is not None:  # a packed row, or a batch of them dealt as one pack (sequence.shard_inputs)
         check_balanced_positions(position_ids, batch, s)
-        return _balanced_call(q[0], k[0], v[0], batch.cu_seqlens, batch.max_seqlen, s, options)[None]
+        flat = [t.reshape(-1, *t.shape[2:]) for t in (q, k, v)]
+        return _balanced_call(*flat, batch.cu_seqlens, batch.max_seqlen, s, options).reshape(q.shape)
     seqlen = local_len * world
-    if rows == 1 or seqlen % (2 * world) == 0:
+    # rows sharded one by one deal alike as one pack only on the ring alone (Ulysses' all-to-all orders a pack's
+    # tokens by rank, not row by row)
+    if rows == 1 or (seqlen % (2 * world) == 0 and s.ulysses is None):
         flat = [t.reshape(-1, *t.shape[2:]) for t in (q, k, v)]
         cu = _rows_as_documents(rows, seqlen, q.device)
         return _balanced_call(*flat, cu, seqlen, s, options).reshape(q.shape)
@@ -480,9 +628,10 @@ def check_balanced_positions(position_ids: Optional[torch.Tensor], batch: Packed
 
 def _no_mask(*args, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> Optional[torch.Tensor]:
     """Mask builder for the ring: causality and document boundaries are handled by the ring itself,
-    so no mask is built -- but a padding mask that pads (a 0 anywhere) is passed on, for the
-    attention function to refuse rather than ignore."""
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+    so no mask is built -- but a 2-D padding mask is passed on as it is, whether this rank's shard of
+    it pads or not, so that every rank's attention sees it and they check it together
+    (:func:`padding_of_mask`)."""
+    if attention_mask is not None and attention_mask.dim() == 2:
         return attention_mask
     return None
 
@@ -599,22 +748,26 @@ def auto_split(group: Optional[dist.ProcessGroup], config: Any, ranks_per_node: 
     return split
 
 
-def active_documents(seqlen: int) -> Optional[torch.Tensor]:
-    """The ``cu_seqlens`` of :func:`set_packed_batch`'s batch when it covers a row of ``seqlen`` tokens."""
-    if _BATCH is None or _BATCH.tokens != seqlen:
+def active_documents(seqlen: int, rows: int = 1) -> Optional[Documents]:
+    """The ``cu_seqlens`` of :func:`set_packed_batch`'s batch when it covers a row of ``seqlen`` tokens
+    (one per row where it is a batch of ``rows`` packed rows of ``seqlen`` tokens)."""
+    if _BATCH is None or _BATCH.row_tokens != seqlen or (_BATCH.row_batches and _BATCH.rows != rows):
         return None
-    return _BATCH.cu_seqlens
+    return _BATCH.documents
 
 
-def set_packed_batch(cu_seqlens: Optional[torch.Tensor], *, from_position_ids: bool = True) -> None:
-    """Global ``cu_seqlens`` (int32) of the packed batch the next forwards run on; ``None``: no
-    ``cu_seqlens``. Call it for every batch: arguments derived from the previous batch are dropped
-    here. For the llama3 layout the per-rank arguments are prepared here, outside the model (so a
+def set_packed_batch(cu_seqlens: Optional[Documents], *, from_position_ids: bool = True) -> None:
+    """Global ``cu_seqlens`` (int32) of the packed batch the next forwards run on -- or a list of one
+    per row for a batch of packed rows (rows of one length; pass the same list to ``shard_inputs``);
+    ``None``: no ``cu_seqlens``. Call it for every batch: arguments derived from the previous batch
+    are dropped here. For the llama3 layout the per-rank arguments are prepared here, outside the model (so a
     compiled model has no host work on ``cu_seqlens`` in its layers). Its order with
     :func:`register_ring_attention` does not matter.
 
     Args:
-        cu_seqlens: the packed row's document boundaries, or None.
+        cu_seqlens: the packed row's document boundaries, a list of each row's, or None. A batch of
+            rows runs in one attention call in the balanced layout (the rows end to end as one pack,
+            as ``shard_inputs`` shards them), row by row in the others.
         from_position_ids: without ``cu_seqlens``, find the documents of a row where its
             ``position_ids`` restart (what padding-free collators such as transformers'
             ``DataCollatorWithFlattening`` produce; transformers' rule: a document starts wherever a
@@ -623,7 +776,11 @@ def set_packed_batch(cu_seqlens: Optional[torch.Tensor], *, from_position_ids: b
             one sequence, ``position_ids`` are not read.
     """
     global _BATCH, _FROM_POSITION_IDS, _DERIVED, _FROM_FLASH_KWARGS
-    _BATCH = None if cu_seqlens is None else PackedBatch.of(cu_seqlens)
+    if per_row(cu_seqlens):
+        _BATCH = PackedBatch.of_rows(cu_seqlens)
+    else:
+        _BATCH = None if cu_seqlens is None else PackedBatch.of(cu_seqlens)
+    _CHECKED_MASKS.clear()
     _FROM_POSITION_IDS, _DERIVED, _FROM_FLASH_KWARGS = bool(from_position_ids), None, None
     if _BATCH is not None:
         for settings in _SETTINGS.values():
