@@ -171,12 +171,14 @@ def shard_inputs(
     :func:`registered`)."""
     layout, ulysses_degree = registered(layout, ulysses_degree)
     rank, world = group_rank_and_size(group)
-    return shard_inputs_at(input_ids, labels, position_ids, cu_seqlens, layout, rank, world, ulysses_degree)
+    return shard_inputs_at(input_ids, labels, position_ids, cu_seqlens, layout, rank, world, ulysses_degree,
+                           attention_mask)
 
 
 def shard_inputs_at(
     input_ids: torch.Tensor, labels: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
-    cu_seqlens: Optional[torch.Tensor], layout: str, rank: int, world: int, ulysses_degree: int = 1,
+    cu_seqlens: Optional[Documents], layout: str, rank: int, world: int, ulysses_degree: int = 1,
+    attention_mask: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """:func:`shard_inputs` for an explicit ``rank`` of ``world`` ranks (no process group needed: e.g.
     in a data loader's worker process)."""
