@@ -82,3 +82,14 @@ def test_double_backward_is_refused_on_both_routes(monkeypatch, plain):
     (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         dq.sum().backward()
+
+
+def test_ulysses_of_degree_one_is_the_ring_alone_without_copies():
+    """U = 1: nothing to exchange; the call is its ring layout's call on the caller's tensors, the same
+    bits as the ring function's."""
+    q, k, v = (torch.randn(2, 16, h, 8, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    got = rfa.ulysses_flash_attn_func(q, k, v, causal=True, ring_layout="zigzag")
+    want = rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True)
+    assert torch.equal(got, want) and type(got.grad_fn).__name__ == "RingAttentionBackward"
+    grads = torch.autograd.grad(got.sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(want.sum(), (q, k, v))))

@@ -28,29 +28,35 @@ Tensor = torch.Tensor
 
 
 class KVGather:
-    """All-gathers K/V ``heads_k_stride`` heads at a time into two alternating buffers."""
+    """All-gathers K/V ``heads_k_stride`` heads at a time into two alternating buffers (one rank:
+    nothing to gather, the caller's k / v are read in place)."""
 
     def __init__(self, plan: AllGatherPlan, k: Tensor, v: Tensor) -> None:
         self.plan, self.k, self.v = plan, k, v
+        self.works: List[Optional[dist.Work]] = [None, None]
+        if plan.world_size == 1:
+            return
         shape = (k.shape[0], 2, plan.heads_k_stride, k.shape[2])
         self.local = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in range(2)]
-        self.gathered = [
-            torch.empty((plan.world_size * shape[0], *shape[1:]), dtype=k.dtype, device=k.device) for _ in range(2)
-        ] if plan.world_size > 1 else self.local
-        self.works: List[Optional[dist.Work]] = [None, None]
+        self.gathered = [torch.empty((plan.world_size * shape[0], *shape[1:]), dtype=k.dtype, device=k.device)
+                         for _ in range(2)]
 
     def start(self, chunk: int) -> None:
+        if self.plan.world_size == 1:
+            return
         slot, heads = chunk % 2, self.heads(chunk)
         self.local[slot][:, 0].copy_(self.k[:, heads])
         self.local[slot][:, 1].copy_(self.v[:, heads])
-        if self.plan.world_size > 1:
-            self.works[slot] = all_gather_async(self.gathered[slot], self.local[slot], self.plan.group)
+        self.works[slot] = all_gather_async(self.gathered[slot], self.local[slot], self.plan.group)
 
     def heads(self, chunk: int) -> slice:
         return slice(chunk * self.plan.heads_k_stride, (chunk + 1) * self.plan.heads_k_stride)
 
     def keys(self, chunk: int) -> Tuple[Tensor, Tensor]:
         """Wait for ``chunk``'s gather; its K and V rows that this rank's queries need."""
+        if self.plan.world_size == 1:
+            heads = self.heads(chunk)
+            return take(self.k[:, heads], self.plan.k_rows, dim=0), take(self.v[:, heads], self.plan.k_rows, dim=0)
         slot = chunk % 2
         wait(self.works[slot])
         self.works[slot] = None

@@ -20,6 +20,7 @@ from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seql
                                check_same_call_across_group, check_sinks, checking_calls, default_scale,
                                host_offsets, kernel_ready, normalized_window, unpack)
 from .groups import UlyssesRingGroups, as_ulysses_ring_groups
+from .inner import InnerAttention, ring_spec, takes_global_offsets
 from .ops import ULYSSES_OPS, head_split
 
 Tensor = torch.Tensor
@@ -68,7 +69,13 @@ def ulysses_attention(
     spec = CallSpec(ring_layout, bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
                     float(dropout_p), bool(deterministic), backend or "", parent_name, int(max_seqlen),
                     kv_repeat=split.kv_repeat, chunks=split.chunks, ulysses_group=ulysses_name, ring_group=ring_name)
-    out, lse, *_ = ULYSSES_OPS(q, k, v, (cu_seqlens, alibi_slopes, sinks), spec, bool(return_attn_probs))
+    if groups.ulysses_degree == 1 and (not packed or takes_global_offsets(ring_layout, groups.ring_degree)):
+        # nothing to exchange: the ring alone, the wing's ops on the caller's tensors (no copies)
+        inner = InnerAttention(cu_seqlens, ring_spec(spec, groups.ring_degree, spec.max_seqlen))
+        out, lse, *_ = inner.attention_ops(q, k, v, inner.tensors(alibi_slopes, sinks), inner.spec,
+                                           bool(return_attn_probs))
+    else:
+        out, lse, *_ = ULYSSES_OPS(q, k, v, (cu_seqlens, alibi_slopes, sinks), spec, bool(return_attn_probs))
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ..allgather import ops as allgather_ops
 from ..core.layouts import ALLGATHER_LAYOUTS, BALANCED_LAYOUTS, check_document_lengths
+from ..core.function import AttentionOps
 from ..core.spec import CallSpec
 from ..core.validation import check_cu_seqlens, host_offsets
 from ..ring import ops as ring_ops
@@ -29,7 +30,7 @@ class InnerAttention:
     cu_seqlens: Optional[Tensor]  # None: batch; the ring family's local offsets, or the all-gather family's global
     spec: CallSpec
 
-    def _tensors(self, slopes: Optional[Tensor], sinks: Optional[Tensor]) -> tuple:
+    def tensors(self, slopes: Optional[Tensor], sinks: Optional[Tensor]) -> tuple:
         """The wing's tensor arguments after q, k, v."""
         if self.spec.layout in ALLGATHER_LAYOUTS:
             return self.cu_seqlens, None, slopes, sinks
@@ -39,16 +40,36 @@ class InnerAttention:
     def _ops(self):
         return allgather_ops if self.spec.layout in ALLGATHER_LAYOUTS else ring_ops
 
+    @property
+    def attention_ops(self) -> AttentionOps:
+        """The wing's ops with their autograd (a whole call, not a chunk's work)."""
+        return self._ops.GATHER_OPS if self.spec.layout in ALLGATHER_LAYOUTS else self._ops.RING_OPS
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor],
                 sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(out, lse, dropout_seed, lse_before_sinks)`` of the chunk."""
-        return self._ops.forward(q, k, v, self._tensors(slopes, sinks), self.spec)
+        return self._ops.forward(q, k, v, self.tensors(slopes, sinks), self.spec)
 
     def backward(self, dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...],
                  slopes: Optional[Tensor], sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(dq, dk, dv, dsinks)`` of the chunk for the gradients of its out and lse (either may be
         None); ``saved``: ``(q, k, v, out, lse, dropout_seed, lse_before_sinks)`` of the chunk."""
-        return self._ops.backward(dout, dlse, saved, self._tensors(slopes, sinks), self.spec)
+        return self._ops.backward(dout, dlse, saved, self.tensors(slopes, sinks), self.spec)
+
+
+def ring_spec(spec: CallSpec, ring_degree: int, max_seqlen: int) -> CallSpec:
+    """The spec of the attention over the ring group, from a Ulysses call's: its ring layout (``ring``
+    over one ring rank: every layout is then the whole sequence), the ring group, ``max_seqlen`` of
+    what the ring shard takes."""
+    return spec._replace(layout=spec.layout if ring_degree > 1 else "ring", group=spec.ring_group,
+                         max_seqlen=max_seqlen, kv_repeat=1, chunks=1, ulysses_group="", ring_group="")
+
+
+def takes_global_offsets(layout: str, ring_degree: int) -> bool:
+    """Whether the ring shard's attention takes a packed batch's global ``cu_seqlens`` as they are: the
+    balanced layout, the all-gather family and a ring of one rank (the ring family's per-document
+    layouts take local ones)."""
+    return layout in ALLGATHER_LAYOUTS or layout == "balanced" or ring_degree == 1
 
 
 def packed_inner_offsets(cu_seqlens: Tensor, max_seqlen: int, layout: str, local_tokens: int, world_size: int,
@@ -77,7 +98,7 @@ def _checked_inner_offsets(offsets: Tuple[int, ...], max_seqlen: int, layout: st
         raise ValueError(f"cu_seqlens (global) ends at {offsets[-1]}, but {world_size} ranks x {local_tokens} local "
                          f"tokens = {local_tokens * world_size}")
     check_cu_seqlens(offsets, offsets[-1], max_seqlen=max_seqlen)
-    if layout in ALLGATHER_LAYOUTS or layout == "balanced" or ring_degree == 1:
+    if takes_global_offsets(layout, ring_degree):
         return None
     check_document_lengths(offsets, layout, ring_degree)
     return torch.tensor([x // ring_degree for x in offsets], dtype=torch.int32), max_seqlen // ring_degree

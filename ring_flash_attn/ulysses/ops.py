@@ -25,7 +25,7 @@ from ..core.spec import CallSpec
 from ..core.validation import resolve_group
 from .exchange import PACKED, PACKED_LSE, ROWS, ROWS_LSE, AllToAll, Dims, heads_to_send, join_heads, join_tokens, \
     tokens_to_send
-from .inner import InnerAttention, packed_inner_offsets
+from .inner import InnerAttention, packed_inner_offsets, ring_spec
 
 Tensor = torch.Tensor
 
@@ -89,16 +89,15 @@ def _put_chunk(buffer: Optional[Tensor], chunk: int, chunks: int, value: Tensor)
 
 
 def _inner(cu_seqlens: Optional[Tensor], local_tokens: int, degree: int, spec: CallSpec) -> InnerAttention:
-    """The attention of a head chunk over the ring group: the spec's ring layout (``ring`` over one
-    ring rank: every layout is then the whole sequence) and, packed, the offsets the ring shard takes."""
+    """The attention of a head chunk over the ring group (:func:`~.inner.ring_spec`) with, packed,
+    the offsets the ring shard takes."""
     ring_degree, _ = _degree_and_rank(spec.ring_group)
-    layout = spec.layout if ring_degree > 1 else "ring"
     max_seqlen = spec.max_seqlen
     if cu_seqlens is not None:
+        layout = spec.layout if ring_degree > 1 else "ring"
         cu_seqlens, max_seqlen = packed_inner_offsets(cu_seqlens, max_seqlen, layout, local_tokens,
                                                       degree * ring_degree, ring_degree)
-    return InnerAttention(cu_seqlens, spec._replace(layout=layout, group=spec.ring_group, max_seqlen=max_seqlen,
-                                                    kv_repeat=1, chunks=1, ulysses_group="", ring_group=""))
+    return InnerAttention(cu_seqlens, ring_spec(spec, ring_degree, max_seqlen))
 
 
 UlyssesTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # cu_seqlens, ALiBi slopes, sinks
