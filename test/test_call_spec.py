@@ -93,3 +93,61 @@ def test_ulysses_of_degree_one_is_the_ring_alone_without_copies():
     assert torch.equal(got, want) and type(got.grad_fn).__name__ == "RingAttentionBackward"
     grads = torch.autograd.grad(got.sum(), (q, k, v))
     assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(want.sum(), (q, k, v))))
+
+@pytest.mark.parametrize("plain", (True, False))
+def test_forward_mode_ad_is_refused_on_both_routes(monkeypatch, plain):
+    """Dual tensors: the ops route used to return an output without a tangent (silently zero), the
+    plain one autograd.Function's bare NotImplementedError; both refuse with the same message."""
+    import torch.autograd.forward_ad as fwAD
+    from ring_flash_attn.core import function
+    monkeypatch.setattr(function, "PLAIN_EAGER", plain)
+    q, k, v = (torch.randn(1, 16, h, 8, dtype=torch.float64) for h in (4, 2, 2))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+        rfa.ring_flash_attn_func(q, k, fwAD.make_dual(v, torch.ones_like(v)), causal=True)
+    with fwAD.dual_level():  # a dual level without a dual input is no forward-mode call
+        assert torch.equal(rfa.ring_flash_attn_func(q, k, v, causal=True), rfa.ring_flash_attn_func(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("transform", ("jvp", "jacfwd", "grad", "jacrev", "vjp"))
+def test_functorch_differentiation_is_refused_clearly(transform):
+    """torch.func.jvp / jacfwd used to give a zero tangent (silently wrong); grad / jacrev / vjp failed
+    deep inside the custom op's autograd. vmap alone works."""
+    q, k, v = (torch.randn(1, 16, h, 8, dtype=torch.float64) for h in (4, 2, 2))
+    f = lambda q: rfa.ring_flash_attn_func(q, k, v, causal=True).sum()  # noqa: E731
+    call = {"jvp": lambda: torch.func.jvp(f, (q,), (torch.ones_like(q),)), "jacfwd": lambda: torch.func.jacfwd(f)(q),
+            "grad": lambda: torch.func.grad(f)(q), "jacrev": lambda: torch.func.jacrev(f)(q),
+            "vjp": lambda: torch.func.vjp(f, q)}[transform]
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        call()
+    batched = torch.func.vmap(lambda q: rfa.ring_flash_attn_func(q[None], k, v, causal=True)[0])(q.expand(2, -1, -1, -1))
+    assert torch.equal(batched[1], rfa.ring_flash_attn_func(q, k, v, causal=True)[0])
+
+
+def test_a_torch_function_mode_takes_the_ops_route():
+    """A torch function mode (``torch.device`` as a context, ``torch.set_default_device``) used to
+    reach the plain route's internals: their host tensors (dropout seed, offsets) were made on the
+    mode's device (here meta: a crash deep inside). The ops route runs them with the mode off, as a
+    custom op does; the mode sees the op."""
+    from torch.overrides import TorchFunctionMode
+
+    class Names(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (torch.randn(24, h, 8, requires_grad=True) for h in (4, 2, 2))
+    cu = torch.tensor([0, 8, 24], dtype=torch.int32)
+    call = lambda: rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu, 16, causal=True, dropout_p=0.2)  # noqa: E731
+    torch.manual_seed(0)
+    expected = call()
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        out = call()
+    assert out.device.type == "cpu" and torch.equal(out, expected)
+    with Names() as mode:
+        rfa.zigzag_ring_flash_attn_func(q[None], k[None], v[None], causal=True)
+    assert any("ring_flash_attn.ring_forward" in n for n in mode.names), mode.names

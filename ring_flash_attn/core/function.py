@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from .sinks import sink_backward
 from .spec import SPEC_SCHEMA, CallSpec
@@ -148,6 +149,7 @@ class AttentionOps:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, tensors: Tuple[Optional[Tensor], ...], spec: CallSpec,
                  lse_grad: bool) -> Tuple[Tensor, ...]:
         """``(out, lse, *state)`` of the call, with autograd."""
+        refuse_forward_mode(q, k, v, *tensors)
         if plain_eager_call(q):
             return self.function.apply(q, k, v, *tensors, spec, lse_grad)
         return self.forward_op(q, k, v, *tensors, *spec, lse_grad)
@@ -214,14 +216,44 @@ def _no_double_backward(ctx, *grads):
                        "once-differentiable, as flash-attn's (trying to differentiate twice)")
 
 
+def refuse_forward_mode(*tensors: Optional[Tensor]) -> None:
+    """Refuse what the attention's autograd cannot give: forward-mode AD (dual tensors,
+    ``torch.func.jvp`` / ``jacfwd``: the custom op would return a zero tangent, silently) and
+    ``torch.func``'s reverse-mode transforms (``grad``, ``vjp``, ``jacrev``: the op's autograd fails
+    deep inside torch) of the call's inputs. ``torch.func.vmap`` and ``torch.autograd`` work."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._are_functorch_transforms_active() and any(t is not None and _func_differentiated(t) for t in tensors):
+        raise NotImplementedError("ring_flash_attn: torch.func.grad / vjp / jacrev / jvp / jacfwd are not supported "
+                                  "(torch.library custom ops have no functorch autograd); use torch.autograd, or "
+                                  "torch.func.vmap alone")
+    if forward_ad._current_level >= 0 and any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError("ring_flash_attn: forward-mode AD (dual tensors) is not supported -- the attention "
+                                  "functions have a backward only; use torch.autograd (reverse mode)")
+
+
+def _func_differentiated(t: Tensor) -> bool:
+    """Whether ``t`` is differentiated by a ``torch.func`` transform (a grad-tracking wrapper at any
+    depth of its functorch wrappers)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_gradtrackingtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 PLAIN_EAGER = True  # tests turn it off to run every call through the custom ops
 
 
 def plain_eager_call(q: Tensor) -> bool:
     """Whether a call may skip the dispatcher (:class:`AttentionOps`): a plain tensor in eager mode
     -- not traced (``torch.compile``, export, jit), no dispatch mode active (fake tensors,
-    selective activation checkpointing, FlopCounterMode, ...), no functorch transform, not on the
-    meta device. Everything else meets the custom ops, as it would without this route."""
+    selective activation checkpointing, FlopCounterMode, ...), no torch function mode (``torch.device``
+    as a context, ``torch.set_default_device``: the op runs with it off), no functorch transform, not
+    on the meta device. Everything else meets the custom ops, as it would without this route."""
     return (not torch.compiler.is_compiling() and PLAIN_EAGER and type(q) is torch.Tensor
             and q.device.type != "meta" and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._len_torch_function_stack()
             and not torch._C._are_functorch_transforms_active() and not torch.jit.is_tracing())
