@@ -77,15 +77,19 @@ def test_a_captured_step_replays_to_eagers_results(name):
     eager = [t.clone() for t in _step(fn, tensors)()]
     replay = _captured(_step(fn, tensors))
     for _ in range(2):
-        got = replay()
-        for g, w in zip(got, eager):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        _check_replay(replay(), eager)
     with torch.no_grad():  # new values in the captured inputs: the replay follows them
         for t in tensors[:3]:
             t.mul_(0.5)
-    eager = _step(fn, tensors)()
-    for g, w in zip(replay(), eager):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    _check_replay(replay(), _step(fn, tensors)())
+
+
+def _check_replay(got: List[torch.Tensor], eager: List[torch.Tensor]) -> None:
+    """The output bit for bit; the gradients to bf16 rounding (FA2's varlen backward and cuDNN's
+    backward without a causal mask sum dq with atomics: a few entries differ by an ulp run to run)."""
+    torch.testing.assert_close(got[0], eager[0], rtol=0, atol=0)
+    for g, w in zip(got[1:], eager[1:]):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-3)
 
 
 def test_reduce_overhead_compile_runs_as_a_cuda_graph():
