@@ -6,12 +6,17 @@ eager's results. Skipped without CUDA."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Callable, List
 
 import pytest
 import torch
 
 import ring_flash_attn as rfa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmark"))
+from benchmark_func import graphed  # noqa: E402  (benchmark/benchmark_func.py: capture after warm-up)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -37,24 +42,6 @@ def _step(fn: Callable, tensors: List[torch.Tensor]) -> Callable[[], List[torch.
     return step
 
 
-def _captured(step: Callable[[], List[torch.Tensor]]) -> Callable[[], List[torch.Tensor]]:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = step()
-
-    def replay() -> List[torch.Tensor]:
-        graph.replay()
-        return outputs
-
-    return replay
-
-
 CU = [0, 96, 320, 384, 512]  # packed documents (multiples of 2)
 CALLS = {
     "ring": (True, lambda q, k, v: rfa.ring_flash_attn_func(q, k, v, causal=True)),
@@ -75,7 +62,7 @@ def test_a_captured_step_replays_to_eagers_results(name):
     batch, fn = CALLS[name]
     tensors = _inputs(batch)
     eager = [t.clone() for t in _step(fn, tensors)()]
-    replay = _captured(_step(fn, tensors))
+    replay = graphed(_step(fn, tensors), torch.device("cuda"))
     for _ in range(2):
         _check_replay(replay(), eager)
     with torch.no_grad():  # new values in the captured inputs: the replay follows them

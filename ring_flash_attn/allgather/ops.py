@@ -12,10 +12,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core.function import AttentionOps, attention_backward, dropout_seed_output, fake_dropout_seed, seed_of
+from ..core.function import (AttentionOps, attention_backward, dropout_seed_output, fake_dropout_seed,
+                             fake_kept_inputs_backward, seed_of)
 from ..core.merge import accumulator_dtype
 from ..core.spec import CallSpec
-from ..core.sinks import fake_dsinks, fake_lse_before, forward_outputs
+from ..core.sinks import fake_lse_before, forward_outputs
 from ..core.validation import group_rank_and_size, host_offsets, resolve_group
 from ..kernels import block_options, select_backend
 from ..kernels.dropout import draw_dropout_seed
@@ -76,13 +77,6 @@ def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor
     return attention_backward(run_backward, dout, dlse, q, k, v, out, lse, lse_before, tensors[3])
 
 
-def fake_backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...], tensors: GatherTensors,
-                  spec: CallSpec) -> Tuple[Tensor, ...]:
-    q, k, v, _, lse = saved[:5]
-    grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    return (*grads, fake_dsinks(lse, tensors[3]))
-
-
 GATHER_OPS = AttentionOps("allgather", tensors=("cu_q", "cu_k", "alibi_slopes", "sinks"),
                           saved=("q", "k", "v", "out", "lse", "dropout_seed", "lse_before"), forward=forward,
-                          backward=backward, fake_forward=fake_forward, fake_backward=fake_backward)
+                          backward=backward, fake_forward=fake_forward, fake_backward=fake_kept_inputs_backward)

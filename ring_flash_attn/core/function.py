@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from .sinks import sink_backward
+from .sinks import fake_dsinks, sink_backward
 from .spec import SPEC_SCHEMA, CallSpec
 from .validation import backward_signature, check_same_call_across_group, resolve_group
 
@@ -56,6 +56,15 @@ def fake_dropout_seed(spec: CallSpec, device: torch.device, count: int = 1) -> T
     if spec.dropout_p:
         return torch.empty(count, dtype=torch.int64, device="cpu")
     return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def fake_kept_inputs_backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...],
+                              tensors: Tuple[Optional[Tensor], ...], spec: CallSpec) -> Tuple[Tensor, ...]:
+    """The fake backward of a family whose backward takes ``(q, k, v, out, lse, ...)`` (the ring and
+    all-gather families): gradients like q, k, v, and the sinks' (the last of ``tensors``)."""
+    q, k, v, _, lse = saved[:5]
+    grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return (*grads, fake_dsinks(lse, tensors[-1]))
 
 
 def seed_of(dropout_seed: Tensor) -> int:

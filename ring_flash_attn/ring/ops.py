@@ -25,11 +25,12 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from ..core.comm import RingComm
-from ..core.function import AttentionOps, attention_backward, dropout_seed_output, fake_dropout_seed, seed_of
+from ..core.function import (AttentionOps, attention_backward, dropout_seed_output, fake_dropout_seed,
+                             fake_kept_inputs_backward, seed_of)
 from ..core.layouts import position_ids, varlen_token_index
 from ..core.merge import accumulator_dtype
 from ..core.spec import CallSpec
-from ..core.sinks import fake_dsinks, fake_lse_before, forward_outputs
+from ..core.sinks import fake_lse_before, forward_outputs
 from ..core.validation import check_balanced_tokens, check_cu_seqlens, group_rank_and_size, host_offsets, resolve_group
 from ..kernels import KernelCall, block_options, select_backend
 from ..kernels.dropout import draw_dropout_seed
@@ -166,13 +167,6 @@ def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor
     return attention_backward(run_backward, dout, dlse, q, k, v, out, lse, lse_before, sinks)
 
 
-def fake_backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...], tensors: RingTensors,
-                  spec: CallSpec) -> Tuple[Tensor, ...]:
-    q, k, v, _, lse = saved[:5]
-    grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    return (*grads, fake_dsinks(lse, tensors[2]))
-
-
 RING_OPS = AttentionOps("ring", tensors=("cu_seqlens", "alibi_slopes", "sinks"),
                         saved=("q", "k", "v", "out", "lse", "dropout_seed", "lse_before"), forward=forward,
-                        backward=backward, fake_forward=fake_forward, fake_backward=fake_backward)
+                        backward=backward, fake_forward=fake_forward, fake_backward=fake_kept_inputs_backward)
