@@ -47,6 +47,9 @@ CALLS = {
     "ring": (True, lambda q, k, v: rfa.ring_flash_attn_func(q, k, v, causal=True)),
     "zigzag": (True, lambda q, k, v: rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True)),
     "zigzag_not_causal": (True, lambda q, k, v: rfa.zigzag_ring_flash_attn_func(q, k, v)),
+    "stripe": (True, lambda q, k, v: rfa.stripe_flash_attn_func(q, k, v, causal=True)),
+    "llama3": (False, lambda q, k, v: rfa.llama3_flash_attn_varlen_func(
+        q, k, v, *LLAMA3_ARGS[:4], heads_k_stride=KV_HEADS, local_k_slice=LLAMA3_ARGS[4], causal=True)),
     "ulysses": (True, lambda q, k, v: rfa.ulysses_flash_attn_func(q, k, v, causal=True)),
     "zigzag_varlen": (False, lambda q, k, v: rfa.zigzag_ring_flash_attn_varlen_func(
         q, k, v, CU_TENSOR, 224, causal=True)),
@@ -55,6 +58,8 @@ CALLS = {
         q, k, v, CU_TENSOR, 224, causal=True)),
 }
 CU_TENSOR = torch.tensor(CU, dtype=torch.int32, device="cuda") if torch.cuda.is_available() else None
+# llama3's prepared arguments: host work on cu_seqlens, done once before any capture
+LLAMA3_ARGS = rfa.llama3_flash_attn_prepare_cu_seqlens(CU_TENSOR, True, 0, 1) if torch.cuda.is_available() else None
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))
