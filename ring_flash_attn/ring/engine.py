@@ -1,10 +1,10 @@
 """The P2P ring engine: :func:`ring_forward` and :func:`ring_backward` of one :class:`RingPlan`.
 
-Forward: each rank keeps its queries; K/V blocks travel ``rank -> rank + 1`` for ``W - 1`` hops,
-the next hop's transfer in flight while the current block computes. Each block's ``(out, lse)``
+Forward: each rank keeps its queries; K/V blocks travel ``rank -> rank + 1`` for ``W - 1`` hops (K
+and V as one message), the next hop's transfer in flight while the current block computes. Each block's ``(out, lse)``
 is merged with one rounding (:mod:`ring_flash_attn.core.accumulate`). Backward rotates K/V again; the
-dK/dV accumulator of each block travels with it and arrives home after ``W`` hops (float32 while
-it is a partial sum, see :func:`dkv_message_dtype`). The engine knows nothing about layouts: it
+dK/dV accumulator of each block travels with it (one message, :func:`one_message`) and arrives home
+after ``W`` hops (float32 while it is a partial sum, see :func:`dkv_message_dtype`). The engine knows nothing about layouts: it
 asks the schedule which jobs to run for each (rank, K/V source) pair.
 """
 
@@ -43,10 +43,10 @@ class RingPlan:
 class KVRotation:
     """The K/V block of the current hop, and the receive of the next one.
 
-    K and V travel in one batched transfer. The first hop sends the caller's k/v as they are (no
-    copy when contiguous); received blocks land in at most two ``(2, *k.shape)`` buffers, allocated
-    once per call and used in turn. Hops the schedule says nobody downstream needs are neither sent
-    nor received.
+    K and V travel as one message ``(2, *k.shape)``: the first hop stacks the caller's k and v once
+    (the only copy), later hops pass on the buffer they arrived in. Received blocks land in at most
+    two such buffers, allocated once per call and used in turn. Hops the schedule says nobody
+    downstream needs are neither sent nor received.
     """
 
     def __init__(self, plan: RingPlan, k: Tensor, v: Tensor) -> None:
@@ -65,14 +65,14 @@ class KVRotation:
         prev = (plan.rank - 1) % plan.world_size
         send, recv = [], []
         if plan.schedule.forwards_kv(plan.rank, step):
-            send = [self.k.contiguous(), self.v.contiguous()]
+            send = [torch.stack((self.k, self.v)) if self.current is None else self.buffers[self.current]]
         self.sending = send  # alive until the transfer is waited for
         self.incoming = None
         if plan.schedule.forwards_kv(prev, step):
             self.incoming = 1 if self.current == 0 else 0
             if len(self.buffers) <= self.incoming:
                 self.buffers.append(torch.empty((2, *self.k.shape), dtype=self.k.dtype, device=self.k.device))
-            recv = list(self.buffers[self.incoming].unbind(0))
+            recv = [self.buffers[self.incoming]]
         self.works = plan.comm.start(send, recv)
 
     def finish(self) -> None:
@@ -81,6 +81,17 @@ class KVRotation:
         if self.incoming is not None:
             self.current, self.incoming = self.incoming, None
             self.k, self.v = self.buffers[self.current].unbind(0)
+
+
+def one_message(dk: Tensor, dv: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(2, *dk.shape)`` in ``dtype`` holding dK and dV: the tensor they are the two halves of when
+    it already is one (an accumulator that arrived as a message), else a stacked copy."""
+    base = dk._base
+    if (base is not None and dv._base is base and base.dtype == dtype and base.shape == (2, *dk.shape)
+            and base.is_contiguous() and dk.data_ptr() == base.data_ptr()
+            and dv.data_ptr() == base[1].data_ptr()):
+        return base
+    return torch.stack((dk.to(dtype), dv.to(dtype)))
 
 
 def job_options(plan: RingPlan, job: BlockJob, src: int) -> BlockOptions:
@@ -214,9 +225,10 @@ def ring_backward(
             break
         send_dtype = dkv_message_dtype(plan, plan.rank, step, k)
         recv_dtype = dkv_message_dtype(plan, (plan.rank - 1) % w, step, k)
-        incoming = [torch.empty(k.shape, dtype=recv_dtype, device=k.device) for _ in range(2)]
-        outgoing = [t.to(send_dtype).contiguous() for t in dkv]  # alive until the next wait (kernels may give views)
-        dkv_works = plan.comm.start(outgoing, incoming)
+        arriving = torch.empty((2, *k.shape), dtype=recv_dtype, device=k.device)  # dK and dV: one message
+        incoming = list(arriving.unbind(0))
+        outgoing = one_message(dkv[0], dkv[1], send_dtype)  # alive until the next wait
+        dkv_works = plan.comm.start([outgoing], [arriving])
         kv.finish()
     RingComm.wait(dkv_works)  # after W hops every block's dK/dV is back with its owner
     if w > 1:
