@@ -3,14 +3,16 @@ the ranks (ring attention through the transformers registry), then checking the 
 same model trained in one process on the same batches (plain attention, the model's own loss, SGD).
 
     torchrun --nproc_per_node 2 examples/train_with_trainer.py [--layout balanced|zigzag|ring]
-        [--collator flatten|padding] [--steps 4] [--accumulate 1]
+        [--collator flatten|padding] [--steps 4] [--accumulate 1] [--eval]
 
 ``flatten``: transformers' ``DataCollatorWithFlattening`` (every batch one packed row, position ids
 restarting at each document); ``padding``: ``DataCollatorForLanguageModeling(mlm=False)`` (rows
 padded on the right, with an attention mask). Documents are short counting sequences whose first
 tokens (a "prompt") have no labels, so the ranks hold uneven numbers of labelled tokens.
 Runs on CPU (gloo). Rank 0 prints the loss and gradient norm of every step, both runs', and the
-largest parameter difference at the end; ``--out FILE`` saves them (``torch.save``).
+largest parameter difference at the end; ``--out FILE`` saves them (``torch.save``). ``--eval``:
+``trainer.evaluate()`` on a separate evaluation set before and after training, against the
+single-process model's mean token loss over that set (before and after its own training).
 
 The wiring, in short::
 
@@ -35,6 +37,7 @@ from ring_flash_attn.adapters import ContextParallelTrainer, hf
 
 VOCAB = 128
 PAD = VOCAB - 1  # never produced by the data
+EVAL_DOCUMENTS = 7  # batches of 3, 3 and 1 documents at the default batch size: unequal token counts
 
 
 def tiny_llama() -> transformers.LlamaForCausalLM:
@@ -80,33 +83,58 @@ def make_collator(kind: str) -> Any:
 
 def training_args(steps: int, lr: float, batch_size: int, accumulate: int,
                   output_dir: str) -> transformers.TrainingArguments:
-    """Plain SGD at a constant rate, a loss and gradient norm logged every step, nothing saved."""
+    """Plain SGD at a constant rate, a loss and gradient norm logged every step, nothing saved;
+    evaluation batches of ``batch_size`` documents too."""
     return transformers.TrainingArguments(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+        per_device_eval_batch_size=batch_size,
         gradient_accumulation_steps=accumulate,
         optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1e9, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False)
 
 
 def train_context_parallel(layout: str, collator: str, steps: int, lr: float, batch_size: int,
-                           accumulate: int) -> Dict[str, Any]:
-    """The Trainer run over every rank: logged losses and gradient norms, final parameters."""
+                           accumulate: int, evaluate: bool = False) -> Dict[str, Any]:
+    """The Trainer run over every rank: logged losses and gradient norms, final parameters and, with
+    ``evaluate``, ``trainer.evaluate()``'s loss before and after training."""
     model = tiny_llama()
     model.set_attn_implementation(hf.register_ring_attention(dist.group.WORLD, layout=layout))
     data = counting_documents(batch_size * steps * accumulate, collator)
+    eval_data = counting_documents(EVAL_DOCUMENTS, collator, seed=2) if evaluate else None
+    eval_losses = []
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = ContextParallelTrainer(model=model, args=training_args(steps, lr, batch_size, accumulate, out_dir),
-                                         train_dataset=data, data_collator=make_collator(collator))
+                                         train_dataset=data, eval_dataset=eval_data,
+                                         data_collator=make_collator(collator))
+        if evaluate:
+            eval_losses.append(trainer.evaluate()["eval_loss"])
         trainer.train()
+        if evaluate:
+            eval_losses.append(trainer.evaluate()["eval_loss"])
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     return {"losses": [entry["loss"] for entry in logs], "grad_norms": [entry["grad_norm"] for entry in logs],
-            "params": {name: p.detach().clone() for name, p in model.named_parameters()}}
+            "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+            "eval_losses": eval_losses}
 
 
-def train_single_process(collator: str, steps: int, lr: float, batch_size: int, accumulate: int) -> Dict[str, Any]:
+@torch.no_grad()
+def evaluate_single_process(model: transformers.LlamaForCausalLM, collator: str,
+                            batch_size: int) -> Dict[str, float]:
+    """The model's mean loss over every labelled token of the evaluation set (``token_mean``), and
+    the mean of its per-batch mean losses (``batch_mean``: what averaging batches would report)."""
+    data = counting_documents(EVAL_DOCUMENTS, collator, seed=2)
+    batches = list(DataLoader(data, batch_size=batch_size, collate_fn=make_collator(collator)))
+    labelled = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches)
+    token_mean = sum(float(model(**batch, num_items_in_batch=labelled).loss) for batch in batches)
+    batch_mean = sum(float(model(**batch).loss) for batch in batches) / len(batches)
+    return {"token_mean": token_mean, "batch_mean": batch_mean}
+
+
+def train_single_process(collator: str, steps: int, lr: float, batch_size: int, accumulate: int,
+                         evaluate: bool = False) -> Dict[str, Any]:
     """The reference: the same model, batches (in the trainer's order) and SGD steps in one process,
     with sdpa attention and the model's own loss, the mean over the labelled tokens of each step's
-    ``accumulate`` batches."""
+    ``accumulate`` batches; with ``evaluate``, :func:`evaluate_single_process` before and after."""
     model = tiny_llama()
     model.set_attn_implementation("sdpa")
     initial = copy.deepcopy(model.state_dict())
@@ -115,6 +143,7 @@ def train_single_process(collator: str, steps: int, lr: float, batch_size: int, 
     loader = DataLoader(data, batch_size=batch_size, sampler=order, collate_fn=make_collator(collator))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     losses, grad_norms = [], []
+    evals = [evaluate_single_process(model, collator, batch_size)] if evaluate else []
     batches = iter(loader)
     for _ in range(steps):
         step_batches = [next(batches) for _ in range(accumulate)]
@@ -125,7 +154,9 @@ def train_single_process(collator: str, steps: int, lr: float, batch_size: int, 
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return {"losses": losses, "grad_norms": grad_norms, "initial": initial,
+    if evaluate:
+        evals.append(evaluate_single_process(model, collator, batch_size))
+    return {"losses": losses, "grad_norms": grad_norms, "initial": initial, "evals": evals,
             "params": {name: p.detach().clone() for name, p in model.named_parameters()}}
 
 
@@ -149,17 +180,23 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=3, help="documents per step (all ranks see the same)")
     p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--eval", action="store_true", help="trainer.evaluate() before and after training")
     p.add_argument("--out", help="save the runs and their differences here (torch.save)")
     args = p.parse_args()
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    run = train_context_parallel(args.layout, args.collator, args.steps, args.lr, args.batch_size, args.accumulate)
+    run = train_context_parallel(args.layout, args.collator, args.steps, args.lr, args.batch_size, args.accumulate,
+                                 args.eval)
     if dist.get_rank() == 0:
-        reference = train_single_process(args.collator, args.steps, args.lr, args.batch_size, args.accumulate)
+        reference = train_single_process(args.collator, args.steps, args.lr, args.batch_size, args.accumulate,
+                                         args.eval)
         for step, (loss, ref_loss) in enumerate(zip(run["losses"], reference["losses"])):
             print(f"step {step}: loss {loss:.6f} (one process: {ref_loss:.6f}), grad norm "
                   f"{run['grad_norms'][step]:.6f} (one process: {reference['grad_norms'][step]:.6f})")
+        for when, loss, ref in zip(("before", "after"), run["eval_losses"], reference["evals"]):
+            print(f"eval loss {when} training: {loss:.6f} (one process: {ref['token_mean']:.6f}; a mean of "
+                  f"batch means would be {ref['batch_mean']:.6f})")
         diffs = compare(run, reference)
         print(f"largest differences: loss {diffs['loss']:.2e} (relative), grad norm {diffs['grad_norm']:.2e} "
               f"(relative), parameters {diffs['params']:.2e} (they moved up to {diffs['moved']:.2e})")

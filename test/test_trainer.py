@@ -3,7 +3,8 @@ sharding, documents from a flattening collator's position ids or flash-attention
 padding dropped, rows padded to the layout) on its own, the exact global-count loss against the
 single-process mean loss, and ``ContextParallelTrainer`` run by torchrun on 2 ranks (gloo, CPU)
 against the same tiny Llama trained in one process on the same batches (losses, gradient norms,
-parameters after SGD steps)."""
+parameters after SGD steps, ``evaluate()``'s loss before and after training), and what the trainer
+refuses (predictions)."""
 
 from __future__ import annotations
 
@@ -103,8 +104,10 @@ def test_sharded_loss_gradient_is_the_global_mean() -> None:
 
 @pytest.mark.parametrize("layout,collator,accumulate", [("balanced", "flatten", 2), ("zigzag", "padding", 1)])
 def test_trainer_matches_single_process(layout: str, collator: str, accumulate: int, tmp_path: Path) -> None:
-    """examples/train_with_trainer.py under torchrun on 2 ranks: ContextParallelTrainer (DDP over gloo,
-    SGD, with and without gradient accumulation) against the single-process run of the same batches."""
+    """examples/train_with_trainer.py --eval under torchrun on 2 ranks: ContextParallelTrainer (DDP over
+    gloo, SGD, with and without gradient accumulation) against the single-process run of the same
+    batches; ``evaluate()`` before and after training against the single-process mean token loss of
+    the evaluation set (batches of unequal token counts: a mean of batch means would differ)."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     out = tmp_path / "runs.pt"
@@ -112,7 +115,7 @@ def test_trainer_matches_single_process(layout: str, collator: str, accumulate: 
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "examples" / "train_with_trainer.py"), "--layout", layout, "--collator", collator,
-           "--accumulate", str(accumulate), "--out", str(out)]
+           "--accumulate", str(accumulate), "--eval", "--out", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = torch.load(out, weights_only=False)
@@ -126,10 +129,24 @@ def test_trainer_matches_single_process(layout: str, collator: str, accumulate: 
     assert moved > 0.05  # a wrong gradient scale (e.g. DDP's average left as is) would show far above tolerance
     for name, want in ref["params"].items():
         assert (run["params"][name] - want).abs().max() <= 1e-5, name
+    assert len(run["eval_losses"]) == len(ref["evals"]) == 2
+    for got, want in zip(run["eval_losses"], ref["evals"]):
+        assert abs(got - want["token_mean"]) <= 1e-5 * want["token_mean"]
+        assert abs(want["batch_mean"] - want["token_mean"]) > 1e-4 * want["token_mean"]  # 10x the tolerance
+    assert run["eval_losses"][1] < run["eval_losses"][0] - 0.05  # evaluated after training, not before
 
 
-def test_trainer_refuses_evaluation(tmp_path: Path) -> None:
-    """The Trainer's evaluation loader gives each rank a different batch: refused, not sharded as one."""
+def test_replica_sampler_counts_every_sample_once() -> None:
+    from ring_flash_attn.adapters.trainer import ReplicaSampler
+
+    parts = [list(ReplicaSampler(7, replica, 3)) for replica in range(3)]
+    assert parts == [[0, 3, 6], [1, 4], [2, 5]]
+    assert [len(ReplicaSampler(7, replica, 3)) for replica in range(3)] == [3, 2, 2]
+
+
+def test_trainer_refuses_predictions(tmp_path: Path) -> None:
+    """Each rank's logits are its shard of the sequence: predict(), prediction_loss_only=False and
+    compute_metrics are refused; evaluate() reports the loss."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     sys.path.insert(0, str(ROOT / "examples"))
@@ -141,9 +158,16 @@ def test_trainer_refuses_evaluation(tmp_path: Path) -> None:
 
     model = tiny_llama()
     model.set_attn_implementation(hf.register_ring_attention())
+    data = counting_documents(2, "flatten")
     trainer = ContextParallelTrainer(model=model, args=training_args(1, 0.1, 2, 1, str(tmp_path)),
-                                     train_dataset=counting_documents(2, "flatten"),
-                                     data_collator=transformers.DataCollatorWithFlattening())
+                                     train_dataset=data, data_collator=transformers.DataCollatorWithFlattening())
     assert isinstance(trainer.data_collator, ContextParallelCollator)
-    with pytest.raises(NotImplementedError, match="different batch"):
-        trainer.evaluate(counting_documents(2, "flatten"))
+    with pytest.raises(NotImplementedError, match="shard of the sequence"):
+        trainer.predict(data)
+    with pytest.raises(NotImplementedError, match="shard of the sequence"):
+        trainer.evaluation_loop(trainer.get_eval_dataloader(data), "Evaluation", prediction_loss_only=False)
+    trainer.compute_metrics = lambda prediction: {}
+    with pytest.raises(NotImplementedError, match="compute_metrics"):
+        trainer.evaluate(data)
+    trainer.compute_metrics = None
+    assert trainer.evaluate(data)["eval_loss"] > 0
