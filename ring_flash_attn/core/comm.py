@@ -11,7 +11,7 @@ becomes a :class:`CommunicationError` that names the cross-rank call check."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,6 +73,22 @@ class RingComm:
     def wait(works: List[dist.Work]) -> None:
         for work in works:
             wait(work)
+
+
+_RING_COMMS: Dict[int, RingComm] = {}
+
+
+def ring_comm(group: Optional[dist.ProcessGroup], rank: int, world_size: int) -> RingComm:
+    """The :class:`RingComm` of ``group`` (None: the default group), where this process is ``rank`` of
+    ``world_size``: built once per group, rebuilt when the group object or its size changes (a
+    default group destroyed and made again)."""
+    key = id(group) if group is not None else id(dist.group.WORLD)
+    hit = _RING_COMMS.get(key)
+    if hit is None or hit.group is not group or (hit.rank, hit.world_size) != (rank, world_size):
+        if len(_RING_COMMS) > 64:
+            _RING_COMMS.clear()
+        hit = _RING_COMMS[key] = RingComm(group)
+    return hit
 
 
 # torch 2.13 renamed the tensor collectives (the old names warn); older torch has only the old ones.

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ..core.comm import RingComm
+from ..core.comm import ring_comm
 from ..core.function import (AttentionOps, attention_backward, dropout_seed_output, fake_dropout_seed,
                              fake_kept_inputs_backward, seed_of)
 from ..core.layouts import position_ids, varlen_token_index
@@ -110,7 +110,7 @@ def _plan(q: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor
     kernel = select_backend(shared.kernel_call, spec.backend or None)
     if dropout_seed is None:
         dropout_seed = draw_dropout_seed() if spec.dropout_p else 0
-    return RingPlan(rank=rank, world_size=world_size, comm=RingComm(pg) if world_size > 1 else None,
+    return RingPlan(rank=rank, world_size=world_size, comm=ring_comm(pg, rank, world_size) if world_size > 1 else None,
                     schedule=shared.schedule, backend=kernel, positions=shared.positions,
                     options=block_options(spec.softmax_scale, spec.softcap, spec.dropout_p, alibi_slopes,
                                           spec.deterministic, dropout_seed))
