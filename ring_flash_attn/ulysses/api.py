@@ -3,7 +3,10 @@
 ``ulysses_flash_attn_varlen_*`` (global ``cu_seqlens``). The signatures are the ring functions';
 ``group`` is a process group (pure Ulysses) or :class:`~.groups.UlyssesRingGroups` (2D), and
 ``ring_layout`` / ``head_chunks`` are keyword-only extras. Thin wrappers: validate, build the
-call's :class:`~ring_flash_attn.core.spec.CallSpec`, then the ops (:data:`.ops.ULYSSES_OPS`)."""
+call's :class:`~ring_flash_attn.core.spec.CallSpec`, then the ops (:data:`.ops.ULYSSES_OPS`). A
+Ulysses degree of 1 has nothing to exchange: the call is then its ring layout's (the wing's ops on
+the caller's tensors, no copies), except for the ring family's per-document layouts over several
+ring ranks, whose local offsets the Ulysses op derives from the global ones."""
 
 from __future__ import annotations
 

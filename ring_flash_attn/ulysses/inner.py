@@ -43,7 +43,7 @@ class InnerAttention:
     @property
     def attention_ops(self) -> AttentionOps:
         """The wing's ops with their autograd (a whole call, not a chunk's work)."""
-        return self._ops.GATHER_OPS if self.spec.layout in ALLGATHER_LAYOUTS else self._ops.RING_OPS
+        return allgather_ops.GATHER_OPS if self.spec.layout in ALLGATHER_LAYOUTS else ring_ops.RING_OPS
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor],
                 sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
