@@ -3,7 +3,12 @@ the ranks (ring attention through the transformers registry), then checking the 
 same model trained in one process on the same batches (plain attention, the model's own loss, SGD).
 
     torchrun --nproc_per_node 2 examples/train_with_trainer.py [--layout balanced|zigzag|ring]
-        [--collator flatten|padding] [--steps 4] [--accumulate 1] [--eval]
+        [--collator flatten|padding] [--steps 4] [--accumulate 1] [--eval] [--cp-size N]
+
+``--cp-size N`` (a divisor of the world size; default: the world size): data parallel x context
+parallel, ``world / N`` replicas of ``N`` consecutive ranks each (one ``new_group`` per replica,
+the attention registered on it); the single-process reference then trains each step on the union
+of the replicas' batches, the same samples the sampler gives them.
 
 ``flatten``: transformers' ``DataCollatorWithFlattening`` (every batch one packed row, position ids
 restarting at each document); ``padding``: ``DataCollatorForLanguageModeling(mlm=False)`` (rows
@@ -93,19 +98,34 @@ def training_args(steps: int, lr: float, batch_size: int, accumulate: int,
         save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False)
 
 
+def context_parallel_group(cp_size: int) -> dist.ProcessGroup:
+    """This rank's context-parallel group: ``cp_size`` consecutive ranks (every rank creates every
+    group, as ``new_group`` requires; the default group when ``cp_size`` is the world size)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % cp_size:
+        raise ValueError(f"--cp-size {cp_size} does not divide the world size {world}")
+    if cp_size == world:
+        return dist.group.WORLD
+    groups = [dist.new_group(list(range(start, start + cp_size))) for start in range(0, world, cp_size)]
+    return groups[rank // cp_size]
+
+
 def train_context_parallel(layout: str, collator: str, steps: int, lr: float, batch_size: int,
-                           accumulate: int, evaluate: bool = False) -> Dict[str, Any]:
-    """The Trainer run over every rank: logged losses and gradient norms, final parameters and, with
-    ``evaluate``, ``trainer.evaluate()``'s loss before and after training."""
+                           accumulate: int, evaluate: bool = False, cp_size: int = 0) -> Dict[str, Any]:
+    """The Trainer run over every rank (``cp_size`` ranks per replica; 0: all of them): logged losses
+    and gradient norms, final parameters and, with ``evaluate``, ``trainer.evaluate()``'s loss
+    before and after training."""
+    cp_size = cp_size or dist.get_world_size()
+    group = context_parallel_group(cp_size)
     model = tiny_llama()
-    model.set_attn_implementation(hf.register_ring_attention(dist.group.WORLD, layout=layout))
-    data = counting_documents(batch_size * steps * accumulate, collator)
+    model.set_attn_implementation(hf.register_ring_attention(group, layout=layout))
+    data = counting_documents(batch_size * steps * accumulate * (dist.get_world_size() // cp_size), collator)
     eval_data = counting_documents(EVAL_DOCUMENTS, collator, seed=2) if evaluate else None
     eval_losses = []
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = ContextParallelTrainer(model=model, args=training_args(steps, lr, batch_size, accumulate, out_dir),
                                          train_dataset=data, eval_dataset=eval_data,
-                                         data_collator=make_collator(collator))
+                                         data_collator=make_collator(collator), cp_group=group)
         if evaluate:
             eval_losses.append(trainer.evaluate()["eval_loss"])
         trainer.train()
@@ -130,23 +150,34 @@ def evaluate_single_process(model: transformers.LlamaForCausalLM, collator: str,
     return {"token_mean": token_mean, "batch_mean": batch_mean}
 
 
+def replica_batches(data: List[Dict[str, Any]], collator: str, batch_size: int,
+                    replicas: int) -> List[List[Dict[str, Any]]]:
+    """Every replica's batches in the trainer's order: its share of the shuffled data (the
+    trainer's ``DistributedSampler`` over the replicas, seed 0, epoch 0), ``batch_size`` at a time."""
+    collate = make_collator(collator)
+    shares = [list(DistributedSampler(data, num_replicas=replicas, rank=r, shuffle=True, seed=0))
+              for r in range(replicas)]
+    return [[collate([data[i] for i in share[start:start + batch_size]]) for start in range(0, len(share), batch_size)]
+            for share in shares]
+
+
 def train_single_process(collator: str, steps: int, lr: float, batch_size: int, accumulate: int,
-                         evaluate: bool = False) -> Dict[str, Any]:
-    """The reference: the same model, batches (in the trainer's order) and SGD steps in one process,
-    with sdpa attention and the model's own loss, the mean over the labelled tokens of each step's
-    ``accumulate`` batches; with ``evaluate``, :func:`evaluate_single_process` before and after."""
+                         evaluate: bool = False, replicas: int = 1) -> Dict[str, Any]:
+    """The reference: the same model, batches and SGD steps in one process, with sdpa attention and
+    the model's own loss, the mean over the labelled tokens of each step's batches (``accumulate``
+    per replica: every replica's batches of that step, the union a data-parallel step trains on);
+    with ``evaluate``, :func:`evaluate_single_process` before and after."""
     model = tiny_llama()
     model.set_attn_implementation("sdpa")
     initial = copy.deepcopy(model.state_dict())
-    data = counting_documents(batch_size * steps * accumulate, collator)
-    order = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
-    loader = DataLoader(data, batch_size=batch_size, sampler=order, collate_fn=make_collator(collator))
+    data = counting_documents(batch_size * steps * accumulate * replicas, collator)
+    per_replica = replica_batches(data, collator, batch_size, replicas)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     losses, grad_norms = [], []
     evals = [evaluate_single_process(model, collator, batch_size)] if evaluate else []
-    batches = iter(loader)
-    for _ in range(steps):
-        step_batches = [next(batches) for _ in range(accumulate)]
+    for step in range(steps):
+        micro = range(step * accumulate, (step + 1) * accumulate)
+        step_batches = [batches[i] for batches in per_replica for i in micro]
         labelled = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in step_batches)
         loss = sum(model(**batch, num_items_in_batch=labelled).loss for batch in step_batches)
         loss.backward()
@@ -177,7 +208,9 @@ def main() -> None:
     p.add_argument("--layout", default="balanced", choices=["balanced", "zigzag", "ring"])
     p.add_argument("--collator", default="flatten", choices=["flatten", "padding"])
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=3, help="documents per step (all ranks see the same)")
+    p.add_argument("--batch-size", type=int, default=3,
+                   help="documents per step and replica (all ranks of a replica see the same)")
+    p.add_argument("--cp-size", type=int, default=0, help="ranks per context-parallel group (0: all)")
     p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--eval", action="store_true", help="trainer.evaluate() before and after training")
@@ -187,10 +220,11 @@ def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     run = train_context_parallel(args.layout, args.collator, args.steps, args.lr, args.batch_size, args.accumulate,
-                                 args.eval)
+                                 args.eval, args.cp_size)
     if dist.get_rank() == 0:
+        replicas = dist.get_world_size() // (args.cp_size or dist.get_world_size())
         reference = train_single_process(args.collator, args.steps, args.lr, args.batch_size, args.accumulate,
-                                         args.eval)
+                                         args.eval, replicas)
         for step, (loss, ref_loss) in enumerate(zip(run["losses"], reference["losses"])):
             print(f"step {step}: loss {loss:.6f} (one process: {ref_loss:.6f}), grad norm "
                   f"{run['grad_norms'][step]:.6f} (one process: {reference['grad_norms'][step]:.6f})")

@@ -6,7 +6,7 @@ What :class:`ContextParallelTrainer` changes, and why:
 * data: the ranks of a context-parallel group must train on the *same* batch, each on its shard.
   The Trainer's loader (``accelerator.prepare``) would give every rank a different one, so the
   training loader here samples per data-parallel replica (``world // cp_size`` replicas; a replica's
-  group is ``cp_size`` consecutive ranks) and collates with :class:`ContextParallelCollator`.
+  group is ``cp_size`` consecutive ranks, checked against ``cp_group``) and collates with :class:`ContextParallelCollator`.
 * loss: each rank's loss is its tokens' summed cross-entropy over the global count of labelled
   tokens (every rank, every micro-batch of the gradient-accumulation step: ``num_items_in_batch``,
   counted here from the shards' ``shift_labels`` and all-reduced), times the world size, because
@@ -23,7 +23,7 @@ What :class:`ContextParallelTrainer` changes, and why:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,22 @@ PREDICTIONS_REFUSED = (
     "registered layout's order (not a batch of whole rows), so predictions, prediction_loss_only=False, "
     "compute_metrics and include_for_metrics are not supported; gather the logits with "
     "adapters.gather_sequence in a loop of your own, or predict with the model's normal attention on one rank")
+
+
+def replica_of(cp_ranks: Sequence[int], rank: int, world: int) -> Tuple[int, int]:
+    """(``rank``'s data-parallel replica, the number of replicas), its context-parallel group being the
+    global ranks ``cp_ranks``. The samplers give rank ``r`` the batches of replica ``r // cp_size``,
+    so the group must be those ``cp_size`` consecutive ranks: any other group would shard different
+    batches as one sequence."""
+    cp_size = len(cp_ranks)
+    if world % cp_size:
+        raise ValueError(f"the context-parallel group's size {cp_size} does not divide the world size {world}")
+    replica = rank // cp_size
+    expected = list(range(replica * cp_size, (replica + 1) * cp_size))
+    if list(cp_ranks) != expected:
+        raise ValueError(f"ContextParallelTrainer's data-parallel replicas are groups of consecutive ranks: rank "
+                         f"{rank}'s context-parallel group must be ranks {expected}, not {list(cp_ranks)}")
+    return replica, world // cp_size
 
 
 class ReplicaSampler(Sampler[int]):
@@ -85,15 +101,14 @@ class ContextParallelTrainer(Trainer):
         self.loss_is_scaled_for_ga = True  # the loss is divided by the whole accumulated step's token count
         self.eval_totals: Optional[torch.Tensor] = None  # (summed token loss, labelled tokens) while evaluating
 
-    def replica_rank_and_count(self) -> tuple:
+    def replica_rank_and_count(self) -> Tuple[int, int]:
         """(this data-parallel replica's index, the number of replicas): ``cp_size`` consecutive ranks
-        form one replica."""
-        _, cp_size = group_rank_and_size(self.cp_group)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        if world % cp_size:
-            raise ValueError(f"the context-parallel group's size {cp_size} does not divide the world size {world}")
-        return rank // cp_size, world // cp_size
+        form one replica (checked against ``cp_group``'s ranks: see :func:`replica_of`)."""
+        group_rank_and_size(self.cp_group)  # refuses a group without torch.distributed, or a launch left uninitialised
+        if not dist.is_initialized():
+            return 0, 1
+        cp_ranks = dist.get_process_group_ranks(self.cp_group or dist.group.WORLD)
+        return replica_of(cp_ranks, dist.get_rank(), dist.get_world_size())
 
     def get_train_dataloader(self) -> DataLoader:
         """The same batches on every rank of a context-parallel group, shuffled with ``args.seed``
