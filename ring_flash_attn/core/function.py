@@ -146,7 +146,8 @@ class AttentionOps:
         m = len(saved)
         self.backward_op = torch.library.custom_op(
             f"ring_flash_attn::{family}_backward",
-            lambda dout, dlse, *rest: backward(dout, dlse, rest[:m], rest[m:m + n], CallSpec(*rest[m + n:])),
+            lambda dout, dlse, *rest: distinct_storage(backward(dout, dlse, rest[:m], rest[m:m + n],
+                                                                CallSpec(*rest[m + n:]))),
             mutates_args=(),
             schema=f"(Tensor? dout, Tensor? dlse, {saved_args}, {optional}, {SPEC_SCHEMA}) -> "
                    "(Tensor, Tensor, Tensor, Tensor)")
@@ -218,6 +219,20 @@ class AttentionOps:
 
         return type(f"{self.family.capitalize()}Attention", (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def distinct_storage(outputs: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+    """``outputs`` with any that shares memory with an earlier one cloned: a custom op's outputs may
+    not alias each other (the ring's dK and dV arrive as the two halves of one message; the plain
+    route hands them on as they are)."""
+    seen, result = set(), []
+    for t in outputs:
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        result.append(t)
+    return tuple(result)
 
 
 def _no_double_backward(ctx, *grads):

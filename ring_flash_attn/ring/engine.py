@@ -85,13 +85,16 @@ class KVRotation:
 
 def one_message(dk: Tensor, dv: Tensor, dtype: torch.dtype) -> Tensor:
     """``(2, *dk.shape)`` in ``dtype`` holding dK and dV: the tensor they are the two halves of when
-    it already is one (an accumulator that arrived as a message), else a stacked copy."""
+    it already is one (an accumulator that arrived as a message, or was made as one), else a copy."""
     base = dk._base
     if (base is not None and dv._base is base and base.dtype == dtype and base.shape == (2, *dk.shape)
             and base.is_contiguous() and dk.data_ptr() == base.data_ptr()
             and dv.data_ptr() == base[1].data_ptr()):
         return base
-    return torch.stack((dk.to(dtype), dv.to(dtype)))
+    message = torch.empty((2, *dk.shape), dtype=dtype, device=dk.device)
+    message[0].copy_(dk)  # one pass each, converting the dtype on the way
+    message[1].copy_(dv)
+    return message
 
 
 def job_options(plan: RingPlan, job: BlockJob, src: int) -> BlockOptions:
@@ -172,7 +175,10 @@ def fold_dkv(plan: RingPlan, step: int, incoming: Optional[List[Tensor]], partia
     if incoming is None:  # this rank's own block: nobody has added to it yet
         if single_full_job(plan, plan.rank, k.shape[1]) and partials[0][1].dtype == k.dtype:
             return [partials[0][1], partials[0][2]]  # the kernel's output as it is
-        acc = [torch.zeros(k.shape, dtype=acc_dtype, device=k.device) for _ in range(2)]
+        if plan.world_size > 1:  # made as the one message it travels as
+            acc = list(torch.zeros((2, *k.shape), dtype=acc_dtype, device=k.device).unbind(0))
+        else:
+            acc = [torch.zeros(k.shape, dtype=acc_dtype, device=k.device) for _ in range(2)]
     else:
         acc = incoming
         if acc[0].dtype != acc_dtype:  # a single earlier contribution, in the input dtype

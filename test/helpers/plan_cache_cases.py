@@ -232,10 +232,20 @@ def routes_agree(family: str, rank: int = 0, world_size: int = 1) -> List[str]:
     """The plain eager route and the custom ops' route of ``family`` (``core.function.PLAIN_EAGER``
     on / off) on the same calls: the option sets whose results differ in a single bit, or whose route
     was not the one asked for (the plain route must not reach the dispatcher, the other must)."""
-    from ring_flash_attn.core import function
     option_sets = {"plain": {}, "dropout": {"dropout_p": 0.25}, "softcap + window": {"softcap": 0.5, "window_size": (3, 0)},
                    "sinks": {"sinks": torch.tensor([0.5, -1.0, 0.0, 2.0])}, "not causal": {"causal": False}}
-    wrong = []
+    wrong, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise comparisons: no reduction split that depends on the machine's load
+    try:
+        _compare_routes(family, rank, world_size, option_sets, wrong)
+    finally:
+        torch.set_num_threads(threads)
+    return wrong
+
+
+def _compare_routes(family: str, rank: int, world_size: int, option_sets: Dict[str, dict], wrong: List[str]) -> None:
+    """:func:`routes_agree`'s comparisons, appending what differs to ``wrong``."""
+    from ring_flash_attn.core import function
     for name, options in option_sets.items():
         results = {}
         for plain in (True, False):
@@ -249,5 +259,5 @@ def routes_agree(family: str, rank: int = 0, world_size: int = 1) -> List[str]:
             if counts[op_family(family, world_size)] != (0 if plain else 1):
                 wrong.append(f"{name}: {'plain' if plain else 'op'} route made {dict(counts)} op calls")
         if not all(torch.equal(a, b) for a, b in zip(results[True], results[False])):
-            wrong.append(f"{name}: results differ")
-    return wrong
+            diff = max((a - b).abs().max().item() for a, b in zip(results[True], results[False]))
+            wrong.append(f"{name}: results differ (max {diff:.2e})")
