@@ -12,11 +12,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core.function import (AttentionOps, attention_backward, dropout_seed_output, fake_dropout_seed,
-                             fake_kept_inputs_backward, seed_of)
-from ..core.merge import accumulator_dtype
+from ..core.function import (AttentionOps, attention_backward, dropout_seed_output,
+                             fake_kept_inputs_backward, fake_kept_inputs_forward, seed_of)
 from ..core.spec import CallSpec
-from ..core.sinks import fake_lse_before, forward_outputs
+from ..core.sinks import forward_outputs
 from ..core.validation import group_rank_and_size, host_offsets, resolve_group
 from ..kernels import block_options, select_backend
 from ..kernels.dropout import draw_dropout_seed
@@ -57,12 +56,6 @@ def forward(q: Tensor, k: Tensor, v: Tensor, tensors: GatherTensors,
     return out, lse, dropout_seed_output(dropout.seed if dropout else 0, spec, q.device), lse_before
 
 
-def fake_forward(q: Tensor, k: Tensor, v: Tensor, tensors: GatherTensors, spec: CallSpec) -> Tuple[Tensor, ...]:
-    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype))
-    return (torch.empty_like(q, memory_format=torch.contiguous_format), lse, fake_dropout_seed(spec, q.device),
-            fake_lse_before(lse, tensors[3]))
-
-
 def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...], tensors: GatherTensors,
              spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dsinks)`` of this rank's shard for the gradients ``dout`` of its output and
@@ -79,4 +72,5 @@ def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor
 
 GATHER_OPS = AttentionOps("allgather", tensors=("cu_q", "cu_k", "alibi_slopes", "sinks"),
                           saved=("q", "k", "v", "out", "lse", "dropout_seed", "lse_before"), forward=forward,
-                          backward=backward, fake_forward=fake_forward, fake_backward=fake_kept_inputs_backward)
+                          backward=backward, fake_forward=fake_kept_inputs_forward,
+                          fake_backward=fake_kept_inputs_backward)

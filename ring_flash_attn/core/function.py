@@ -12,7 +12,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from .sinks import fake_dsinks, sink_backward
+from .merge import accumulator_dtype
+from .sinks import fake_dsinks, fake_lse_before, sink_backward
 from .spec import SPEC_SCHEMA, CallSpec
 from .validation import backward_signature, check_same_call_across_group, resolve_group
 
@@ -56,6 +57,17 @@ def fake_dropout_seed(spec: CallSpec, device: torch.device, count: int = 1) -> T
     if spec.dropout_p:
         return torch.empty(count, dtype=torch.int64, device="cpu")
     return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def fake_kept_inputs_forward(q: Tensor, k: Tensor, v: Tensor, tensors: Tuple[Optional[Tensor], ...],
+                             spec: CallSpec) -> Tuple[Tensor, ...]:
+    """The fake forward of the ring and all-gather families: out like q, lse ``(B, H, S)`` for batch q
+    ``(B, S, H, D)`` or ``(H, T)`` for packed q ``(T, H, D)``, the dropout seed, the lse before the
+    sinks (the last of ``tensors``)."""
+    lse_shape = (q.shape[1], q.shape[0]) if q.dim() == 3 else (q.shape[0], q.shape[2], q.shape[1])
+    lse = q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype))
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), lse, fake_dropout_seed(spec, q.device),
+            fake_lse_before(lse, tensors[-1]))
 
 
 def fake_kept_inputs_backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...],

@@ -25,12 +25,11 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from ..core.comm import ring_comm
-from ..core.function import (AttentionOps, attention_backward, dropout_seed_output, fake_dropout_seed,
-                             fake_kept_inputs_backward, seed_of)
+from ..core.function import (AttentionOps, attention_backward, dropout_seed_output,
+                             fake_kept_inputs_backward, fake_kept_inputs_forward, seed_of)
 from ..core.layouts import position_ids, varlen_token_index
-from ..core.merge import accumulator_dtype
 from ..core.spec import CallSpec
-from ..core.sinks import fake_lse_before, forward_outputs
+from ..core.sinks import forward_outputs
 from ..core.validation import check_balanced_tokens, check_cu_seqlens, group_rank_and_size, host_offsets, resolve_group
 from ..kernels import KernelCall, block_options, select_backend
 from ..kernels.dropout import draw_dropout_seed
@@ -142,14 +141,6 @@ def forward(q: Tensor, k: Tensor, v: Tensor, tensors: RingTensors,
     return out, lse, dropout_seed_output(seed, spec, q.device), lse_before
 
 
-def fake_forward(q: Tensor, k: Tensor, v: Tensor, tensors: RingTensors, spec: CallSpec) -> Tuple[Tensor, ...]:
-    packed = tensors[0] is not None
-    lse_shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
-    lse = q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype))
-    return (torch.empty_like(q, memory_format=torch.contiguous_format), lse, fake_dropout_seed(spec, q.device),
-            fake_lse_before(lse, tensors[2]))
-
-
 def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...], tensors: RingTensors,
              spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dsinks)`` of this rank's shard for the gradients ``dout`` of its output and
@@ -169,4 +160,5 @@ def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor
 
 RING_OPS = AttentionOps("ring", tensors=("cu_seqlens", "alibi_slopes", "sinks"),
                         saved=("q", "k", "v", "out", "lse", "dropout_seed", "lse_before"), forward=forward,
-                        backward=backward, fake_forward=fake_forward, fake_backward=fake_kept_inputs_backward)
+                        backward=backward, fake_forward=fake_kept_inputs_forward,
+                        fake_backward=fake_kept_inputs_backward)

@@ -74,7 +74,7 @@ def ulysses_attention(
                     kv_repeat=split.kv_repeat, chunks=split.chunks, ulysses_group=ulysses_name, ring_group=ring_name)
     if groups.ulysses_degree == 1 and (not packed or takes_global_offsets(ring_layout, groups.ring_degree)):
         # nothing to exchange: the ring alone, the wing's ops on the caller's tensors (no copies)
-        inner = InnerAttention(cu_seqlens, ring_spec(spec, groups.ring_degree, spec.max_seqlen))
+        inner = InnerAttention(cu_seqlens, ring_spec(spec, groups.ring_degree))
         out, lse, *_ = inner.attention_ops(q, k, v, inner.tensors(alibi_slopes, sinks), inner.spec,
                                            bool(return_attn_probs))
     else:

@@ -57,12 +57,11 @@ class InnerAttention:
         return self._ops.backward(dout, dlse, saved, self.tensors(slopes, sinks), self.spec)
 
 
-def ring_spec(spec: CallSpec, ring_degree: int, max_seqlen: int) -> CallSpec:
+def ring_spec(spec: CallSpec, ring_degree: int) -> CallSpec:
     """The spec of the attention over the ring group, from a Ulysses call's: its ring layout (``ring``
-    over one ring rank: every layout is then the whole sequence), the ring group, ``max_seqlen`` of
-    what the ring shard takes."""
+    over one ring rank: every layout is then the whole sequence) and the ring group."""
     return spec._replace(layout=spec.layout if ring_degree > 1 else "ring", group=spec.ring_group,
-                         max_seqlen=max_seqlen, kv_repeat=1, chunks=1, ulysses_group="", ring_group="")
+                         kv_repeat=1, chunks=1, ulysses_group="", ring_group="")
 
 
 def takes_global_offsets(layout: str, ring_degree: int) -> bool:

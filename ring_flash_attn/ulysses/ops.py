@@ -92,12 +92,12 @@ def _inner(cu_seqlens: Optional[Tensor], local_tokens: int, degree: int, spec: C
     """The attention of a head chunk over the ring group (:func:`~.inner.ring_spec`) with, packed,
     the offsets the ring shard takes."""
     ring_degree, _ = _degree_and_rank(spec.ring_group)
-    max_seqlen = spec.max_seqlen
+    inner = ring_spec(spec, ring_degree)
     if cu_seqlens is not None:
-        layout = spec.layout if ring_degree > 1 else "ring"
-        cu_seqlens, max_seqlen = packed_inner_offsets(cu_seqlens, max_seqlen, layout, local_tokens,
+        cu_seqlens, max_seqlen = packed_inner_offsets(cu_seqlens, inner.max_seqlen, inner.layout, local_tokens,
                                                       degree * ring_degree, ring_degree)
-    return InnerAttention(cu_seqlens, ring_spec(spec, ring_degree, max_seqlen))
+        inner = inner._replace(max_seqlen=max_seqlen)
+    return InnerAttention(cu_seqlens, inner)
 
 
 UlyssesTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # cu_seqlens, ALiBi slopes, sinks
