@@ -13,12 +13,14 @@ and a final cast. The schedule says beforehand how many jobs touch each row, so:
 reduce-scatters use it too.
 
 Packed jobs (rows gathered by index) and kernels that answer in a wider dtype take the plain path:
-float32 accumulators for every row.
+float32 accumulators for every row. Rows are the third dimension from the end (``(B, S, H, D)`` or a
+packed ``(T, H, D)``), the lse's last (``(B, H, S)`` or ``(H, T)``): batch and packed results go
+through the same code, without a batch dimension added to packed ones.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -67,6 +69,23 @@ def disjoint(rows: Sequence[slice]) -> bool:
     return all(a.stop <= b.start for a, b in zip(ordered[:-1], ordered[1:]))
 
 
+class JobRows(NamedTuple):
+    """The query rows of one rank's jobs in schedule order, with what summing over them needs:
+    derived once per plan (:func:`job_rows`), read at every call."""
+
+    rows: Tuple[Rows, ...]
+    length: int
+    slices: Optional[List[slice]]  # the rows as unit-step slices; None if any is an index tensor
+    pieces: Optional[List[Tuple[int, int, int]]]  # :func:`row_intervals` of the slices
+    first_covers_all: bool  # the first job's rows are every row
+
+
+def job_rows(rows: Sequence[Rows], length: int) -> JobRows:
+    slices = slice_rows(rows, length)
+    return JobRows(tuple(rows), length, slices, None if slices is None else row_intervals(slices, length),
+                   bool(rows) and covers_all(rows[0], length))
+
+
 class RowCombiner:
     """The sum (``merge=False``) or online-softmax merge (``merge=True``) of job results over rows.
 
@@ -74,9 +93,9 @@ class RowCombiner:
     Then :meth:`add` each later job's result for its rows, in schedule order.
     """
 
-    def __init__(self, job_rows: Sequence[slice], length: int, first: Tensor, first_lse: Optional[Tensor] = None,
+    def __init__(self, pieces: List[Tuple[int, int, int]], first: Tensor, first_lse: Optional[Tensor] = None,
                  merge: bool = False) -> None:
-        self.pieces = row_intervals(job_rows, length)
+        self.pieces = pieces  # :func:`row_intervals` of the jobs' rows
         self.seen = [1] * len(self.pieces)  # the first job touched every piece
         self.wide: Dict[int, Tensor] = {}  # float32 accumulators of pieces with three or more jobs
         self.result, self.lse, self.merge = first, first_lse, merge
@@ -86,15 +105,15 @@ class RowCombiner:
             if b <= rows.start or a >= rows.stop:
                 continue
             self.seen[i] += 1
-            part = value[:, a - rows.start : b - rows.start]
-            part_lse = None if value_lse is None else value_lse[:, :, a - rows.start : b - rows.start]
-            target = self.result[:, a:b]
+            part = value[..., a - rows.start : b - rows.start, :, :]
+            part_lse = None if value_lse is None else value_lse[..., a - rows.start : b - rows.start]
+            target = self.result[..., a:b, :, :]
             wide = sum_dtype(target.dtype, count)
             if wide != target.dtype and self.seen[i] == 2:
                 self.wide[i] = target.to(wide)
             acc = self.wide.get(i, target)
             if self.merge:
-                merge_into(acc, self.lse[:, :, a:b], part, part_lse)
+                merge_into(acc, self.lse[..., a:b], part, part_lse)
             else:
                 acc += part  # in place: float32 math, one rounding to acc's dtype
             if i in self.wide and self.seen[i] == count:
@@ -102,28 +121,30 @@ class RowCombiner:
 
 
 def add_rows(acc: Tensor, rows: Rows, value: Tensor) -> None:
+    """``acc[rows] += value`` along the rows dimension (``-3``)."""
     if isinstance(rows, slice):
-        acc[:, rows] += value
+        acc[..., rows, :, :] += value
     else:
-        acc.index_add_(1, rows, value.to(acc.dtype))
+        acc.index_add_(acc.dim() - 3, rows, value.to(acc.dtype))
 
 
 def merge_rows(out: Tensor, lse: Tensor, rows: Rows, block_out: Tensor, block_lse: Tensor) -> None:
     """Fold a block's result into the accumulators at ``rows`` (in place)."""
     if isinstance(rows, slice):
-        merge_into(out[:, rows], lse[:, :, rows], block_out, block_lse)
+        merge_into(out[..., rows, :, :], lse[..., rows], block_out, block_lse)
         return
-    out_rows, lse_rows = out.index_select(1, rows), lse.index_select(2, rows)
+    out_dim, lse_dim = out.dim() - 3, lse.dim() - 1
+    out_rows, lse_rows = out.index_select(out_dim, rows), lse.index_select(lse_dim, rows)
     merge_into(out_rows, lse_rows, block_out, block_lse)
-    out.index_copy_(1, rows, out_rows)
-    lse.index_copy_(2, rows, lse_rows)
+    out.index_copy_(out_dim, rows, out_rows)
+    lse.index_copy_(lse_dim, rows, lse_rows)
 
 
 class WideAccumulator:
     """Float32 (float64 for float64 inputs) accumulators for every row; rows may be index tensors."""
 
     def __init__(self, like: Tensor, lse_like: Optional[Tensor], length: int, first_rows: Rows, merge: bool) -> None:
-        shape = (like.shape[0], length, *like.shape[2:])
+        shape = (*like.shape[:-3], length, *like.shape[-2:])
         dtype = accumulator_dtype(like.dtype)
         self.merge = merge
         if covers_all(first_rows, length):  # the first result is copied in, not merged into zeros
@@ -133,7 +154,7 @@ class WideAccumulator:
         self.result = torch.zeros(shape, dtype=dtype, device=like.device)
         self.lse = None
         if merge:
-            self.lse = torch.full((like.shape[0], like.shape[2], length), float("-inf"), dtype=dtype,
+            self.lse = torch.full((*like.shape[:-3], like.shape[-2], length), float("-inf"), dtype=dtype,
                                   device=like.device)
         self.add(first_rows, like, lse_like)
 
@@ -148,11 +169,13 @@ def covers_all(rows: Rows, length: int) -> bool:
     return isinstance(rows, slice) and rows.indices(length) == (0, length, 1)
 
 
-def start_sum(job_rows: Sequence[Rows], length: int, value: Tensor, value_lse: Optional[Tensor], dtype: torch.dtype,
-              merge: bool) -> Union[RowCombiner, WideAccumulator]:
-    """The accumulator of one rank's results, begun with the first job's. ``job_rows`` are the rows of
-    every job in schedule order (the first included); ``dtype`` is the result's."""
-    slices = slice_rows(job_rows, length)
-    if slices is not None and covers_all(job_rows[0], length) and value.dtype == dtype and value.is_contiguous():
-        return RowCombiner(slices, length, value, value_lse, merge)
-    return WideAccumulator(value, value_lse, length, job_rows[0], merge)
+def start_sum(rows: Union[JobRows, Sequence[Rows]], length: int, value: Tensor, value_lse: Optional[Tensor],
+              dtype: torch.dtype, merge: bool) -> Union[RowCombiner, WideAccumulator]:
+    """The accumulator of one rank's results, begun with the first job's. ``rows`` are the rows of
+    every job in schedule order (the first included; :func:`job_rows` derives what this needs once);
+    ``dtype`` is the result's."""
+    if not isinstance(rows, JobRows):
+        rows = job_rows(rows, length)
+    if rows.slices is not None and rows.first_covers_all and value.dtype == dtype and value.is_contiguous():
+        return RowCombiner(rows.pieces, value, value_lse, merge)
+    return WideAccumulator(value, value_lse, length, rows.rows[0], merge)

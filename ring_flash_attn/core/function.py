@@ -15,7 +15,7 @@ import torch.autograd.forward_ad as forward_ad
 from .merge import accumulator_dtype
 from .sinks import fake_dsinks, fake_lse_before, sink_backward
 from .spec import SPEC_SCHEMA, CallSpec
-from .validation import backward_signature, check_same_call_across_group, resolve_group
+from .validation import backward_signature, check_same_call_across_group, checking_calls, resolve_group
 
 Tensor = torch.Tensor
 
@@ -171,9 +171,11 @@ class AttentionOps:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, tensors: Tuple[Optional[Tensor], ...], spec: CallSpec,
                  lse_grad: bool) -> Tuple[Tensor, ...]:
         """``(out, lse, *state)`` of the call, with autograd."""
-        refuse_forward_mode(q, k, v, *tensors)
-        if plain_eager_call(q):
+        if plain_eager_call(q):  # no functorch transform, not compiling: only dual tensors remain to refuse
+            if forward_ad._current_level >= 0:
+                refuse_forward_mode(q, k, v, *tensors)
             return self.function.apply(q, k, v, *tensors, spec, lse_grad)
+        refuse_forward_mode(q, k, v, *tensors)
         return self.forward_op(q, k, v, *tensors, *spec, lse_grad)
 
     def _save(self, ctx, q: Tensor, k: Tensor, v: Tensor, tensors: tuple, spec: CallSpec, lse_grad: bool,
@@ -190,8 +192,9 @@ class AttentionOps:
         saved, tensors, spec)`` -- the backward op or its work directly. Checks the call across the
         group first (``RING_FLASH_ATTN_CHECK``)."""
         dlse = dlse if ctx.lse_grad else None
-        check_same_call_across_group(resolve_group(ctx.spec.group), ctx.device,
-                                     backward_signature(dout, dlse is not None))
+        if checking_calls():
+            check_same_call_across_group(resolve_group(ctx.spec.group), ctx.device,
+                                         backward_signature(dout, dlse is not None))
         if dout is None and dlse is None:
             return (None,) * (3 + self.n_tensors)
         saved = ctx.saved_tensors
@@ -225,9 +228,15 @@ class AttentionOps:
             ops._save(ctx, q, k, v, tensors, spec, lse_grad, output)
             return output
 
-        @torch.autograd.function.once_differentiable
-        def backward(ctx, dout, dlse, *_state_grads):
+        def gradients(ctx, dout, dlse, *_state_grads):
             return ops._gradients(ctx, dout, dlse, ops.backward) + (None, None)
+
+        once = torch.autograd.function.once_differentiable(gradients)
+
+        def backward(ctx, dout, dlse, *state_grads):
+            if torch.is_grad_enabled():  # create_graph=True: gradients that refuse a second differentiation
+                return once(ctx, dout, dlse, *state_grads)
+            return gradients(ctx, dout, dlse, *state_grads)
 
         return type(f"{self.family.capitalize()}Attention", (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
@@ -292,4 +301,4 @@ def plain_eager_call(q: Tensor) -> bool:
     return (not torch.compiler.is_compiling() and PLAIN_EAGER and type(q) is torch.Tensor
             and q.device.type != "meta" and not torch._C._len_torch_dispatch_stack()
             and not torch._C._len_torch_function_stack()
-            and not torch._C._are_functorch_transforms_active() and not torch.jit.is_tracing())
+            and not torch._C._are_functorch_transforms_active() and not torch._C._is_tracing())

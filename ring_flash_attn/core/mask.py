@@ -12,7 +12,7 @@ documents' window pieces grouped into few varlen calls (:class:`WindowCalls`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -70,8 +70,10 @@ class CausalTrim:
     causal: bool
 
 
+@lru_cache(maxsize=1024)
 def trim_to_top_left_causal(band: Band, sq: int, sk: int) -> Optional[CausalTrim]:
-    """Express ``band`` for kernels that only know full and top-left causal masks, or ``None``."""
+    """Express ``band`` for kernels that only know full and top-left causal masks, or ``None``
+    (remembered per band and block shape: kernels ask it at every call)."""
     if not fits_top_left_causal(band):
         return None
     if band.hi is None:

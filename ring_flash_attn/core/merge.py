@@ -37,7 +37,7 @@ def merge_weights(lse_a: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor, Tensor]
 
 def _merge(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: Tensor) -> None:
     lse_new, weight_acc, weight_block = merge_weights(lse_acc, lse_block)
-    weight_acc, weight_block = (w.transpose(1, 2).unsqueeze(-1) for w in (weight_acc, weight_block))
+    weight_acc, weight_block = (w.transpose(-1, -2).unsqueeze(-1) for w in (weight_acc, weight_block))
     out_acc.copy_(out_acc * weight_acc + out_block.to(out_acc.dtype) * weight_block)
     lse_acc.copy_(lse_new)
 
@@ -64,13 +64,16 @@ def _fused_merge() -> Optional[Callable]:
 def merge_into(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: Tensor) -> None:
     """Fold a block result into the accumulators, in place.
 
-    ``out_acc`` (B, S, H, D) and ``lse_acc`` (B, H, S) may be views (a query slice); out_acc in float32
+    ``out_acc`` (B, S, H, D) and ``lse_acc`` (B, H, S) -- or packed (T, H, D) and (H, T) -- may be
+    views (a query slice); out_acc in float32
     (float64 for float64 inputs) or, for a row's last contribution, the input dtype (the arithmetic is
     float32 either way, rounded once); ``out_block`` (B, S, H, D) any float dtype, ``lse_block`` (B, H, S).
     """
     global _fused_failed
     fused = _fused_merge() if out_acc.is_cuda and out_acc.dtype != torch.float64 else None
     if fused is not None:
+        if out_acc.dim() == 3:  # packed: the kernel's one batch row
+            out_acc, lse_acc, out_block, lse_block = out_acc[None], lse_acc[None], out_block[None], lse_block[None]
         try:
             fused(out_acc, lse_acc, out_block, lse_block)
             return

@@ -12,9 +12,10 @@ Rows = Union[slice, Tensor]
 
 
 def take(x: Tensor, rows: Rows, dim: int = 1) -> Tensor:
-    """``x``'s ``rows`` along ``dim``, for reading: ``x`` itself when they are all of its rows."""
+    """``x``'s ``rows`` along ``dim`` (negative: from the end), for reading: ``x`` itself when they
+    are all of its rows."""
     if not isinstance(rows, slice):
         return x.index_select(dim, rows)
     if not rows.start and rows.step in (None, 1) and (rows.stop is None or rows.stop >= x.shape[dim]):
         return x
-    return x[(slice(None),) * dim + (rows,)]
+    return x[(slice(None),) * (dim % x.dim()) + (rows,)]

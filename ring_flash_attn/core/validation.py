@@ -55,8 +55,11 @@ def kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dim is dense and no dim is broadcast (stride 0); otherwise a
     contiguous copy (gradients flow back through it). Some kernels -- PyTorch's CPU flash op among
     them -- silently misread other strides."""
-    dense = t.stride(-1) == 1 or t.shape[-1] == 1
-    if dense and all(stride != 0 or size == 1 for size, stride in zip(t.shape, t.stride())):
+    strides = t.stride()
+    if strides[-1] == 1 and 0 not in strides:  # the usual case, answered without a loop
+        return t
+    dense = strides[-1] == 1 or t.shape[-1] == 1
+    if dense and all(stride != 0 or size == 1 for size, stride in zip(t.shape, strides)):
         return t
     return t.contiguous()
 
@@ -178,7 +181,8 @@ def check_sinks(sinks: Optional[torch.Tensor], q: torch.Tensor) -> None:
 
 def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
     """(rank, world size) in ``group``; ``(0, 1)`` when torch.distributed is not initialised and this
-    process runs alone. Every public function passes its group through here.
+    process runs alone. Every public function passes its group through here; a group's answer is
+    asked of torch once per group object (a default group made again is a new object).
 
     Args:
         group: the process group, or None for the default one.
@@ -198,10 +202,20 @@ def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
                 f"own shard only. Call torch.distributed.init_process_group() before ring_flash_attn's functions "
                 f"(or, for a single-process run, unset WORLD_SIZE or set it to 1).")
         return 0, 1
+    group = group if group is not None else dist.group.WORLD
+    known = _GROUP_PLACES.get(id(group))
+    if known is not None and known[0] is group:
+        return known[1]
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("this process is not a member of the given process group")
-    return rank, dist.get_world_size(group)
+    if len(_GROUP_PLACES) > 64:
+        _GROUP_PLACES.clear()
+    _GROUP_PLACES[id(group)] = (group, (rank, dist.get_world_size(group)))
+    return _GROUP_PLACES[id(group)][1]
+
+
+_GROUP_PLACES: Dict[int, tuple] = {}  # id(group) -> (group, (rank, size)): asked once per group object
 
 
 def _launched_world_size() -> int:

@@ -124,7 +124,8 @@ def _sizes(q: Tensor, k: Tensor, varlen: Optional[VarlenMeta]) -> tuple:
 
 
 def _heads_first(x: Tensor) -> Tensor:
-    return x.transpose(1, 2)
+    """``(B, S, H, D)`` as cuDNN's ``(B, H, S, D)`` view, its last dim made dense if it is not."""
+    return (x if x.stride(-1) == 1 else x.contiguous()).transpose(1, 2)
 
 
 class CudnnBackend(TrimmedCausalBackend):
@@ -142,20 +143,33 @@ class CudnnBackend(TrimmedCausalBackend):
         return reasons
 
     def run_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, options: BlockOptions) -> Tuple[Tensor, Tensor]:
-        out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            *(_heads_first(last_dim_contiguous(x)) for x in (q, k, v)), None, True, 0.0, causal, False,
+        out, lse, *_ = _CUDNN_FORWARD(
+            _heads_first(q), _heads_first(k), _heads_first(v), None, True, 0.0, causal, False,
             scale=options.softmax_scale,
         )
-        return _heads_first(out), lse.squeeze(-1)
+        return out.transpose(1, 2), lse.squeeze(-1)
 
     def run_backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, options: BlockOptions
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        empty = torch.empty(0, device=q.device)
-        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            *(_heads_first(last_dim_contiguous(x)) for x in (dout, q, k, v, out)),
+        empty = _empty_on(q.device)
+        dq, dk, dv = _CUDNN_BACKWARD(
+            _heads_first(dout), _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(out),
             # cum_seq_q/k undefined (None) mean a dense batch; defined ones would mean varlen
             lse.contiguous().unsqueeze(-1), empty, empty, None, None, None, q.shape[1], k.shape[1], 0.0, causal,
             scale=options.softmax_scale,
         )
-        return tuple(_heads_first(g) for g in grads)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+_CUDNN_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+_CUDNN_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward", None)
+_EMPTY: dict = {}
+
+
+def _empty_on(device: torch.device) -> Tensor:
+    """One empty float tensor per device, for the unused philox arguments (read by nobody)."""
+    empty = _EMPTY.get(device)
+    if empty is None:
+        empty = _EMPTY[device] = torch.empty(0, device=device)
+    return empty

@@ -31,6 +31,8 @@ class TrimmedCausalBackend(Backend):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, band: Band, options: BlockOptions) -> Tuple[Tensor, Tensor]:
         sq = q.shape[1]
         trim = trim_to_top_left_causal(band, sq, k.shape[1])
+        if trim.first_row == 0 and trim.key_end == k.shape[1]:  # nothing to cut: the tensors as they are
+            return self.run_forward(q, k, v, trim.causal, options)
         keys = slice(None, trim.key_end)
         out, lse = self.run_forward(q[:, trim.first_row :], k[:, keys], v[:, keys], trim.causal, options)
         return (
@@ -43,6 +45,8 @@ class TrimmedCausalBackend(Backend):
     ) -> Tuple[Tensor, Tensor, Tensor]:
         sq, sk = q.shape[1], k.shape[1]
         trim = trim_to_top_left_causal(band, sq, sk)
+        if trim.first_row == 0 and trim.key_end == sk:
+            return self.run_backward(dout, q, k, v, out, lse, trim.causal, options)
         rows, keys = slice(trim.first_row, None), slice(None, trim.key_end)
         dq, dk, dv = self.run_backward(
             dout[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, :, rows], trim.causal, options

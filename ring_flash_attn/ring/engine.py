@@ -11,20 +11,22 @@ asks the schedule which jobs to run for each (rank, K/V source) pair.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from ..core.accumulate import add_rows, disjoint, slice_rows, start_sum, sum_dtype
+from ..core.accumulate import (JobRows, RowCombiner, WideAccumulator, add_rows, disjoint, job_rows, slice_rows,
+                               start_sum, sum_dtype)
 from ..core.comm import RingComm
 from ..core.merge import accumulator_dtype
-from ..core.rows import Rows, take
+from ..core.rows import take
 from ..kernels import Backend, BlockOptions
 from ..kernels.dropout import cuda_rng_sandbox
 from .schedules import BlockJob, Schedule
 
 Tensor = torch.Tensor
+ROWS, LSE_ROWS = -3, -1  # the rows (tokens) dimension of q / k / v / out ``(B, S, H, D)`` or ``(T, H, D)``, of lse
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,13 @@ class RingPlan:
     backend: Backend
     options: BlockOptions  # the call's scale, soft-cap, dropout record, ALiBi slopes, determinism
     positions: Optional[Tuple[Tensor, ...]] = None  # every rank's global token positions (ALiBi only)
+    rows: Optional[JobRows] = None  # the query rows of this rank's jobs in ring order (None: derived per call)
+
+    def query_rows(self, length: int) -> JobRows:
+        """The query rows of every job of this rank, in the order the ring runs them."""
+        if self.rows is not None:
+            return self.rows
+        return query_rows(self.schedule, self.rank, self.world_size, length)
 
 
 class KVRotation:
@@ -106,50 +115,57 @@ def job_options(plan: RingPlan, job: BlockJob, src: int) -> BlockOptions:
 
 
 def block_forward(plan: RingPlan, job: BlockJob, src: int, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """One job's (out, lse) with the tensors already cut to its rows; packed jobs run varlen."""
+    """One job's (out, lse) with the tensors already cut to its rows; packed jobs ``(T, H, D)`` run varlen."""
     options = job_options(plan, job, src)
     if job.varlen is None:
         return plan.backend.forward(q, k, v, job.band, options)
-    out, lse = plan.backend.forward_varlen(q[0], k[0], v[0], job.varlen, options)
-    return out[None], lse[None]
+    return plan.backend.forward_varlen(q, k, v, job.varlen, options)
 
 
 def block_backward(plan: RingPlan, job: BlockJob, src: int, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
     options = job_options(plan, job, src)
     if job.varlen is None:
         return plan.backend.backward(dout, q, k, v, out, lse, job.band, options)
-    grads = plan.backend.backward_varlen(dout[0], q[0], k[0], v[0], out[0], lse[0], job.varlen, options)
-    return tuple(g[None] for g in grads)
+    return plan.backend.backward_varlen(dout, q, k, v, out, lse, job.varlen, options)
 
 
-def query_rows(plan: RingPlan) -> List[Rows]:
-    """The query rows of every job of this rank, in the order the ring runs them."""
-    w = plan.world_size
-    return [job.q for step in range(w) for job in plan.schedule.jobs_for(plan.rank, (plan.rank - step) % w)]
+def query_rows(schedule: Schedule, rank: int, world_size: int, length: int) -> JobRows:
+    """The query rows of every job of ``rank``, in the order the ring runs them (``length`` local rows)."""
+    w = world_size
+    return job_rows([job.q for step in range(w) for job in schedule.jobs_for(rank, (rank - step) % w)], length)
+
+
+def forward_blocks(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Optional[Union[RowCombiner, WideAccumulator]]:
+    """Every job's ``(out, lse)`` merged (None: no query sees any key)."""
+    rows = plan.query_rows(q.shape[ROWS])
+    acc = None
+    kv = KVRotation(plan, k, v)
+    for step in range(plan.world_size):
+        src = (plan.rank - step) % plan.world_size
+        kv.start(step)
+        for job in plan.schedule.jobs_for(plan.rank, src):
+            block_out, block_lse = block_forward(plan, job, src, take(q, job.q, ROWS), take(kv.k, job.kv, ROWS),
+                                                 take(kv.v, job.kv, ROWS))
+            if acc is None:
+                acc = start_sum(rows, q.shape[ROWS], block_out, block_lse, q.dtype, merge=True)
+            else:
+                acc.add(job.q, block_out, block_lse)
+        kv.finish()
+    return acc
 
 
 def ring_forward(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """This rank's ``(out, lse)``: out like q in q's dtype, lse ``(B, H, S)`` in the accumulator dtype."""
-    rows = query_rows(plan)
-    acc = None
-    kv = KVRotation(plan, k, v)
-    with cuda_rng_sandbox(plan.options.dropout, q.device):
-        for step in range(plan.world_size):
-            src = (plan.rank - step) % plan.world_size
-            kv.start(step)
-            for job in plan.schedule.jobs_for(plan.rank, src):
-                block_out, block_lse = block_forward(plan, job, src, take(q, job.q), take(kv.k, job.kv),
-                                                     take(kv.v, job.kv))
-                if acc is None:
-                    acc = start_sum(rows, q.shape[1], block_out, block_lse, q.dtype, merge=True)
-                else:
-                    acc.add(job.q, block_out, block_lse)
-            kv.finish()
+    if plan.options.dropout is None:
+        acc = forward_blocks(plan, q, k, v)
+    else:
+        with cuda_rng_sandbox(plan.options.dropout, q.device):
+            acc = forward_blocks(plan, q, k, v)
     if acc is None:  # no query sees any key
-        b, s, h, _ = q.shape
-        return torch.zeros_like(q), torch.full((b, h, s), float("-inf"), dtype=accumulator_dtype(q.dtype),
+        *lead, s, h, _ = q.shape
+        return torch.zeros_like(q), torch.full((*lead, h, s), float("-inf"), dtype=accumulator_dtype(q.dtype),
                                                device=q.device)
-    return acc.result.to(q.dtype), acc.lse
+    return _as(acc.result, q.dtype), acc.lse
 
 
 def dkv_message_dtype(plan: RingPlan, sender: int, step: int, k: Tensor) -> torch.dtype:
@@ -159,7 +175,7 @@ def dkv_message_dtype(plan: RingPlan, sender: int, step: int, k: Tensor) -> torc
     job over all its keys) lose nothing in the input dtype; partial sums travel in float32."""
     if step == plan.world_size - 1:
         return k.dtype  # the finished sum: rounded as the final cast would
-    return sum_dtype(k.dtype, 1 if step == 0 and single_full_job(plan, sender, k.shape[1]) else None)
+    return sum_dtype(k.dtype, 1 if step == 0 and single_full_job(plan, sender, k.shape[ROWS]) else None)
 
 
 def single_full_job(plan: RingPlan, rank: int, length: int) -> bool:
@@ -173,7 +189,7 @@ def fold_dkv(plan: RingPlan, step: int, incoming: Optional[List[Tensor]], partia
     """The dK/dV accumulator of the block held at ``step``: what came with it plus this rank's parts."""
     acc_dtype = accumulator_dtype(k.dtype)
     if incoming is None:  # this rank's own block: nobody has added to it yet
-        if single_full_job(plan, plan.rank, k.shape[1]) and partials[0][1].dtype == k.dtype:
+        if single_full_job(plan, plan.rank, k.shape[ROWS]) and partials[0][1].dtype == k.dtype:
             return [partials[0][1], partials[0][2]]  # the kernel's output as it is
         if plan.world_size > 1:  # made as the one message it travels as
             acc = list(torch.zeros((2, *k.shape), dtype=acc_dtype, device=k.device).unbind(0))
@@ -182,7 +198,7 @@ def fold_dkv(plan: RingPlan, step: int, incoming: Optional[List[Tensor]], partia
     else:
         acc = incoming
         if acc[0].dtype != acc_dtype:  # a single earlier contribution, in the input dtype
-            cols = slice_rows([c for c, _, _ in partials], k.shape[1])
+            cols = slice_rows([c for c, _, _ in partials], k.shape[ROWS])
             # the last hop with this rank's jobs on disjoint keys: two terms per key, added in place
             terms = 2 if step == plan.world_size - 1 and cols is not None and disjoint(cols) else None
             wanted = sum_dtype(k.dtype, terms, all(dk.dtype == k.dtype for _, dk, _ in partials))
@@ -203,7 +219,7 @@ def ring_backward(
     dtype of each hop (the last one, which nothing can overlap, carries half the bytes).
     """
     w = plan.world_size
-    rows = query_rows(plan)
+    rows = plan.query_rows(q.shape[ROWS])
     if plan.options.dropout is not None:
         plan.options.dropout.rewind()  # the same kernel calls as the forward, in the same order
     dq_sum = None
@@ -217,11 +233,11 @@ def ring_backward(
         partials = []
         for job in plan.schedule.jobs_for(plan.rank, src):
             dq_b, dk_b, dv_b = block_backward(
-                plan, job, src, take(dout, job.q), take(q, job.q), take(kv.k, job.kv), take(kv.v, job.kv),
-                take(out, job.q), take(lse, job.q, dim=2),
+                plan, job, src, take(dout, job.q, ROWS), take(q, job.q, ROWS), take(kv.k, job.kv, ROWS),
+                take(kv.v, job.kv, ROWS), take(out, job.q, ROWS), take(lse, job.q, LSE_ROWS),
             )
             if dq_sum is None:
-                dq_sum = start_sum(rows, q.shape[1], dq_b, None, q.dtype, merge=False)
+                dq_sum = start_sum(rows, q.shape[ROWS], dq_b, None, q.dtype, merge=False)
             else:
                 dq_sum.add(job.q, dq_b)
             partials.append((job.kv, dk_b, dv_b))
@@ -240,6 +256,11 @@ def ring_backward(
     if w > 1:
         dkv = incoming
     dq = dq_sum.result if dq_sum is not None else torch.zeros_like(q)
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    return _as(dq, q.dtype), _as(dkv[0], k.dtype), _as(dkv[1], v.dtype)
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype`` (itself when it already is)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 

@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from ..core.accumulate import JobRows
 from ..core.comm import ring_comm
 from ..core.function import (AttentionOps, attention_backward, dropout_seed_output,
                              fake_kept_inputs_backward, fake_kept_inputs_forward, seed_of)
@@ -31,9 +32,9 @@ from ..core.layouts import position_ids, varlen_token_index
 from ..core.spec import CallSpec
 from ..core.sinks import forward_outputs
 from ..core.validation import check_balanced_tokens, check_cu_seqlens, group_rank_and_size, host_offsets, resolve_group
-from ..kernels import KernelCall, block_options, select_backend
+from ..kernels import BlockOptions, KernelCall, block_options, select_backend
 from ..kernels.dropout import draw_dropout_seed
-from .engine import RingPlan, ring_backward, ring_forward
+from .engine import RingPlan, query_rows, ring_backward, ring_forward
 from .packed import VarlenRingSchedule, varlen_ring_schedule
 from .schedules import RingSchedule, ring_schedule
 
@@ -46,7 +47,7 @@ class PlanKey(NamedTuple):
 
     spec: CallSpec
     offsets: Optional[Tuple[int, ...]]  # the host cu_seqlens of a packed call (None: batch)
-    local_len: int  # tokens per batch row of this rank
+    local_len: int  # tokens per batch row of this rank (packed: all of them)
     rank: int
     world_size: int
     device: torch.device
@@ -62,6 +63,8 @@ class SharedPlan:
     schedule: Union[RingSchedule, VarlenRingSchedule]
     kernel_call: KernelCall  # what the block kernel is asked (the kernel is chosen per call, memoised)
     positions: Optional[Tuple[Tensor, ...]]  # every rank's global token positions (ALiBi only)
+    rows: JobRows  # the query rows of this rank's jobs, in ring order
+    options: Optional[BlockOptions]  # the kernel options of a call without dropout and ALiBi (else per call)
 
 
 PLAN_CACHE_SIZE = 128
@@ -91,33 +94,33 @@ def shared_plan(key: PlanKey) -> SharedPlan:
     call = KernelCall(device_type=key.device.type, dtype=key.dtype, head_dim=key.head_dim,
                       bands=tuple(schedule.bands()), deterministic=spec.deterministic, varlen=key.offsets is not None,
                       softcap=bool(spec.softcap), dropout=bool(spec.dropout_p), alibi=key.alibi)
-    return SharedPlan(schedule, call, positions)
+    options = None
+    if not spec.dropout_p and not key.alibi:
+        options = block_options(spec.softmax_scale, spec.softcap, 0.0, None, spec.deterministic)
+    return SharedPlan(schedule, call, positions, query_rows(schedule, key.rank, w, key.local_len), options)
 
 
 def _plan(q: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_seed: Optional[int],
           spec: CallSpec) -> RingPlan:
     """The plan of a call: batch ``(B, S, H, D)`` tensors, or with ``cu_seqlens`` (local offsets) packed
-    documents as one batch row ``(1, T, H, D)``, whose offsets are read here (once per tensor,
+    documents ``(T, H, D)``, whose offsets are read here (once per tensor,
     :func:`host_offsets`). The schedule, kernel call and ALiBi positions come from
     :func:`shared_plan`; the process group, the kernel options and the dropout seed are the call's own.
     ``dropout_seed`` None: a forward, which draws one when ``dropout_p`` is set."""
     pg = resolve_group(spec.group)
     rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
     offsets = None if cu_seqlens is None else host_offsets(cu_seqlens)
-    shared = shared_plan(PlanKey(spec, offsets, q.shape[1], rank, world_size, q.device, q.dtype, q.shape[-1],
+    shared = shared_plan(PlanKey(spec, offsets, q.shape[-3], rank, world_size, q.device, q.dtype, q.shape[-1],
                                  alibi_slopes is not None))
     kernel = select_backend(shared.kernel_call, spec.backend or None)
-    if dropout_seed is None:
-        dropout_seed = draw_dropout_seed() if spec.dropout_p else 0
-    return RingPlan(rank=rank, world_size=world_size, comm=ring_comm(pg, rank, world_size) if world_size > 1 else None,
-                    schedule=shared.schedule, backend=kernel, positions=shared.positions,
-                    options=block_options(spec.softmax_scale, spec.softcap, spec.dropout_p, alibi_slopes,
-                                          spec.deterministic, dropout_seed))
-
-
-def _rows(x: Tensor, packed: bool) -> Tensor:
-    """Packed ``(T, H, D)`` tensors as the engine's one batch row; batch ones as they are."""
-    return x[None] if packed else x
+    options = shared.options
+    if options is None:  # dropout (the call's seed) or ALiBi (the call's slopes)
+        if dropout_seed is None:
+            dropout_seed = draw_dropout_seed() if spec.dropout_p else 0
+        options = block_options(spec.softmax_scale, spec.softcap, spec.dropout_p, alibi_slopes, spec.deterministic,
+                                dropout_seed)
+    return RingPlan(rank, world_size, ring_comm(pg, rank, world_size) if world_size > 1 else None, shared.schedule,
+                    kernel, options, shared.positions, shared.rows)
 
 
 RingTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # cu_seqlens, ALiBi slopes, sinks
@@ -130,12 +133,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, tensors: RingTensors,
     directly by the compositions above the family (no second pass through the dispatcher).
     ``tensors``: ``(cu_seqlens, alibi_slopes, sinks)``, each may be None."""
     cu_seqlens, alibi_slopes, sinks = tensors
-    packed = cu_seqlens is not None
-    q_rows, k_rows, v_rows = (_rows(t, packed) for t in (q, k, v))
-    plan = _plan(q_rows, cu_seqlens, alibi_slopes, None, spec)
-    out, lse = ring_forward(plan, q_rows, k_rows, v_rows)
-    if packed:
-        out, lse = out[0], lse[0]
+    plan = _plan(q, cu_seqlens, alibi_slopes, None, spec)
+    out, lse = ring_forward(plan, q, k, v)
     out, lse, lse_before = forward_outputs(out.contiguous(), lse.contiguous(), sinks)
     seed = plan.options.dropout.seed if plan.options.dropout is not None else 0
     return out, lse, dropout_seed_output(seed, spec, q.device), lse_before
@@ -148,12 +147,11 @@ def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor
     lse, dropout_seed, lse_before_sinks)``. The backward op's work."""
     q, k, v, out, lse, dropout_seed, lse_before = saved
     cu_seqlens, alibi_slopes, sinks = tensors
-    packed = cu_seqlens is not None
-    plan = _plan(_rows(q, packed), cu_seqlens, alibi_slopes, seed_of(dropout_seed), spec)
+    plan = _plan(q, cu_seqlens, alibi_slopes, seed_of(dropout_seed), spec)
 
     def run_backward(*grads_in: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        grads = ring_backward(plan, *(_rows(t, packed) for t in grads_in))
-        return tuple((g[0] if packed else g).contiguous() for g in grads)
+        dq, dk, dv = ring_backward(plan, *grads_in)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
     return attention_backward(run_backward, dout, dlse, q, k, v, out, lse, lse_before, sinks)
 

@@ -1,0 +1,134 @@
+"""Where the host time of one eager call goes: the aten ops and CUDA runtime calls it issues per call
+(torch.profiler, CPU side) and the Python functions that take the most time (cProfile), for the first
+of ``--variants``, beside the same figures for SDPA (forward + backward through autograd) on the
+same local tensors, the floor an eager call cannot go below, and, for the batch ring family, for
+the family's forward and backward work called directly (no autograd, no argument checks).
+
+    torchrun --nproc_per_node 1 benchmark/profile_host.py [benchmark_func.py flags] --variants ring
+
+Takes the flags of ``benchmark_func.py`` (``--iters`` calls are profiled after ``--warmup``). Rank 0
+prints; CPU (gloo) runs too, where the figures are the library's Python and gloo's.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import time
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from ring_flash_attn.core.spec import CallSpec
+from ring_flash_attn.ring.ops import RING_OPS
+
+from benchmark_func import Problem, make_step, parse_args, setup, sync, world
+
+Step = Callable[[], object]
+
+
+def sdpa_step(args, problem: Problem, variant: str) -> Step:
+    """SDPA forward + backward (autograd) on this rank's local q/k/v, heads first, GQA native."""
+    local = problem.shard(variant)
+    q, k, v = (local[n].detach().transpose(-3, -2).requires_grad_() for n in "qkv")
+    dout = local["dout"].transpose(-3, -2)
+
+    def step() -> None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=args.causal, enable_gqa=True)
+        torch.autograd.grad(out, (q, k, v), dout)
+
+    return step
+
+
+def ops_step(args, problem: Problem, variant: str) -> Optional[Step]:
+    """The ring family's forward and backward work on this rank's shard called directly, without
+    autograd or the public function's checks (batch ring-family variants only; else None): what the
+    library's engine costs beneath the call."""
+    if args.varlen or args.ulysses_degree or variant not in ("ring", "zigzag", "stripe"):
+        return None
+    local = problem.shard(variant)
+    q, k, v, dout = (local[n] for n in ("q", "k", "v", "dout"))
+    group = dist.group.WORLD.group_name if dist.is_initialized() else ""
+    spec = CallSpec(variant, args.causal, -1, -1, args.head_dim ** -0.5, 0.0, 0.0, False, args.backend or "", group)
+    nothing = (None, None, None)  # cu_seqlens, ALiBi slopes, sinks
+
+    def step() -> None:
+        out, lse, seed, lse_before = RING_OPS.forward(q, k, v, nothing, spec)
+        RING_OPS.backward(dout, None, (q, k, v, out, lse, seed, lse_before), nothing, spec)
+
+    return step
+
+
+def host_ms(step: Step, calls: int, device: torch.device) -> float:
+    """Median over 5 runs of the host time per call of ``calls`` back-to-back calls."""
+    samples = []
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        samples.append((time.perf_counter() - t0) / calls * 1e3)
+        sync(device)
+    return sorted(samples)[2]
+
+
+def op_counts(step: Step, calls: int) -> List[Tuple[str, float, float]]:
+    """(name, calls per step, self host us per step) of every aten op / runtime call, most costly first."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            step()
+    rows = [(e.key, e.count / calls, e.self_cpu_time_total / calls) for e in prof.key_averages()
+            if e.key.startswith(("aten::", "cuda", "cudnn", "c10d::", "ring_flash_attn::"))]
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def python_profile(step: Step, calls: int, lines: int = 30) -> str:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        step()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(lines)
+    return text.getvalue()
+
+
+def main() -> None:
+    args = parse_args()
+    device = setup()
+    rank, w = world()
+    variant = args.variants[0]
+    problem = Problem(args, device)
+    steps: Dict[str, Step] = {variant: make_step(args, problem, variant), "sdpa": sdpa_step(args, problem, variant)}
+    engine = ops_step(args, problem, variant)
+    if engine is not None:
+        steps[f"{variant} ops alone"] = engine
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    report = []
+    for name, step in steps.items():
+        ms = host_ms(step, max(args.iters, 50), device)
+        ops = op_counts(step, args.iters)
+        launches = sum(n for key, n, _ in ops if key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
+        report.append(f"## {name}: host {ms:.3f} ms per call, {sum(n for k, n, _ in ops if k.startswith('aten::')):.0f} "
+                      f"aten ops, {launches:.0f} kernel launches per call")
+        report += [f"  {n:6.1f} x {us:8.1f} us  {key}" for key, n, us in ops[:40]]
+    sync(device)
+    report.append(python_profile(steps[variant], args.iters))
+    if rank == 0:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        print(f"# {name} x{w}, {variant}{' varlen' if args.varlen else ''}, {args.seqlen} tokens/rank, "
+              f"torch {torch.__version__}; per call: count x self host us")
+        print("\n".join(report))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
