@@ -143,6 +143,7 @@ def test_heads_k_stride_is_a_positive_divisor_in_every_allgather_function(stride
     """0 is refused as ring-flash-attn refuses it (not read as "all heads"), the same way in the
     llama3 functions (positional), the zigzag_llama3 ones (keyword) and the model adapter's layout."""
     from ring_flash_attn.allgather.api import packed_allgather
+    from ring_flash_attn.core.spec import AttentionArgs
 
     q, k, v = _packed()  # nheads_k = 2
     cu = torch.tensor([0, 4, 8], dtype=torch.int32)
@@ -153,7 +154,7 @@ def test_heads_k_stride_is_a_positive_divisor_in_every_allgather_function(stride
             q, torch.stack([k, v], 1), *prepared[:4], s, prepared[4], causal=True),
         "zigzag_llama3": lambda s: rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu, 4, causal=True,
                                                                             heads_k_stride=s),
-        "packed_zigzag": lambda s: packed_allgather("packed_zigzag", q, k, v, cu, causal=True, heads_k_stride=s),
+        "packed_zigzag": lambda s: packed_allgather("packed_zigzag", q, k, v, cu, AttentionArgs(causal=True), s),
     }
     for name, call in calls.items():
         with pytest.raises(error, match="heads_k_stride"):

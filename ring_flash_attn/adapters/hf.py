@@ -41,6 +41,7 @@ import torch.distributed as dist
 from ..allgather.api import llama3_flash_attn_varlen_func, packed_allgather
 from ..allgather.plan import llama3_flash_attn_prepare_cu_seqlens
 from ..core.layouts import MODEL_LAYOUTS, ring_and_ulysses_rank, varlen_position_ids, varlen_token_index
+from ..core.spec import AttentionArgs
 from ..core.validation import group_rank_and_size
 from ..ring.api import balanced_ring_flash_attn_varlen_func, ring_flash_attn_func, zigzag_ring_flash_attn_func
 from ..ulysses.api import ulysses_flash_attn_func, ulysses_flash_attn_varlen_func
@@ -245,8 +246,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: RingAttentionS
         fn = zigzag_ring_flash_attn_func if layout == "zigzag" else ring_flash_attn_func
         return fn(q, k, v, **options)
     if layout == "zigzag":  # the pack is sharded as one sequence (sequence.shard_inputs)
-        out = packed_allgather("packed_zigzag", q[0], k[0], v[0], batch.cu_seqlens, heads_k_stride=s.heads_k_stride,
-                               **options)
+        out = packed_allgather("packed_zigzag", q[0], k[0], v[0], batch.cu_seqlens, AttentionArgs(**options),
+                               s.heads_k_stride)
         return out[None]
     prepared = _llama3_args(batch, options["causal"], s.group)
     stride = k.shape[2] if s.heads_k_stride is None else s.heads_k_stride

@@ -1,8 +1,9 @@
 """Public functions of the all-gather family: ``llama3_flash_attn_varlen_*`` (ring-flash-attn
 0.1.x's signatures, with its :func:`llama3_flash_attn_prepare_cu_seqlens`) and the load-balanced
 ``zigzag_llama3_flash_attn_varlen_*`` (global ``cu_seqlens``, each rank holding zigzag chunks of
-every document). Thin wrappers: validate, build the call's :class:`~ring_flash_attn.core.spec.CallSpec`, then the
-family's ops (:data:`.ops.GATHER_OPS`)."""
+every document). Thin wrappers: pack the options into an
+:class:`~ring_flash_attn.core.spec.AttentionArgs`, validate, build the call's
+:class:`~ring_flash_attn.core.spec.CallSpec`, then the family's ops (:data:`.ops.GATHER_OPS`)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,9 @@ import torch.distributed as dist
 
 from ..core.docs import BALANCED_LLAMA3_DOCS, LLAMA3_DOCS, ZIGZAG_LLAMA3_DOCS
 from ..core.public import public
-from ..core.spec import CallSpec
-from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_nonempty_pack,
-                               check_options, check_qkv, check_same_call_across_group, check_sinks, checking_calls,
-                               default_scale, host_offsets, kernel_ready, normalized_window, process_group_name,
-                               unpack)
+from ..core.spec import AttentionArgs
+from ..core.validation import (check_cu_seqlens_tensor, check_nonempty_pack, check_qkv, kernel_ready,
+                               process_group_name, unpack, validated_spec)
 from .ops import GATHER_OPS
 from .plan import check_heads_k_stride
 
@@ -25,29 +24,22 @@ Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor, None]]
 
 
-def _allgather(q: Tensor, k: Tensor, v: Tensor, layout: str, cu_q: Tensor, cu_k: Optional[Tensor], max_q: int,
-               max_k: int, k_slice: Tuple[int, int], heads_k_stride: Optional[int], dropout_p: float,
-               softmax_scale: Optional[float], causal: bool, window_size, softcap: float,
-               alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool, group,
-               backend: Optional[str], sinks: Optional[Tensor]) -> Result:
-    """Validate the options and run the custom op (``allgather/ops.py``). ``cu_k`` None: ``cu_q`` is
-    the global cu_seqlens of a packed layout; else llama3's prepared arguments."""
-    check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
-    check_alibi_slopes(alibi_slopes, q, batch=None)
-    check_sinks(sinks, q)
-    window = normalized_window(window_size)
+GatherDocuments = Tuple[Tensor, Optional[Tensor], int, int, int, int]
+"""``(cu_q, cu_k, max_q, max_k, k_start, k_stop)``: llama3's prepared arguments (``local_k_slice`` as
+``k_start, k_stop``), or, with ``cu_k`` None, a packed layout's global cu_seqlens ``cu_q``, its
+longest document ``max_q`` (-1: not given) and ``-1, 0, 0``."""
+
+
+def _allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, documents: GatherDocuments,
+               heads_k_stride: Optional[int], args: AttentionArgs) -> Result:
+    """Validate the options and run the custom op (``allgather/ops.py``)."""
     stride = check_heads_k_stride(heads_k_stride, k.shape[1])
-    if checking_calls():  # a packed layout's global cu_seqlens must be the same on every rank (llama3's are per rank)
-        documents = {} if cu_k is not None else {"cu_seqlens": host_offsets(cu_q)}
-        check_same_call_across_group(group, q.device, call_signature(
-            "allgather", layout, q, k, causal, softmax_scale, heads_k_stride=heads_k_stride, softcap=softcap,
-            window_size=window, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None,
-            **documents))
-    spec = CallSpec(layout, bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
-                    float(dropout_p), bool(deterministic), backend or "", process_group_name(group), max_q, max_k,
-                    k_slice[0], k_slice[1], stride)
-    out, lse, *_ = GATHER_OPS(q, k, v, (cu_q, cu_k, alibi_slopes, sinks), spec, bool(return_attn_probs))
-    return (out, lse, None) if return_attn_probs else out
+    cu_q, cu_k, max_q, max_k, k_start, k_stop = documents
+    global_cu = cu_q if cu_k is None else None  # llama3's prepared cu_seqlens differ per rank
+    spec = validated_spec("allgather", layout, q, k, args, process_group_name(args.group), global_cu,
+                          {"heads_k_stride": heads_k_stride}, (max_q, max_k, k_start, k_stop, stride))
+    out, lse, *_ = GATHER_OPS(q, k, v, (cu_q, cu_k, args.alibi_slopes, args.sinks), spec, args.return_attn_probs)
+    return args.result(out, lse)
 
 
 @public(LLAMA3_DOCS)
@@ -63,16 +55,17 @@ def llama3_flash_attn_varlen_func(
     (documents cross rank boundaries freely; no divisibility per document): flash-attn's
     ``flash_attn_varlen_func`` on the whole batch, this rank's rows. K/V are all-gathered."""
     check_qkv(q, k, v, packed=True)
-    q, k, v = (kernel_ready(t) for t in (q, k, v))
+    q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
     for cu in (cu_seqlens_q, cu_seqlens_k):
         check_cu_seqlens_tensor(cu)
     if not isinstance(local_k_slice, slice):
         raise TypeError(f"local_k_slice must be a slice, got {type(local_k_slice).__name__}")
     check_nonempty_pack(q)
-    k_slice = (0 if local_k_slice.start is None else int(local_k_slice.start), int(local_k_slice.stop))
-    return _allgather(q, k, v, "llama3", cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), k_slice,
-                      heads_k_stride, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                      deterministic, return_attn_probs, group, backend, sinks)
+    k_start = 0 if local_k_slice.start is None else int(local_k_slice.start)
+    documents = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), k_start, int(local_k_slice.stop))
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return _allgather("llama3", q, k, v, documents, heads_k_stride, args)
 
 
 @public(LLAMA3_DOCS)
@@ -119,28 +112,23 @@ def zigzag_llama3_flash_attn_varlen_func(
     chunks and rank r holds chunks r and 2W-1-r of each -- the layout of
     ``zigzag_ring_flash_attn_varlen_func`` -- so every rank gets the same causal work whatever the
     documents. flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
-    return packed_allgather("zigzag_llama3", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size,
-                            softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend,
-                            max_seqlen, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return packed_allgather("zigzag_llama3", q, k, v, cu_seqlens, args, heads_k_stride, max_seqlen)
 
 
-def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, dropout_p: float = 0.0,
-                     softmax_scale: Optional[float] = None, causal: bool = False,
-                     window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-                     return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None,
-                     heads_k_stride: Optional[int] = None, backend: Optional[str] = None,
-                     max_seqlen: Optional[int] = None, sinks: Optional[Tensor] = None) -> Result:
+def packed_allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
+                     args: AttentionArgs = AttentionArgs(), heads_k_stride: Optional[int] = None,
+                     max_seqlen: Optional[int] = None) -> Result:
     """The all-gather family on the global ``cu_seqlens`` for a layout of :func:`allgather.local_pieces`
-    (the model adapter's packed batches use ``packed_zigzag``: the pack cut as one sequence);
-    ``max_seqlen``, when given, is checked against the longest document."""
+    (the model adapter's packed batches use ``packed_zigzag``: the pack cut as one sequence), with the
+    call's options ``args``; ``max_seqlen``, when given, is checked against the longest document."""
     check_qkv(q, k, v, packed=True)
     check_nonempty_pack(q)
-    q, k, v = (kernel_ready(t) for t in (q, k, v))
+    q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
     check_cu_seqlens_tensor(cu_seqlens)
-    return _allgather(q, k, v, layout, cu_seqlens, None, -1 if max_seqlen is None else int(max_seqlen), -1, (0, 0),
-                      heads_k_stride, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                      deterministic, return_attn_probs, group, backend, sinks)
+    documents = (cu_seqlens, None, -1 if max_seqlen is None else int(max_seqlen), -1, 0, 0)
+    return _allgather(layout, q, k, v, documents, heads_k_stride, args)
 
 
 @public(ZIGZAG_LLAMA3_DOCS)
@@ -187,9 +175,9 @@ def balanced_llama3_flash_attn_varlen_func(
     document, chunks differing by at most a token: the same causal work and token count on every
     rank, no padding inside documents): the layout of ``balanced_ring_flash_attn_varlen_func``.
     flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
-    return packed_allgather("balanced_llama3", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size,
-                            softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend,
-                            max_seqlen, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return packed_allgather("balanced_llama3", q, k, v, cu_seqlens, args, heads_k_stride, max_seqlen)
 
 
 @public(BALANCED_LLAMA3_DOCS)
@@ -202,9 +190,9 @@ def balanced_llama3_flash_attn_varlen_kvpacked_func(
 ) -> Result:
     """:func:`balanced_llama3_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
-    return packed_allgather("balanced_llama3", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size,
-                            softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend,
-                            max_seqlen, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return packed_allgather("balanced_llama3", q, k, v, cu_seqlens, args, heads_k_stride, max_seqlen)
 
 
 @public(BALANCED_LLAMA3_DOCS)
@@ -217,6 +205,6 @@ def balanced_llama3_flash_attn_varlen_qkvpacked_func(
 ) -> Result:
     """:func:`balanced_llama3_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
-    return packed_allgather("balanced_llama3", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size,
-                            softcap, alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride, backend,
-                            max_seqlen, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return packed_allgather("balanced_llama3", q, k, v, cu_seqlens, args, heads_k_stride, max_seqlen)

@@ -1,15 +1,43 @@
-"""One attention call's description, everything but its tensors: :class:`CallSpec`.
+"""One attention call's description, everything but its tensors: :class:`CallSpec`; and the
+options a public call was given, as given: :class:`AttentionArgs`.
 
-A public function builds it once from its arguments (after validation); the custom ops take it as
-their primitive arguments (:data:`SPEC_SCHEMA`, the same for every family, flattened by ``*spec``)
-and rebuild it with ``CallSpec(*primitives)``; everything below the ops -- plans, runners, the
-Ulysses wings -- takes the spec, never a list of options. A ``NamedTuple`` so that it is immutable,
-hashable (a plan cache key part) and traced by ``torch.compile`` as constants.
+A public function packs flash-attn's keyword arguments into an :class:`AttentionArgs`; its family's
+helper validates them once (:func:`~ring_flash_attn.core.validation.validated_spec`), which builds
+the call's :class:`CallSpec`. The custom ops take the spec as their primitive arguments
+(:data:`SPEC_SCHEMA`, the same for every family, flattened by ``*spec``) and rebuild it with
+``CallSpec(*primitives)``; everything below the ops -- plans, runners, the Ulysses wings -- takes
+the spec, never a list of options. The spec is a ``NamedTuple`` so that it is immutable, hashable (a
+plan cache key part) and traced by ``torch.compile`` as constants.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple, get_type_hints
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Tuple, Union, get_type_hints
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class AttentionArgs(NamedTuple):
+    """flash-attn's keyword arguments of one public call, as the caller gave them (unchecked; the
+    defaults are flash-attn's). :class:`CallSpec` is what the ops take, built from these after
+    validation."""
+
+    dropout_p: float = 0.0
+    softmax_scale: Optional[float] = None
+    causal: bool = False
+    window_size: Tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi_slopes: Optional[Tensor] = None
+    deterministic: bool = False
+    return_attn_probs: bool = False
+    group: Any = None  # a ProcessGroup or None; Ulysses: also UlyssesRingGroups
+    backend: Optional[str] = None
+    sinks: Optional[Tensor] = None
+
+    def result(self, out: Tensor, lse: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+        """What the public call returns: ``out``, or ``(out, lse, None)`` with ``return_attn_probs``."""
+        return (out, lse, None) if self.return_attn_probs else out
 
 
 class CallSpec(NamedTuple):

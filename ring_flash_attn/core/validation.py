@@ -1,6 +1,7 @@
 """Input checks shared by the public functions: clear ``TypeError``/``ValueError`` for bad tensors,
 ``NotImplementedError`` for options this version does not compute, the process group, and the
-opt-in cross-rank check of a call's arguments."""
+opt-in cross-rank check of a call's arguments; :func:`validated_spec` runs the checks every family
+shares on a call's :class:`~.spec.AttentionArgs` and builds its :class:`~.spec.CallSpec`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import all_gather_async
+from .spec import AttentionArgs, CallSpec
 
 Tensor = torch.Tensor
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -353,3 +355,36 @@ def check_balanced_tokens(offsets: Tuple[int, ...], local_tokens: int, rank: int
                          f"{total // world_size} of the global cu_seqlens' {total}: pass the global cu_seqlens (the "
                          "whole pack's, the same on every rank) and this rank's tokens from "
                          "ring_flash_attn.layouts.shard_varlen(x, cu_seqlens, 'balanced', rank, world_size)")
+
+
+def validated_spec(kind: str, layout: str, q: Tensor, k: Tensor, args: AttentionArgs, group_name: str,
+                   documents: Optional[Tensor] = None, agreed: Optional[Dict[str, object]] = None,
+                   tail: Tuple = ()) -> CallSpec:
+    """The checks every family shares, then the call's :class:`~.spec.CallSpec`.
+
+    Checks ``args``' scalar options, ALiBi slopes (per batch row too where q is ``(B, S, H, D)``),
+    sinks and window; with ``RING_FLASH_ATTN_CHECK=1``, that every rank of the group named
+    ``group_name`` makes the same ``kind`` of call on ``layout``: shapes, options, the family's own
+    ``agreed`` fields and, when given, the global cu_seqlens ``documents`` (read on the host only
+    then). ``tail``: the spec's fields after ``group``, in order (those left out keep their defaults)."""
+    dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, _, \
+        backend, sinks = args
+    check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
+    check_alibi_slopes(alibi_slopes, q, batch=q.shape[0] if q.dim() == 4 else None)
+    check_sinks(sinks, q)
+    window = normalized_window(window_size)
+    if checking_calls():
+        check_same_call_across_group(resolve_group(group_name), q.device, call_signature(
+            kind, layout, q, k, causal, softmax_scale, **_agreed_options(args, window, documents, agreed)))
+    return CallSpec(layout, bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
+                    float(dropout_p), bool(deterministic), backend or "", group_name, *tail)
+
+
+def _agreed_options(args: AttentionArgs, window: Tuple[int, int], documents: Optional[Tensor],
+                    agreed: Optional[Dict[str, object]]) -> Dict[str, object]:
+    """The options of :func:`validated_spec`'s cross-rank check, by name, after the shapes."""
+    options = {"window_size": window, "softcap": args.softcap, "dropout_p": args.dropout_p,
+               "alibi": args.alibi_slopes is not None, "sinks": args.sinks is not None, **(agreed or {})}
+    if documents is not None:  # a packed layout's global cu_seqlens: the same on every rank
+        options["cu_seqlens"] = host_offsets(documents)
+    return options

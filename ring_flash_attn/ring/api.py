@@ -1,9 +1,11 @@
 """Public functions of the ring family: flash-attn's ``flash_attn_func`` / ``flash_attn_varlen_func``
 families (with ``kvpacked`` / ``qkvpacked`` twins) for the ``ring``, ``zigzag`` and ``stripe``
 layouts, with ring-flash-attn 0.1.x's parameters in its order, then ``softcap`` and ``backend``
-keyword-only. Each unpacks its inputs and calls :func:`ring_attention` / :func:`ring_attention_varlen`,
-which validate them, build the call's :class:`~ring_flash_attn.core.spec.CallSpec` and run the
-family's ops (:data:`.ops.RING_OPS`); no algorithm lives here.
+keyword-only. Each unpacks its inputs, packs its options into an
+:class:`~ring_flash_attn.core.spec.AttentionArgs` and calls :func:`ring_attention` /
+:func:`ring_attention_varlen`, which validate them, build the call's
+:class:`~ring_flash_attn.core.spec.CallSpec` and run the family's ops (:data:`.ops.RING_OPS`); no
+algorithm lives here.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import torch.distributed as dist
 
 from ..core.docs import BALANCED_DOCS, BATCH_DOCS, VARLEN_DOCS
 from ..core.public import public
-from ..core.spec import CallSpec
+from ..core.spec import AttentionArgs
 from ..core.layouts import RING_VARLEN_LAYOUTS, check_layout, check_local_seqlen
-from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_options, check_qkv,
-                               check_same_call_across_group, check_sinks, checking_calls, default_scale, host_offsets,
-                               kernel_ready, normalized_window, process_group_name, unpack)
+from ..core.validation import (check_cu_seqlens_tensor, check_qkv, kernel_ready, process_group_name, unpack,
+                               validated_spec)
 from .ops import RING_OPS
 
 Tensor = torch.Tensor
@@ -31,56 +32,30 @@ def check_varlen_layout(layout: str) -> None:
         raise ValueError(f"unknown packed layout {layout!r} of the ring family; expected one of {RING_VARLEN_LAYOUTS}")
 
 
-def ring_attention(
-    layout: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
-    causal: bool = False, window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None, sinks: Optional[Tensor] = None,
-) -> Result:
-    """Attention of this rank's queries ``(B, S, H, D)`` over the whole sharded sequence."""
+def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, args: AttentionArgs) -> Result:
+    """Attention of this rank's queries ``(B, S, H, D)`` over the whole sequence sharded in ``layout``,
+    with the public call's options ``args``."""
     check_layout(layout)
     check_qkv(q, k, v)
-    q, k, v = (kernel_ready(t) for t in (q, k, v))
-    check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
-    check_alibi_slopes(alibi_slopes, q, batch=q.shape[0])
-    check_sinks(sinks, q)
+    q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
     check_local_seqlen(layout, q.shape[1])
-    window = normalized_window(window_size)
-    if checking_calls():
-        check_same_call_across_group(group, q.device, call_signature(
-            "batch", layout, q, k, causal, softmax_scale, window_size=window, softcap=softcap, dropout_p=dropout_p,
-            alibi=alibi_slopes is not None, sinks=sinks is not None))
-    spec = CallSpec(layout, bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
-                    float(dropout_p), bool(deterministic), backend or "", process_group_name(group))
-    out, lse, *_ = RING_OPS(q, k, v, (None, alibi_slopes, sinks), spec, bool(return_attn_probs))
-    return (out, lse, None) if return_attn_probs else out
+    spec = validated_spec("batch", layout, q, k, args, process_group_name(args.group))
+    out, lse, *_ = RING_OPS(q, k, v, (None, args.alibi_slopes, args.sinks), spec, args.return_attn_probs)
+    return args.result(out, lse)
 
 
-def ring_attention_varlen(
-    layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
-    softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-    return_attn_probs: bool = False, group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None,
-    sinks: Optional[Tensor] = None,
-) -> Result:
+def ring_attention_varlen(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                          args: AttentionArgs) -> Result:
     """Packed documents: q ``(T, H, D)``, local ``cu_seqlens`` (global for ``balanced``); lse ``(H, T)``.
     ``cu_seqlens`` is read on the host inside the op, never in traced code."""
     check_varlen_layout(layout)
     check_qkv(q, k, v, packed=True)
-    q, k, v = (kernel_ready(t) for t in (q, k, v))
-    check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
-    check_alibi_slopes(alibi_slopes, q, batch=None)
-    check_sinks(sinks, q)
-    window = normalized_window(window_size)
+    q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
     check_cu_seqlens_tensor(cu_seqlens)
-    if checking_calls():
-        check_same_call_across_group(group, q.device, call_signature(
-            "varlen", layout, q, k, causal, softmax_scale, cu_seqlens=host_offsets(cu_seqlens), window_size=window,
-            softcap=softcap, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None))
-    spec = CallSpec(layout, bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
-                    float(dropout_p), bool(deterministic), backend or "", process_group_name(group), int(max_seqlen))
-    out, lse, *_ = RING_OPS(q, k, v, (cu_seqlens, alibi_slopes, sinks), spec, bool(return_attn_probs))
-    return (out, lse, None) if return_attn_probs else out
+    spec = validated_spec("varlen", layout, q, k, args, process_group_name(args.group), cu_seqlens,
+                          tail=(int(max_seqlen),))
+    out, lse, *_ = RING_OPS(q, k, v, (cu_seqlens, args.alibi_slopes, args.sinks), spec, args.return_attn_probs)
+    return args.result(out, lse)
 
 
 @public(BATCH_DOCS)
@@ -92,8 +67,9 @@ def ring_flash_attn_func(
 ) -> Result:
     """Exact attention over a sequence sharded in the ``ring`` layout (rank r of W holds the contiguous chunk r of W):
     flash-attn's ``flash_attn_func`` on the whole sequence, this rank's rows."""
-    return ring_attention("ring", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention("ring", q, k, v, args)
 
 
 @public(BATCH_DOCS)
@@ -105,8 +81,9 @@ def ring_flash_attn_kvpacked_func(
 ) -> Result:
     """:func:`ring_flash_attn_func` with k and v stacked: ``kv (batch, local_seqlen, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
-    return ring_attention("ring", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention("ring", q, k, v, args)
 
 
 @public(BATCH_DOCS)
@@ -118,8 +95,9 @@ def ring_flash_attn_qkvpacked_func(
 ) -> Result:
     """:func:`ring_flash_attn_func` with q, k and v stacked: ``qkv (batch, local_seqlen, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
-    return ring_attention("ring", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention("ring", q, k, v, args)
 
 @public(BATCH_DOCS)
 def zigzag_ring_flash_attn_func(
@@ -130,8 +108,9 @@ def zigzag_ring_flash_attn_func(
 ) -> Result:
     """Exact attention over a sequence sharded in the ``zigzag`` layout (rank r of W holds chunks r and 2W-1-r of 2W: the same causal work on every rank):
     flash-attn's ``flash_attn_func`` on the whole sequence, this rank's rows."""
-    return ring_attention("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention("zigzag", q, k, v, args)
 
 
 @public(BATCH_DOCS)
@@ -143,8 +122,9 @@ def zigzag_ring_flash_attn_kvpacked_func(
 ) -> Result:
     """:func:`zigzag_ring_flash_attn_func` with k and v stacked: ``kv (batch, local_seqlen, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
-    return ring_attention("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention("zigzag", q, k, v, args)
 
 
 @public(BATCH_DOCS)
@@ -156,8 +136,9 @@ def zigzag_ring_flash_attn_qkvpacked_func(
 ) -> Result:
     """:func:`zigzag_ring_flash_attn_func` with q, k and v stacked: ``qkv (batch, local_seqlen, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
-    return ring_attention("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention("zigzag", q, k, v, args)
 
 @public(BATCH_DOCS)
 def stripe_flash_attn_func(
@@ -168,8 +149,9 @@ def stripe_flash_attn_func(
 ) -> Result:
     """Exact attention over a sequence sharded in the ``stripe`` layout (rank r of W holds tokens r, r+W, r+2W, ...):
     flash-attn's ``flash_attn_func`` on the whole sequence, this rank's rows."""
-    return ring_attention("stripe", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention("stripe", q, k, v, args)
 
 
 @public(BATCH_DOCS)
@@ -181,8 +163,9 @@ def stripe_flash_attn_kvpacked_func(
 ) -> Result:
     """:func:`stripe_flash_attn_func` with k and v stacked: ``kv (batch, local_seqlen, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
-    return ring_attention("stripe", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention("stripe", q, k, v, args)
 
 
 @public(BATCH_DOCS)
@@ -194,8 +177,9 @@ def stripe_flash_attn_qkvpacked_func(
 ) -> Result:
     """:func:`stripe_flash_attn_func` with q, k and v stacked: ``qkv (batch, local_seqlen, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
-    return ring_attention("stripe", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention("stripe", q, k, v, args)
 
 @public(VARLEN_DOCS)
 def ring_flash_attn_varlen_func(
@@ -206,8 +190,9 @@ def ring_flash_attn_varlen_func(
 ) -> Result:
     """Exact attention over packed documents, every document sharded in the ``ring`` layout
     (rank r of W holds the contiguous chunk r of W, per document): flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
-    return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, args)
 
 
 @public(VARLEN_DOCS)
@@ -219,8 +204,9 @@ def ring_flash_attn_varlen_kvpacked_func(
 ) -> Result:
     """:func:`ring_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
-    return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, args)
 
 
 @public(VARLEN_DOCS)
@@ -232,8 +218,9 @@ def ring_flash_attn_varlen_qkvpacked_func(
 ) -> Result:
     """:func:`ring_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
-    return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention_varlen("ring", q, k, v, cu_seqlens, max_seqlen, args)
 
 @public(VARLEN_DOCS)
 def zigzag_ring_flash_attn_varlen_func(
@@ -244,8 +231,9 @@ def zigzag_ring_flash_attn_varlen_func(
 ) -> Result:
     """Exact attention over packed documents, every document sharded in the ``zigzag`` layout
     (rank r of W holds chunks r and 2W-1-r of 2W: the same causal work on every rank, per document): flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
-    return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, args)
 
 
 @public(VARLEN_DOCS)
@@ -257,8 +245,9 @@ def zigzag_ring_flash_attn_varlen_kvpacked_func(
 ) -> Result:
     """:func:`zigzag_ring_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
-    return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, args)
 
 
 @public(VARLEN_DOCS)
@@ -270,8 +259,9 @@ def zigzag_ring_flash_attn_varlen_qkvpacked_func(
 ) -> Result:
     """:func:`zigzag_ring_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
-    return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention_varlen("zigzag", q, k, v, cu_seqlens, max_seqlen, args)
 
 @public(VARLEN_DOCS)
 def stripe_flash_attn_varlen_func(
@@ -282,8 +272,9 @@ def stripe_flash_attn_varlen_func(
 ) -> Result:
     """Exact attention over packed documents, every document sharded in the ``stripe`` layout
     (rank r of W holds tokens r, r+W, r+2W, ..., per document): flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
-    return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, args)
 
 
 @public(VARLEN_DOCS)
@@ -295,8 +286,9 @@ def stripe_flash_attn_varlen_kvpacked_func(
 ) -> Result:
     """:func:`stripe_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
-    return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, args)
 
 
 @public(VARLEN_DOCS)
@@ -308,8 +300,9 @@ def stripe_flash_attn_varlen_qkvpacked_func(
 ) -> Result:
     """:func:`stripe_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
-    return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention_varlen("stripe", q, k, v, cu_seqlens, max_seqlen, args)
 
 
 @public(BALANCED_DOCS)
@@ -324,9 +317,9 @@ def balanced_ring_flash_attn_varlen_func(
     document, chunks differing by at most a token: the same causal work and token count on every
     rank, no padding inside documents), K/V passed around the ring: flash-attn's
     ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
-    return ring_attention_varlen("balanced", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend,
-                                 sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention_varlen("balanced", q, k, v, cu_seqlens, max_seqlen, args)
 
 
 @public(BALANCED_DOCS)
@@ -339,9 +332,9 @@ def balanced_ring_flash_attn_varlen_kvpacked_func(
 ) -> Result:
     """:func:`balanced_ring_flash_attn_varlen_func` with ``kv (total_local_tokens, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
-    return ring_attention_varlen("balanced", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend,
-                                 sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention_varlen("balanced", q, k, v, cu_seqlens, max_seqlen, args)
 
 
 @public(BALANCED_DOCS)
@@ -353,6 +346,6 @@ def balanced_ring_flash_attn_varlen_qkvpacked_func(
 ) -> Result:
     """:func:`balanced_ring_flash_attn_varlen_func` with ``qkv (total_local_tokens, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
-    return ring_attention_varlen("balanced", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs, group, backend,
-                                 sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ring_attention_varlen("balanced", q, k, v, cu_seqlens, max_seqlen, args)

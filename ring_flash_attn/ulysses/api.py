@@ -2,8 +2,9 @@
 ``ulysses_flash_attn_func`` with its ``kvpacked`` / ``qkvpacked`` twins, and the packed-document
 ``ulysses_flash_attn_varlen_*`` (global ``cu_seqlens``). The signatures are the ring functions';
 ``group`` is a process group (pure Ulysses) or :class:`~.groups.UlyssesRingGroups` (2D), and
-``ring_layout`` / ``head_chunks`` are keyword-only extras. Thin wrappers: validate, build the
-call's :class:`~ring_flash_attn.core.spec.CallSpec`, then the ops (:data:`.ops.ULYSSES_OPS`). A
+``ring_layout`` / ``head_chunks`` are keyword-only extras. Thin wrappers: pack the options into an
+:class:`~ring_flash_attn.core.spec.AttentionArgs`, validate, build the call's
+:class:`~ring_flash_attn.core.spec.CallSpec`, then the ops (:data:`.ops.ULYSSES_OPS`). A
 Ulysses degree of 1 has nothing to exchange: the call is then its ring layout's (the wing's ops on
 the caller's tensors, no copies), except for the ring family's per-document layouts over several
 ring ranks, whose local offsets the Ulysses op derives from the global ones."""
@@ -17,11 +18,9 @@ import torch.distributed as dist
 
 from ..core.docs import ULYSSES_DOCS, ULYSSES_VARLEN_DOCS
 from ..core.public import public
-from ..core.spec import CallSpec
+from ..core.spec import AttentionArgs
 from ..core.layouts import ALLGATHER_LAYOUTS, LAYOUTS, RING_VARLEN_LAYOUTS, local_divisor
-from ..core.validation import (call_signature, check_alibi_slopes, check_cu_seqlens_tensor, check_options, check_qkv,
-                               check_same_call_across_group, check_sinks, checking_calls, default_scale,
-                               host_offsets, kernel_ready, normalized_window, unpack)
+from ..core.validation import check_cu_seqlens_tensor, check_qkv, kernel_ready, unpack, validated_spec
 from .groups import UlyssesRingGroups, as_ulysses_ring_groups
 from .inner import InnerAttention, ring_spec, takes_global_offsets
 from .ops import ULYSSES_OPS, head_split
@@ -37,24 +36,16 @@ def _check_ring_layout(ring_layout: str, packed: bool) -> None:
         raise ValueError(f"unknown ring_layout {ring_layout!r}; expected one of {allowed}")
 
 
-def ulysses_attention(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: int = 0,
-    dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
-    window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-    deterministic: bool = False, return_attn_probs: bool = False, group: Group = None,
-    backend: Optional[str] = None, ring_layout: str = "ring", head_chunks: int = 2, sinks: Optional[Tensor] = None,
-) -> Result:
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int,
+                      args: AttentionArgs, ring_layout: str = "ring", head_chunks: int = 2) -> Result:
     """Validate a call and run the custom op: batch ``(B, S, H, D)`` or, with the global
-    ``cu_seqlens``, packed documents ``(T, H, D)``."""
+    ``cu_seqlens``, packed documents ``(T, H, D)``; ``args.group`` a process group or
+    :class:`~.groups.UlyssesRingGroups`."""
     packed = cu_seqlens is not None
     check_qkv(q, k, v, packed=packed)
-    q, k, v = (kernel_ready(t) for t in (q, k, v))
-    check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
-    check_alibi_slopes(alibi_slopes, q, batch=None if packed else q.shape[0])
-    check_sinks(sinks, q)
+    q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
     _check_ring_layout(ring_layout, packed)
-    window = normalized_window(window_size)
-    groups = as_ulysses_ring_groups(group)
+    groups = as_ulysses_ring_groups(args.group)
     split = head_split(q.shape[-2], k.shape[-2], groups.ulysses_degree, head_chunks)
     if packed:
         check_cu_seqlens_tensor(cu_seqlens)
@@ -63,23 +54,18 @@ def ulysses_attention(
                          f"{groups.ulysses_degree} x local_seqlen {q.shape[1]}) to be a multiple of "
                          f"{local_divisor(ring_layout)}")
     ulysses_name, ring_name, parent_name = groups.names()
-    if checking_calls():  # the global cu_seqlens of a packed batch: the same on every rank
-        documents = {"cu_seqlens": host_offsets(cu_seqlens)} if packed else {}
-        check_same_call_across_group(groups.group, q.device, call_signature(
-            "ulysses-varlen" if packed else "ulysses", ring_layout, q, k, causal, softmax_scale, window_size=window,
-            softcap=softcap, dropout_p=dropout_p, alibi=alibi_slopes is not None, sinks=sinks is not None,
-            degrees=(groups.ulysses_degree, groups.ring_degree), **documents))
-    spec = CallSpec(ring_layout, bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
-                    float(dropout_p), bool(deterministic), backend or "", parent_name, int(max_seqlen),
-                    kv_repeat=split.kv_repeat, chunks=split.chunks, ulysses_group=ulysses_name, ring_group=ring_name)
+    tail = (int(max_seqlen), 0, 0, 0, 0,  # the all-gather family's fields: unused
+            split.kv_repeat, split.chunks, ulysses_name, ring_name)
+    spec = validated_spec("ulysses-varlen" if packed else "ulysses", ring_layout, q, k, args, parent_name, cu_seqlens,
+                          {"degrees": (groups.ulysses_degree, groups.ring_degree)}, tail)
     if groups.ulysses_degree == 1 and (not packed or takes_global_offsets(ring_layout, groups.ring_degree)):
         # nothing to exchange: the ring alone, the wing's ops on the caller's tensors (no copies)
         inner = InnerAttention(cu_seqlens, ring_spec(spec, groups.ring_degree))
-        out, lse, *_ = inner.attention_ops(q, k, v, inner.tensors(alibi_slopes, sinks), inner.spec,
-                                           bool(return_attn_probs))
+        out, lse, *_ = inner.attention_ops(q, k, v, inner.tensors(args.alibi_slopes, args.sinks), inner.spec,
+                                           args.return_attn_probs)
     else:
-        out, lse, *_ = ULYSSES_OPS(q, k, v, (cu_seqlens, alibi_slopes, sinks), spec, bool(return_attn_probs))
-    return (out, lse, None) if return_attn_probs else out
+        out, lse, *_ = ULYSSES_OPS(q, k, v, (cu_seqlens, args.alibi_slopes, args.sinks), spec, args.return_attn_probs)
+    return args.result(out, lse)
 
 
 @public(ULYSSES_DOCS)
@@ -92,8 +78,9 @@ def ulysses_flash_attn_func(
     """Exact attention with the sequence sharded over Ulysses ranks (all-to-all to whole sequences of
     ``nheads / U`` heads and back), optionally times a ring (``group`` of ``make_ulysses_ring_groups``):
     flash-attn's ``flash_attn_func`` on the whole sequence, this rank's rows."""
-    return ulysses_attention(q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                             deterministic, return_attn_probs, group, backend, ring_layout, head_chunks, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ulysses_attention(q, k, v, None, 0, args, ring_layout, head_chunks)
 
 
 @public(ULYSSES_DOCS)
@@ -105,8 +92,9 @@ def ulysses_flash_attn_kvpacked_func(
 ) -> Result:
     """:func:`ulysses_flash_attn_func` with K and V stacked: ``kv (batch, local_seqlen, 2, nheads_k, headdim)``."""
     k, v = unpack(kv, "kv (batch, seqlen, 2, nheads_k, headdim)", dim=2, count=2, ndim=5)
-    return ulysses_attention(q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                             deterministic, return_attn_probs, group, backend, ring_layout, head_chunks, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ulysses_attention(q, k, v, None, 0, args, ring_layout, head_chunks)
 
 
 @public(ULYSSES_DOCS)
@@ -118,8 +106,9 @@ def ulysses_flash_attn_qkvpacked_func(
 ) -> Result:
     """:func:`ulysses_flash_attn_func` with Q, K, V stacked: ``qkv (batch, local_seqlen, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (batch, seqlen, 3, nheads, headdim)", dim=2, count=3, ndim=5)
-    return ulysses_attention(q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                             deterministic, return_attn_probs, group, backend, ring_layout, head_chunks, sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ulysses_attention(q, k, v, None, 0, args, ring_layout, head_chunks)
 
 
 @public(ULYSSES_VARLEN_DOCS)
@@ -132,9 +121,9 @@ def ulysses_flash_attn_varlen_func(
 ) -> Result:
     """Exact attention over packed documents sharded over Ulysses ranks (optionally times a ring):
     flash-attn's ``flash_attn_varlen_func`` on the whole batch, this rank's rows."""
-    return ulysses_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
-                             alibi_slopes, deterministic, return_attn_probs, group, backend, ring_layout, head_chunks,
-                             sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ulysses_attention(q, k, v, cu_seqlens, max_seqlen, args, ring_layout, head_chunks)
 
 
 @public(ULYSSES_VARLEN_DOCS)
@@ -148,9 +137,9 @@ def ulysses_flash_attn_varlen_kvpacked_func(
     """:func:`ulysses_flash_attn_varlen_func` with K and V stacked: ``kv (total_local_tokens, 2, nheads_k,
     headdim)``."""
     k, v = unpack(kv, "kv (total_tokens, 2, nheads_k, headdim)", dim=1, count=2, ndim=4)
-    return ulysses_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
-                             alibi_slopes, deterministic, return_attn_probs, group, backend, ring_layout, head_chunks,
-                             sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ulysses_attention(q, k, v, cu_seqlens, max_seqlen, args, ring_layout, head_chunks)
 
 
 @public(ULYSSES_VARLEN_DOCS)
@@ -162,6 +151,6 @@ def ulysses_flash_attn_varlen_qkvpacked_func(
 ) -> Result:
     """:func:`ulysses_flash_attn_varlen_func` with Q, K, V stacked: ``qkv (total_local_tokens, 3, nheads, headdim)``."""
     q, k, v = unpack(qkv, "qkv (total_tokens, 3, nheads, headdim)", dim=1, count=3, ndim=4)
-    return ulysses_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
-                             alibi_slopes, deterministic, return_attn_probs, group, backend, ring_layout, head_chunks,
-                             sinks)
+    args = AttentionArgs(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, group, backend, sinks)
+    return ulysses_attention(q, k, v, cu_seqlens, max_seqlen, args, ring_layout, head_chunks)

@@ -23,6 +23,7 @@ import ring_flash_attn as rfa
 from helpers.attention_cases import DTYPES, public_function
 from helpers.ulysses_cases import groups
 from ring_flash_attn.allgather.api import packed_allgather
+from ring_flash_attn.core.spec import AttentionArgs
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen
 
 
@@ -97,7 +98,7 @@ def _attention(case: DropoutCase, q, k, v, p: float, seed: int) -> torch.Tensor:
     if case.layout == "zigzag_llama3":
         return rfa.zigzag_llama3_flash_attn_varlen_func(q, k, v, cu, max(case.doc_lengths), heads_k_stride=1, **kw)
     if case.layout == "packed_zigzag":
-        return packed_allgather("packed_zigzag", q, k, v, cu, **kw)
+        return packed_allgather("packed_zigzag", q, k, v, cu, AttentionArgs(**kw))
     if case.layout in ("balanced", "balanced_llama3"):  # the global cu_seqlens
         return public_function(case.layout, varlen=True)(q, k, v, cu, max(case.doc_lengths), **kw)
     local_cu = local_cu_seqlens(cu, case.layout, case.world_size)

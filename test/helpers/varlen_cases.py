@@ -16,6 +16,7 @@ from helpers.attention_cases import (DTYPES, alibi_bias, alibi_slopes, as_view, 
                                      public_function, put_together, results_on_cpu, sink_logits, soft_capped,
                                      with_sink_column)
 from ring_flash_attn.allgather.api import packed_allgather
+from ring_flash_attn.core.spec import AttentionArgs
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varlen
 
 
@@ -123,7 +124,7 @@ def _call(case: VarlenCase, rank: int, q, k, v, kv, qkv, sinks=None):
     if case.layout == "packed_zigzag":  # the model adapter's layout for packed batches (no public function)
         unpacked = {"func": (q, k, v), "kvpacked": (q, *kv.unbind(1)) if kv is not None else None,
                     "qkvpacked": qkv.unbind(1) if qkv is not None else None}[case.packing]
-        return packed_allgather("packed_zigzag", *unpacked, cu, heads_k_stride=case.heads_k_stride, **common)
+        return packed_allgather("packed_zigzag", *unpacked, cu, AttentionArgs(**common), case.heads_k_stride)
     fn = public_function(case.layout, case.packing, varlen=True)
     if case.layout == "balanced":  # the ring family with the global cu_seqlens
         return fn(*first, cu, max(case.doc_lengths), **common)
