@@ -9,11 +9,8 @@ import itertools
 import pytest
 import torch
 
-from helpers import attention_cases
 import ring_flash_attn as rfa
-from helpers import varlen_cases
-from helpers.attention_cases import Case
-from helpers.varlen_cases import VarlenCase, fit_documents
+from helpers.cases import Case, check, fit_documents
 
 CASES = [
     Case(layout=layout, packing=packing, causal=causal, dtype=dtype, backend="auto", world_size=w, nheads=4,
@@ -27,27 +24,22 @@ CASES = [
     Case(layout="stripe", packing="kvpacked", causal=True, dtype="bf16", backend="reference", world_size=2,
          alibi=True, seed=91),
 ]
-VARLEN = [
-    VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp64", backend="auto", world_size=w,
-               doc_lengths=(4 * w, 10 * w, 2 * w), alibi=True, seed=n)
+PACKED = [
+    Case(layout=layout, packing="func", causal=causal, dtype="fp64", backend="auto", world_size=w,
+         documents=(4 * w, 10 * w, 2 * w), nheads_k=2, alibi=True, seed=n)
     for n, (w, layout, causal) in enumerate(itertools.product((2, 3), ("ring", "zigzag", "stripe"), (True, False)))
 ] + [  # the all-gather family: documents cross rank boundaries; head chunks cut the slopes
-    VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp64", backend="auto", world_size=w,
-               doc_lengths=fit_documents(layout, w, (5, 3 * w + 1, 2 * w)), heads_k_stride=stride, alibi=True,
-               seed=n)
+    Case(layout=layout, packing="func", causal=causal, dtype="fp64", backend="auto", world_size=w,
+         documents=fit_documents(layout, w, (5, 3 * w + 1, 2 * w)), nheads_k=2, heads_k_stride=stride, alibi=True,
+         seed=n)
     for n, (w, layout, causal, stride) in enumerate(itertools.product(
         (2, 3), ("llama3", "zigzag_llama3", "packed_zigzag"), (True, False), (1, None)))
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+@pytest.mark.parametrize("case", CASES + PACKED, ids=[c.id() for c in CASES + PACKED])
 def test_alibi_matches_float64_reference(dist_pool, case):
-    attention_cases.check(case, dist_pool(case.world_size).run("helpers.attention_cases:run_rank", case=case))
-
-
-@pytest.mark.parametrize("case", VARLEN, ids=[c.id() for c in VARLEN])
-def test_alibi_varlen_matches_float64_reference(dist_pool, case):
-    varlen_cases.check(case, dist_pool(case.world_size).run("helpers.varlen_cases:run_rank", case=case))
+    check(case, dist_pool(case.world_size).run("helpers.cases:run_rank", case=case))
 
 
 def test_alibi_errors():

@@ -21,10 +21,8 @@ import ring_flash_attn as rfa
 from helpers.attention_cases import PACKINGS
 from helpers.balanced_cases import BALANCED, random_pack
 from helpers.compile_cases import check_compiled
+from helpers.cases import Case, check
 from helpers.dropout_cases import DropoutCase, check_dropout
-from helpers.ulysses_cases import UlyssesCase
-from helpers.ulysses_cases import check as check_ulysses
-from helpers.varlen_cases import VarlenCase, check
 from ring_flash_attn.layouts import (balanced_bounds, balanced_local_offsets, balanced_pieces, pad_pack, shard_varlen,
                                      unshard_varlen, varlen_position_ids, varlen_token_index)
 
@@ -45,9 +43,9 @@ def _cases() -> list:
     for n, (w, layout, packing, causal) in enumerate(itertools.product((1, 2, 3, 4, 5), BALANCED, PACKINGS,
                                                                        (True, False))):
         heads = (4, 4) if packing == "qkvpacked" else HEADS[n % 4]
-        cases.append(VarlenCase(
+        cases.append(Case(
             layout=layout, packing=packing, causal=causal, dtype=DTYPES[n % 3], backend=BACKENDS[(n // 3) % 2],
-            world_size=w, doc_lengths=random_pack(w, random.Random(n), empty_document=n % 7 == 3),
+            world_size=w, documents=random_pack(w, random.Random(n), empty_document=n % 7 == 3),
             nheads=heads[0], nheads_k=heads[1], head_dim=(16, 32)[n % 2], heads_k_stride=_stride(layout, heads[1], n),
             return_lse=n % 4 != 3, lse_grad=n % 5 == 1 and n % 4 != 3, sinks=n % 6 == 2, seed=n))
     return cases
@@ -61,23 +59,23 @@ def _option_cases() -> list:
         window = windows[n % len(windows)]
         if not causal and window == (3, 0):
             window = (2, 3)
-        cases.append(VarlenCase(
+        cases.append(Case(
             layout=layout, packing=PACKINGS[n % 2], causal=causal, dtype=("fp32", "bf16")[n % 2], backend="auto",
-            world_size=w, doc_lengths=random_pack(w, random.Random(100 + n)), window=window,
+            world_size=w, documents=random_pack(w, random.Random(100 + n)), nheads_k=2, window=window,
             heads_k_stride=1 if layout == "balanced_llama3" else None, seed=100 + n))
     for n, (w, layout, causal) in enumerate(itertools.product((2, 4), BALANCED, (True, False))):
-        cases.append(VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp64", backend="reference",
-                                world_size=w, doc_lengths=random_pack(w, random.Random(200 + n)),
-                                window=(4, 3 * causal + 1), lse_grad=True, sinks=n % 2 == 0, seed=200 + n))
+        cases.append(Case(layout=layout, packing="func", causal=causal, dtype="fp64", backend="reference",
+                          world_size=w, documents=random_pack(w, random.Random(200 + n)), nheads_k=2,
+                          window=(4, 3 * causal + 1), lse_grad=True, sinks=n % 2 == 0, seed=200 + n))
     for n, (w, layout, causal) in enumerate(itertools.product((2, 3), BALANCED, (True, False))):
-        cases.append(VarlenCase(
+        cases.append(Case(
             layout=layout, packing=PACKINGS[n % 3], causal=causal, dtype="fp32", backend="reference", world_size=w,
-            doc_lengths=random_pack(w, random.Random(300 + n)), softcap=4.0, q_scale=4.0, alibi=True,
+            documents=random_pack(w, random.Random(300 + n)), softcap=4.0, q_scale=4.0, alibi=True,
             nheads=4, nheads_k=4 if n % 3 == 2 else 2, seed=300 + n))
     for w, layout in itertools.product((3, 5), BALANCED):
-        cases.append(VarlenCase(layout=layout, packing="kvpacked", causal=True, dtype="fp64", backend="auto",
-                                world_size=w, doc_lengths=random_pack(w, random.Random(w)), nheads=6, nheads_k=2,
-                                lse_grad=True, sinks=True, seed=400 + w))
+        cases.append(Case(layout=layout, packing="kvpacked", causal=True, dtype="fp64", backend="auto",
+                          world_size=w, documents=random_pack(w, random.Random(w)), nheads=6, nheads_k=2,
+                          lse_grad=True, sinks=True, seed=400 + w))
     return cases
 
 
@@ -91,24 +89,24 @@ OPTION_CASES = _option_cases()
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
 def test_balanced_matches_float64_reference(dist_pool, case):
-    check(case, dist_pool(case.world_size).run("helpers.varlen_cases:run_rank", case=case))
+    check(case, dist_pool(case.world_size).run("helpers.cases:run_rank", case=case))
 
 
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[_id(c) for c in OPTION_CASES])
 def test_balanced_options_match_float64_reference(dist_pool, case):
-    check(case, dist_pool(case.world_size).run("helpers.varlen_cases:run_rank", case=case))
+    check(case, dist_pool(case.world_size).run("helpers.cases:run_rank", case=case))
 
 
 DETERMINISTIC = [
-    VarlenCase(layout=layout, packing="func", causal=True, dtype=dtype, backend=backend, world_size=3,
-               doc_lengths=random_pack(3, random.Random(500 + n)), deterministic=True, seed=500 + n)
+    Case(layout=layout, packing="func", causal=True, dtype=dtype, backend=backend, world_size=3,
+         documents=random_pack(3, random.Random(500 + n)), nheads_k=2, deterministic=True, seed=500 + n)
     for n, (layout, dtype, backend) in enumerate(zip(BALANCED, ("bf16", "fp32"), BACKENDS))
 ]
 
 
 @pytest.mark.parametrize("case", DETERMINISTIC, ids=[c.id() for c in DETERMINISTIC])
 def test_deterministic_is_bitwise_reproducible(dist_pool, case):
-    per_rank = dist_pool(case.world_size).run("helpers.balanced_cases:run_twice", case=case)
+    per_rank = dist_pool(case.world_size).run("helpers.cases:run_twice", case=case)
     check(case, per_rank)
     for r in per_rank:
         for name in ("out", "lse", "dq", "dk", "dv"):
@@ -141,12 +139,12 @@ def _ulysses_cases() -> list:
         packing = PACKINGS[n % 3]
         heads = (4, 4) if packing == "qkvpacked" else ((4, 2), (4, 1), (8, 4))[n % 3]
         window = (5, 0 if causal else 3) if n % 3 == 1 else (-1, -1)
-        cases.append(UlyssesCase(VarlenCase(
+        cases.append(Case(
             layout=layout, packing=packing, causal=causal, dtype=DTYPES[(n + n // 3) % 3],
             backend="reference" if window != (-1, -1) or n % 5 == 3 else "torch_cpu_flash", world_size=w,
-            doc_lengths=random_pack(w, random.Random(700 + n)), nheads=heads[0], nheads_k=heads[1],
+            documents=random_pack(w, random.Random(700 + n)), nheads=heads[0], nheads_k=heads[1],
             head_dim=16, window=window, lse_grad=n % 4 == 1, sinks=n % 4 == 2,
-            alibi=n % 5 == 3, seed=700 + n), u, head_chunks=(2, 1)[n % 2]))
+            alibi=n % 5 == 3, seed=700 + n, ulysses_degree=u, head_chunks=(2, 1)[n % 2]))
     return cases
 
 
@@ -155,7 +153,7 @@ ULYSSES_CASES = _ulysses_cases()
 
 @pytest.mark.parametrize("case", ULYSSES_CASES, ids=[c.id() for c in ULYSSES_CASES])
 def test_ulysses_ring_matches_float64_reference(dist_pool, case):
-    check_ulysses(case, dist_pool(case.base.world_size).run("helpers.ulysses_cases:run_rank", case=case))
+    check(case, dist_pool(case.world_size).run("helpers.cases:run_rank", case=case))
 
 
 # documents of any lengths (totals multiples of 2), changing from batch to batch

@@ -15,8 +15,7 @@ from helpers import fake_flash_attn
 from ring_flash_attn.kernels import KernelCall
 from ring_flash_attn.core.mask import Band
 from ring_flash_attn.kernels.flash_attn_pkg import FlashAttn2Backend, FlashAttn3Backend, FlashAttn4Backend
-from helpers import varlen_cases
-from helpers.attention_cases import Case, check
+from helpers.cases import Case, check, fit_documents
 from test_kernels import VARLEN_DOCS, check_block, check_varlen_block, varlen_meta
 
 FAKES = {
@@ -98,18 +97,18 @@ def test_ring_through_a_flash_style_kernel(dist_pool, case):
 
 
 RING_VARLEN_CASES = [
-    varlen_cases.VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp32", backend="fake_fa2",
-                            world_size=w, doc_lengths=(4 * w, 12 * w, 2 * w), seed=i)
+    Case(layout=layout, packing="func", causal=causal, dtype="fp32", backend="fake_fa2", world_size=w,
+         documents=(4 * w, 12 * w, 2 * w), nheads_k=2, seed=i)
     for i, (w, layout, causal) in enumerate(itertools.product((2, 3), ("ring", "zigzag", "stripe"), (True, False)))
 ] + [  # sliding windows: flash window pieces grouped into varlen calls
-    varlen_cases.VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp32", backend="fake_fa2",
-                            world_size=w, doc_lengths=(4 * w, 12 * w, 2 * w), window=window, seed=i)
+    Case(layout=layout, packing="func", causal=causal, dtype="fp32", backend="fake_fa2", world_size=w,
+         documents=(4 * w, 12 * w, 2 * w), nheads_k=2, window=window, seed=i)
     for i, (w, layout, causal, window) in enumerate(itertools.product(
         (2, 3), ("ring", "zigzag", "stripe"), (True, False), ((3, -1), (5, 2), (1, 9))))
 ] + [  # the all-gather family: non-causal windows become several varlen calls
-    varlen_cases.VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp32", backend="fake_fa2",
-                            world_size=w, doc_lengths=varlen_cases.fit_documents(layout, w, (5, 6 * w + 1, 4 * w)),
-                            window=window, heads_k_stride=1, seed=i)
+    Case(layout=layout, packing="func", causal=causal, dtype="fp32", backend="fake_fa2", world_size=w,
+         documents=fit_documents(layout, w, (5, 6 * w + 1, 4 * w)), nheads_k=2, window=window, heads_k_stride=1,
+         seed=i)
     for i, (w, layout, causal, window) in enumerate(itertools.product(
         (2, 3), ("llama3", "zigzag_llama3", "packed_zigzag"), (True, False), ((3, -1), (5, 2), (-1, 4))))
 ]
@@ -119,4 +118,4 @@ RING_VARLEN_CASES = [
 def test_ring_varlen_through_a_flash_style_kernel(dist_pool, case):
     """Packed documents through the FA2 adapter: the jobs' unused rows (documents without keys or
     queries) are left out before the package kernel runs and filled back with 0 / -inf."""
-    varlen_cases.check(case, dist_pool(case.world_size).run("helpers.fake_flash_attn:run_rank_with_fake_fa2", case=case))
+    check(case, dist_pool(case.world_size).run("helpers.fake_flash_attn:run_rank_with_fake_fa2", case=case))

@@ -17,22 +17,19 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Union
 
 import pytest
 
-from helpers import attention_cases
-from helpers import varlen_cases
-from helpers.attention_cases import PACKINGS, Case
+from helpers.attention_cases import PACKINGS, VIEWS
+from helpers.cases import Case, check, run_rank, single_device
 from test_varlen_cpu import doc_lengths
-from helpers.varlen_cases import VarlenCase
 
 N_CASES = int(os.environ.get("RING_FLASH_ATTN_FUZZ_CASES", "30"))
 MAX_WORLD = int(os.environ.get("RING_FLASH_ATTN_FUZZ_WORLD", "4"))
 SEED = int(os.environ.get("RING_FLASH_ATTN_FUZZ_SEED", "0"))
 
 
-def random_case(rng: random.Random):
+def random_case(rng: random.Random) -> Case:
     w = rng.randint(1, MAX_WORLD)
     packing = rng.choice(PACKINGS)
     hk = rng.choice([1, 2, 4])
@@ -48,7 +45,7 @@ def random_case(rng: random.Random):
         value = rng.choice([float("nan"), float("inf"), float("-inf")]) if name == "v" else float("nan")
         common["poison"] = ((name, rng.randint(0, 10**6), rng.randint(0, 7), value),)
     if packing == "func" and rng.random() < 0.3:
-        common["view"] = rng.choice(sorted(attention_cases.VIEWS))
+        common["view"] = rng.choice(sorted(VIEWS))
     if (window != (-1, -1) or common["alibi"]) and common["backend"] == "torch_cpu_flash":
         common["backend"] = "auto"  # the fused CPU kernel takes no sliding window and no ALiBi
     if common["alibi"]:
@@ -60,17 +57,17 @@ def random_case(rng: random.Random):
                     **common)
     layout = rng.choice(["ring", "zigzag", "stripe", "llama3", "zigzag_llama3", "packed_zigzag"])
     stride = rng.choice([None, 1]) if hk > 1 else None
-    return VarlenCase(layout=layout, doc_lengths=doc_lengths(layout, w, rng, rng.random() < 0.2),
-                      heads_k_stride=stride, window=window, **common)
+    return Case(layout=layout, documents=doc_lengths(layout, w, rng, rng.random() < 0.2), heads_k_stride=stride,
+                window=window, **common)
 
 
 CASES = [random_case(random.Random(SEED * 100003 + i)) for i in range(N_CASES)]
 
-# what a case's repr needs besides the case classes: its NaN / Inf values print as nan / inf
-REPR_NAMES = {"Case": Case, "VarlenCase": VarlenCase, "nan": math.nan, "inf": math.inf}
+# what a case's repr needs besides the case type: its NaN / Inf values print as nan / inf
+REPR_NAMES = {"Case": Case, "nan": math.nan, "inf": math.inf}
 
 
-def repro_command(case: Union[Case, VarlenCase]) -> str:
+def repro_command(case: Case) -> str:
     """The shell command that replays ``case`` (run from the repository root); the repr in double
     quotes when nothing in it is special to the shell there (it holds single-quoted names).
 
@@ -82,7 +79,7 @@ def repro_command(case: Union[Case, VarlenCase]) -> str:
     return f"python test/test_fuzz.py {quoted}"
 
 
-def case_from_repr(text: str) -> Union[Case, VarlenCase]:
+def case_from_repr(text: str) -> Case:
     """The case a :func:`repro_command` names.
 
     Args:
@@ -95,12 +92,11 @@ def run_case(pool_for, case) -> None:
     """Check against float64, allowing 1.5x what one device makes of the same inputs (fp16/bf16 with
     large logits can exceed the fixed tolerances on a single device already: that is the kernel's
     precision, not the ring's)."""
-    module = varlen_cases if isinstance(case, VarlenCase) else attention_cases
-    alone = module.single_device(case)
-    baseline = module.check(alone, [module.run_rank(0, 1, alone)], allowance={"out": 1, "dq": 1, "dk": 1, "dv": 1})
+    alone = single_device(case)
+    baseline = check(alone, [run_rank(0, 1, alone)], allowance={"out": 1, "dq": 1, "dk": 1, "dv": 1})
     allowance = {name: 1.5 * err + 1e-6 for name, err in baseline.items()}
     try:
-        module.check(case, pool_for(case.world_size).run(f"{module.__name__}:run_rank", case=case), allowance)
+        check(case, pool_for(case.world_size).run("helpers.cases:run_rank", case=case), allowance)
     except Exception as err:
         raise AssertionError(f"{err}\nreproduce: {repro_command(case)}") from err
 
@@ -115,8 +111,8 @@ def test_repro_command_of_a_nan_case_replays():
     and the command runs the case."""
     poisoned = [Case(layout="zigzag", packing="func", causal=True, dtype="fp32", backend="reference", world_size=1,
                      poison=(("v", 3, 0, -math.inf), ("q", 5, 1, math.nan))),
-                VarlenCase(layout="llama3", packing="func", causal=False, dtype="fp32", backend="reference",
-                           world_size=1, doc_lengths=(3, 5), poison=(("v", 2, 0, math.inf),))]
+                Case(layout="llama3", packing="func", causal=False, dtype="fp32", backend="reference", world_size=1,
+                     documents=(3, 5), nheads_k=2, poison=(("v", 2, 0, math.inf),))]
     for case in poisoned:
         argument = shlex.split(repro_command(case))[-1]
         assert repr(case_from_repr(argument)) == repr(case)

@@ -9,10 +9,7 @@ import itertools
 import pytest
 import torch
 
-from helpers import attention_cases
-from helpers import varlen_cases
-from helpers.attention_cases import Case
-from helpers.varlen_cases import VarlenCase
+from helpers.cases import Case, check, fit_documents
 
 BACKENDS = ("torch_cpu_flash", "reference")
 
@@ -28,24 +25,18 @@ def _batch_cases() -> list:
 
 def _varlen_cases() -> list:
     combos = itertools.product((2, 3), ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3"), (True, False))
-    return [VarlenCase(layout=layout, packing="func", causal=causal, dtype=("fp32", "bf16")[n % 2],
-                       backend=BACKENDS[n % 2], world_size=w,
-                       doc_lengths=varlen_cases.fit_documents(layout, w, (2 * w, 4 * w, 2 * w)), nheads=4, nheads_k=2,
-                       head_dim=16, lse_grad=True, seed=n)
+    return [Case(layout=layout, packing="func", causal=causal, dtype=("fp32", "bf16")[n % 2],
+                 backend=BACKENDS[n % 2], world_size=w, documents=fit_documents(layout, w, (2 * w, 4 * w, 2 * w)),
+                 nheads=4, nheads_k=2, head_dim=16, lse_grad=True, seed=n)
             for n, (w, layout, causal) in enumerate(combos)]
 
 
-BATCH, VARLEN = _batch_cases(), _varlen_cases()
+CASES = _batch_cases() + _varlen_cases()
 
 
-@pytest.mark.parametrize("case", BATCH, ids=[c.id() for c in BATCH])
-def test_lse_gradient_batch(dist_pool, case):
-    attention_cases.check(case, dist_pool(case.world_size).run("helpers.attention_cases:run_rank", case=case))
-
-
-@pytest.mark.parametrize("case", VARLEN, ids=[c.id() for c in VARLEN])
-def test_lse_gradient_varlen(dist_pool, case):
-    varlen_cases.check(case, dist_pool(case.world_size).run("helpers.varlen_cases:run_rank", case=case))
+@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+def test_lse_gradient(dist_pool, case):
+    check(case, dist_pool(case.world_size).run("helpers.cases:run_rank", case=case))
 
 
 def test_loss_of_lse_alone(dist_pool):

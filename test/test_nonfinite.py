@@ -9,10 +9,7 @@ import itertools
 
 import pytest
 
-from helpers import attention_cases
-from helpers import varlen_cases
-from helpers.attention_cases import Case
-from helpers.varlen_cases import VarlenCase
+from helpers.cases import Case, check, fit_documents
 
 NAN, INF = float("nan"), float("inf")
 # An Inf in q or k is left out: it makes scores +-Inf, and a -Inf score is a masked pair (weight 0) to
@@ -38,22 +35,17 @@ def _varlen_cases() -> list:
     combos = itertools.product((2, 3), ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3"), (True, False),
                                POISONS)
     for n, (w, layout, causal, poisons) in enumerate(combos):
-        lengths = varlen_cases.fit_documents(layout, w, (2 * w, 4 * w, 2 * w))
+        lengths = fit_documents(layout, w, (2 * w, 4 * w, 2 * w))
         poison = tuple((name, (n * 7 + 5 * i) % sum(lengths), n % 4, value) for i, (name, value) in enumerate(poisons))
-        cases.append(VarlenCase(layout=layout, packing="func", causal=causal, dtype=("fp32", "fp16")[n % 2],
-                                backend=BACKENDS[(n // 2) % 2], world_size=w, doc_lengths=lengths, nheads=4,
-                                nheads_k=2, head_dim=16, poison=poison))
+        cases.append(Case(layout=layout, packing="func", causal=causal, dtype=("fp32", "fp16")[n % 2],
+                          backend=BACKENDS[(n // 2) % 2], world_size=w, documents=lengths, nheads=4, nheads_k=2,
+                          head_dim=16, poison=poison))
     return cases
 
 
-BATCH, VARLEN = _batch_cases(), _varlen_cases()
+CASES = _batch_cases() + _varlen_cases()
 
 
-@pytest.mark.parametrize("case", BATCH, ids=[c.id() for c in BATCH])
-def test_nonfinite_batch(dist_pool, case):
-    attention_cases.check(case, dist_pool(case.world_size).run("helpers.attention_cases:run_rank", case=case))
-
-
-@pytest.mark.parametrize("case", VARLEN, ids=[c.id() for c in VARLEN])
-def test_nonfinite_varlen(dist_pool, case):
-    varlen_cases.check(case, dist_pool(case.world_size).run("helpers.varlen_cases:run_rank", case=case))
+@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+def test_nonfinite(dist_pool, case):
+    check(case, dist_pool(case.world_size).run("helpers.cases:run_rank", case=case))

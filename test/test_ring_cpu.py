@@ -10,7 +10,8 @@ import itertools
 
 import pytest
 
-from helpers.attention_cases import PACKINGS, Case, check
+from helpers.attention_cases import PACKINGS
+from helpers.cases import Case, check
 
 WORLD_SIZES = (1, 2, 3, 4)
 LAYOUTS = ("ring", "zigzag", "stripe")
@@ -62,5 +63,5 @@ CASES = _cases()
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
 def test_matches_float64_reference(dist_pool, case):
-    per_rank = dist_pool(case.world_size).run("helpers.attention_cases:run_rank", case=case)
+    per_rank = dist_pool(case.world_size).run("helpers.cases:run_rank", case=case)
     check(case, per_rank)

@@ -12,15 +12,10 @@ import itertools
 import pytest
 import torch
 
-from helpers import attention_cases
-from helpers import varlen_cases
-from helpers.attention_cases import PACKINGS, Case
-from helpers.dropout_cases import DropoutCase
-from helpers.dropout_cases import check_dropout
+from helpers.attention_cases import PACKINGS, VIEWS, compare, nonfinite_rows
+from helpers.cases import Case, allowed_pairs, check, fit_documents, gathered, global_inputs, reference
+from helpers.dropout_cases import DropoutCase, check_dropout
 from ring_flash_attn.kernels import BACKENDS
-from helpers import ulysses_cases
-from helpers.ulysses_cases import UlyssesCase
-from helpers.varlen_cases import VarlenCase, fit_documents
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 WORLD_SIZES = [w for w in (1, 2, 4, 8) if w <= GPUS]
@@ -55,10 +50,10 @@ def _cases() -> list:
         if layout in ("llama3", "zigzag_llama3", "packed_zigzag", "balanced", "balanced_llama3"):
             docs = fit_documents(layout, w, (200, 1, 37, 700, 5, 2 * w * 16) if n % 3 else (unit * 6,))
         mha = packing == "qkvpacked"
-        cases.append(VarlenCase(layout=layout, packing=packing, causal=causal, dtype=("bf16", "fp16")[n % 2],
-                                backend=backend, world_size=w, doc_lengths=docs, nheads=8, nheads_k=8 if mha else 2,
-                                head_dim=(64, 128)[n % 2], heads_k_stride=(None, 1)[n % 2] if not mha else None,
-                                seed=n, device="cuda"))
+        cases.append(Case(layout=layout, packing=packing, causal=causal, dtype=("bf16", "fp16")[n % 2],
+                          backend=backend, world_size=w, documents=docs, nheads=8, nheads_k=8 if mha else 2,
+                          head_dim=(64, 128)[n % 2], heads_k_stride=(None, 1)[n % 2] if not mha else None,
+                          seed=n, device="cuda"))
     # sliding windows on packed documents (ring family): per-document flash window pieces, FA2 varlen
     for n, (w, layout, causal, window) in enumerate(itertools.product(
             WORLD_SIZES or [2], ("ring", "zigzag", "stripe", "balanced"), (True, False), ((100, -1), (300, 50)))):
@@ -66,17 +61,17 @@ def _cases() -> list:
         docs = (unit * 3, unit, unit * 5, unit * 2)
         if layout == "balanced":
             docs = fit_documents(layout, w, (200, 1, 37, 700, 5, 2 * w * 16))
-        cases.append(VarlenCase(layout=layout, packing="func", causal=causal, dtype="bf16", backend="torch_cuda_flash",
-                                world_size=w, doc_lengths=docs, nheads=8, nheads_k=2,
-                                head_dim=128, window=window, seed=n, device="cuda"))
+        cases.append(Case(layout=layout, packing="func", causal=causal, dtype="bf16", backend="torch_cuda_flash",
+                          world_size=w, documents=docs, nheads=8, nheads_k=2, head_dim=128, window=window, seed=n,
+                          device="cuda"))
     # non-causal sliding windows on the all-gather family: several varlen calls per head chunk
     for n, (w, layout, window) in enumerate(itertools.product(
             WORLD_SIZES or [2], ("llama3", "zigzag_llama3", "packed_zigzag", "balanced_llama3"),
             ((100, -1), (300, 50), (-1, 40)))):
         docs = fit_documents(layout, w, (200, 1, 37, 700, 5, 2 * w * 16))
-        cases.append(VarlenCase(layout=layout, packing="func", causal=False, dtype="bf16", backend="torch_cuda_flash",
-                                world_size=w, doc_lengths=docs, nheads=8, nheads_k=2, head_dim=128, window=window,
-                                heads_k_stride=1, seed=n, device="cuda"))
+        cases.append(Case(layout=layout, packing="func", causal=False, dtype="bf16", backend="torch_cuda_flash",
+                          world_size=w, documents=docs, nheads=8, nheads_k=2, head_dim=128, window=window,
+                          heads_k_stride=1, seed=n, device="cuda"))
     if BACKENDS["flash_attn_4"].interface() is not None:  # a few cases: every new shape JIT-compiles
         for layout, causal in itertools.product(("ring", "zigzag", "stripe"), (True, False)):
             cases.append(Case(layout=layout, packing="func", causal=causal, dtype="bf16", backend="flash_attn_4",
@@ -88,9 +83,9 @@ def _cases() -> list:
                               head_dim=128, softcap=5.0, q_scale=4.0, device="cuda"))
         for layout in ("zigzag", "llama3"):
             w = max(WORLD_SIZES or [2])
-            cases.append(VarlenCase(layout=layout, packing="func", causal=True, dtype="bf16",
-                                    backend="flash_attn_4", world_size=w, doc_lengths=(96 * w, 32 * w, 128 * w),
-                                    nheads=8, nheads_k=2, head_dim=128, device="cuda"))
+            cases.append(Case(layout=layout, packing="func", causal=True, dtype="bf16", backend="flash_attn_4",
+                              world_size=w, documents=(96 * w, 32 * w, 128 * w), nheads=8, nheads_k=2, head_dim=128,
+                              device="cuda"))
     return cases
 
 
@@ -100,9 +95,9 @@ SINK_CASES = [
     for n, (w, backend, layout, causal) in enumerate(itertools.product(
         WORLD_SIZES or [2], ("cudnn", "torch_cuda_flash"), ("zigzag", "stripe"), (True, False)))
 ] + [
-    VarlenCase(layout=layout, packing="func", causal=True, dtype="bf16", backend="torch_cuda_flash", world_size=w,
-               doc_lengths=fit_documents(layout, w, (200, 1, 37, 700, 5, 2 * w * 16)), nheads=8, nheads_k=2,
-               head_dim=128, sinks=True, seed=w, device="cuda")
+    Case(layout=layout, packing="func", causal=True, dtype="bf16", backend="torch_cuda_flash", world_size=w,
+         documents=fit_documents(layout, w, (200, 1, 37, 700, 5, 2 * w * 16)), nheads=8, nheads_k=2, head_dim=128,
+         sinks=True, seed=w, device="cuda")
     for w, layout in itertools.product(WORLD_SIZES or [2], ("llama3", "zigzag_llama3", "balanced", "balanced_llama3"))
 ]
 
@@ -115,9 +110,7 @@ CASES = _cases() + SINK_CASES  # attention sinks through the CUDA kernels
 def test_gpu_matches_float64_reference(dist_pool, case):
     if case.world_size > GPUS:
         pytest.skip(f"needs {case.world_size} GPUs")
-    module = varlen_cases if isinstance(case, VarlenCase) else attention_cases
-    per_rank = dist_pool(case.world_size, "nccl").run(f"{module.__name__}:run_rank", case=case)
-    module.check(case, per_rank)
+    check(case, dist_pool(case.world_size, "nccl").run("helpers.cases:run_rank", case=case))
 
 
 DROPOUT_CASES = [
@@ -153,12 +146,12 @@ def test_gpu_deterministic_runs_are_bitwise_equal(dist_pool, case):
     """deterministic=True: auto picks a kernel with a deterministic backward (not cuDNN); two runs
     give the same bits on every rank, and match the float64 reference."""
     pool = dist_pool(case.world_size, "nccl")
-    first = pool.run("helpers.attention_cases:run_rank", case=case)
-    second = pool.run("helpers.attention_cases:run_rank", case=case)
+    first = pool.run("helpers.cases:run_rank", case=case)
+    second = pool.run("helpers.cases:run_rank", case=case)
     for a, b in zip(first, second):
         for name in a:
             assert torch.equal(a[name], b[name]), name
-    attention_cases.check(case, first)
+    check(case, first)
 
 
 # Inputs PyTorch can represent but kernels mishandle: NaN / Inf, strided views, a loss that uses lse.
@@ -176,7 +169,7 @@ def _unusual_input_cases() -> list:
                           world_size=w, batch=2, local_len=256, nheads=8, nheads_k=2, head_dim=128, poison=token,
                           seed=n, device="cuda"))
     for n, (w, backend, layout, view) in enumerate(itertools.product(
-            WORLD_SIZES or [2], GPU_KERNELS, ("ring", "zigzag", "stripe"), attention_cases.VIEWS)):
+            WORLD_SIZES or [2], GPU_KERNELS, ("ring", "zigzag", "stripe"), VIEWS)):
         cases.append(Case(layout=layout, packing="func", causal=n % 2 == 0, dtype="bf16", backend=backend, world_size=w,
                           batch=2, local_len=256, nheads=8, nheads_k=2, head_dim=128, view=view, seed=n, device="cuda"))
     for n, (w, backend, layout, causal) in enumerate(itertools.product(
@@ -188,9 +181,9 @@ def _unusual_input_cases() -> list:
             WORLD_SIZES or [2], ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3"),
             ({"view": "fused"}, {"view": "transposed"}, {"lse_grad": True}, {"poison": (("v", 50, 1, float("nan")),)}))):
         docs = fit_documents(layout, w, (64 * w, 2 * w * 16, 96 * w))
-        cases.append(VarlenCase(layout=layout, packing="func", causal=n % 2 == 0, dtype="bf16",
-                                backend="torch_cuda_flash", world_size=w, doc_lengths=docs, nheads=8, nheads_k=2,
-                                head_dim=128, seed=n, device="cuda", **extra))
+        cases.append(Case(layout=layout, packing="func", causal=n % 2 == 0, dtype="bf16", backend="torch_cuda_flash",
+                          world_size=w, documents=docs, nheads=8, nheads_k=2, head_dim=128, seed=n, device="cuda",
+                          **extra))
     return cases
 
 
@@ -200,7 +193,7 @@ UNUSUAL_CASES = _unusual_input_cases()
 def _finite_on_one_device(case: Case) -> dict:
     """The rows of out / lse / dq / dk / dv that ``case.backend``'s aten op alone, on the whole sequence
     on one GPU, leaves finite: boolean ``(B, S, heads)`` (lse ``(B, H, S)``)."""
-    x = attention_cases.global_inputs(case)
+    x = global_inputs(case)
     q, k, v = (x[n].cuda().requires_grad_() for n in "qkv")
     scale, s = case.head_dim ** -0.5, case.seqlen
     if case.backend == "torch_cuda_flash":
@@ -226,21 +219,20 @@ def test_gpu_unusual_inputs(dist_pool, case):
     and dk are NaN there). Such rows hold no checkable value; cuDNN must have none."""
     if case.world_size > GPUS:
         pytest.skip(f"needs {case.world_size} GPUs")
-    module = varlen_cases if isinstance(case, VarlenCase) else attention_cases
-    per_rank = dist_pool(case.world_size, "nccl").run(f"{module.__name__}:run_rank", case=case)
-    if not case.poison or isinstance(case, VarlenCase):
-        module.check(case, per_rank)
+    per_rank = dist_pool(case.world_size, "nccl").run("helpers.cases:run_rank", case=case)
+    if not case.poison or case.packed:
+        check(case, per_rank)
         return
-    x = attention_cases.global_inputs(case)
-    nonfinite = attention_cases.nonfinite_rows(attention_cases.mask(case.seqlen, case.causal), x["q"], x["k"], x["v"])
-    got, ref = attention_cases.gathered(case, per_rank), attention_cases.reference(case)
+    x = global_inputs(case)
+    nonfinite = nonfinite_rows(allowed_pairs(case), x["q"], x["k"], x["v"])
+    got, ref = gathered(case, per_rank), reference(case)
     for name, finite in _finite_on_one_device(case).items():
         kernel_keeps = nonfinite[name] & finite
         assert case.backend == "torch_cuda_flash" or not kernel_keeps.any(), f"{case.backend} hides NaN in {name}"
         nonfinite[name] &= ~finite
         rows = kernel_keeps if name == "lse" else kernel_keeps[..., None]
         got[name] = torch.where(rows, ref[name], got[name].double())
-    attention_cases.compare(case.id(), got, ref, case.dtype, nonfinite=nonfinite)
+    compare(case.id(), got, ref, case.dtype, nonfinite=nonfinite)
 
 
 @pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")
@@ -260,16 +252,16 @@ def test_gpu_bad_softmax_scale_is_refused(scale):
 
 
 ULYSSES_CASES = [
-    UlyssesCase(Case(layout=layout, packing=packing, causal=causal, dtype="bf16", backend=backend, world_size=w,
-                     batch=1, local_len=256, nheads=8, nheads_k=8 if packing == "qkvpacked" else 2, head_dim=128,
-                     seed=n, device="cuda"), u)
+    Case(layout=layout, packing=packing, causal=causal, dtype="bf16", backend=backend, world_size=w, batch=1,
+         local_len=256, nheads=8, nheads_k=8 if packing == "qkvpacked" else 2, head_dim=128, seed=n, device="cuda",
+         ulysses_degree=u)
     for n, (w, backend, layout, packing, causal) in enumerate(itertools.product(
         WORLD_SIZES or [2], ("cudnn", "torch_cuda_flash"), ("zigzag", "stripe"), PACKINGS, (True, False)))
     for u in sorted({1, w, max(1, w // 2)})
 ] + [
-    UlyssesCase(VarlenCase(layout=layout, packing="func", causal=causal, dtype="bf16", backend="torch_cuda_flash",
-                           world_size=w, doc_lengths=(64 * w, 16 * w, 1, 47 * w - 1), nheads=8, nheads_k=2,
-                           head_dim=128, window=window, seed=n, device="cuda"), w)
+    Case(layout=layout, packing="func", causal=causal, dtype="bf16", backend="torch_cuda_flash", world_size=w,
+         documents=(64 * w, 16 * w, 1, 47 * w - 1), nheads=8, nheads_k=2, head_dim=128, window=window, seed=n,
+         device="cuda", ulysses_degree=w)
     for n, (w, layout, causal, window) in enumerate(itertools.product(
         WORLD_SIZES or [2], ("ring", "llama3"), (True, False), ((-1, -1), (100, 20))))
 ]
@@ -278,9 +270,9 @@ ULYSSES_CASES = [
 @pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")
 @pytest.mark.parametrize("case", ULYSSES_CASES, ids=[c.id() for c in ULYSSES_CASES])
 def test_gpu_ulysses_matches_float64_reference(dist_pool, case):
-    if case.base.world_size > GPUS:
-        pytest.skip(f"needs {case.base.world_size} GPUs")
-    ulysses_cases.check(case, dist_pool(case.base.world_size, "nccl").run("helpers.ulysses_cases:run_rank", case=case))
+    if case.world_size > GPUS:
+        pytest.skip(f"needs {case.world_size} GPUs")
+    check(case, dist_pool(case.world_size, "nccl").run("helpers.cases:run_rank", case=case))
 
 
 @pytest.mark.skipif(not GPUS, reason="needs CUDA GPUs")

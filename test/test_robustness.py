@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.attention_cases import Case, check, gathered, reference
+from helpers.cases import Case, check, gathered, reference
 from helpers.dist_pool import DistPool, WorkerError
 
 
@@ -75,7 +75,7 @@ def _bf16_errors(dist_pool, world_size: int) -> dict:
     case = Case(layout="zigzag", packing="func", causal=True, dtype="bf16", backend="torch_cpu_flash",
                 world_size=world_size, batch=1, local_len=128 // world_size, nheads=4, nheads_k=2, head_dim=64,
                 seed=42)
-    per_rank = dist_pool(world_size).run("helpers.attention_cases:run_rank", case=case)
+    per_rank = dist_pool(world_size).run("helpers.cases:run_rank", case=case)
     check(case, per_rank)
     got, ref = gathered(case, per_rank), reference(case)
     return {n: ((got[n].double() - ref[n]).norm() / ref[n].norm()).item() for n in ("out", "dq", "dk", "dv")}
@@ -94,4 +94,4 @@ def test_large_logits_in_bf16(dist_pool, layout):
     # q scaled so that logits reach hundreds: the online softmax must not overflow or lose accuracy
     case = Case(layout=layout, packing="func", causal=True, dtype="bf16", backend="torch_cpu_flash", world_size=2,
                 q_scale=30.0, seed=9)
-    check(case, dist_pool(2).run("helpers.attention_cases:run_rank", case=case))
+    check(case, dist_pool(2).run("helpers.cases:run_rank", case=case))

@@ -13,11 +13,8 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
-from helpers.attention_cases import PACKINGS, Case, check
-from helpers.ulysses_cases import UlyssesCase, packed_lengths
-from helpers.ulysses_cases import check as check_ulysses
-from helpers.varlen_cases import VarlenCase
-from helpers.varlen_cases import check as check_varlen
+from helpers.attention_cases import PACKINGS
+from helpers.cases import Case, check, packed_lengths
 from test_varlen_cpu import doc_lengths
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -35,45 +32,37 @@ BATCH = [
 ]
 
 PACKED = [
-    VarlenCase(layout=layout, packing=PACKINGS[n % 3], causal=causal, dtype=DTYPES[n % 3], backend="auto",
-               world_size=w, doc_lengths=doc_lengths(layout, w, random.Random(n), n % 4 == 0), nheads=4,
-               nheads_k=4 if n % 3 == 2 else 2, window=((-1, -1), (4, 0))[n % 2] if causal else (-1, -1),
-               lse_grad=n % 3 == 1, sinks=True, seed=n)
+    Case(layout=layout, packing=PACKINGS[n % 3], causal=causal, dtype=DTYPES[n % 3], backend="auto", world_size=w,
+         documents=doc_lengths(layout, w, random.Random(n), n % 4 == 0), nheads=4, nheads_k=4 if n % 3 == 2 else 2,
+         window=((-1, -1), (4, 0))[n % 2] if causal else (-1, -1), lse_grad=n % 3 == 1, sinks=True, seed=n)
     for n, (w, layout, causal) in enumerate(itertools.product(
         (2, 3), ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3", "packed_zigzag"), (True, False)))
 ]
 
 ULYSSES = [
-    UlyssesCase(Case(layout=layout, packing="func", causal=causal, dtype=("fp32", "bf16")[n % 2], backend="auto",
-                     world_size=u * r, nheads=4, nheads_k=(1, 2)[n % 2], window=(4, 0) if n % 3 == 0 else (-1, -1),
-                     lse_grad=n % 2 == 0, sinks=True, seed=n), u)
+    Case(layout=layout, packing="func", causal=causal, dtype=("fp32", "bf16")[n % 2], backend="auto", world_size=u * r,
+         nheads=4, nheads_k=(1, 2)[n % 2], window=(4, 0) if n % 3 == 0 else (-1, -1), lse_grad=n % 2 == 0, sinks=True,
+         seed=n, ulysses_degree=u)
     for n, ((u, r), layout, causal) in enumerate(itertools.product(((2, 1), (2, 2)), ("zigzag", "stripe"), (True, False)))
 ] + [
-    UlyssesCase(VarlenCase(layout=layout, packing="kvpacked", causal=True, dtype="fp32", backend="auto", world_size=u * r,
-                           doc_lengths=packed_lengths(layout, u, r, random.Random(u + r), single=False), nheads=4,
-                           nheads_k=2, sinks=True, seed=u + r), u)
+    Case(layout=layout, packing="kvpacked", causal=True, dtype="fp32", backend="auto", world_size=u * r,
+         documents=packed_lengths(layout, u, r, random.Random(u + r), single=False), nheads=4, nheads_k=2, sinks=True,
+         seed=u + r, ulysses_degree=u)
     for (u, r), layout in (((2, 1), "llama3"), ((2, 2), "zigzag_llama3"), ((2, 2), "ring"))
 ] + [  # two head chunks per rank (8 heads, 4 K/V heads over 2 Ulysses ranks)
-    UlyssesCase(Case(layout="zigzag", packing="func", causal=True, dtype="fp32", backend="auto", world_size=4,
-                     nheads=8, nheads_k=4, lse_grad=True, sinks=True, seed=70), 2, head_chunks=2),
-    UlyssesCase(VarlenCase(layout="stripe", packing="func", causal=False, dtype="fp32", backend="auto", world_size=2,
-                           doc_lengths=(6, 10), nheads=8, nheads_k=4, sinks=True, seed=71), 2, head_chunks=2),
+    Case(layout="zigzag", packing="func", causal=True, dtype="fp32", backend="auto", world_size=4, nheads=8,
+         nheads_k=4, lse_grad=True, sinks=True, seed=70, ulysses_degree=2, head_chunks=2),
+    Case(layout="stripe", packing="func", causal=False, dtype="fp32", backend="auto", world_size=2, documents=(6, 10),
+         nheads=8, nheads_k=4, sinks=True, seed=71, ulysses_degree=2, head_chunks=2),
 ]
 
 
-@pytest.mark.parametrize("case", BATCH, ids=[c.id() for c in BATCH])
-def test_sinks_batch(dist_pool, case):
-    check(case, dist_pool(case.world_size).run("helpers.attention_cases:run_rank", case=case))
+CASES = BATCH + PACKED + ULYSSES
 
 
-@pytest.mark.parametrize("case", PACKED, ids=[c.id() for c in PACKED])
-def test_sinks_packed(dist_pool, case):
-    check_varlen(case, dist_pool(case.world_size).run("helpers.varlen_cases:run_rank", case=case))
-
-
-@pytest.mark.parametrize("case", ULYSSES, ids=[c.id() for c in ULYSSES])
-def test_sinks_ulysses(dist_pool, case):
-    check_ulysses(case, dist_pool(case.base.world_size).run("helpers.ulysses_cases:run_rank", case=case))
+@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+def test_sinks(dist_pool, case):
+    check(case, dist_pool(case.world_size).run("helpers.cases:run_rank", case=case))
 
 
 def test_sinks_of_any_float_dtype_and_bad_shapes():

@@ -14,11 +14,9 @@ import pytest
 import torch
 
 import ring_flash_attn as rfa
-from helpers.attention_cases import PACKINGS, Case
-from helpers.dropout_cases import DropoutCase
-from helpers.ulysses_cases import UlyssesCase, check, packed_lengths
-from helpers.varlen_cases import VarlenCase
-from helpers.dropout_cases import check_dropout
+from helpers.attention_cases import PACKINGS
+from helpers.cases import Case, check, packed_lengths
+from helpers.dropout_cases import DropoutCase, check_dropout
 
 GRIDS = ((1, 2), (1, 3), (2, 1), (3, 1), (4, 1), (2, 2), (2, 3), (4, 2))  # (U, R)
 BATCH_LAYOUTS = ("ring", "zigzag", "stripe")
@@ -40,19 +38,19 @@ def _cases() -> list:
         w = u * r
         packing = PACKINGS[n % 3]
         heads = heads_for(u, n) if packing != "qkvpacked" else (heads_for(u, n)[0],) * 2
-        cases.append(UlyssesCase(Case(
+        cases.append(Case(
             layout=layout, packing=packing, causal=causal, dtype=DTYPES[n % 3], backend=BACKENDS[(n // 3) % 2],
             world_size=w, batch=(1, 2)[n % 2], local_len=(4, 6)[n % 2], nheads=heads[0], nheads_k=heads[1],
-            head_dim=(16, 32)[n % 2], return_lse=n % 4 != 3, seed=n), u, head_chunks=(2, 1, 4)[n % 3]))
+            head_dim=(16, 32)[n % 2], return_lse=n % 4 != 3, seed=n, ulysses_degree=u, head_chunks=(2, 1, 4)[n % 3]))
     for n, ((u, r), layout, causal) in enumerate(itertools.product(GRIDS, PACKED_LAYOUTS, (True, False))):
         w = u * r
         packing = PACKINGS[n % 3]
         heads = heads_for(u, n) if packing != "qkvpacked" else (heads_for(u, n)[0],) * 2
         lengths = packed_lengths(layout, u, r, random.Random(n), single=n % 5 == 0)
-        cases.append(UlyssesCase(VarlenCase(
+        cases.append(Case(
             layout=layout, packing=packing, causal=causal, dtype=DTYPES[n % 3], backend=BACKENDS[(n // 3) % 2],
-            world_size=w, doc_lengths=lengths, nheads=heads[0], nheads_k=heads[1], head_dim=(16, 32)[n % 2],
-            return_lse=n % 4 != 3, seed=n), u, head_chunks=(2, 1, 4)[n % 3]))
+            world_size=w, documents=lengths, nheads=heads[0], nheads_k=heads[1], head_dim=(16, 32)[n % 2],
+            return_lse=n % 4 != 3, seed=n, ulysses_degree=u, head_chunks=(2, 1, 4)[n % 3]))
     return cases
 
 
@@ -61,34 +59,32 @@ def _option_cases() -> list:
     cases = []
     for n, ((u, r), layout, causal, window) in enumerate(itertools.product(
             ((2, 1), (2, 2), (1, 2)), BATCH_LAYOUTS, (True, False), ((3, -1), (5, 2), (-1, 4)))):
-        cases.append(UlyssesCase(Case(layout=layout, packing="func", causal=causal, dtype=("fp32", "bf16")[n % 2],
-                                      backend="auto", world_size=u * r, window=window, local_len=6, nheads=4,
-                                      nheads_k=(1, 2, 4)[n % 3], seed=n), u))
+        cases.append(Case(layout=layout, packing="func", causal=causal, dtype=("fp32", "bf16")[n % 2], backend="auto",
+                          world_size=u * r, window=window, local_len=6, nheads=4, nheads_k=(1, 2, 4)[n % 3], seed=n,
+                          ulysses_degree=u))
     for n, ((u, r), layout) in enumerate(itertools.product(((2, 1), (2, 2)), ("zigzag_llama3", "llama3", "zigzag"))):
-        cases.append(UlyssesCase(VarlenCase(layout=layout, packing="func", causal=n % 2 == 0, dtype="fp32",
-                                            backend="auto", world_size=u * r, doc_lengths=(4 * u * r, 8 * u * r),
-                                            window=(5, 0) if n % 2 == 0 else (3, 6), seed=n), u))
+        cases.append(Case(layout=layout, packing="func", causal=n % 2 == 0, dtype="fp32", backend="auto",
+                          world_size=u * r, documents=(4 * u * r, 8 * u * r), nheads_k=2,
+                          window=(5, 0) if n % 2 == 0 else (3, 6), seed=n, ulysses_degree=u))
     for u, r in ((2, 1), (2, 2), (4, 2)):
         w = u * r
         cases += [
-            UlyssesCase(Case(layout="zigzag", packing="func", causal=True, dtype="fp32", backend="reference",
-                             world_size=w, softcap=5.0, q_scale=4.0, alibi=True, nheads=8, nheads_k=2, seed=w), u),
-            UlyssesCase(Case(layout="stripe", packing="kvpacked", causal=False, dtype="fp64", backend="reference",
-                             world_size=w, nheads=4, nheads_k=1, lse_grad=True, seed=w), u),
-            UlyssesCase(VarlenCase(layout="zigzag_llama3", packing="func", causal=True, dtype="fp32",
-                                   backend="reference", world_size=w, doc_lengths=(2 * r, 4 * r * u, 2 * r * (u + 1)),
-                                   softcap=4.0, q_scale=4.0, alibi=True, lse_grad=True, nheads=8, nheads_k=2, seed=w),
-                        u),
+            Case(layout="zigzag", packing="func", causal=True, dtype="fp32", backend="reference", world_size=w,
+                 softcap=5.0, q_scale=4.0, alibi=True, nheads=8, nheads_k=2, seed=w, ulysses_degree=u),
+            Case(layout="stripe", packing="kvpacked", causal=False, dtype="fp64", backend="reference", world_size=w,
+                 nheads=4, nheads_k=1, lse_grad=True, seed=w, ulysses_degree=u),
+            Case(layout="zigzag_llama3", packing="func", causal=True, dtype="fp32", backend="reference", world_size=w,
+                 documents=(2 * r, 4 * r * u, 2 * r * (u + 1)), softcap=4.0, q_scale=4.0, alibi=True, lse_grad=True,
+                 nheads=8, nheads_k=2, seed=w, ulysses_degree=u),
         ]
     for layout in ("llama3", "zigzag_llama3"):  # float64 through the all-gather ring's windowed dK/dV sums
-        cases.append(UlyssesCase(VarlenCase(layout=layout, packing="func", causal=False, dtype="fp64", backend="auto",
-                                            world_size=4, doc_lengths=(4, 12, 8), window=(5, 2), seed=7), 2))
+        cases.append(Case(layout=layout, packing="func", causal=False, dtype="fp64", backend="auto", world_size=4,
+                          documents=(4, 12, 8), nheads_k=2, window=(5, 2), seed=7, ulysses_degree=2))
     for u, r in ((2, 1), (3, 1), (4, 1)):  # pure Ulysses: documents of any length, length-1 ones included
         w = u * r
-        cases.append(UlyssesCase(VarlenCase(layout="ring", packing="func", causal=True, dtype="fp32",
-                                            backend="torch_cpu_flash", world_size=w,
-                                            doc_lengths=(1, 5, 1, 1, 3 * w - 8 + w * 2), nheads=12,
-                                            nheads_k=(1, 3, 12)[u - 2], seed=u), u))
+        cases.append(Case(layout="ring", packing="func", causal=True, dtype="fp32", backend="torch_cpu_flash",
+                          world_size=w, documents=(1, 5, 1, 1, 3 * w - 8 + w * 2), nheads=12,
+                          nheads_k=(1, 3, 12)[u - 2], seed=u, ulysses_degree=u))
     return cases
 
 
@@ -98,26 +94,25 @@ OPTION_CASES = _option_cases()
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
 def test_ulysses_matches_float64_reference(dist_pool, case):
-    check(case, dist_pool(case.base.world_size).run("helpers.ulysses_cases:run_rank", case=case))
+    check(case, dist_pool(case.world_size).run("helpers.cases:run_rank", case=case))
 
 
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[c.id() for c in OPTION_CASES])
 def test_ulysses_options_match_float64_reference(dist_pool, case):
-    check(case, dist_pool(case.base.world_size).run("helpers.ulysses_cases:run_rank", case=case))
+    check(case, dist_pool(case.world_size).run("helpers.cases:run_rank", case=case))
 
 
 DETERMINISTIC = [
-    UlyssesCase(Case(layout="zigzag", packing="func", causal=True, dtype="bf16", backend="reference", world_size=4,
-                     nheads=8, nheads_k=2, deterministic=True, seed=3), 2),
-    UlyssesCase(Case(layout="ring", packing="qkvpacked", causal=False, dtype="fp32", backend="torch_cpu_flash",
-                     world_size=4, nheads=4, nheads_k=4, deterministic=True, seed=4), 4),
+    Case(layout="zigzag", packing="func", causal=True, dtype="bf16", backend="reference", world_size=4, nheads=8,
+         nheads_k=2, deterministic=True, seed=3, ulysses_degree=2),
+    Case(layout="ring", packing="qkvpacked", causal=False, dtype="fp32", backend="torch_cpu_flash", world_size=4,
+         nheads=4, nheads_k=4, deterministic=True, seed=4, ulysses_degree=4),
 ]
 
 
 @pytest.mark.parametrize("case", DETERMINISTIC, ids=[c.id() for c in DETERMINISTIC])
 def test_deterministic_is_bitwise_reproducible(dist_pool, case):
-    per_rank = dist_pool(case.base.world_size).run("helpers.ulysses_cases:run_rank", case=case,
-                                                   deterministic_twice=True)
+    per_rank = dist_pool(case.world_size).run("helpers.cases:run_twice", case=case)
     check(case, per_rank)
     for r in per_rank:
         for name in ("out", "lse", "dq", "dk", "dv"):

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from helpers.attention_cases import PACKINGS
-from helpers.varlen_cases import VarlenCase, check
+from helpers.cases import Case, check
 
 WORLD_SIZES = (1, 2, 3, 4)
 LAYOUTS = ("ring", "zigzag", "stripe", "llama3", "zigzag_llama3", "packed_zigzag")
@@ -40,42 +40,42 @@ def _cases() -> list:
         rng = random.Random(n)
         heads = (4, 4) if packing == "qkvpacked" else ((4, 2), (6, 3), (4, 1), (4, 4))[n % 4]
         stride = (None, 1)[n % 2] if heads[1] > 1 else None
-        cases.append(VarlenCase(
+        cases.append(Case(
             layout=layout, packing=packing, causal=causal, dtype=DTYPES[n % 3], backend=BACKENDS[(n // 3) % 2],
-            world_size=w, doc_lengths=doc_lengths(layout, w, rng, n % 5 == 0), nheads=heads[0], nheads_k=heads[1],
+            world_size=w, documents=doc_lengths(layout, w, rng, n % 5 == 0), nheads=heads[0], nheads_k=heads[1],
             head_dim=(16, 32, 64)[n % 3], heads_k_stride=stride, return_lse=n % 4 != 3, seed=n,
         ))
     return cases
 
 
 CASES = _cases() + [  # sliding windows on the all-gather family (documents cross rank boundaries)
-    VarlenCase(layout=layout, packing=("func", "kvpacked")[w % 2], causal=causal, dtype=("fp32", "bf16")[w % 2],
-               backend="auto", world_size=w, doc_lengths=doc_lengths(layout, w, random.Random(100 + w), 1),
-               window=window, heads_k_stride=1, seed=w)
+    Case(layout=layout, packing=("func", "kvpacked")[w % 2], causal=causal, dtype=("fp32", "bf16")[w % 2],
+         backend="auto", world_size=w, documents=doc_lengths(layout, w, random.Random(100 + w), 1), nheads_k=2,
+         window=window, heads_k_stride=1, seed=w)
     for w, layout, causal, window in itertools.product((2, 3), ("llama3", "zigzag_llama3", "packed_zigzag"), (True, False),
                                                        ((3, -1), (5, 2), (40, 0), (-1, 4)))
 ] + [  # float64 stays float64 through the windowed calls' dK/dV sums (non-causal windows, several documents)
-    VarlenCase(layout=layout, packing="func", causal=False, dtype="fp64", backend="auto", world_size=w,
-               doc_lengths=doc_lengths(layout, w, random.Random(300 + w), 1), window=window, seed=w)
+    Case(layout=layout, packing="func", causal=False, dtype="fp64", backend="auto", world_size=w,
+         documents=doc_lengths(layout, w, random.Random(300 + w), 1), nheads_k=2, window=window, seed=w)
     for w, layout, window in itertools.product((2, 3), ("llama3", "zigzag_llama3", "packed_zigzag"), ((5, 2), (-1, 4)))
 ] + [  # sliding windows on the ring family: the window in tokens, each document its own schedule
-    VarlenCase(layout=layout, packing=("func", "kvpacked")[n % 2], causal=causal, dtype=("fp64", "bf16")[n % 2],
-               backend="auto", world_size=w, doc_lengths=doc_lengths(layout, w, random.Random(200 + n), 1),
-               window=window, seed=n)
+    Case(layout=layout, packing=("func", "kvpacked")[n % 2], causal=causal, dtype=("fp64", "bf16")[n % 2],
+         backend="auto", world_size=w, documents=doc_lengths(layout, w, random.Random(200 + n), 1), nheads_k=2,
+         window=window, seed=n)
     for n, (w, layout, causal, window) in enumerate(itertools.product(
         (1, 2, 3, 4), ("ring", "zigzag", "stripe"), (True, False), ((3, -1), (5, 2), (40, 0), (0, 7))))
     if causal or window[1] != 0
 ] + [  # soft-capped logits through the reference kernel, every family
-    VarlenCase(layout=layout, packing="func", causal=causal, dtype="fp32", backend="reference", world_size=w,
-               doc_lengths=tuple(m * w * (2 if "zigzag" in layout else 1) for m in (3, 1, 2)), softcap=4.0,
-               q_scale=4.0, seed=w)
+    Case(layout=layout, packing="func", causal=causal, dtype="fp32", backend="reference", world_size=w,
+         documents=tuple(m * w * (2 if "zigzag" in layout else 1) for m in (3, 1, 2)), nheads_k=2, softcap=4.0,
+         q_scale=4.0, seed=w)
     for w, layout, causal in itertools.product((2, 3), LAYOUTS, (True, False))
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
 def test_varlen_matches_float64_reference(dist_pool, case):
-    check(case, dist_pool(case.world_size).run("helpers.varlen_cases:run_rank", case=case))
+    check(case, dist_pool(case.world_size).run("helpers.cases:run_rank", case=case))
 
 
 def test_allgather_attends_own_keys_first_unless_windowed(monkeypatch):

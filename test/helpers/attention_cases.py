@@ -1,5 +1,6 @@
-"""Attention test cases: the inputs of a case (same on every process, from its seed), what each
-rank runs, the float64 reference on the whole sequence, and the tolerance check.
+"""The pieces the attention test cases (:mod:`helpers.cases`) are made of: dtypes and tolerances,
+the table of public functions, masks, ALiBi, soft-capping and sinks for the float64 reference, the
+rows NaN / Inf inputs reach, a rank's results on the CPU, and the tolerance check.
 
 Errors are measured as ``max |x - ref| / max |ref|`` per tensor, against a float64 computation on
 the unsharded sequence from the *same* (already rounded) inputs, so the bound is the error the
@@ -8,12 +9,9 @@ kernel and the ring add, nothing else.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 import ring_flash_attn as rfa
 
@@ -32,70 +30,6 @@ def public_function(layout: str, packing: str = "func", varlen: bool = False):
     """The public function of ``layout`` for a packing (``func``, ``kvpacked``, ``qkvpacked``)."""
     suffix = "func" if packing == "func" else f"{packing}_func"
     return getattr(rfa, f"{PREFIX[layout]}_{'varlen_' if varlen else ''}{suffix}")
-
-
-@dataclass(frozen=True)
-class Case:
-    layout: str
-    packing: str
-    causal: bool
-    dtype: str
-    backend: str
-    world_size: int
-    batch: int = 2
-    local_len: int = 8
-    nheads: int = 4
-    nheads_k: int = 4
-    head_dim: int = 32
-    return_lse: bool = True
-    softmax_scale: Optional[float] = None
-    seed: int = 0
-    device: str = "cpu"  # "cuda": rank r runs on GPU r (NCCL)
-    q_scale: float = 1.0  # > 1: large logits (bf16 near overflow)
-    window: Tuple[int, int] = (-1, -1)  # window_size (left, right)
-    softcap: float = 0.0
-    alibi: bool = False  # ALiBi slopes alibi_slopes(nheads) (or per batch row)
-    deterministic: bool = False
-    poison: Tuple[Tuple[str, int, int, float], ...] = ()  # (q/k/v, token, head, value) in batch row 0 (token and head modulo the sizes)
-    view: str = ""  # q, k, v passed as strided views of the same values: a key of VIEWS
-    lse_grad: bool = False  # the loss uses lse too: <out, dout> + <lse, dlse>
-    sinks: bool = False  # attention sinks (nheads,) float32 (float64 for fp64 cases), learnable
-
-    @property
-    def seqlen(self) -> int:
-        return self.local_len * self.world_size
-
-    def id(self) -> str:
-        heads = f"h{self.nheads}k{self.nheads_k}"
-        causal = "causal" if self.causal else "full"
-        window = "" if self.window == (-1, -1) else f"-win{self.window[0]}_{self.window[1]}"
-        window += f"-cap{self.softcap:g}" if self.softcap else ""
-        window += "-alibi" if self.alibi else ""
-        window += "-det" if self.deterministic else ""
-        window += poison_id(self.poison) + (f"-{self.view}" if self.view else "") + ("-dlse" if self.lse_grad else "")
-        window += "-sinks" if self.sinks else ""
-        return (f"{self.device}-W{self.world_size}-{self.layout}-{self.packing}-{causal}{window}-{self.dtype}-{heads}-"
-                f"d{self.head_dim}-b{self.batch}-L{self.local_len}-{self.backend}")
-
-
-def global_inputs(case: Case) -> Dict[str, torch.Tensor]:
-    """q, k, v, dout on the whole sequence, in the case's dtype; identical on every process."""
-    gen = torch.Generator().manual_seed(case.seed)
-    dtype = DTYPES[case.dtype]
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
-
-    b, s, h, hk, d = case.batch, case.seqlen, case.nheads, case.nheads_k, case.head_dim
-    q = (torch.randn(b, s, h, d, generator=gen, dtype=torch.float64) * case.q_scale).to(dtype)
-    x = {"q": q, "k": randn(b, s, hk, d), "v": randn(b, s, hk, d), "dout": randn(b, s, h, d)}
-    if case.lse_grad:
-        x["dlse"] = randn(b, h, s).float()
-    if case.sinks:
-        x["sinks"] = sink_logits(gen, h, case.dtype)
-    for name, token, head, value in case.poison:
-        x[name][0, token % s, head % x[name].shape[2], 0] = value
-    return x
 
 
 def sink_logits(gen: torch.Generator, nheads: int, dtype: str) -> torch.Tensor:
@@ -146,42 +80,6 @@ def nonfinite_rows(allowed: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     per_kv_head = lambda rows: rows.reshape(*rows.shape[:2], -1, g).any(-1)  # noqa: E731
     return {"out": out, "lse": scores.transpose(1, 2), "dq": out, "dk": per_kv_head(seen_by(out)),
             "dv": per_kv_head(seen_by(scores))}
-
-
-def run_rank(rank: int, world_size: int, case: Case) -> Dict[str, torch.Tensor]:
-    """What one rank computes: its shard of out (and lse) and of the input gradients."""
-    assert world_size == case.world_size, (world_size, case.world_size)
-    device = torch.device("cuda", rank) if case.device == "cuda" else torch.device("cpu")
-    x = {name: t if name == "sinks" else rfa.shard(t, case.layout, rank, world_size, dim=2 if name == "dlse" else 1)
-         for name, t in global_inputs(case).items()}
-    x = {name: t.to(device) for name, t in x.items()}
-    for name in "qkv":
-        x[name].requires_grad_()
-    func = public_function(case.layout, case.packing)
-    kwargs = dict(softmax_scale=case.softmax_scale, causal=case.causal, window_size=case.window, softcap=case.softcap,
-                  return_attn_probs=case.return_lse,
-                  group=dist.group.WORLD if world_size > 1 else None, backend=case.backend,
-                  deterministic=case.deterministic)
-    if case.alibi:
-        kwargs["alibi_slopes"] = alibi_slopes(case.nheads, case.batch).to(device)
-    sinks = x.get("sinks")
-    if sinks is not None:
-        kwargs["sinks"] = sinks.requires_grad_()
-    q, k, v = x["q"], x["k"], x["v"]
-    if case.packing == "func":
-        leaves, result = (q, k, v), func(*as_view(case, q, k, v), **kwargs)
-    elif case.packing == "kvpacked":
-        kv = torch.stack([k, v], dim=2).detach().requires_grad_()
-        leaves, result = (q, kv), func(q, kv, **kwargs)
-    else:
-        qkv = torch.stack([q, k, v], dim=2).detach().requires_grad_()
-        leaves, result = (qkv,), func(qkv, **kwargs)
-    out, lse = (result[0], result[1]) if case.return_lse else (result, None)
-    if case.return_lse:
-        assert result[2] is None and lse.dtype == (torch.float64 if case.dtype == "fp64" else torch.float32)
-        assert lse.shape == (case.batch, case.nheads, case.local_len), lse.shape
-    assert out.dtype == q.dtype and out.shape == q.shape
-    return results_on_cpu(out, lse, leaves, x["dout"], case.packing, pack_dim=2, dlse=x.get("dlse"), sinks=sinks)
 
 
 def results_on_cpu(out, lse, leaves, dout, packing: str, pack_dim: int, dlse=None, sinks=None) -> Dict[str, torch.Tensor]:
@@ -239,43 +137,11 @@ def mask(seqlen: int, causal: bool, window: Tuple[int, int] = (-1, -1)) -> torch
     return allowed
 
 
-def reference(case: Case) -> Dict[str, torch.Tensor]:
-    """float64 attention on the unsharded sequence, with autograd: out, lse, dq, dk, dv (of the inputs
-    without the case's NaN / Inf: see :func:`compare`)."""
-    x = {n: t.double().requires_grad_(n in "qkv")
-         for n, t in global_inputs(dataclasses.replace(case, poison=())).items()}
-    q, k, v = x["q"], x["k"], x["v"]
-    group = case.nheads // case.nheads_k
-    kr, vr = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    scale = case.softmax_scale if case.softmax_scale is not None else case.head_dim ** -0.5
-    scores = soft_capped(torch.einsum("bihd,bjhd->bhij", q, kr) * scale, case.softcap)
-    if case.alibi:
-        bias = alibi_bias(alibi_slopes(case.nheads, case.batch), torch.arange(case.seqlen))
-        scores = scores + bias
-    scores = scores.masked_fill(~mask(case.seqlen, case.causal, case.window), float("-inf"))
-    sinks = x["sinks"].requires_grad_() if case.sinks else None
-    scores = with_sink_column(scores, sinks)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.softmax(scores, dim=-1)[..., :case.seqlen]
-    out = torch.einsum("bhij,bjhd->bihd", probs, vr)
-    loss = (out * x["dout"]).sum() + ((lse * x["dlse"]).sum() if case.lse_grad else 0)
-    grads = torch.autograd.grad(loss, (q, k, v) + ((sinks,) if case.sinks else ()))
-    result = dict(out=out.detach(), lse=lse.detach(), dq=grads[0], dk=grads[1], dv=grads[2])
-    if case.sinks:
-        result["dsinks"] = grads[3]
-    return result
-
-
 def put_together(per_rank: List[Dict[str, torch.Tensor]], unshard) -> Dict[str, torch.Tensor]:
     """Every rank's results as whole-sequence tensors: ``unshard(name, parts)`` for the sharded ones,
     the sum over ranks for the sinks' gradient (each rank holds its rows' share)."""
     return {n: torch.stack([r[n] for r in per_rank]).sum(0) if n == "dsinks" else unshard(n, [r[n] for r in per_rank])
             for n in per_rank[0] if not n.endswith("_again")}
-
-
-def gathered(case: Case, per_rank: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Every rank's shards put back into whole-sequence tensors."""
-    return put_together(per_rank, lambda n, parts: rfa.unshard(parts, case.layout, dim=2 if n == "lse" else 1))
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -324,18 +190,3 @@ def compare(name_of_case: str, got: Dict[str, torch.Tensor], ref: Dict[str, torc
         bound = max(bound, (allowance or {}).get(name, 0.0))
         assert err <= bound, f"{name_of_case}: {name} error {err:.3g} > {bound:.3g}"
     return errors
-
-
-def check(case: Case, per_rank: List[Dict[str, torch.Tensor]], allowance=None) -> Dict[str, float]:
-    """Every rank's shards against the float64 reference on the whole sequence."""
-    nonfinite = None
-    if case.poison:
-        x = global_inputs(case)
-        nonfinite = nonfinite_rows(mask(case.seqlen, case.causal, case.window), x["q"], x["k"], x["v"])
-    return compare(case.id(), gathered(case, per_rank), reference(case), case.dtype, case.q_scale, allowance,
-                   nonfinite)
-
-
-def single_device(case: Case) -> Case:
-    """The same problem on one process (what the ring must match)."""
-    return dataclasses.replace(case, world_size=1, local_len=case.local_len * case.world_size)

@@ -1,5 +1,5 @@
 """The balanced layout's test helpers (test_balanced.py): random packs of the shapes the layout must
-handle, a case run twice (deterministic runs), and bad input run on every rank of a pool."""
+handle, and bad input run on every rank of a pool."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch.distributed as dist
 
 import ring_flash_attn as rfa
 from helpers.attention_cases import public_function
-from helpers.ulysses_cases import groups
-from helpers.varlen_cases import VarlenCase, fit_documents, run_rank
+from helpers.cases import fit_documents, groups
 from ring_flash_attn.layouts import balanced_local_offsets, shard_varlen
 
 PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23)
@@ -35,13 +34,6 @@ def random_pack(world_size: int, rng: random.Random, empty_document: bool = Fals
         docs.append(0)
     rng.shuffle(docs)
     return fit_documents("balanced", w, tuple(docs))
-
-
-def run_twice(rank: int, world_size: int, case: VarlenCase) -> Dict[str, torch.Tensor]:
-    """:func:`varlen_cases.run_rank` twice: the first run's results, the second's as ``<name>_again``."""
-    first = run_rank(rank, world_size, case)
-    first.update({f"{name}_again": t for name, t in run_rank(rank, world_size, case).items()})
-    return first
 
 
 # ---- bad input --------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import ring_flash_attn as rfa
 from helpers.attention_cases import DTYPES, PACKINGS, public_function
-from helpers.ulysses_cases import groups
+from helpers.cases import groups
 
 HEADS, HEADS_K, DIM = 4, 2, 8
 

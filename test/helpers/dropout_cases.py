@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import ring_flash_attn as rfa
 from helpers.attention_cases import DTYPES, public_function
-from helpers.ulysses_cases import groups
+from helpers.cases import groups
 from ring_flash_attn.allgather.api import packed_allgather
 from ring_flash_attn.core.spec import AttentionArgs
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen

@@ -212,9 +212,8 @@ def flash_attn_3(backward_causal_name: str = "is_causal") -> types.ModuleType:
 
 def run_rank_with_fake_fa2(rank: int, world_size: int, case):
     """Worker entry: register a flash-attn-2.7 fake that accepts CPU tensors as ``fake_fa2``, then run
-    the case through it (the ring with a bottom-right, window-taking kernel, on CPU); batch or varlen case."""
-    from helpers import attention_cases
-    from helpers import varlen_cases
+    the case through it (the ring with a bottom-right, window-taking kernel, on CPU); batch or packed case."""
+    from helpers import cases
     from ring_flash_attn.kernels import BACKENDS, register_backend
     from ring_flash_attn.kernels.flash_attn_pkg import FlashAttn2Backend
 
@@ -226,5 +225,4 @@ def run_rank_with_fake_fa2(rank: int, world_size: int, case):
                 return []
 
         register_backend(CpuFakeFlashAttn2(interface=flash_attn_2_7(), version="2.7.4"))
-    runner = varlen_cases if isinstance(case, varlen_cases.VarlenCase) else attention_cases
-    return runner.run_rank(rank, world_size, case)
+    return cases.run_rank(rank, world_size, case)

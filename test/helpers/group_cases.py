@@ -12,9 +12,8 @@ import torch
 import torch.distributed as dist
 
 import ring_flash_attn as rfa
-from helpers import hf_cases, ulysses_cases
-from helpers.attention_cases import Case
-from helpers.ulysses_cases import UlyssesCase
+from helpers import cases, hf_cases
+from helpers.cases import Case
 from ring_flash_attn.core.validation import resolve_group
 
 
@@ -36,12 +35,12 @@ class ReplicaCase:
         ring_degree = self.replica_size // self.ulysses_degree
         return f"W{self.world_size}-{self.replicas}x{self.replica_size}-U{self.ulysses_degree}xR{ring_degree}"
 
-    def attention(self, replica: int, repeat: int) -> UlyssesCase:
+    def attention(self, replica: int, repeat: int) -> Case:
         """What replica ``replica`` computes in repetition ``repeat`` (its own data: its own seed)."""
         layout = ("zigzag", "ring", "stripe")[(replica + repeat) % 3]
-        return UlyssesCase(Case(layout=layout, packing="func", causal=repeat % 2 == 0, dtype="fp64",
-                                backend="reference", world_size=self.replica_size, batch=1, local_len=4, nheads=6,
-                                nheads_k=6, head_dim=8, seed=1000 * replica + repeat), self.ulysses_degree)
+        return Case(layout=layout, packing="func", causal=repeat % 2 == 0, dtype="fp64", backend="reference",
+                    world_size=self.replica_size, batch=1, local_len=4, nheads=6, nheads_k=6, head_dim=8,
+                    seed=1000 * replica + repeat, ulysses_degree=self.ulysses_degree)
 
 
 def replica_group(rank: int, world_size: int, replica_size: int) -> dist.ProcessGroup:
@@ -61,8 +60,7 @@ def replica_rank(rank: int, world_size: int, case: ReplicaCase) -> List[Dict[str
         groups = rfa.make_ulysses_ring_groups(case.ulysses_degree, case.replica_size // case.ulysses_degree,
                                               group=cp_group)
         assert_names_lead_back(groups)
-        results.append(ulysses_cases.run_rank(local_rank, case.replica_size, case.attention(replica, repeat),
-                                              group=groups))
+        results.append(cases.run_rank(local_rank, case.replica_size, case.attention(replica, repeat), group=groups))
     return results
 
 
@@ -80,7 +78,7 @@ def check_replicas(case: ReplicaCase, per_rank: List[List[Dict[str, torch.Tensor
     for replica in range(case.replicas):
         members = per_rank[replica * case.replica_size:(replica + 1) * case.replica_size]
         for repeat in range(case.repeats):
-            ulysses_cases.check(case.attention(replica, repeat), [results[repeat] for results in members])
+            cases.check(case.attention(replica, repeat), [results[repeat] for results in members])
 
 
 def different_group_histories(rank: int, world_size: int) -> str:
