@@ -205,16 +205,19 @@ def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
                 f"(or, for a single-process run, unset WORLD_SIZE or set it to 1).")
         return 0, 1
     group = group if group is not None else dist.group.WORLD
-    known = _GROUP_PLACES.get(id(group))
+    compiling = torch.compiler.is_compiling()  # traced code asks torch (a cache would be guarded on)
+    known = None if compiling else _GROUP_PLACES.get(id(group))
     if known is not None and known[0] is group:
         return known[1]
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("this process is not a member of the given process group")
-    if len(_GROUP_PLACES) > 64:
-        _GROUP_PLACES.clear()
-    _GROUP_PLACES[id(group)] = (group, (rank, dist.get_world_size(group)))
-    return _GROUP_PLACES[id(group)][1]
+    place = rank, dist.get_world_size(group)
+    if not compiling:
+        if len(_GROUP_PLACES) > 64:
+            _GROUP_PLACES.clear()
+        _GROUP_PLACES[id(group)] = (group, place)
+    return place
 
 
 _GROUP_PLACES: Dict[int, tuple] = {}  # id(group) -> (group, (rank, size)): asked once per group object
