@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..core.accumulate import sum_dtype
 from ..core.comm import all_gather_async, reduce_scatter_async, wait
-from ..core.merge import accumulator_dtype, merge_into
+from ..core.merge import accumulator_dtype, in_dtype, merge_into
 from ..core.rows import take
 from ..kernels import BlockOptions
 from ..kernels.dropout import cuda_rng_sandbox
@@ -102,7 +102,7 @@ def gather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tupl
         if plan.heads_k_stride == k.shape[1]:  # one chunk: the kernel's output is the result
             (_, heads, fetch), = KVGather(plan, k, v).chunks(group_size)
             out, lse = attend(plan, plan.options, q, *fetch())
-            return out.to(q.dtype), lse
+            return in_dtype(out, q.dtype), lse
         out = torch.empty_like(q)
         lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
         for _, heads, fetch in KVGather(plan, k, v).chunks(group_size):
@@ -134,10 +134,14 @@ def attend_backward(plan: AllGatherPlan, options: BlockOptions, dout, q, k, v, o
     return dq, dk, dv
 
 
-def start_backward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[int, Tensor, Tensor, Tensor]:
-    """``(query heads per K/V head, dq, dk, dv)`` to fill; dropout replays from the forward's first call."""
+def start_backward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor,
+                   allocate: bool = True) -> Tuple[int, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(query heads per K/V head, dq, dk, dv)`` to fill (None without ``allocate``: one chunk of
+    every head returns its gradients as they are); dropout replays from the forward's first call."""
     if plan.options.dropout is not None:
         plan.options.dropout.rewind()
+    if not allocate:
+        return q.shape[1] // k.shape[1], None, None, None
     return q.shape[1] // k.shape[1], torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 

@@ -28,7 +28,7 @@ from ..core.accumulate import sum_dtype
 from ..core.comm import reduce_scatter_async, wait
 from ..core.layouts import buffer_row_of, shard_positions
 from ..core.mask import VarlenMeta
-from ..core.merge import accumulator_dtype, merge_into
+from ..core.merge import accumulator_dtype, in_dtype, merge_into
 from ..core.rows import Rows
 from ..kernels import BlockOptions
 from ..kernels.dropout import cuda_rng_sandbox
@@ -62,51 +62,58 @@ class OwnKeysFirst:
         return self.remote_meta.offsets_k[-1] > 0
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.plan.options.dropout is None:
+            return self._forward(q, k, v)
+        with cuda_rng_sandbox(self.plan.options.dropout, q.device):
+            return self._forward(q, k, v)
+
+    def _forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         plan = self.plan
-        group_size = q.shape[1] // k.shape[1]
-        out = torch.empty_like(q)
-        lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
-        with cuda_rng_sandbox(plan.options.dropout, q.device):
-            for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(group_size):
-                out_c, lse_c = plan.backend.forward_varlen(q[:, heads], k[:, kv_heads], v[:, kv_heads],
-                                                           self.local_meta, self.local_options.for_heads(heads))
+        whole = plan.heads_k_stride == k.shape[1]  # one chunk of every head: no head slices, no copies
+        if not whole:
+            out = torch.empty_like(q)
+            lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulator_dtype(q.dtype), device=q.device)
+        for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(q.shape[1] // k.shape[1]):
+            q_c, k_c, v_c = (q, k, v) if whole else (q[:, heads], k[:, kv_heads], v[:, kv_heads])
+            out_c, lse_c = plan.backend.forward_varlen(q_c, k_c, v_c, self.local_meta,
+                                                       self.local_options.for_heads(heads))
+            if self.has_remote:
                 k_r, v_r = fetch()
-                if self.has_remote:
-                    out_r, lse_r = plan.backend.forward_varlen(q[:, heads], k_r, v_r, self.remote_meta,
-                                                               self.remote_options.for_heads(heads))
-                    merge_into(out_c[None], lse_c[None], out_r[None], lse_r[None])
-                if heads == slice(0, q.shape[1]):
-                    return out_c.to(q.dtype), lse_c
-                out[:, heads], lse[heads] = out_c, lse_c
+                out_r, lse_r = plan.backend.forward_varlen(q_c, k_r, v_r, self.remote_meta,
+                                                           self.remote_options.for_heads(heads))
+                merge_into(out_c, lse_c, out_r, lse_r)
+            elif plan.world_size > 1:
+                fetch()  # the chunk's gather completes (the other ranks read this rank's part)
+            if whole:
+                return in_dtype(out_c, q.dtype), lse_c
+            out[:, heads], lse[heads] = out_c, lse_c
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
         plan = self.plan
-        group_size, dq, dk, dv = start_backward(plan, q, k, v)
+        whole = plan.heads_k_stride == k.shape[1]
+        group_size, dq, dk, dv = start_backward(plan, q, k, v, allocate=not whole)
         w, tokens = plan.world_size, k.shape[0]
         # A key gets at most one term from each other rank (pieces that share remote keys are one call
         # document) and the owner adds its own with float32 math: W terms (core.accumulate.sum_dtype).
         reduce_dtype = sum_dtype(k.dtype, w, plan.backend.results_in_input_dtype)
         dropout = plan.options.dropout
 
-        def finish(work, mine, local_grads, kv_heads):
-            wait(work)
-            for i, (target, grad) in enumerate(zip((dk, dv), local_grads)):
-                target[:, kv_heads] = grad if mine is None else mine[:, i] + grad  # float32 math, one rounding
-
         for kv_heads, heads, fetch in KVGather(plan, k, v).chunks(group_size):
-            args = (dout[:, heads], q[:, heads])
+            args = (dout, q) if whole else (dout[:, heads], q[:, heads])
+            out_c, lse_c = (out, lse) if whole else (out[:, heads], lse[heads])
+            k_c, v_c = (k, v) if whole else (k[:, kv_heads], v[:, kv_heads])
             local_call = dropout.cursor if dropout is not None else 0  # the forward ran local, then remote
             full = None
             if w > 1:
-                full = torch.zeros((w * tokens, 2, *k[:, kv_heads].shape[1:]), dtype=reduce_dtype, device=k.device)
+                full = torch.zeros((w * tokens, 2, *k_c.shape[1:]), dtype=reduce_dtype, device=k.device)
             dq_r = None
             if self.has_remote:  # remote keys first: their gradients travel home while the own keys compute
                 k_r, v_r = fetch()
                 if dropout is not None:
                     dropout.seek(local_call + 1)
-                dq_r, dk_r, dv_r = plan.backend.backward_varlen(*args, k_r, v_r, out[:, heads], lse[heads],
-                                                                self.remote_meta, self.remote_options.for_heads(heads))
+                dq_r, dk_r, dv_r = plan.backend.backward_varlen(*args, k_r, v_r, out_c, lse_c, self.remote_meta,
+                                                                self.remote_options.for_heads(heads))
                 for i, grad in enumerate((dk_r, dv_r)):
                     if plan.k_repeats is None:
                         full[plan.k_rows, i] = grad
@@ -118,17 +125,20 @@ class OwnKeysFirst:
                 work = reduce_scatter_async(mine, full, plan.group)
             if dropout is not None:
                 dropout.seek(local_call)
-            dq_c, dk_l, dv_l = plan.backend.backward_varlen(*args, k[:, kv_heads], v[:, kv_heads], out[:, heads],
-                                                            lse[heads], self.local_meta,
+            dq_c, dk_l, dv_l = plan.backend.backward_varlen(*args, k_c, v_c, out_c, lse_c, self.local_meta,
                                                             self.local_options.for_heads(heads))
             if dropout is not None:
                 dropout.seek(local_call + (2 if self.has_remote else 1))
-            if not self.has_remote:
+            if not self.has_remote and w > 1:
                 fetch()  # the chunk's gather (other ranks need it) completes before its buffer is reused
             if dq_r is not None:
                 dq_c = dq_c + dq_r if dq_c.dtype != q.dtype else dq_c.add_(dq_r)  # two terms: one rounding
-            dq[:, heads] = dq_c
-            finish(work, mine, (dk_l, dv_l), kv_heads)
+            wait(work)
+            # what came back from the other ranks plus the own keys' part: float32 math, one rounding
+            dk_c, dv_c = (grad if mine is None else mine[:, i] + grad for i, grad in enumerate((dk_l, dv_l)))
+            if whole:
+                return in_dtype(dq_c, q.dtype), in_dtype(dk_c, k.dtype), in_dtype(dv_c, v.dtype)
+            dq[:, heads], dk[:, kv_heads], dv[:, kv_heads] = dq_c, dk_c, dv_c
         return dq, dk, dv
 
 

@@ -26,6 +26,11 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def in_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype`` (itself when it already is: no dispatch)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def merge_weights(lse_a: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """``(lse, weight_a, weight_b)`` of two partial results with log-sum-exps ``lse_a``, ``lse_b`` (same
     shape): ``lse = logaddexp(lse_a, lse_b)``, ``weight_x = exp(lse_x - lse)``."""

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..core.accumulate import (JobRows, RowCombiner, WideAccumulator, add_rows, disjoint, job_rows, slice_rows,
                                start_sum, sum_dtype)
 from ..core.comm import RingComm
-from ..core.merge import accumulator_dtype
+from ..core.merge import accumulator_dtype, in_dtype
 from ..core.rows import take
 from ..kernels import Backend, BlockOptions
 from ..kernels.dropout import cuda_rng_sandbox
@@ -165,7 +165,7 @@ def ring_forward(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tenso
         *lead, s, h, _ = q.shape
         return torch.zeros_like(q), torch.full((*lead, h, s), float("-inf"), dtype=accumulator_dtype(q.dtype),
                                                device=q.device)
-    return _as(acc.result, q.dtype), acc.lse
+    return in_dtype(acc.result, q.dtype), acc.lse
 
 
 def dkv_message_dtype(plan: RingPlan, sender: int, step: int, k: Tensor) -> torch.dtype:
@@ -256,11 +256,6 @@ def ring_backward(
     if w > 1:
         dkv = incoming
     dq = dq_sum.result if dq_sum is not None else torch.zeros_like(q)
-    return _as(dq, q.dtype), _as(dkv[0], k.dtype), _as(dkv[1], v.dtype)
-
-
-def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x`` in ``dtype`` (itself when it already is)."""
-    return x if x.dtype == dtype else x.to(dtype)
+    return in_dtype(dq, q.dtype), in_dtype(dkv[0], k.dtype), in_dtype(dkv[1], v.dtype)
 
 
