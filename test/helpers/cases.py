@@ -24,6 +24,7 @@ from helpers.attention_cases import (DTYPES, alibi_bias, alibi_slopes, as_view, 
                                      poison_id, public_function, put_together, results_on_cpu, sink_logits,
                                      soft_capped, with_sink_column)
 from ring_flash_attn.allgather.api import packed_allgather
+from ring_flash_attn.core.spec import AttentionArgs
 from ring_flash_attn.layouts import local_cu_seqlens, shard_varlen, unshard_varlen
 
 Poison = Tuple[Tuple[str, int, int, float], ...]
@@ -236,8 +237,8 @@ def _call_packed(case: Case, rank: int, leaves: tuple, first: tuple, kwargs: dic
         max_len = int((local_cu[1:] - local_cu[:-1]).max())
         return public_function(case.layout, case.packing, varlen=True)(*first, local_cu, max_len, **kwargs)
     if case.layout == "packed_zigzag":  # the model adapter's layout for packed batches (no public function)
-        return packed_allgather("packed_zigzag", *_unpacked(case.packing, leaves), cu,
-                                heads_k_stride=case.heads_k_stride, **kwargs)
+        return packed_allgather("packed_zigzag", *_unpacked(case.packing, leaves), cu, AttentionArgs(**kwargs),
+                                case.heads_k_stride)
     fn = public_function(case.layout, case.packing, varlen=True)
     if case.layout == "balanced":  # the ring family with the global cu_seqlens
         return fn(*first, cu, max(case.documents), **kwargs)
