@@ -68,4 +68,9 @@ if [ "$what" = profile ] || [ "$what" = all ]; then
     prof --varlen --variants zigzag_llama3
   } > "$out/profiles.log"
   grep -A12 "^timeline" "$out/profiles.log"
+  # where an eager call's host time goes (aten ops, runtime calls, Python), beside SDPA's
+  for a in "--variants ring" "--varlen --variants ring" "--varlen --variants llama3"; do
+    torchrun --nproc_per_node "$n" benchmark/profile_host.py --seqlen 2048 --iters 30 $a 2>&1 | quiet
+  done > "$out/profile-host.log"
+  grep "^## " "$out/profile-host.log"
 fi
