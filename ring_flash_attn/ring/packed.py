@@ -73,8 +73,8 @@ def _document_job(template: BlockJob, offsets: Sequence[int], causal: bool, devi
 
 
 def _all_rows_job(meta: VarlenMeta, total: int) -> BlockJob:
-    """A packed job over all ``total`` local rows and keys (the band is the meta's)."""
-    return BlockJob(slice(0, total), slice(0, total), Band(), meta)
+    """A packed job over all ``total`` local rows and keys (its mask: the meta's, per document)."""
+    return BlockJob(slice(0, total), slice(0, total), None, meta)
 
 
 DocumentBlocks = Tuple[Tuple[Segment, ...], Tuple[Segment, ...], int, int]  # q and k segments, their first local rows

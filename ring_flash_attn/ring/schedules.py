@@ -24,12 +24,12 @@ from ..core.rows import Rows
 @dataclass(frozen=True)
 class BlockJob:
     """Rows ``q`` of this rank's queries against rows ``kv`` of the K/V block held (slices, or index
-    tensors for packed sequences), masked by ``band``. With ``varlen`` set the rows hold several
-    documents and the mask is per document (``VarlenMeta.causal``); ``band`` is then unused."""
+    tensors for packed sequences), masked by ``band``. A packed job (``varlen`` set) has no band:
+    its rows hold several documents and the mask is per document (``VarlenMeta``)."""
 
     q: Rows
     kv: Rows
-    band: Band
+    band: Optional[Band]
     varlen: Optional[VarlenMeta] = None
 
 
