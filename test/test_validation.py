@@ -57,6 +57,9 @@ def test_dropout_options():
 def test_softcap_options():
     with pytest.raises(ValueError, match=">= 0"):
         rfa.ring_flash_attn_func(*qkv(), softcap=-1.0)
+    for bad in (float("nan"), float("inf")):  # accepted once, and every output came out NaN
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            rfa.ring_flash_attn_func(*qkv(), softcap=bad)
     with pytest.raises(ValueError, match="no softcap.*flash_attn_2"):
         rfa.ring_flash_attn_func(*qkv(), softcap=30.0, backend="torch_cpu_flash")
 

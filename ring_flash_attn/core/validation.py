@@ -149,8 +149,8 @@ def check_options(dropout_p: float, softcap: float, return_attn_probs: bool, sof
         raise ValueError(f"softmax_scale must be a finite number > 0 (None: headdim ** -0.5), got {softmax_scale!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if not isinstance(softcap, (int, float)) or softcap < 0:
-        raise ValueError(f"softcap must be a number >= 0 (0: no soft-capping), got {softcap!r}")
+    if not isinstance(softcap, (int, float)) or not 0 <= softcap < math.inf:  # not nan, inf (NaN logits)
+        raise ValueError(f"softcap must be a finite number >= 0 (0: no soft-capping), got {softcap!r}")
     if not isinstance(return_attn_probs, bool):
         raise TypeError(f"return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
 
