@@ -194,6 +194,19 @@ def test_max_seqlen_below_the_longest_document_is_refused():
         rfa.ring_flash_attn_varlen_func(*_packed(), torch.tensor([0, 5, 3, 8], dtype=torch.int32), 8)
 
 
+def test_max_seqlen_and_local_k_slice_must_be_what_prepare_gives():
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(TypeError, match="max_seqlen must be an int"):
+        rfa.ring_flash_attn_varlen_func(*_packed(), cu, None)
+    cu_q, cu_k, max_q, max_k, k_slice = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, 0, 1)
+    with pytest.raises(TypeError, match="max_seqlen_q must be an int"):
+        rfa.llama3_flash_attn_varlen_func(*_packed(), cu_q, cu_k, None, max_k, 1, k_slice)
+    for bad in (slice(0, 8, 2), slice(0, None), slice(0, 9), slice(1, 8), slice(-1, 7)):
+        with pytest.raises(ValueError, match="local_k_slice"):
+            rfa.llama3_flash_attn_varlen_func(*_packed(), cu_q, cu_k, max_q, max_k, 1, bad, causal=True)
+    rfa.llama3_flash_attn_varlen_func(*_packed(), cu_q, cu_k, max_q, max_k, 1, k_slice, causal=True)
+
+
 def test_empty_pack_and_meta_cu_seqlens():
     empty = torch.tensor([0, 0], dtype=torch.int32)
     with pytest.raises(ValueError, match="empty"):

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..core.docs import BALANCED_LLAMA3_DOCS, LLAMA3_DOCS, ZIGZAG_LLAMA3_DOCS
 from ..core.public import public
 from ..core.spec import AttentionArgs
-from ..core.validation import (check_cu_seqlens_tensor, check_nonempty_pack, check_qkv, kernel_ready,
+from ..core.validation import (check_cu_seqlens_tensor, check_max_seqlen, check_nonempty_pack, check_qkv, kernel_ready,
                                process_group_name, unpack, validated_spec)
 from .ops import GATHER_OPS
 from .plan import check_heads_k_stride
@@ -60,6 +60,11 @@ def llama3_flash_attn_varlen_func(
         check_cu_seqlens_tensor(cu)
     if not isinstance(local_k_slice, slice):
         raise TypeError(f"local_k_slice must be a slice, got {type(local_k_slice).__name__}")
+    if local_k_slice.stop is None or local_k_slice.step not in (None, 1):
+        raise ValueError(f"local_k_slice must be slice(start, stop) of consecutive gathered keys (from "
+                         f"llama3_flash_attn_prepare_cu_seqlens), got {local_k_slice}")
+    check_max_seqlen(max_seqlen_q, "max_seqlen_q")
+    check_max_seqlen(max_seqlen_k, "max_seqlen_k")
     check_nonempty_pack(q)
     k_start = 0 if local_k_slice.start is None else int(local_k_slice.start)
     documents = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), k_start, int(local_k_slice.stop))

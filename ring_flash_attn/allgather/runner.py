@@ -144,6 +144,11 @@ def llama3_pack(key: GatherKey) -> LocalPack:
     check_cu_seqlens(meta.offsets_q, key.local_tokens, "cu_seqlens_q", spec.max_seqlen, "max_seqlen_q")
     check_cu_seqlens(meta.offsets_k, meta.offsets_k[-1], "cu_seqlens_k", spec.max_seqlen_k, "max_seqlen_k")
     rank, tokens, k_start = key.rank, key.local_tokens, spec.k_start
+    gathered = tokens * key.world_size
+    if not 0 <= k_start <= spec.k_stop <= gathered or spec.k_stop - k_start != meta.offsets_k[-1]:
+        raise ValueError(f"local_k_slice slice({k_start}, {spec.k_stop}) must select cu_seqlens_k's "
+                         f"{meta.offsets_k[-1]} keys within the {gathered} gathered ones ({key.world_size} ranks x "
+                         f"{tokens} tokens); pass what llama3_flash_attn_prepare_cu_seqlens returns")
     starts = tuple((rank * tokens + meta.offsets_q[i], k_start + meta.offsets_k[i])
                    for i in range(len(meta.lengths)))  # contiguous shards: documents' queries and keys in order
     return LocalPack("llama3", (0, tokens * key.world_size), ((rank * tokens, tokens),), meta, slice(spec.k_start, spec.k_stop),

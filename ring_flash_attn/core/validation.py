@@ -106,6 +106,13 @@ def check_nonempty_pack(q: torch.Tensor) -> None:
         raise ValueError("the packed batch is empty (q has 0 tokens on this rank; cu_seqlens like [0, 0])")
 
 
+def check_max_seqlen(max_seqlen, name: str) -> None:
+    """A packed call's ``max_seqlen`` argument must be given (an int; it is checked against the
+    longest document where the offsets are read)."""
+    if max_seqlen is None or isinstance(max_seqlen, (bool, float, str)):
+        raise TypeError(f"{name} must be an int (the longest document's length), got {max_seqlen!r}")
+
+
 def _as_int(value, name: str) -> int:
     """An integer argument: Python / NumPy ints and 0-d integer tensors; floats and bools refused."""
     if isinstance(value, bool):

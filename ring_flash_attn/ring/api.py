@@ -19,8 +19,8 @@ from ..core.docs import BALANCED_DOCS, BATCH_DOCS, VARLEN_DOCS
 from ..core.public import public
 from ..core.spec import AttentionArgs
 from ..core.layouts import RING_VARLEN_LAYOUTS, check_layout, check_local_seqlen
-from ..core.validation import (check_cu_seqlens_tensor, check_qkv, kernel_ready, process_group_name, unpack,
-                               validated_spec)
+from ..core.validation import (check_cu_seqlens_tensor, check_max_seqlen, check_qkv, kernel_ready, process_group_name,
+                               unpack, validated_spec)
 from .ops import RING_OPS
 
 Tensor = torch.Tensor
@@ -52,6 +52,7 @@ def ring_attention_varlen(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqle
     check_qkv(q, k, v, packed=True)
     q, k, v = kernel_ready(q), kernel_ready(k), kernel_ready(v)
     check_cu_seqlens_tensor(cu_seqlens)
+    check_max_seqlen(max_seqlen, "max_seqlen")
     spec = validated_spec("varlen", layout, q, k, args, process_group_name(args.group), cu_seqlens,
                           tail=(int(max_seqlen),))
     out, lse, *_ = RING_OPS(q, k, v, (cu_seqlens, args.alibi_slopes, args.sinks), spec, args.return_attn_probs)
