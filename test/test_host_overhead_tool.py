@@ -48,6 +48,20 @@ def test_measure_runs_the_null_kernel_and_tables_every_case(null_kernel):
     assert first_cells == ["case", "---"] + CASES
 
 
+# aten ops per forward + backward call at W = 1 with the null kernel (torch 2.13, CPU), with some room:
+# packed calls pass their (T, H, D) tensors through the engine as they are (no batch dimension added
+# and dropped per kernel call: 48 ops before), the all-gather family's one head chunk works on the
+# whole tensors and gathers nothing at W = 1 (45 before)
+OPS_AT_MOST = {"ring": 10, "packed_ring": 18, "llama3": 22}
+
+
+def test_a_call_dispatches_few_aten_ops(null_kernel):
+    setting = host_overhead.Setting(rank=0, world_size=1, docs=16, doc_tokens=2)
+    results = host_overhead.measure(list(OPS_AT_MOST), setting, repeats=3, warmup=1)
+    for case, bound in OPS_AT_MOST.items():
+        assert 0 < results[case]["ops"] <= bound, (case, results[case]["ops"])
+
+
 def test_unknown_case_is_refused():
     with pytest.raises(SystemExit):
         host_overhead.parse_args(["--cases", "ring,nonsense"])
