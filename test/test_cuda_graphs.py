@@ -63,13 +63,14 @@ LLAMA3_ARGS = rfa.llama3_flash_attn_prepare_cu_seqlens(CU_TENSOR, True, 0, 1) if
 
 
 KNOWN_FAILURES = {
-    # its captured backward failed on an H100 (torch 2.11+cu130) with cudaErrorStreamCaptureImplicit:
-    # an operation on the legacy stream inside the capture; cause not found yet (docs/usage.md)
-    "balanced": "balanced packed backward is not capturable yet (cudaErrorStreamCaptureImplicit)",
+    # its captured backward failed on an H100 (torch 2.11+cu130) with cudaErrorStreamCaptureImplicit (an
+    # operation on the legacy stream inside the capture); cause not found (docs/usage.md). At W = 1 its plan
+    # equals zigzag_varlen's, which captured: it was the file's first capture, which may be what matters.
+    "balanced": "captured backward failed once with cudaErrorStreamCaptureImplicit; cause not found",
 }
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[n], strict=True))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[n], strict=False))
                                   if n in KNOWN_FAILURES else n for n in sorted(CALLS)])
 def test_a_captured_step_replays_to_eagers_results(name):
     batch, fn = CALLS[name]
