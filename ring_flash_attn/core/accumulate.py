@@ -74,15 +74,13 @@ class JobRows(NamedTuple):
     derived once per plan (:func:`job_rows`), read at every call."""
 
     rows: Tuple[Rows, ...]
-    length: int
-    slices: Optional[List[slice]]  # the rows as unit-step slices; None if any is an index tensor
-    pieces: Optional[List[Tuple[int, int, int]]]  # :func:`row_intervals` of the slices
+    pieces: Optional[List[Tuple[int, int, int]]]  # :func:`row_intervals` of the rows; None if any is an index
     first_covers_all: bool  # the first job's rows are every row
 
 
 def job_rows(rows: Sequence[Rows], length: int) -> JobRows:
     slices = slice_rows(rows, length)
-    return JobRows(tuple(rows), length, slices, None if slices is None else row_intervals(slices, length),
+    return JobRows(tuple(rows), None if slices is None else row_intervals(slices, length),
                    bool(rows) and covers_all(rows[0], length))
 
 
@@ -176,6 +174,6 @@ def start_sum(rows: Union[JobRows, Sequence[Rows]], length: int, value: Tensor, 
     ``dtype`` is the result's."""
     if not isinstance(rows, JobRows):
         rows = job_rows(rows, length)
-    if rows.slices is not None and rows.first_covers_all and value.dtype == dtype and value.is_contiguous():
+    if rows.pieces is not None and rows.first_covers_all and value.dtype == dtype and value.is_contiguous():
         return RowCombiner(rows.pieces, value, value_lse, merge)
     return WideAccumulator(value, value_lse, length, rows.rows[0], merge)
