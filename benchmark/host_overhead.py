@@ -32,6 +32,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import socket
 import statistics
@@ -439,7 +440,10 @@ MIN_WORLD_SIZE = {"orig_ring": 2, "orig_zigzag": 2, "orig_packed_ring": 2, "orig
 
 
 def runs_at(case: str, world_size: int) -> bool:
-    """Whether ``case`` runs at ``world_size`` (see :data:`MIN_WORLD_SIZE`)."""
+    """Whether ``case`` runs at ``world_size`` (see :data:`MIN_WORLD_SIZE`; Ulysses splits the
+    ``HEADS`` query heads over the group, so its cases need W to divide them)."""
+    if case.startswith("ulysses") and HEADS % world_size:
+        return False
     return world_size >= MIN_WORLD_SIZE.get(case, 1)
 
 
@@ -495,11 +499,32 @@ def aten_ops(step: Step) -> int:
     return sum(1 for e in prof.events() if e.name.startswith("aten::") and not nested(e))
 
 
+def route(step: Step) -> Tuple[int, int]:
+    """The package's files one ``step()`` runs code of, and the moves between them: how many times a
+    call enters a function of another file than the previous call's (``sys.setprofile``; rank 0)."""
+    package = os.path.dirname(rfa.__file__) + os.sep
+    files, moves, last = set(), 0, None
+
+    def on_event(frame, event, arg) -> None:
+        nonlocal moves, last
+        name = frame.f_code.co_filename
+        if event == "call" and name.startswith(package):
+            files.add(name)
+            moves += name != last
+            last = name
+
+    sys.setprofile(on_event)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    return len(files), moves
+
+
 def measure(cases: Sequence[str], setting: Setting, repeats: int, warmup: int = 10) -> Dict[str, dict]:
     """Every case on this rank: ``{case: {"ms": median ms per call, "cpu_ms": median CPU ms per call,
-    "ops": aten ops per call,
-    "kernel_calls": null-kernel block calls per call}}``; a case that does not run at this world size
-    (:func:`runs_at`) is left out. Every rank of the group must call it alike (the calls communicate).
+    "ops": aten ops per call, "kernel_calls": null-kernel block calls per call, "files" / "moves": see
+    :func:`route`}}``; a case that does not run at this world size (:func:`runs_at`) is left out. Every rank of the group must call it alike (the calls communicate).
 
     Args:
         cases: names from :data:`ALL_CASES`.
@@ -515,7 +540,9 @@ def measure(cases: Sequence[str], setting: Setting, repeats: int, warmup: int = 
         before = backend.calls + FLASH_ATTN_STUB.calls
         ops = aten_ops(step)
         kernel_calls = backend.calls + FLASH_ATTN_STUB.calls - before
-        results[name] = {"ms": ms, "cpu_ms": cpu_ms, "ops": ops, "kernel_calls": kernel_calls}
+        files, moves = route(step)
+        results[name] = {"ms": ms, "cpu_ms": cpu_ms, "ops": ops, "kernel_calls": kernel_calls, "files": files,
+                         "moves": moves}
     return results
 
 
@@ -525,7 +552,7 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace, out_
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    doc_tokens = 2 * max(args.world_sizes)
+    doc_tokens = 2 * math.lcm(*args.world_sizes)  # the same documents at every world size: 2W divides them
     results = measure(args.cases, Setting(rank, world_size, args.docs, doc_tokens, args.original), args.repeats)
     timings = ("ms", "cpu_ms")
     slowest = torch.tensor([[results[c][t] for t in timings] for c in results], dtype=torch.float64)
@@ -564,11 +591,12 @@ def table(results: Dict[int, Dict[str, dict]], cases: Sequence[str], docs: int, 
     more = [w for w in sizes if w > first]
     header = (["case"] + [f"ms W={w}" for w in sizes] + [f"cpu ms W={w}" for w in sizes]
               + [f"+ms/step W={w}" for w in more] + [f"+cpu ms/step W={w}" for w in more]
-              + [f"aten ops W={w}" for w in sizes] + [f"kernel calls W={w}" for w in sizes])
+              + [f"aten ops W={w}" for w in sizes] + [f"kernel calls W={w}" for w in sizes]
+              + [f"files/moves W={w}" for w in sizes])
     rows = []
     for case in cases:
         figures = {key: {w: results[w][case][key] for w in sizes if case in results[w]}
-                   for key in ("ms", "cpu_ms", "ops", "kernel_calls")}
+                   for key in ("ms", "cpu_ms", "ops", "kernel_calls", "files", "moves")}
 
         def cells(key: str, form: str) -> List[str]:
             return [format(figures[key][w], form) if w in figures[key] else "-" for w in sizes]
@@ -580,7 +608,8 @@ def table(results: Dict[int, Dict[str, dict]], cases: Sequence[str], docs: int, 
             return ["-" if case in REFERENCES or g is None else f"{g:+.3f}" for g in per_step]
 
         rows.append([case] + cells("ms", ".3f") + cells("cpu_ms", ".3f") + growth("ms") + growth("cpu_ms")
-                    + cells("ops", "d") + cells("kernel_calls", "d"))
+                    + cells("ops", "d") + cells("kernel_calls", "d")
+                    + [f"{figures['files'][w]}/{figures['moves'][w]}" if w in figures["files"] else "-" for w in sizes])
     legend = [
         "Host time per public call, forward + backward, block kernels replaced by a null kernel (CPU, gloo);",
         f"batch: 1 x {TOKENS_PER_RANK} tokens per rank; packed: {docs} documents, one cu_seqlens tensor for "
@@ -591,6 +620,8 @@ def table(results: Dict[int, Dict[str, dict]], cases: Sequence[str], docs: int, 
         "+cpu ms/step alike from cpu ms.",
         "aten ops: aten ops per call not nested in another aten op (torch.profiler, rank 0).",
         "kernel calls: null-kernel block calls per call, forward and backward (rank 0).",
+        "files/moves: the package's files a call runs code of / calls into a function of another file than",
+        "the previous call's, forward and backward (sys.setprofile, rank 0; the route down to the kernels).",
     ]
     if any(case in ORIGINAL_CASES for case in cases):
         legend += ["orig_*: the original ring-flash-attention (--original), its flash_attn calls null stubs;",

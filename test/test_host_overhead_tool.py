@@ -62,6 +62,18 @@ def test_a_call_dispatches_few_aten_ops(null_kernel):
         assert 0 < results[case]["ops"] <= bound, (case, results[case]["ops"])
 
 
+# the package's files a W = 1 call runs code of, and the moves between them, forward and backward
+ROUTE_AT_MOST = {"ring": (14, 45), "packed_zigzag": (13, 42), "llama3": (15, 45), "ulysses": (16, 50)}
+
+
+def test_a_call_takes_a_short_route_to_its_kernels(null_kernel):
+    setting = host_overhead.Setting(rank=0, world_size=1, docs=16, doc_tokens=2)
+    results = host_overhead.measure(list(ROUTE_AT_MOST), setting, repeats=1, warmup=1)
+    for case, (files, moves) in ROUTE_AT_MOST.items():
+        assert 0 < results[case]["files"] <= files, (case, results[case]["files"])
+        assert results[case]["files"] <= results[case]["moves"] <= moves, (case, results[case]["moves"])
+
+
 def test_unknown_case_is_refused():
     with pytest.raises(SystemExit):
         host_overhead.parse_args(["--cases", "ring,nonsense"])
