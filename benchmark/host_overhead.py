@@ -609,7 +609,7 @@ def table(results: Dict[int, Dict[str, dict]], cases: Sequence[str], docs: int, 
 
         rows.append([case] + cells("ms", ".3f") + cells("cpu_ms", ".3f") + growth("ms") + growth("cpu_ms")
                     + cells("ops", "d") + cells("kernel_calls", "d")
-                    + [f"{figures['files'][w]}/{figures['moves'][w]}" if w in figures["files"] else "-" for w in sizes])
+                    + [f"{figures['files'][w]}/{figures['moves'][w]}" if figures["files"].get(w) else "-" for w in sizes])
     legend = [
         "Host time per public call, forward + backward, block kernels replaced by a null kernel (CPU, gloo);",
         f"batch: 1 x {TOKENS_PER_RANK} tokens per rank; packed: {docs} documents, one cu_seqlens tensor for "
@@ -621,7 +621,8 @@ def table(results: Dict[int, Dict[str, dict]], cases: Sequence[str], docs: int, 
         "aten ops: aten ops per call not nested in another aten op (torch.profiler, rank 0).",
         "kernel calls: null-kernel block calls per call, forward and backward (rank 0).",
         "files/moves: the package's files a call runs code of / calls into a function of another file than",
-        "the previous call's, forward and backward (sys.setprofile, rank 0; the route down to the kernels).",
+        "the previous call's, forward and backward (sys.setprofile, rank 0; the route down to the kernels;",
+        "-: none of this package's code ran, as for the references and the original).",
     ]
     if any(case in ORIGINAL_CASES for case in cases):
         legend += ["orig_*: the original ring-flash-attention (--original), its flash_attn calls null stubs;",
