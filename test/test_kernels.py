@@ -3,6 +3,8 @@ the schedules produce (and, for the reference, any band), GQA, rows that see no 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -156,6 +158,22 @@ def varlen_meta(docs, causal: bool, device) -> VarlenMeta:
         offsets_q.append(offsets_q[-1] + lq)
         offsets_k.append(offsets_k[-1] + lk)
     return VarlenMeta.build(offsets_q, offsets_k, causal, device)
+
+
+@pytest.mark.parametrize("docs", [[(3, 3), (5, 5)], [(3, 5), (2, 2)], [(5, 3)], [(4, 0), (0, 4), (2, 2)], [(0, 0), (3, 3)],
+                                  [(2, 6)], [(6, 2), (1, 1)]])
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (False, (1, 0)), (False, (0, 2)),
+                                            (True, (2, 0))])
+def test_every_row_sees_a_key_agrees_with_the_dense_mask(docs, causal, window):
+    """What lets the flash-style kernels skip their lse fix-up (+inf -> -inf) must never claim a row
+    sees a key when the mask gives it none."""
+    meta = dataclasses.replace(varlen_meta(docs, causal, "cpu"), window=window)
+    mask = meta.dense_mask("cpu")
+    rows_see_keys = bool(mask.any(dim=1).all()) if mask.shape[0] else True
+    if meta.every_row_sees_a_key:
+        assert rows_see_keys, (docs, causal, window)
+    if all(lq == lk for lq, lk in docs):  # square documents: exact
+        assert meta.every_row_sees_a_key == rows_see_keys
 
 
 def check_varlen_block(backend, device, meta: VarlenMeta, dtype) -> None:

@@ -132,6 +132,15 @@ class VarlenMeta:
         """True when every causal document has as many queries as keys (top-left == bottom-right)."""
         return not self.causal or all(lq == lk for lq, lk in self.lengths)
 
+    @cached_property
+    def every_row_sees_a_key(self) -> bool:
+        """Whether every query row sees at least one key: a full mask with keys in every document that
+        has queries, or documents of as many queries as keys (bottom-right alignment and any window
+        here keep each query's diagonal key)."""
+        if not self.causal and tuple(self.window) == (-1, -1):
+            return all(lk > 0 or lq == 0 for lq, lk in self.lengths)
+        return all(lq == lk for lq, lk in self.lengths)
+
     def dense_mask(self, device) -> Tensor:
         """``(Tq, Tk)`` boolean: True where a query may see a key."""
         lens = torch.tensor(self.lengths, dtype=torch.int64).reshape(-1, 2)
