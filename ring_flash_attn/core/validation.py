@@ -34,15 +34,14 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool = 
             raise ValueError(f"{name} must have {3 if packed else 4} dims {dims}, got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
-    if packed:
-        q, k, v = q[None], k[None], v[None]
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    (b, s, h, d), (bk, sk, hk, dk) = q.shape, k.shape
+    lead = () if not packed else (1,)  # a packed tensor read as a batch of one row (no view made)
+    (b, s, h, d), (bk, sk, hk, dk) = (*lead, *q.shape), (*lead, *k.shape)
     if (b, s) != (bk, sk):
         raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} differ in batch or sequence length")
     if d != dk:
