@@ -524,7 +524,8 @@ def route(step: Step) -> Tuple[int, int]:
 def measure(cases: Sequence[str], setting: Setting, repeats: int, warmup: int = 10) -> Dict[str, dict]:
     """Every case on this rank: ``{case: {"ms": median ms per call, "cpu_ms": median CPU ms per call,
     "ops": aten ops per call, "kernel_calls": null-kernel block calls per call, "files" / "moves": see
-    :func:`route`}}``; a case that does not run at this world size (:func:`runs_at`) is left out. Every rank of the group must call it alike (the calls communicate).
+    :func:`route`}}``; a case that does not run at this world size (:func:`runs_at`) is left out.
+    Every rank of the group must call it alike (the calls communicate).
 
     Args:
         cases: names from :data:`ALL_CASES`.
