@@ -95,3 +95,24 @@ def test_allgather_attends_own_keys_first_unless_windowed(monkeypatch):
     assert used == [1]
     rfa.zigzag_llama3_flash_attn_varlen_func(x, x, x, cu, 8, causal=True, window_size=(3, 0))
     assert used == [1]
+
+
+@pytest.mark.parametrize("heads_k_stride", [1, 2])
+def test_allgather_window_that_leaves_every_query_without_keys(heads_k_stride):
+    """Caller-built cu_seqlens_q/k where the sliding window keeps no (query, key) pair on this rank: no
+    varlen call is left to run; the rows come back as rows without keys do (0, lse -inf, zero gradients)."""
+    import torch
+
+    import ring_flash_attn as rfa
+
+    q = torch.randn(5, 4, 8, requires_grad=True)
+    k, v = (torch.randn(5, 2, 8, requires_grad=True) for _ in range(2))
+    cu_q = torch.tensor([0, 0, 0, 4, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 2, 4, 5, 5], dtype=torch.int32)
+    out, lse, _ = rfa.llama3_flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, 4, 2, heads_k_stride=heads_k_stride, local_k_slice=slice(0, 5), causal=False,
+        window_size=(0, 0), return_attn_probs=True)
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.equal(t.grad, torch.zeros_like(t))

@@ -111,7 +111,11 @@ def gather_forward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor) -> Tupl
 
 
 def attend(plan: AllGatherPlan, options: BlockOptions, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """The varlen calls of the plan; their rows are disjoint, so merging them is exact."""
+    """The varlen calls of the plan; their rows are disjoint, so merging them is exact. A window that
+    keeps no pair (caller-built cu_seqlens) leaves no call: every row sees no key, 0 / -inf."""
+    if not plan.metas:
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=accumulator_dtype(q.dtype), device=q.device)
+        return torch.zeros_like(q), lse
     out, lse = plan.backend.forward_varlen(q, k, v, plan.metas[0], options)
     for meta in plan.metas[1:]:
         out_m, lse_m = plan.backend.forward_varlen(q, k, v, meta, options)
@@ -123,6 +127,8 @@ def attend_backward(plan: AllGatherPlan, options: BlockOptions, dout, q, k, v, o
     """Gradients of :func:`attend`: dq over disjoint rows; dK/dV summed over the calls in float32
     (float64 for float64 inputs)."""
     grads = [plan.backend.backward_varlen(dout, q, k, v, out, lse, meta, options) for meta in plan.metas]
+    if not grads:  # no call (see attend): no gradients
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if len(grads) == 1:
         return grads[0]
     wide = accumulator_dtype(k.dtype)
