@@ -3,7 +3,7 @@
 The null kernel (:class:`NullBackend`, registered here as ``backend="null"``) returns zero outputs of
 the right shapes without computing attention, so what a call costs is the library's own Python,
 dispatch and communication work: the figure to track when shards are small. CPU, gloo, tiny tensors
-(batch: 1 x 64 tokens per rank; packed: ``--docs`` documents of ``2 x max(W)`` tokens each; 4 query
+(batch: 1 x 64 tokens per rank; packed: ``--docs`` documents of ``2 x lcm(W...)`` tokens each; 4 query
 heads, 2 key/value heads, head dim 16, causal). Each world size runs in its own spawned processes
 (a gloo group of that size, W = 1 included), so one command measures them all:
 
@@ -13,7 +13,8 @@ For reference the same run times SDPA (forward + backward) on the batch tensors 
 ``torch.library.custom_op`` (forward only): the floor a call cannot go below. Per case it reports the
 median wall time and the median CPU time of the calling thread per call (at W > 1 on a busy machine
 the wall time also holds the waits for the other rank to be scheduled), the growth of both per extra
-ring step, the aten ops per call and the null kernel's block calls per call.
+ring step, the aten ops per call, the null kernel's block calls per call, and the route down to
+the kernels: the package's files a call runs code of and the moves between them (:func:`route`).
 
 ``--original DIR`` (DIR: a checkout of github.com/zhuzilin/ring-flash-attention) adds ``orig_*`` cases
 that time the original library's functions the same way, in the same processes, on the same tensors:
