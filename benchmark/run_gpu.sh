@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs recorded in benchmark/RESULTS.md: the correctness suite, the benchmarks, the profiles.
-# Usage (on a machine with N GPUs): bash benchmark/run_gpu.sh [N] [tests|bench|sweep|ulysses|compile|profile|all]
+# Usage (on a machine with N GPUs): bash benchmark/run_gpu.sh [N] [tests|bench|sweep|ulysses|compile|profile|capture|all]
 #   -- logs go to ${OUT:-.}/
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -73,4 +73,15 @@ if [ "$what" = profile ] || [ "$what" = all ]; then
     torchrun --nproc_per_node "$n" benchmark/profile_host.py --seqlen 2048 --iters 30 $a 2>&1 | quiet
   done > "$out/profile-host.log"
   grep "^## " "$out/profile-host.log"
+fi
+if [ "$what" = capture ]; then
+  # the balanced layout's captured step (an expected failure in test_cuda_graphs.py): alone, after and
+  # before zigzag per document in one process, with the expected failure run as a test and C++ stacks
+  t=test/test_cuda_graphs.py::test_a_captured_step_replays_to_eagers_results
+  for order in "balanced" "zigzag_varlen balanced" "balanced zigzag_varlen"; do
+    echo "== in one process: $order"
+    TORCH_SHOW_CPP_STACKTRACES=1 python3 -m pytest -q -p no:cacheprovider --runxfail -rf \
+      $(for n in $order; do echo "$t[$n]"; done) 2>&1 | tail -120
+  done > "$out/capture.log"
+  grep -E "^== |passed|failed" "$out/capture.log"
 fi
