@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ring_flash_attn.core.accumulate import RowCombiner, WideAccumulator, row_intervals, start_sum
+from ring_flash_attn.core.accumulate import RowCombiner, WideAccumulator, job_rows, row_intervals, start_sum
 from ring_flash_attn.core.merge import _merge
 
 JOBS = [slice(0, 12), slice(4, 12), slice(0, 4), slice(6, 10), slice(8, 12), slice(6, 8)]  # 1 to 4 jobs per row
@@ -35,7 +35,8 @@ def test_combiner_matches_float32_accumulation_bitwise(dtype, merge):
             _merge(acc[:, rows], acc_lse[:, :, rows], part, lse)
         else:
             acc[:, rows] += part
-    combined = start_sum(JOBS, 12, parts[0].clone(), None if not merge else lses[0].clone(), dtype, merge)
+    combined = start_sum(job_rows(JOBS, 12), 12, parts[0].clone(), None if not merge else lses[0].clone(), dtype,
+                         merge)
     assert isinstance(combined, RowCombiner)
     for rows, part, lse in zip(JOBS[1:], parts[1:], lses[1:]):
         combined.add(rows, part, lse)
@@ -48,8 +49,9 @@ def test_combiner_matches_float32_accumulation_bitwise(dtype, merge):
 def test_index_rows_and_wider_results_take_the_float32_path():
     parts, _ = _results(torch.bfloat16, False)
     index_jobs = [slice(0, 12), torch.tensor([1, 3, 5])]
-    assert isinstance(start_sum(index_jobs, 12, parts[0], None, torch.bfloat16, False), WideAccumulator)
-    assert isinstance(start_sum(JOBS, 12, parts[0].float(), None, torch.bfloat16, False), WideAccumulator)
-    partial_first = start_sum([slice(4, 12), slice(0, 12)], 12, parts[1], None, torch.bfloat16, False)
+    for rows, first in ((index_jobs, parts[0]), (JOBS, parts[0].float())):
+        assert isinstance(start_sum(job_rows(rows, 12), 12, first, None, torch.bfloat16, False), WideAccumulator)
+    partial_first = start_sum(job_rows([slice(4, 12), slice(0, 12)], 12), 12, parts[1], None, torch.bfloat16,
+                              False)
     assert isinstance(partial_first, WideAccumulator)
     assert torch.equal(partial_first.result[:, :4], torch.zeros(2, 4, 3, 8))

@@ -14,7 +14,7 @@ from ring_flash_attn.allgather.own_keys_first import own_keys_split
 from ring_flash_attn.allgather.plan import document_meta
 from ring_flash_attn.core.layouts import local_pieces, shard_positions
 from ring_flash_attn.kernels import BACKENDS, BlockOptions
-from ring_flash_attn.ring.engine import RingPlan, fold_dkv
+from ring_flash_attn.ring.engine import RingPlan, fold_dkv, query_rows
 from ring_flash_attn.ring.schedules import ring_schedule
 
 CPU = torch.device("cpu")
@@ -46,8 +46,9 @@ def test_kv_gather_yields_every_ranks_heads_in_rank_order(dist_pool, world_size,
 
 
 def _plan(world_size: int, layout: str = "ring", causal: bool = False, backend: str = "torch_cpu_flash") -> RingPlan:
-    return RingPlan(rank=0, world_size=world_size, comm=None, schedule=ring_schedule(layout, world_size, 8, causal),
-                    backend=BACKENDS[backend], options=BlockOptions(1.0))
+    schedule = ring_schedule(layout, world_size, 8, causal)
+    return RingPlan(rank=0, world_size=world_size, comm=None, schedule=schedule, backend=BACKENDS[backend],
+                    options=BlockOptions(1.0), rows=query_rows(schedule, 0, world_size, 8))
 
 
 def test_fold_dkv_keeps_the_single_kernel_output_of_the_own_block():

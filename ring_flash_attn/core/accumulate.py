@@ -167,13 +167,11 @@ def covers_all(rows: Rows, length: int) -> bool:
     return isinstance(rows, slice) and rows.indices(length) == (0, length, 1)
 
 
-def start_sum(rows: Union[JobRows, Sequence[Rows]], length: int, value: Tensor, value_lse: Optional[Tensor],
-              dtype: torch.dtype, merge: bool) -> Union[RowCombiner, WideAccumulator]:
-    """The accumulator of one rank's results, begun with the first job's. ``rows`` are the rows of
-    every job in schedule order (the first included; :func:`job_rows` derives what this needs once);
-    ``dtype`` is the result's."""
-    if not isinstance(rows, JobRows):
-        rows = job_rows(rows, length)
+def start_sum(rows: JobRows, length: int, value: Tensor, value_lse: Optional[Tensor], dtype: torch.dtype,
+              merge: bool) -> Union[RowCombiner, WideAccumulator]:
+    """The accumulator of one rank's results, begun with the first job's. ``rows``: the rows of every
+    job in schedule order, the first included (:func:`job_rows`, derived once per plan); ``length``
+    local rows; ``dtype`` is the result's."""
     if rows.pieces is not None and rows.first_covers_all and value.dtype == dtype and value.is_contiguous():
         return RowCombiner(rows.pieces, value, value_lse, merge)
     return WideAccumulator(value, value_lse, length, rows.rows[0], merge)

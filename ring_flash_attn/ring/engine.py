@@ -39,14 +39,8 @@ class RingPlan:
     schedule: Schedule
     backend: Backend
     options: BlockOptions  # the call's scale, soft-cap, dropout record, ALiBi slopes, determinism
+    rows: JobRows  # the query rows of this rank's jobs in ring order (:func:`query_rows`)
     positions: Optional[Tuple[Tensor, ...]] = None  # every rank's global token positions (ALiBi only)
-    rows: Optional[JobRows] = None  # the query rows of this rank's jobs in ring order (None: derived per call)
-
-    def query_rows(self, length: int) -> JobRows:
-        """The query rows of every job of this rank, in the order the ring runs them."""
-        if self.rows is not None:
-            return self.rows
-        return query_rows(self.schedule, self.rank, self.world_size, length)
 
 
 class KVRotation:
@@ -137,7 +131,6 @@ def query_rows(schedule: Schedule, rank: int, world_size: int, length: int) -> J
 
 def forward_blocks(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Optional[Union[RowCombiner, WideAccumulator]]:
     """Every job's ``(out, lse)`` merged (None: no query sees any key)."""
-    rows = plan.query_rows(q.shape[ROWS])
     acc = None
     kv = KVRotation(plan, k, v)
     for step in range(plan.world_size):
@@ -147,7 +140,7 @@ def forward_blocks(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor) -> Optional[
             block_out, block_lse = block_forward(plan, job, src, take(q, job.q, ROWS), take(kv.k, job.kv, ROWS),
                                                  take(kv.v, job.kv, ROWS))
             if acc is None:
-                acc = start_sum(rows, q.shape[ROWS], block_out, block_lse, q.dtype, merge=True)
+                acc = start_sum(plan.rows, q.shape[ROWS], block_out, block_lse, q.dtype, merge=True)
             else:
                 acc.add(job.q, block_out, block_lse)
         kv.finish()
@@ -219,7 +212,6 @@ def ring_backward(
     dtype of each hop (the last one, which nothing can overlap, carries half the bytes).
     """
     w = plan.world_size
-    rows = plan.query_rows(q.shape[ROWS])
     if plan.options.dropout is not None:
         plan.options.dropout.rewind()  # the same kernel calls as the forward, in the same order
     dq_sum = None
@@ -237,7 +229,7 @@ def ring_backward(
                 take(kv.v, job.kv, ROWS), take(out, job.q, ROWS), take(lse, job.q, LSE_ROWS),
             )
             if dq_sum is None:
-                dq_sum = start_sum(rows, q.shape[ROWS], dq_b, None, q.dtype, merge=False)
+                dq_sum = start_sum(plan.rows, q.shape[ROWS], dq_b, None, q.dtype, merge=False)
             else:
                 dq_sum.add(job.q, dq_b)
             partials.append((job.kv, dk_b, dv_b))

@@ -120,7 +120,7 @@ def _plan(q: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor
         options = block_options(spec.softmax_scale, spec.softcap, spec.dropout_p, alibi_slopes, spec.deterministic,
                                 dropout_seed)
     return RingPlan(rank, world_size, ring_comm(pg, rank, world_size) if world_size > 1 else None, shared.schedule,
-                    kernel, options, shared.positions, shared.rows)
+                    kernel, options, shared.rows, shared.positions)
 
 
 RingTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # cu_seqlens, ALiBi slopes, sinks

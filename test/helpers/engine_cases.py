@@ -12,7 +12,7 @@ from ring_flash_attn.allgather.gather import KVGather
 from ring_flash_attn.allgather.plan import AllGatherPlan
 from ring_flash_attn.core.comm import RingComm
 from ring_flash_attn.kernels import BACKENDS, BlockOptions
-from ring_flash_attn.ring.engine import KVRotation, RingPlan
+from ring_flash_attn.ring.engine import KVRotation, RingPlan, query_rows
 from ring_flash_attn.ring.schedules import ring_schedule
 
 
@@ -27,7 +27,8 @@ def rotation_blocks(rank: int, world_size: int, layout: str, causal: bool) -> Di
     at which it needs one (it has jobs), and how many receive buffers the rotation allocated."""
     schedule = ring_schedule(layout, world_size, 4, causal)
     plan = RingPlan(rank=rank, world_size=world_size, comm=RingComm(None), schedule=schedule,
-                    backend=BACKENDS["reference"], options=BlockOptions(1.0))
+                    backend=BACKENDS["reference"], options=BlockOptions(1.0),
+                    rows=query_rows(schedule, rank, world_size, 4))
     k, v = tagged(rank, 4, 2), -tagged(rank, 4, 2)
     kv = KVRotation(plan, k, v)
     held, needed = [], []
