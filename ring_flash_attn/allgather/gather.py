@@ -140,21 +140,18 @@ def attend_backward(plan: AllGatherPlan, options: BlockOptions, dout, q, k, v, o
     return dq, dk, dv
 
 
-def start_backward(plan: AllGatherPlan, q: Tensor, k: Tensor, v: Tensor,
-                   allocate: bool = True) -> Tuple[int, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """``(query heads per K/V head, dq, dk, dv)`` to fill (None without ``allocate``: one chunk of
-    every head returns its gradients as they are); dropout replays from the forward's first call."""
+def start_backward(plan: AllGatherPlan, q: Tensor, k: Tensor) -> int:
+    """Query heads per K/V head; dropout replays from the forward's first call."""
     if plan.options.dropout is not None:
         plan.options.dropout.rewind()
-    if not allocate:
-        return q.shape[1] // k.shape[1], None, None, None
-    return q.shape[1] // k.shape[1], torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.shape[1] // k.shape[1]
 
 
 def gather_backward(
     plan: AllGatherPlan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    group_size, dq, dk, dv = start_backward(plan, q, k, v)
+    group_size = start_backward(plan, q, k)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     w, tokens = plan.world_size, k.shape[0]
     pending: Optional[Tuple[dist.Work, Tensor, slice]] = None
 

@@ -91,8 +91,10 @@ class OwnKeysFirst:
 
     def backward(self, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
         plan = self.plan
-        whole = plan.heads_k_stride == k.shape[1]
-        group_size, dq, dk, dv = start_backward(plan, q, k, v, allocate=not whole)
+        whole = plan.heads_k_stride == k.shape[1]  # one chunk of every head: its gradients are the result
+        group_size = start_backward(plan, q, k)
+        if not whole:
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         w, tokens = plan.world_size, k.shape[0]
         # A key gets at most one term from each other rank (pieces that share remote keys are one call
         # document) and the owner adds its own with float32 math: W terms (core.accumulate.sum_dtype).
