@@ -37,7 +37,8 @@ def _allgather(layout: str, q: Tensor, k: Tensor, v: Tensor, documents: GatherDo
     cu_q, cu_k, max_q, max_k, k_start, k_stop = documents
     global_cu = cu_q if cu_k is None else None  # llama3's prepared cu_seqlens differ per rank
     spec = validated_spec("allgather", layout, q, k, args, process_group_name(args.group), global_cu,
-                          {"heads_k_stride": heads_k_stride}, (max_q, max_k, k_start, k_stop, stride))
+                          {"heads_k_stride": heads_k_stride}, max_seqlen=max_q, max_seqlen_k=max_k, k_start=k_start,
+                          k_stop=k_stop, heads_k_stride=stride)
     out, lse, *_ = GATHER_OPS(q, k, v, (cu_q, cu_k, args.alibi_slopes, args.sinks), spec, args.return_attn_probs)
     return args.result(out, lse)
 

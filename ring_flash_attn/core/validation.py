@@ -368,14 +368,15 @@ def check_balanced_tokens(offsets: Tuple[int, ...], local_tokens: int, rank: int
 
 def validated_spec(kind: str, layout: str, q: Tensor, k: Tensor, args: AttentionArgs, group_name: str,
                    documents: Optional[Tensor] = None, agreed: Optional[Dict[str, object]] = None,
-                   tail: Tuple = ()) -> CallSpec:
+                   **family_fields) -> CallSpec:
     """The checks every family shares, then the call's :class:`~.spec.CallSpec`.
 
     Checks ``args``' scalar options, ALiBi slopes (per batch row too where q is ``(B, S, H, D)``),
     sinks and window; with ``RING_FLASH_ATTN_CHECK=1``, that every rank of the group named
     ``group_name`` makes the same ``kind`` of call on ``layout``: shapes, options, the family's own
     ``agreed`` fields and, when given, the global cu_seqlens ``documents`` (read on the host only
-    then). ``tail``: the spec's fields after ``group``, in order (those left out keep their defaults)."""
+    then). ``family_fields``: the spec's fields after ``group``, by name (those left out keep their
+    defaults)."""
     dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, _, \
         backend, sinks = args
     check_options(dropout_p, softcap, return_attn_probs, softmax_scale, causal)
@@ -386,7 +387,7 @@ def validated_spec(kind: str, layout: str, q: Tensor, k: Tensor, args: Attention
         check_same_call_across_group(resolve_group(group_name), q.device, call_signature(
             kind, layout, q, k, causal, softmax_scale, **_agreed_options(args, window, documents, agreed)))
     return CallSpec(layout, bool(causal), window[0], window[1], default_scale(q, softmax_scale), float(softcap),
-                    float(dropout_p), bool(deterministic), backend or "", group_name, *tail)
+                    float(dropout_p), bool(deterministic), backend or "", group_name, **family_fields)
 
 
 def _agreed_options(args: AttentionArgs, window: Tuple[int, int], documents: Optional[Tensor],

@@ -54,7 +54,7 @@ def ring_attention_varlen(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqle
     check_cu_seqlens_tensor(cu_seqlens)
     check_max_seqlen(max_seqlen, "max_seqlen")
     spec = validated_spec("varlen", layout, q, k, args, process_group_name(args.group), cu_seqlens,
-                          tail=(int(max_seqlen),))
+                          max_seqlen=int(max_seqlen))
     out, lse, *_ = RING_OPS(q, k, v, (cu_seqlens, args.alibi_slopes, args.sinks), spec, args.return_attn_probs)
     return args.result(out, lse)
 

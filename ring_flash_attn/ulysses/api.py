@@ -54,10 +54,10 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
                          f"{groups.ulysses_degree} x local_seqlen {q.shape[1]}) to be a multiple of "
                          f"{local_divisor(ring_layout)}")
     ulysses_name, ring_name, parent_name = groups.names()
-    tail = (int(max_seqlen), 0, 0, 0, 0,  # the all-gather family's fields: unused
-            split.kv_repeat, split.chunks, ulysses_name, ring_name)
     spec = validated_spec("ulysses-varlen" if packed else "ulysses", ring_layout, q, k, args, parent_name, cu_seqlens,
-                          {"degrees": (groups.ulysses_degree, groups.ring_degree)}, tail)
+                          {"degrees": (groups.ulysses_degree, groups.ring_degree)}, max_seqlen=int(max_seqlen),
+                          kv_repeat=split.kv_repeat, chunks=split.chunks, ulysses_group=ulysses_name,
+                          ring_group=ring_name)
     if groups.ulysses_degree == 1 and (not packed or takes_global_offsets(ring_layout, groups.ring_degree)):
         # nothing to exchange: the ring alone, the wing's ops on the caller's tensors (no copies)
         inner = InnerAttention(cu_seqlens, ring_spec(spec, groups.ring_degree))
