@@ -2,7 +2,9 @@
 (torch.profiler, CPU side) and the Python functions that take the most time (cProfile), for the first
 of ``--variants``, beside the same figures for SDPA (forward + backward through autograd) on the
 same local tensors, the floor an eager call cannot go below, and, for the batch ring family, for
-the family's forward and backward work called directly (no autograd, no argument checks).
+the family's forward and backward work called directly (no autograd, no argument checks) and, on a
+CUDA GPU, for the least Python can do to reach cuDNN's kernels from flash layout
+(:func:`floor_step`: one ``autograd.Function``, the transposes, the two aten ops).
 
     torchrun --nproc_per_node 1 benchmark/profile_host.py [benchmark_func.py flags] --variants ring
 
@@ -23,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+
+Tensor = torch.Tensor
 
 from ring_flash_attn.core.spec import CallSpec
 from ring_flash_attn.ring.ops import RING_OPS
@@ -60,6 +64,43 @@ def ops_step(args, problem: Problem, variant: str) -> Optional[Step]:
     def step() -> None:
         out, lse, seed, lse_before = RING_OPS.forward(q, k, v, nothing, spec)
         RING_OPS.backward(dout, None, (q, k, v, out, lse, seed, lse_before), nothing, spec)
+
+    return step
+
+
+class _CudnnFloor(torch.autograd.Function):
+    """Flash layout ``(B, S, H, D)`` in, cuDNN's two aten ops, flash layout out: nothing else."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal = causal
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        empty = q.new_empty(0, dtype=torch.float32)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out, lse, empty, empty,
+            None, None, None, q.shape[1], k.shape[1], 0.0, ctx.causal)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
+
+
+def floor_step(args, problem: Problem, variant: str) -> Optional[Step]:
+    """:class:`_CudnnFloor` forward + backward on this rank's shard (batch variants on a CUDA GPU
+    with cuDNN; else None): the least host work a Python-level call reaching cuDNN from flash layout
+    costs, the gap between it and SDPA being autograd.Function's and the transposes'."""
+    if args.varlen or args.ulysses_degree or problem.device.type != "cuda":
+        return None
+    local = problem.shard(variant)
+    q, k, v = (local[n].detach().requires_grad_() for n in "qkv")
+    dout = local["dout"]
+
+    def step() -> None:
+        torch.autograd.grad(_CudnnFloor.apply(q, k, v, args.causal), (q, k, v), dout)
 
     return step
 
@@ -108,6 +149,9 @@ def main() -> None:
     engine = ops_step(args, problem, variant)
     if engine is not None:
         steps[f"{variant} ops alone"] = engine
+    floor = floor_step(args, problem, variant)
+    if floor is not None:
+        steps["python floor (cuDNN)"] = floor
     for step in steps.values():
         for _ in range(args.warmup):
             step()

@@ -76,10 +76,19 @@ def explain_selection(call: KernelCall) -> Dict[str, list]:
     return {name: reasons(backend, call) for name, backend in BACKENDS.items()}
 
 
+BackendRequest = Tuple[str, Tuple[Tuple[str, Backend], ...]]
+
+
+def backend_request(name: Optional[str] = None) -> BackendRequest:
+    """What a kernel selection depends on besides the call: the backend name asked for (argument,
+    else ``$RING_FLASH_ATTN_BACKEND``, else ``auto``) and the registered backends as they are now."""
+    return name or os.environ.get(ENV_VAR) or "auto", tuple(BACKENDS.items())
+
+
 def select_backend(call: KernelCall, name: Optional[str] = None) -> Backend:
     """The backend named (argument, else ``$RING_FLASH_ATTN_BACKEND``, else ``auto``) for ``call``.
-    Memoised on the call, the name and the registry's contents (:func:`_memoised_select`)."""
-    backend = _memoised_select(call, name or os.environ.get(ENV_VAR) or "auto", tuple(BACKENDS.items()))
+    Memoised on the call and :func:`backend_request` (:func:`_memoised_select`)."""
+    backend = _memoised_select(call, *backend_request(name))
     _log_choice(call, backend.name)
     return backend
 
@@ -136,4 +145,5 @@ def block_options(softmax_scale: float, softcap: float = 0.0, dropout_p: float =
 
 
 __all__ = ["Backend", "Band", "KernelCall", "BACKENDS", "AUTO_ORDER", "ENV_VAR", "register_backend",
-           "select_backend", "select_block_kernel", "block_options", "BlockOptions", "explain_selection"]
+           "BackendRequest", "backend_request", "select_backend", "select_block_kernel", "block_options",
+           "BlockOptions", "explain_selection"]

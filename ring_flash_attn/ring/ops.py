@@ -18,6 +18,7 @@ and the plain eager route.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple, Optional, Tuple, Union
@@ -32,7 +33,7 @@ from ..core.layouts import position_ids, varlen_token_index
 from ..core.spec import CallSpec
 from ..core.sinks import forward_outputs
 from ..core.validation import check_balanced_tokens, check_cu_seqlens, group_rank_and_size, host_offsets, resolve_group
-from ..kernels import BlockOptions, KernelCall, block_options, select_backend
+from ..kernels import BackendRequest, BlockOptions, KernelCall, backend_request, block_options, select_backend
 from ..kernels.dropout import draw_dropout_seed
 from .engine import RingPlan, query_rows, ring_backward, ring_forward
 from .packed import VarlenRingSchedule, varlen_ring_schedule
@@ -104,23 +105,60 @@ def _plan(q: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor
           spec: CallSpec) -> RingPlan:
     """The plan of a call: batch ``(B, S, H, D)`` tensors, or with ``cu_seqlens`` (local offsets) packed
     documents ``(T, H, D)``, whose offsets are read here (once per tensor,
-    :func:`host_offsets`). The schedule, kernel call and ALiBi positions come from
-    :func:`shared_plan`; the process group, the kernel options and the dropout seed are the call's own.
-    ``dropout_seed`` None: a forward, which draws one when ``dropout_p`` is set."""
+    :func:`host_offsets`). A call without dropout and ALiBi gets a whole plan made before for the
+    same call (:func:`ready_plan`); else the schedule, kernel call and ALiBi positions come from
+    :func:`shared_plan`, and the kernel options (the dropout seed, the ALiBi slopes) are the call's
+    own. ``dropout_seed`` None: a forward, which draws one when ``dropout_p`` is set."""
     pg = resolve_group(spec.group)
-    rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
     offsets = None if cu_seqlens is None else host_offsets(cu_seqlens)
-    shared = shared_plan(PlanKey(spec, offsets, q.shape[-3], rank, world_size, q.device, q.dtype, q.shape[-1],
-                                 alibi_slopes is not None))
+    if not spec.dropout_p and alibi_slopes is None:
+        return ready_plan(spec, offsets, q.shape[-3], q.shape[-1], q.dtype, q.device, pg, backend_request(spec.backend))
+    shared, rank, world_size = _shared_plan_of(spec, offsets, q.shape[-3], q.shape[-1], q.dtype, q.device, pg,
+                                               alibi_slopes is not None)
+    if dropout_seed is None:
+        dropout_seed = draw_dropout_seed() if spec.dropout_p else 0
+    options = block_options(spec.softmax_scale, spec.softcap, spec.dropout_p, alibi_slopes, spec.deterministic,
+                            dropout_seed)
+    return _ring_plan(shared, rank, world_size, pg, spec, options)
+
+
+def _shared_plan_of(spec: CallSpec, offsets: Optional[Tuple[int, ...]], local_len: int, head_dim: int,
+                    dtype: torch.dtype, device: torch.device, pg: Optional[torch.distributed.ProcessGroup],
+                    alibi: bool) -> Tuple[SharedPlan, int, int]:
+    """``(shared plan, rank, world size)`` of a call in ``pg`` (None: one process)."""
+    rank, world_size = group_rank_and_size(pg) if pg is not None else (0, 1)
+    key = PlanKey(spec, offsets, local_len, rank, world_size, device, dtype, head_dim, alibi)
+    return shared_plan(key), rank, world_size
+
+
+def _ring_plan(shared: SharedPlan, rank: int, world_size: int, pg: Optional[torch.distributed.ProcessGroup],
+               spec: CallSpec, options: BlockOptions) -> RingPlan:
     kernel = select_backend(shared.kernel_call, spec.backend or None)
-    options = shared.options
-    if options is None:  # dropout (the call's seed) or ALiBi (the call's slopes)
-        if dropout_seed is None:
-            dropout_seed = draw_dropout_seed() if spec.dropout_p else 0
-        options = block_options(spec.softmax_scale, spec.softcap, spec.dropout_p, alibi_slopes, spec.deterministic,
-                                dropout_seed)
     return RingPlan(rank, world_size, ring_comm(pg, rank, world_size) if world_size > 1 else None, shared.schedule,
                     kernel, options, shared.rows, shared.positions)
+
+
+READY_PLANS: "OrderedDict[tuple, RingPlan]" = OrderedDict()
+
+
+def ready_plan(spec: CallSpec, offsets: Optional[Tuple[int, ...]], local_len: int, head_dim: int,
+               dtype: torch.dtype, device: torch.device, pg: Optional[torch.distributed.ProcessGroup],
+               backend: BackendRequest) -> RingPlan:
+    """The whole :class:`RingPlan` of a call without dropout and ALiBi, made once per distinct call
+    (:data:`PLAN_CACHE_SIZE` kept, least recently used dropped): the same spec, documents, local
+    shape, dtype, device, process group object and backend request (the name asked for, the
+    registered backends). A forward and its backward, and every layer of a model, share it."""
+    key = (spec, offsets, local_len, head_dim, dtype, device, pg, backend)
+    plan = READY_PLANS.get(key)
+    if plan is None:
+        shared, rank, world_size = _shared_plan_of(spec, offsets, local_len, head_dim, dtype, device, pg, False)
+        plan = _ring_plan(shared, rank, world_size, pg, spec, shared.options)
+        if len(READY_PLANS) >= PLAN_CACHE_SIZE:
+            READY_PLANS.popitem(last=False)
+    else:
+        READY_PLANS.move_to_end(key)
+    READY_PLANS[key] = plan
+    return plan
 
 
 RingTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # cu_seqlens, ALiBi slopes, sinks

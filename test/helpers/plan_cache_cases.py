@@ -39,6 +39,7 @@ def clear_plan_caches() -> None:
     for cached in (ring_ops.shared_plan, runner.shared_gather_plan, inner._checked_inner_offsets,
                    kernels._memoised_select):
         cached.cache_clear()
+    ring_ops.READY_PLANS.clear()
 
 
 @contextlib.contextmanager
