@@ -45,21 +45,21 @@ def _runner(q: Tensor, k: Tensor, tensors: GatherTensors, dropout_seed: Optional
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, tensors: GatherTensors,
-            spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            spec: CallSpec) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """``(out (T, H, D), lse (H, T), dropout_seed, lse_before_sinks)`` of this rank's packed queries
-    (with sinks, out and lse include them): the forward op's work, also called directly by the
+    (with sinks, out and lse include them; the last two None without dropout / sinks): the forward op's work, also called directly by the
     compositions above the family. ``tensors``: ``(cu_q, cu_k, alibi_slopes, sinks)``."""
     runner = _runner(q, k, tensors, None, spec)
     out, lse = runner.forward(q, k, v)
     out, lse, lse_before = forward_outputs(out.contiguous(), lse.contiguous(), tensors[3])
     dropout = runner.plan.options.dropout
-    return out, lse, dropout_seed_output(dropout.seed if dropout else 0, spec, q.device), lse_before
+    return out, lse, dropout_seed_output(dropout.seed if dropout else 0, spec), lse_before
 
 
 def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...], tensors: GatherTensors,
-             spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``(dq, dk, dv, dsinks)`` of this rank's shard for the gradients ``dout`` of its output and
-    ``dlse`` of its lse (either may be None); dsinks empty without sinks. ``saved``: ``(q, k, v, out,
+    ``dlse`` of its lse (either may be None); dsinks None without sinks. ``saved``: ``(q, k, v, out,
     lse, dropout_seed, lse_before_sinks)``. The backward op's work."""
     q, k, v, out, lse, dropout_seed, lse_before = saved
     runner = _runner(q, k, tensors, seed_of(dropout_seed), spec)

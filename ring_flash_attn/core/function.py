@@ -43,20 +43,33 @@ def lse_gradient_inputs(dlse: Tensor, out: Tensor) -> Tuple[Tensor, Tensor]:
 ATTENTION_OP_TAGS = (torch.Tag.nondeterministic_seeded,)  # a forward may draw a dropout seed: never merged or recomputed
 
 
-def dropout_seed_output(seed: int, spec: CallSpec, device: torch.device) -> Tensor:
-    """A forward op's dropout-seed output: with dropout, the seed as one int64 on the host (the
-    backward reads it there); without, an empty int64 tensor on the inputs' device, so that a call
-    without dropout has every output on the device and a CUDA graph (``reduce-overhead``) takes it."""
-    if spec.dropout_p:
-        return torch.tensor([seed], dtype=torch.int64)
+def dropout_seed_output(seed: int, spec: CallSpec) -> Optional[Tensor]:
+    """A forward's dropout-seed output: with dropout, the seed as one int64 on the host (the
+    backward reads it there); without, None (absent: the custom op returns :func:`absent` in its
+    place, on the inputs' device, so that a call without dropout has every output on the device and
+    a CUDA graph (``reduce-overhead``) takes it)."""
+    return torch.tensor([seed], dtype=torch.int64) if spec.dropout_p else None
+
+
+def absent(device: torch.device) -> Tensor:
+    """What a custom op returns for an output its Python work left out (None: no dropout seed, no
+    lse before sinks, no sinks' gradient): an empty int64 tensor on ``device``. The plain eager
+    route passes the None on and allocates nothing."""
     return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def op_outputs(outputs: Tuple[Optional[Tensor], ...]) -> Tuple[Tensor, ...]:
+    """``outputs`` with each absent one (None) made :func:`absent` on the first output's device (out,
+    dq: the inputs'): what a custom op returns."""
+    device = outputs[0].device
+    return tuple(absent(device) if t is None else t for t in outputs)
 
 
 def fake_dropout_seed(spec: CallSpec, device: torch.device, count: int = 1) -> Tensor:
     """The fake of :func:`dropout_seed_output` (``count`` seeds: one per Ulysses head chunk)."""
     if spec.dropout_p:
         return torch.empty(count, dtype=torch.int64, device="cpu")
-    return torch.empty(0, dtype=torch.int64, device=device)
+    return absent(device)
 
 
 def fake_kept_inputs_forward(q: Tensor, k: Tensor, v: Tensor, tensors: Tuple[Optional[Tensor], ...],
@@ -79,9 +92,10 @@ def fake_kept_inputs_backward(dout: Optional[Tensor], dlse: Optional[Tensor], sa
     return (*grads, fake_dsinks(lse, tensors[-1]))
 
 
-def seed_of(dropout_seed: Tensor) -> int:
-    """The seed a backward replays: :func:`dropout_seed_output`'s first entry (0 when empty: no dropout)."""
-    return int(dropout_seed[0]) if dropout_seed.numel() else 0
+def seed_of(dropout_seed: Optional[Tensor]) -> int:
+    """The seed a backward replays: :func:`dropout_seed_output`'s first entry (0 when absent or
+    empty: no dropout)."""
+    return int(dropout_seed[0]) if dropout_seed is not None and dropout_seed.numel() else 0
 
 
 def backward_passes(run_backward: Callable[..., Tuple[Tensor, Tensor, Tensor]], dout: Optional[Tensor],
@@ -104,12 +118,13 @@ def backward_passes(run_backward: Callable[..., Tuple[Tensor, Tensor, Tensor]], 
 
 def attention_backward(run_backward: Callable[..., Tuple[Tensor, Tensor, Tensor]], dout: Optional[Tensor],
                        dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                       lse_before: Tensor, sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A backward op's ``(dq, dk, dv, dsinks)``: :func:`backward_passes`, through the sinks when there
+                       lse_before: Optional[Tensor],
+                       sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """A backward's ``(dq, dk, dv, dsinks)``: :func:`backward_passes`, through the sinks when there
     are any (:mod:`.sinks`: ``out`` / ``lse`` are then out' / lse', ``lse_before`` the lse without
-    them); ``dsinks`` empty without sinks."""
+    them); ``dsinks`` None without sinks."""
     if sinks is None:
-        return (*backward_passes(run_backward, dout, dlse, q, k, v, out, lse), lse.new_empty(0))
+        return (*backward_passes(run_backward, dout, dlse, q, k, v, out, lse), None)
     dout, dlse, dsinks = sink_backward(dout, dlse, out, lse_before, lse, sinks)
     return (*backward_passes(run_backward, dout, dlse, q, k, v, out, lse_before), dsinks)
 
@@ -133,9 +148,11 @@ class AttentionOps:
         saved: the names of what the backward takes after ``dout`` / ``dlse``: ``(q, k, v, out, lse,
             *state)`` when ``keeps_inputs``, else the forward's state outputs alone (a family whose
             state holds what its backward needs); ``state`` = the forward's outputs after out, lse.
-        forward: ``(q, k, v, tensors, spec) -> (out, lse, *state)``.
+        forward: ``(q, k, v, tensors, spec) -> (out, lse, *state)``; a state it does not have (no
+            dropout seed, no lse before sinks) is None, which the custom op returns as :func:`absent`.
         backward: ``(dout, dlse, saved, tensors, spec) -> (dq, dk, dv, dsinks)``; dout / dlse None
-            when unused (an unused output costs nothing), dsinks empty without sinks.
+            when unused (an unused output costs nothing), a saved state None or :func:`absent`
+            alike, dsinks None without sinks.
         fake_forward / fake_backward: the same signatures, returning empty tensors of the outputs'
             shapes (what ``torch.compile`` traces with).
         keeps_inputs: see ``saved``.
@@ -150,7 +167,8 @@ class AttentionOps:
         outputs = ", ".join(["Tensor"] * (2 + state))
         self.forward_op = torch.library.custom_op(
             f"ring_flash_attn::{family}_forward",
-            lambda q, k, v, *rest: forward(q, k, v, rest[:n], CallSpec(*rest[n:-1])), mutates_args=(),
+            lambda q, k, v, *rest: op_outputs(forward(q, k, v, rest[:n], CallSpec(*rest[n:-1]))),
+            mutates_args=(),
             schema=f"(Tensor q, Tensor k, Tensor v, {optional}, {SPEC_SCHEMA}, bool lse_grad) -> ({outputs})",
             tags=ATTENTION_OP_TAGS)
         self.forward_op.register_fake(lambda q, k, v, *rest: fake_forward(q, k, v, rest[:n], CallSpec(*rest[n:-1])))
@@ -158,8 +176,8 @@ class AttentionOps:
         m = len(saved)
         self.backward_op = torch.library.custom_op(
             f"ring_flash_attn::{family}_backward",
-            lambda dout, dlse, *rest: distinct_storage(backward(dout, dlse, rest[:m], rest[m:m + n],
-                                                                CallSpec(*rest[m + n:]))),
+            lambda dout, dlse, *rest: distinct_storage(op_outputs(
+                backward(dout, dlse, rest[:m], rest[m:m + n], CallSpec(*rest[m + n:])))),
             mutates_args=(),
             schema=f"(Tensor? dout, Tensor? dlse, {saved_args}, {optional}, {SPEC_SCHEMA}) -> "
                    "(Tensor, Tensor, Tensor, Tensor)")

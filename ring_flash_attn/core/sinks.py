@@ -63,20 +63,22 @@ def sink_backward(dout: Optional[Tensor], dlse: Optional[Tensor], out: Tensor, l
     return dout_inner, dlse_inner, dsinks.to(sinks.dtype)
 
 
-def forward_outputs(out: Tensor, lse: Tensor, sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+def forward_outputs(out: Tensor, lse: Tensor, sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """A forward op's ``(out, lse, lse_before)``: with sinks, out' and lse' and the lse before them
-    (which the backward needs); without, ``out``, ``lse`` and an empty tensor."""
+    (which the backward needs); without, ``out``, ``lse`` and None (absent)."""
     if sinks is None:
-        return out, lse, lse.new_empty(0)
+        return out, lse, None
     out_sunk, lse_sunk = add_sinks(out, lse, sinks)
     return out_sunk, lse_sunk, lse
 
 
 def fake_lse_before(lse: Tensor, sinks: Optional[Tensor]) -> Tensor:
-    """The fake of :func:`forward_outputs`' third output."""
-    return lse.new_empty(lse.shape if sinks is not None else (0,))
+    """The fake of :func:`forward_outputs`' third output as a custom op returns it (absent: an empty
+    int64 tensor)."""
+    return lse.new_empty(lse.shape) if sinks is not None else lse.new_empty(0, dtype=torch.int64)
 
 
 def fake_dsinks(lse: Tensor, sinks: Optional[Tensor]) -> Tensor:
-    """The fake of a backward op's fourth output, the sinks' gradient (empty without sinks)."""
-    return torch.empty_like(sinks) if sinks is not None else lse.new_empty(0)
+    """The fake of a backward op's fourth output, the sinks' gradient (absent without sinks: an empty
+    int64 tensor)."""
+    return torch.empty_like(sinks) if sinks is not None else lse.new_empty(0, dtype=torch.int64)

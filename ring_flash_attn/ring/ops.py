@@ -165,9 +165,10 @@ RingTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # cu_
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, tensors: RingTensors,
-            spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            spec: CallSpec) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """``(out, lse, dropout_seed, lse_before_sinks)`` of this rank's queries (batch: lse ``(B, H, S)``;
-    packed: ``(H, T)``; with sinks, out and lse include them): the forward op's work, also called
+    packed: ``(H, T)``; with sinks, out and lse include them; the last two None without dropout /
+    sinks): the forward op's work, also called
     directly by the compositions above the family (no second pass through the dispatcher).
     ``tensors``: ``(cu_seqlens, alibi_slopes, sinks)``, each may be None."""
     cu_seqlens, alibi_slopes, sinks = tensors
@@ -175,13 +176,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, tensors: RingTensors,
     out, lse = ring_forward(plan, q, k, v)
     out, lse, lse_before = forward_outputs(out.contiguous(), lse.contiguous(), sinks)
     seed = plan.options.dropout.seed if plan.options.dropout is not None else 0
-    return out, lse, dropout_seed_output(seed, spec, q.device), lse_before
+    return out, lse, dropout_seed_output(seed, spec), lse_before
 
 
 def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...], tensors: RingTensors,
-             spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``(dq, dk, dv, dsinks)`` of this rank's shard for the gradients ``dout`` of its output and
-    ``dlse`` of its lse (either may be None); dsinks empty without sinks. ``saved``: ``(q, k, v, out,
+    ``dlse`` of its lse (either may be None); dsinks None without sinks. ``saved``: ``(q, k, v, out,
     lse, dropout_seed, lse_before_sinks)``. The backward op's work."""
     q, k, v, out, lse, dropout_seed, lse_before = saved
     cu_seqlens, alibi_slopes, sinks = tensors

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core.function import AttentionOps, fake_dropout_seed
+from ..core.function import AttentionOps, absent, fake_dropout_seed
 from ..core.merge import accumulator_dtype
 from ..core.sinks import fake_dsinks
 from ..core.spec import CallSpec
@@ -107,7 +107,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, tensors: UlyssesTensors, spec: Call
     """``(out, lse, dropout seeds (chunks,), q, k, v as arrived, out, lse as sent, lse before the
     sinks)``: this rank's rows (batch ``(B, S, H, D)`` / lse ``(B, H, S)``; packed ``(T, H, D)`` /
     ``(H, T)`` with the global ``cu_seqlens``), then the backward's state ``(chunks, degree, ...)``
-    (the lse before the sinks ``(chunks, ...)`` in the heads layout, empty without sinks).
+    (the lse before the sinks ``(chunks, ...)`` in the heads layout; the seeds None without dropout,
+    the lse before the sinks None without sinks).
     ``tensors``: ``(cu_seqlens, alibi_slopes, sinks)``."""
     cu_seqlens, alibi_slopes, sinks = tensors
     kv_repeat, chunks = spec.kv_repeat, spec.chunks
@@ -144,8 +145,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, tensors: UlyssesTensors, spec: Call
         out, lse = out.clone(), lse.clone()
         arrived = [a.clone() if a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else a
                    for a, t in zip(arrived, (q, k, v))]
-    return (out.contiguous(), lse.contiguous(), torch.cat(seeds), *arrived, out_sent, lse_sent,
-            lse_before if sinks is not None else lse.new_empty(0))
+    return (out.contiguous(), lse.contiguous(), torch.cat(seeds) if seeds[0] is not None else None, *arrived,
+            out_sent, lse_sent, lse_before)
 
 
 def fake_forward(q: Tensor, k: Tensor, v: Tensor, tensors: UlyssesTensors, spec: CallSpec) -> Tuple[Tensor, ...]:
@@ -166,15 +167,15 @@ def fake_forward(q: Tensor, k: Tensor, v: Tensor, tensors: UlyssesTensors, spec:
     lse_before = lse_sent.new_empty((chunks, *lse_sent.shape[2:-1], lse_sent.shape[-1] * degree))
     return (torch.empty_like(q, memory_format=torch.contiguous_format), lse,
             fake_dropout_seed(spec, q.device, chunks), state(q, dims), state(k, dims, kv_repeat),
-            state(v, dims, kv_repeat), state(q, dims), lse_sent, lse_before if sinks is not None else lse.new_empty(0))
+            state(v, dims, kv_repeat), state(q, dims), lse_sent, lse_before if sinks is not None else absent(q.device))
 
 
 def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...], tensors: UlyssesTensors,
-             spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             spec: CallSpec) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``(dq, dk, dv, dsinks)`` of this rank's rows for the gradients ``dout`` of its out and ``dlse`` of
     its lse (either may be None), from the forward's state ``saved`` (its outputs after out, lse).
     dsinks: the heads this rank attended (every query of the sequence for them), 0 for the others;
-    empty without sinks."""
+    None without sinks."""
     seeds, q_arrived, k_arrived, v_arrived, out_sent, lse_sent, lse_before = saved
     cu_seqlens, alibi_slopes, sinks = tensors
     kv_repeat, chunks = spec.kv_repeat, spec.chunks
@@ -190,7 +191,7 @@ def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor
     sent: list = [None, None, None]
     back: list = [None, None, None]
     outgoing = []
-    dsinks = torch.zeros_like(sinks).unflatten(0, (degree, chunks, -1)) if sinks is not None else lse_sent.new_empty(0)
+    dsinks = torch.zeros_like(sinks).unflatten(0, (degree, chunks, -1)) if sinks is not None else None
     for c in range(chunks):
         grads_in = iter([join_tokens(x.wait(), d) for x, (_, d) in zip(incoming, given)])
         dout_c = next(grads_in) if dout is not None else None
@@ -198,7 +199,8 @@ def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor
         if c + 1 < chunks:
             incoming = [exchange.start(a[c + 1], s[c + 1]) for a, s in zip(arrived, sends)]
         saved_c = (*(join_tokens(x[c], dims) for x in (q_arrived, k_arrived, v_arrived, out_sent)),
-                   join_tokens(lse_sent[c], lse_dims), seeds[c:c + 1], lse_before[c] if sinks is not None else lse_before)
+                   join_tokens(lse_sent[c], lse_dims), seeds[c:c + 1] if seeds is not None else None,
+                   lse_before[c] if sinks is not None else None)
         *grads, dsinks_c = inner.backward(dout_c, dlse_c, saved_c, *(
             _chunk_heads(x, degree, chunks, rank, c) for x in (alibi_slopes, sinks)))
         if sinks is not None:
@@ -214,7 +216,7 @@ def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor
     if kv_repeat > 1:  # the repeats' gradients summed in float32, rounded once
         dk, dv = (g.unflatten(dims.heads, (-1, kv_repeat)).sum(dims.heads + 1, dtype=accumulator_dtype(g.dtype))
                   .to(g.dtype) for g in (dk, dv))
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsinks.flatten()
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsinks.flatten() if dsinks is not None else None
 
 
 def fake_backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor, ...], tensors: UlyssesTensors,
