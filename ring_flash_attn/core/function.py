@@ -244,6 +244,8 @@ class AttentionOps:
             tensors, spec, lse_grad = rest[:n], rest[n], rest[n + 1]
             output = ops.forward(q, k, v, tensors, spec)
             ops._save(ctx, q, k, v, tensors, spec, lse_grad, output)
+            if not lse_grad:  # lse goes nowhere: no gradient slot for it
+                ctx.mark_non_differentiable(output[1])
             return output
 
         def gradients(ctx, dout, dlse, *_state_grads):
