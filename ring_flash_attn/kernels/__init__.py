@@ -76,13 +76,14 @@ def explain_selection(call: KernelCall) -> Dict[str, list]:
     return {name: reasons(backend, call) for name, backend in BACKENDS.items()}
 
 
-BackendRequest = Tuple[str, Tuple[Tuple[str, Backend], ...]]
+BackendRequest = Tuple[str, Tuple[Tuple[str, Backend], ...], Tuple[str, ...]]
 
 
 def backend_request(name: Optional[str] = None) -> BackendRequest:
     """What a kernel selection depends on besides the call: the backend name asked for (argument,
-    else ``$RING_FLASH_ATTN_BACKEND``, else ``auto``) and the registered backends as they are now."""
-    return name or os.environ.get(ENV_VAR) or "auto", tuple(BACKENDS.items())
+    else ``$RING_FLASH_ATTN_BACKEND``, else ``auto``), the registered backends as they are now and
+    ``auto``'s preference (:data:`AUTO_ORDER`, which a caller may rebind)."""
+    return name or os.environ.get(ENV_VAR) or "auto", tuple(BACKENDS.items()), tuple(AUTO_ORDER)
 
 
 def select_backend(call: KernelCall, name: Optional[str] = None) -> Backend:
@@ -94,11 +95,13 @@ def select_backend(call: KernelCall, name: Optional[str] = None) -> Backend:
 
 
 @lru_cache(maxsize=256)
-def _memoised_select(call: KernelCall, name: str, registry: Tuple[Tuple[str, Backend], ...]) -> Backend:
-    """:func:`_select`, redone only for a new call, name or ``registry`` (the registered backends as
+def _memoised_select(call: KernelCall, name: str, registry: Tuple[Tuple[str, Backend], ...],
+                     order: Tuple[str, ...]) -> Backend:
+    """:func:`_select`, redone only for a new call, name, ``registry`` (the registered backends as
     they are now: one added, replaced or removed, even by editing :data:`BACKENDS` directly, is a new
-    key). What backends answer depends on the call alone; refusals raise and are not remembered."""
-    return _select(call, name)
+    key) or ``order`` (:data:`AUTO_ORDER` as it is now). What backends answer depends on the call
+    alone; refusals raise and are not remembered."""
+    return _select(call, name, order)
 
 
 @lru_cache(maxsize=256)
@@ -108,7 +111,7 @@ def _log_choice(call: KernelCall, chosen: str) -> None:
         logger.info("ring_flash_attn: block kernel %r for %s; not used: %s", chosen, call, skipped)
 
 
-def _select(call: KernelCall, name: str) -> Backend:
+def _select(call: KernelCall, name: str, order: Tuple[str, ...] = ()) -> Backend:
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; registered: {sorted(BACKENDS)} or 'auto'")
@@ -116,7 +119,7 @@ def _select(call: KernelCall, name: str) -> Backend:
         if problems:
             raise ValueError(f"backend {name!r} cannot run this attention call: {'; '.join(problems)}")
         return BACKENDS[name]
-    for candidate in AUTO_ORDER:
+    for candidate in order or AUTO_ORDER:
         backend = BACKENDS.get(candidate)
         if backend is not None and not reasons(backend, call):
             return backend
