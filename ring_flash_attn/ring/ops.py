@@ -147,7 +147,7 @@ def ready_plan(spec: CallSpec, offsets: Optional[Tuple[int, ...]], local_len: in
     """The whole :class:`RingPlan` of a call without dropout and ALiBi, made once per distinct call
     (:data:`PLAN_CACHE_SIZE` kept, least recently used dropped): the same spec, documents, local
     shape, dtype, device, process group object and backend request (the name asked for, the
-    registered backends). A forward and its backward, and every layer of a model, share it."""
+    registered backends, ``auto``'s order). A forward and its backward, and every layer of a model, share it."""
     key = (spec, offsets, local_len, head_dim, dtype, device, pg, backend)
     plan = READY_PLANS.get(key)
     if plan is None:
