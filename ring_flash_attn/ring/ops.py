@@ -18,7 +18,6 @@ and the plain eager route.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple, Optional, Tuple, Union
@@ -138,27 +137,17 @@ def _ring_plan(shared: SharedPlan, rank: int, world_size: int, pg: Optional[torc
                     kernel, options, shared.rows, shared.positions)
 
 
-READY_PLANS: "OrderedDict[tuple, RingPlan]" = OrderedDict()
-
-
+@lru_cache(maxsize=PLAN_CACHE_SIZE)
 def ready_plan(spec: CallSpec, offsets: Optional[Tuple[int, ...]], local_len: int, head_dim: int,
                dtype: torch.dtype, device: torch.device, pg: Optional[torch.distributed.ProcessGroup],
                backend: BackendRequest) -> RingPlan:
     """The whole :class:`RingPlan` of a call without dropout and ALiBi, made once per distinct call
-    (:data:`PLAN_CACHE_SIZE` kept, least recently used dropped): the same spec, documents, local
-    shape, dtype, device, process group object and backend request (the name asked for, the
-    registered backends, ``auto``'s order). A forward and its backward, and every layer of a model, share it."""
-    key = (spec, offsets, local_len, head_dim, dtype, device, pg, backend)
-    plan = READY_PLANS.get(key)
-    if plan is None:
-        shared, rank, world_size = _shared_plan_of(spec, offsets, local_len, head_dim, dtype, device, pg, False)
-        plan = _ring_plan(shared, rank, world_size, pg, spec, shared.options)
-        if len(READY_PLANS) >= PLAN_CACHE_SIZE:
-            READY_PLANS.popitem(last=False)
-    else:
-        READY_PLANS.move_to_end(key)
-    READY_PLANS[key] = plan
-    return plan
+    (:data:`PLAN_CACHE_SIZE` kept, least recently used dropped; a refused call raises every time):
+    the same spec, documents, local shape, dtype, device, process group object and backend request
+    (the name asked for, the registered backends, ``auto``'s order). A forward and its backward, and
+    every layer of a model, share it."""
+    shared, rank, world_size = _shared_plan_of(spec, offsets, local_len, head_dim, dtype, device, pg, False)
+    return _ring_plan(shared, rank, world_size, pg, spec, shared.options)
 
 
 RingTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # cu_seqlens, ALiBi slopes, sinks

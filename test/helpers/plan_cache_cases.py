@@ -36,10 +36,9 @@ PLANNERS = (
 
 def clear_plan_caches() -> None:
     """Forget every cached plan piece, as a fresh process would have none."""
-    for cached in (ring_ops.shared_plan, runner.shared_gather_plan, inner._checked_inner_offsets,
-                   kernels._memoised_select):
+    for cached in (ring_ops.shared_plan, ring_ops.ready_plan, runner.shared_gather_plan,
+                   inner._checked_inner_offsets, kernels._memoised_select):
         cached.cache_clear()
-    ring_ops.READY_PLANS.clear()
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Hostile checks of the ready-plan cache (ring.ops.ready_plan), the absent forward state (None on
+"""Checks of the ready-plan cache (ring.ops.ready_plan), the absent forward state (None on
 the plain eager route, empty int64 tensors at the custom-op boundary) and the non-differentiable lse
 of a call that does not return it."""
 
@@ -46,7 +46,7 @@ def test_reordering_auto_order_reaches_a_cached_call(monkeypatch, reference_forw
 def test_routes_agree_with_sinks_dropout_and_lse(dist_pool, family, world_size):
     """The absent state (None on the plain route, empty int64 at the op boundary): plain eager, the
     custom ops and torch.compile (aot_eager) give the same bits, sinks' gradient and lse included."""
-    results = dist_pool(world_size).run("helpers.hostile_cases:routes_with_sinks_dropout_lse", family=family,
+    results = dist_pool(world_size).run("helpers.route_cases:routes_with_sinks_dropout_lse", family=family,
                                         timeout=600)
     assert results == [[]] * world_size, results
 
@@ -54,7 +54,7 @@ def test_routes_agree_with_sinks_dropout_and_lse(dist_pool, family, world_size):
 def test_ready_plans_survive_a_default_group_made_again(dist_pool, tmp_path):
     """Destroy the default group, make a one-process one (same group name), then the two-process one
     again, with the ready plans kept: every call as with cleared caches."""
-    results = dist_pool(2).run("helpers.hostile_cases:default_group_made_again", store_dir=str(tmp_path), timeout=300)
+    results = dist_pool(2).run("helpers.route_cases:default_group_made_again", store_dir=str(tmp_path), timeout=300)
     assert results == [[], []], results
 
 
@@ -120,7 +120,7 @@ def test_ready_plan_lru_eviction_serves_no_stale_plan():
 
     clear_plan_caches()
     firsts = [call(n) for n in range(ring_ops.PLAN_CACHE_SIZE + 40)]
-    assert len(ring_ops.READY_PLANS) <= ring_ops.PLAN_CACHE_SIZE
+    assert ring_ops.ready_plan.cache_info().currsize <= ring_ops.PLAN_CACHE_SIZE
     again = [call(n) for n in range(40)] + [call(n) for n in range(ring_ops.PLAN_CACHE_SIZE + 39, -1, -9)]
     clear_plan_caches()
     fresh = [call(n) for n in range(40)] + [call(n) for n in range(ring_ops.PLAN_CACHE_SIZE + 39, -1, -9)]

@@ -1,4 +1,4 @@
-"""Multi-rank cases of test_hostile_session.py: the plain eager route, the custom ops and
+"""Multi-rank cases of test_plans_and_routes.py: the plain eager route, the custom ops and
 torch.compile on calls with sinks (their gradient), dropout and lse in the loss; ready plans
 across a default process group destroyed and made again."""
 
