@@ -9,7 +9,13 @@ CUDA GPU, for the least Python can do to reach cuDNN's kernels from flash layout
     torchrun --nproc_per_node 1 benchmark/profile_host.py [benchmark_func.py flags] --variants ring
 
 Takes the flags of ``benchmark_func.py`` (``--iters`` calls are profiled after ``--warmup``). Rank 0
-prints; CPU (gloo) runs too, where the figures are the library's Python and gloo's.
+prints; CPU (gloo) runs too, where the figures are the library's Python and gloo's. On a machine
+without a GPU, ``--backend cudnn_standin`` runs the cuDNN backend's own Python with its two aten ops
+replaced by stand-ins (:func:`register_cudnn_standin`), so the cuDNN path's aten ops and Python calls
+per call can be counted there:
+
+    PYTHONPATH=. torchrun --nproc_per_node 1 benchmark/profile_host.py --backend cudnn_standin \
+        --seqlen 2048 --nheads 32 --nheads-k 8 --head-dim 128 --variants ring
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 Tensor = torch.Tensor
 
 from ring_flash_attn.core.spec import CallSpec
+from ring_flash_attn.kernels import KernelCall
 from ring_flash_attn.ring.ops import RING_OPS
 
 from benchmark_func import Problem, make_step, parse_args, setup, sync, world
@@ -66,6 +73,32 @@ def ops_step(args, problem: Problem, variant: str) -> Optional[Step]:
         RING_OPS.backward(dout, None, (q, k, v, out, lse, seed, lse_before), nothing, spec)
 
     return step
+
+
+CUDNN_STANDIN = "cudnn_standin"
+
+
+def register_cudnn_standin() -> None:
+    """Register ``backend="cudnn_standin"``: the cuDNN backend (its layout views, its lse reshapes)
+    with its two aten ops replaced, in this process, by stand-ins returning empty outputs of the right
+    shapes -- no attention computed, the host work around the kernels left as it is."""
+    from ring_flash_attn.kernels import register_backend, torch_cuda
+
+    def forward(q: Tensor, k: Tensor, v: Tensor, *_, scale=None):
+        return torch.empty_like(q), q.new_empty((*q.shape[:3], 1), dtype=torch.float32), None, None
+
+    def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, *_, scale=None):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    torch_cuda._CUDNN_FORWARD, torch_cuda._CUDNN_BACKWARD = forward, backward
+
+    class CudnnStandIn(torch_cuda.CudnnBackend):
+        name = CUDNN_STANDIN
+
+        def not_supported_reasons(self, call: KernelCall) -> list:
+            return self.band_reasons(call) + (["packed documents: cuDNN runs batch calls only"] if call.varlen else [])
+
+    register_backend(CudnnStandIn())
 
 
 class _CudnnFloor(torch.autograd.Function):
@@ -141,11 +174,15 @@ def python_profile(step: Step, calls: int, lines: int = 30) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.backend == CUDNN_STANDIN:
+        register_cudnn_standin()
     device = setup()
     rank, w = world()
     variant = args.variants[0]
     problem = Problem(args, device)
-    steps: Dict[str, Step] = {variant: make_step(args, problem, variant), "sdpa": sdpa_step(args, problem, variant)}
+    steps: Dict[str, Step] = {variant: make_step(args, problem, variant)}
+    if args.backend != CUDNN_STANDIN:  # (the stand-ins compute nothing: SDPA would not compare)
+        steps["sdpa"] = sdpa_step(args, problem, variant)
     engine = ops_step(args, problem, variant)
     if engine is not None:
         steps[f"{variant} ops alone"] = engine
