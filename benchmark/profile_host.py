@@ -24,7 +24,6 @@ import cProfile
 import io
 import pstats
 import time
-from collections import Counter
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -32,13 +31,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-Tensor = torch.Tensor
-
 from ring_flash_attn.core.spec import CallSpec
 from ring_flash_attn.kernels import KernelCall
 from ring_flash_attn.ring.ops import RING_OPS
 
 from benchmark_func import Problem, make_step, parse_args, setup, sync, world
+
+Tensor = torch.Tensor
 
 Step = Callable[[], object]
 

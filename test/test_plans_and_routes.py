@@ -34,7 +34,8 @@ def test_reordering_auto_order_reaches_a_cached_call(monkeypatch, reference_forw
     q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
     rfa.ring_flash_attn_func(q, k, v, causal=True)
     assert reference_forward_calls == []  # torch_cpu_flash serves fp32 on CPU
-    monkeypatch.setattr(kernels, "AUTO_ORDER", ("reference",) + tuple(n for n in kernels.AUTO_ORDER if n != "reference"))
+    reordered = ("reference",) + tuple(n for n in kernels.AUTO_ORDER if n != "reference")
+    monkeypatch.setattr(kernels, "AUTO_ORDER", reordered)
     rfa.ring_flash_attn_func(q, k, v, causal=True)
     assert reference_forward_calls, "auto kept its old choice after AUTO_ORDER changed"
     call = kernels.KernelCall("cpu", torch.float32, 16, (kernels.Band(None, 0),))
@@ -115,7 +116,8 @@ def test_ready_plan_lru_eviction_serves_no_stale_plan():
     def call(n: int):
         gen = torch.Generator().manual_seed(n)
         q, k, v = (torch.randn(1, 2 + n % 7, 2, 8, generator=gen) for _ in range(3))
-        return rfa.ring_flash_attn_func(q, k, v, causal=n % 2 == 0, window_size=(n // 14, 0) if n % 2 == 0 else (-1, -1),
+        window = (n // 14, 0) if n % 2 == 0 else (-1, -1)
+        return rfa.ring_flash_attn_func(q, k, v, causal=n % 2 == 0, window_size=window,
                                         softcap=0.0 if n % 3 else 1.0 + n, backend="reference")
 
     clear_plan_caches()

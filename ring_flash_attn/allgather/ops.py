@@ -47,8 +47,8 @@ def _runner(q: Tensor, k: Tensor, tensors: GatherTensors, dropout_seed: Optional
 def forward(q: Tensor, k: Tensor, v: Tensor, tensors: GatherTensors,
             spec: CallSpec) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """``(out (T, H, D), lse (H, T), dropout_seed, lse_before_sinks)`` of this rank's packed queries
-    (with sinks, out and lse include them; the last two None without dropout / sinks): the forward op's work, also called directly by the
-    compositions above the family. ``tensors``: ``(cu_q, cu_k, alibi_slopes, sinks)``."""
+    (with sinks, out and lse include them; the last two None without dropout / sinks): the forward
+    op's work, also called directly by the compositions above the family. ``tensors``: ``(cu_q, cu_k, alibi_slopes, sinks)``."""
     runner = _runner(q, k, tensors, None, spec)
     out, lse = runner.forward(q, k, v)
     out, lse, lse_before = forward_outputs(out.contiguous(), lse.contiguous(), tensors[3])

@@ -5,24 +5,17 @@ across a default process group destroyed and made again."""
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple
+from typing import List
 
 import torch
 import torch.distributed as dist
 
 import ring_flash_attn as rfa
-from helpers.plan_cache_cases import clear_plan_caches
+from helpers.plan_cache_cases import _cu, clear_plan_caches
 
 Tensor = torch.Tensor
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 DOCS = (8, 16, 8)
-
-
-def _cu(docs, divisor=1):
-    offsets = [0]
-    for n in docs:
-        offsets.append(offsets[-1] + n // divisor)
-    return torch.tensor(offsets, dtype=torch.int32)
 
 
 def _call(family: str, rank: int, world_size: int, sinks: bool, dropout_p: float, lse: bool) -> List[Tensor]:
@@ -121,12 +114,12 @@ def default_group_made_again(rank: int, world_size: int, store_dir: str) -> List
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(store_dir, f'alone{rank}')}", rank=0,
                             world_size=1)
     names = [name_before, dist.group.WORLD.group_name]
-    alone = _call("zigzag", 0, 1, sinks=False, dropout_p=0.0, lse=True)  # cached for W=1? must not be the W plan
+    alone = _call("zigzag", 0, 1, sinks=False, dropout_p=0.0, lse=True)  # the whole sequence, one rank
     clear_plan_caches()
     if not all(torch.equal(a, b) for a, b in zip(alone, _call("zigzag", 0, 1, sinks=False, dropout_p=0.0, lse=True))):
         wrong.append("alone after the W group")
-    # the W=1 call shapes equal the W call's? make them so: the same local tokens
-    local = _zigzag_result(rank, world_size)  # W=1 group now: a single-rank computation of the local shard
+    # the W call's local shapes, now in a one-rank group: the same spec and shapes, another group object
+    local = _zigzag_result(rank, world_size)
     clear_plan_caches()
     if not all(torch.equal(a, b) for a, b in zip(local, _zigzag_result(rank, world_size))):
         wrong.append("alone, the W call's shapes")
