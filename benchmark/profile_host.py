@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+import ring_flash_attn as rfa
 from ring_flash_attn.core.spec import CallSpec
 from ring_flash_attn.kernels import KernelCall
 from ring_flash_attn.ring.ops import RING_OPS
@@ -177,6 +178,8 @@ def main() -> None:
         register_cudnn_standin()
     device = setup()
     rank, w = world()
+    if args.ulysses_degree:  # as benchmark_func.py's main: the Ulysses x ring groups
+        args.groups = rfa.make_ulysses_ring_groups(args.ulysses_degree, w // args.ulysses_degree)
     variant = args.variants[0]
     problem = Problem(args, device)
     steps: Dict[str, Step] = {variant: make_step(args, problem, variant)}
