@@ -1,10 +1,11 @@
 """The all-gather family's forward and backward as ``torch.library`` custom ops (:data:`GATHER_OPS`;
 see :mod:`ring_flash_attn.ring.ops`): tensors q, k, v, the batch's ``cu_seqlens`` (llama3: its
 prepared ``cu_seqlens_q`` / ``cu_seqlens_k``), the ALiBi slopes and the attention sinks, and the
-call's :class:`~ring_flash_attn.core.spec.CallSpec`; the op reads the offsets on the host and takes the plan's host-side part from
-a cache keyed on the spec, the shapes and those offsets (:func:`~.runner.shared_gather_plan`), so
-``torch.compile`` traces a call into the caller's graph. The forward's third output is the call's
-dropout seed, which the backward takes, its fourth the lse before the sinks (empty without)."""
+call's :class:`~ring_flash_attn.core.spec.CallSpec`; the op reads the offsets on the host and takes
+the plan's host-side part from a cache keyed on the spec, the shapes and those offsets
+(:func:`~.host_plan.shared_gather_plan`), so ``torch.compile`` traces a call into the caller's graph.
+The forward's third output is the call's dropout seed, which the backward takes, its fourth the lse
+before the sinks (both absent without dropout / sinks: :func:`~ring_flash_attn.core.function.op_outputs`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..core.sinks import forward_outputs
 from ..core.validation import group_rank_and_size, host_offsets, resolve_group
 from ..kernels import block_options, select_backend
 from ..kernels.dropout import draw_dropout_seed
-from .runner import GatherKey, build_runner, shared_gather_plan
+from .host_plan import GatherKey, build_strategy, shared_gather_plan
 
 Tensor = torch.Tensor
 
@@ -27,7 +28,7 @@ Tensor = torch.Tensor
 GatherTensors = Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # cu_q, cu_k, ALiBi, sinks
 
 
-def _runner(q: Tensor, k: Tensor, tensors: GatherTensors, dropout_seed: Optional[int], spec: CallSpec):
+def _strategy(q: Tensor, k: Tensor, tensors: GatherTensors, dropout_seed: Optional[int], spec: CallSpec):
     """The strategy of a call: the shared plan of its key (``cu_seqlens`` read on the host once per
     tensor, :func:`host_offsets`) with the call's group, kernel and options; ``dropout_seed`` None: a
     forward, which draws one when ``dropout_p`` is set."""
@@ -41,18 +42,20 @@ def _runner(q: Tensor, k: Tensor, tensors: GatherTensors, dropout_seed: Optional
         world_size, q.device, q.dtype, q.shape[-1], alibi_slopes is not None))
     options = block_options(spec.softmax_scale, spec.softcap, spec.dropout_p, alibi_slopes, spec.deterministic,
                             dropout_seed)
-    return build_runner(shared, rank, world_size, pg, select_backend(shared.kernel_call, spec.backend or None), options)
+    kernel = select_backend(shared.kernel_call, spec.backend or None)
+    return build_strategy(shared, rank, world_size, pg, kernel, options)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, tensors: GatherTensors,
             spec: CallSpec) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """``(out (T, H, D), lse (H, T), dropout_seed, lse_before_sinks)`` of this rank's packed queries
     (with sinks, out and lse include them; the last two None without dropout / sinks): the forward
-    op's work, also called directly by the compositions above the family. ``tensors``: ``(cu_q, cu_k, alibi_slopes, sinks)``."""
-    runner = _runner(q, k, tensors, None, spec)
-    out, lse = runner.forward(q, k, v)
+    op's work, also called directly by the compositions above the family. ``tensors``: ``(cu_q, cu_k,
+    alibi_slopes, sinks)``."""
+    strategy = _strategy(q, k, tensors, None, spec)
+    out, lse = strategy.forward(q, k, v)
     out, lse, lse_before = forward_outputs(out.contiguous(), lse.contiguous(), tensors[3])
-    dropout = runner.plan.options.dropout
+    dropout = strategy.plan.options.dropout
     return out, lse, dropout_seed_output(dropout.seed if dropout else 0, spec), lse_before
 
 
@@ -62,10 +65,10 @@ def backward(dout: Optional[Tensor], dlse: Optional[Tensor], saved: Tuple[Tensor
     ``dlse`` of its lse (either may be None); dsinks None without sinks. ``saved``: ``(q, k, v, out,
     lse, dropout_seed, lse_before_sinks)``. The backward op's work."""
     q, k, v, out, lse, dropout_seed, lse_before = saved
-    runner = _runner(q, k, tensors, seed_of(dropout_seed), spec)
+    strategy = _strategy(q, k, tensors, seed_of(dropout_seed), spec)
 
     def run_backward(*grads_in: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        return tuple(g.contiguous() for g in runner.backward(*grads_in))
+        return tuple(g.contiguous() for g in strategy.backward(*grads_in))
 
     return attention_backward(run_backward, dout, dlse, q, k, v, out, lse, lse_before, tensors[3])
 

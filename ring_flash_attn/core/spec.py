@@ -5,7 +5,7 @@ A public function packs flash-attn's keyword arguments into an :class:`Attention
 helper validates them once (:func:`~ring_flash_attn.core.validation.validated_spec`), which builds
 the call's :class:`CallSpec`. The custom ops take the spec as their primitive arguments
 (:data:`SPEC_SCHEMA`, the same for every family, flattened by ``*spec``) and rebuild it with
-``CallSpec(*primitives)``; everything below the ops -- plans, runners, the Ulysses wings -- takes
+``CallSpec(*primitives)``; everything below the ops -- plans, strategies, the Ulysses wings -- takes
 the spec, never a list of options. The spec is a ``NamedTuple`` so that it is immutable, hashable (a
 plan cache key part) and traced by ``torch.compile`` as constants.
 """

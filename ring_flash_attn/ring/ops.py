@@ -11,7 +11,7 @@ the shapes (out like q, lse ``(B, H, S)`` or ``(H, T)``), so a new sequence leng
 recompilation when it is marked dynamic. ALiBi slopes and attention sinks are tensor arguments (the op derives the ALiBi
 positions; :mod:`ring_flash_attn.core.sinks`). The forward's third output is the call's dropout
 seed (:func:`~ring_flash_attn.core.function.dropout_seed_output`), which the backward takes to replay the masks
-(:mod:`ring_flash_attn.kernels.dropout`); its fourth the lse before the sinks (empty without).
+(:mod:`ring_flash_attn.kernels.dropout`); its fourth the lse before the sinks (both absent without dropout / sinks).
 :data:`RING_OPS` (:class:`~ring_flash_attn.core.function.AttentionOps`) holds the ops, their autograd
 and the plain eager route.
 """

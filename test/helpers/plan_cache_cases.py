@@ -1,4 +1,4 @@
-"""The plan caches (``ring.ops.shared_plan``, ``allgather.runner.shared_gather_plan``, the Ulysses
+"""The plan caches (``ring.ops.shared_plan``, ``allgather.host_plan.shared_gather_plan``, the Ulysses
 inner offsets, the memoised kernel selection), run on one rank (W = 1, in the test process) or on
 every rank of a pool: a repeated call does no planning work, and a call whose ``cu_seqlens``
 (a new tensor, or the same CPU tensor written in place), shape or options changed gets the result
@@ -14,7 +14,7 @@ import torch
 
 import ring_flash_attn as rfa
 from ring_flash_attn import kernels
-from ring_flash_attn.allgather import runner
+from ring_flash_attn.allgather import host_plan
 from ring_flash_attn.ring import ops as ring_ops
 from ring_flash_attn.ulysses import inner
 
@@ -28,15 +28,16 @@ DOCS_LONGER = (8, 16, 8, 16)  # another total: another shape
 PLANNERS = (
     (ring_ops, "ring_schedule"), (ring_ops, "varlen_ring_schedule"), (ring_ops, "check_cu_seqlens"),
     (ring_ops, "position_ids"), (ring_ops, "varlen_token_index"), (kernels, "_select"),
-    (runner, "local_pieces"), (runner, "document_meta"), (runner, "own_keys_split"), (runner, "gathered_keys"),
-    (runner, "window_metas"), (runner, "check_cu_seqlens"), (runner, "check_heads_k_stride"),
+    (host_plan, "local_pieces"), (host_plan, "document_meta"), (host_plan, "own_keys_split"),
+    (host_plan, "gathered_keys"), (host_plan, "window_metas"), (host_plan, "check_cu_seqlens"),
+    (host_plan, "check_heads_k_stride"),
     (inner, "check_cu_seqlens"), (inner, "check_document_lengths"),
 )
 
 
 def clear_plan_caches() -> None:
     """Forget every cached plan piece, as a fresh process would have none."""
-    for cached in (ring_ops.shared_plan, ring_ops.ready_plan, runner.shared_gather_plan,
+    for cached in (ring_ops.shared_plan, ring_ops.ready_plan, host_plan.shared_gather_plan,
                    inner._checked_inner_offsets, kernels._memoised_select):
         cached.cache_clear()
 

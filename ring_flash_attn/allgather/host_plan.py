@@ -1,8 +1,8 @@
-"""Building a call's plan and strategy from host data: this rank's part of the packed batch
-(:class:`LocalPack`, from llama3's prepared arguments or from the global ``cu_seqlens``) and what
-the strategy needs of it, cached per :class:`GatherKey` (the call's spec, shapes and host offsets) (:func:`shared_gather_plan`),
-then the strategy acting on it with the call's own group and options (:func:`build_runner`). Used
-by the custom ops (:mod:`.ops`)."""
+"""The host-side part of an all-gather call's plan, and its strategy: this rank's part of the packed
+batch (:class:`LocalPack`, from llama3's prepared arguments or from the global ``cu_seqlens``) and
+what the strategy needs of it, cached per :class:`GatherKey` (the call's spec, shapes and host
+offsets; :func:`shared_gather_plan`), then the strategy acting on it with the call's own group and
+options (:func:`build_strategy`). Used by the custom ops (:mod:`.ops`)."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def shared_gather_plan(key: GatherKey) -> SharedGatherPlan:
     return SharedGatherPlan(call, stride, metas, rows, repeats, windowed, None, q_positions, k_positions)
 
 
-def build_runner(shared: SharedGatherPlan, rank: int, world_size: int, group: Optional[dist.ProcessGroup],
+def build_strategy(shared: SharedGatherPlan, rank: int, world_size: int, group: Optional[dist.ProcessGroup],
                  kernel: Backend, options: BlockOptions) -> Union[OwnKeysFirst, PlainGather]:
     """The plan and its strategy for one call: the shared part with the call's process group, kernel
     and options (scale, soft-cap, dropout seed, ALiBi slopes)."""
