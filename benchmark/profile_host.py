@@ -1,10 +1,11 @@
 """Where the host time of one eager call goes: the aten ops and CUDA runtime calls it issues per call
 (torch.profiler, CPU side) and the Python functions that take the most time (cProfile), for the first
 of ``--variants``, beside the same figures for SDPA (forward + backward through autograd) on the
-same local tensors, the floor an eager call cannot go below, and, for the batch ring family, for
-the family's forward and backward work called directly (no autograd, no argument checks) and, on a
-CUDA GPU, for the least Python can do to reach cuDNN's kernels from flash layout
-(:func:`floor_step`: one ``autograd.Function``, the transposes, the two aten ops).
+same local tensors (batch calls: packed ones have no fused SDPA), the floor an eager call cannot go
+below, and, for the batch ring family, for the family's forward and backward work called directly
+(no autograd, no argument checks) and, on a CUDA GPU, for the least Python can do to reach the same
+kernels (:func:`floor_step`: one ``autograd.Function`` around cuDNN's two aten ops and their
+transposes, or, packed at W = 1, around FA2 varlen's).
 
     torchrun --nproc_per_node 1 benchmark/profile_host.py [benchmark_func.py flags] --variants ring
 
@@ -122,18 +123,45 @@ class _CudnnFloor(torch.autograd.Function):
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
 
 
+class _FlashVarlenFloor(torch.autograd.Function):
+    """Packed ``(T, H, D)`` documents through PyTorch's FA2 varlen aten ops: nothing else."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, False)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.causal = max_seqlen, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        rng_state = torch.empty(2, dtype=torch.uint64, device=q.device)  # unread without dropout
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout, q, k, v, out, lse, cu, cu, ctx.max_seqlen, ctx.max_seqlen, 0.0, ctx.causal, rng_state,
+            torch.empty(0, device=q.device))
+        return dq, dk, dv, None, None, None
+
+
 def floor_step(args, problem: Problem, variant: str) -> Optional[Step]:
-    """:class:`_CudnnFloor` forward + backward on this rank's shard (batch variants on a CUDA GPU
-    with cuDNN; else None): the least host work a Python-level call reaching cuDNN from flash layout
-    costs, the gap between it and SDPA being autograd.Function's and the transposes'."""
-    if args.varlen or args.ulysses_degree or problem.device.type != "cuda":
+    """The least host work a Python-level call reaching the same kernels costs, forward + backward on
+    this rank's shard: :class:`_CudnnFloor` for batch variants, :class:`_FlashVarlenFloor` for packed
+    ones at W = 1 (the whole batch's ``cu_seqlens``). On a CUDA GPU only (else None); the gap
+    between it and the kernels' own host time being autograd.Function's (and cuDNN's transposes)."""
+    if args.ulysses_degree or problem.device.type != "cuda" or (args.varlen and world()[1] > 1):
         return None
     local = problem.shard(variant)
     q, k, v = (local[n].detach().requires_grad_() for n in "qkv")
     dout = local["dout"]
+    if args.varlen:
+        cu, longest = problem.cu_seqlens, max(problem.lengths)
 
-    def step() -> None:
-        torch.autograd.grad(_CudnnFloor.apply(q, k, v, args.causal), (q, k, v), dout)
+        def step() -> None:
+            torch.autograd.grad(_FlashVarlenFloor.apply(q, k, v, cu, longest, args.causal), (q, k, v), dout)
+    else:
+        def step() -> None:
+            torch.autograd.grad(_CudnnFloor.apply(q, k, v, args.causal), (q, k, v), dout)
 
     return step
 
@@ -183,14 +211,14 @@ def main() -> None:
     variant = args.variants[0]
     problem = Problem(args, device)
     steps: Dict[str, Step] = {variant: make_step(args, problem, variant)}
-    if args.backend != CUDNN_STANDIN:  # (the stand-ins compute nothing: SDPA would not compare)
+    if args.backend != CUDNN_STANDIN and not args.varlen:  # (stand-ins compute nothing; packed: SDPA's math path)
         steps["sdpa"] = sdpa_step(args, problem, variant)
     engine = ops_step(args, problem, variant)
     if engine is not None:
         steps[f"{variant} ops alone"] = engine
     floor = floor_step(args, problem, variant)
     if floor is not None:
-        steps["python floor (cuDNN)"] = floor
+        steps[f"python floor ({'FA2 varlen' if args.varlen else 'cuDNN'})"] = floor
     for step in steps.values():
         for _ in range(args.warmup):
             step()
