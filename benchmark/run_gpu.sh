@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs recorded in benchmark/RESULTS.md: the correctness suite, the benchmarks, the profiles.
-# Usage (on a machine with N GPUs): bash benchmark/run_gpu.sh [N] [tests|bench|sweep|ulysses|compile|profile|capture|all]
+# Usage (on a machine with N GPUs): bash benchmark/run_gpu.sh [N] [tests|bench|sweep|ulysses|compile|profile|capture|quick|all]
 #   -- logs go to ${OUT:-.}/
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -84,4 +84,18 @@ if [ "$what" = capture ]; then
       $(for n in $order; do echo "$t[$n]"; done) 2>&1 | tail -120
   done > "$out/capture.log"
   grep -E "^== |passed|failed" "$out/capture.log"
+fi
+if [ "$what" = quick ]; then
+  # a few minutes of what a short device lease should check first: the CUDA-graph captures, where an
+  # eager call's host time goes at 2048 tokens (batch and packed, beside their Python floors), the
+  # 2048-token speed (batch and packed)
+  python3 -m pytest -q -p no:cacheprovider -rf test/test_cuda_graphs.py > "$out/quick-cuda-graphs.log" 2>&1
+  tail -3 "$out/quick-cuda-graphs.log"
+  for a in "--variants ring" "--varlen --variants ring"; do
+    torchrun --nproc_per_node "$n" benchmark/profile_host.py --seqlen 2048 --iters 30 $a 2>&1 | quiet
+  done > "$out/quick-profile-host.log"
+  grep "^## " "$out/quick-profile-host.log"
+  for a in "" "--varlen"; do
+    torchrun --nproc_per_node "$n" benchmark/benchmark_func.py --no-check --repeats 3 --seqlen 2048 $a 2>&1 | quiet
+  done | tee "$out/quick-bench-2048.log" | grep -E "^[a-z_0-9]+ +-|single-device"
 fi
