@@ -111,7 +111,7 @@ def _log_choice(call: KernelCall, chosen: str) -> None:
         logger.info("ring_flash_attn: block kernel %r for %s; not used: %s", chosen, call, skipped)
 
 
-def _select(call: KernelCall, name: str, order: Tuple[str, ...] = ()) -> Backend:
+def _select(call: KernelCall, name: str, order: Tuple[str, ...]) -> Backend:
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; registered: {sorted(BACKENDS)} or 'auto'")
@@ -119,7 +119,7 @@ def _select(call: KernelCall, name: str, order: Tuple[str, ...] = ()) -> Backend
         if problems:
             raise ValueError(f"backend {name!r} cannot run this attention call: {'; '.join(problems)}")
         return BACKENDS[name]
-    for candidate in order or AUTO_ORDER:
+    for candidate in order:
         backend = BACKENDS.get(candidate)
         if backend is not None and not reasons(backend, call):
             return backend

@@ -64,7 +64,6 @@ class SharedPlan:
     kernel_call: KernelCall  # what the block kernel is asked (the kernel is chosen per call, memoised)
     positions: Optional[Tuple[Tensor, ...]]  # every rank's global token positions (ALiBi only)
     rows: JobRows  # the query rows of this rank's jobs, in ring order
-    options: Optional[BlockOptions]  # the kernel options of a call without dropout and ALiBi (else per call)
 
 
 PLAN_CACHE_SIZE = 128
@@ -94,10 +93,7 @@ def shared_plan(key: PlanKey) -> SharedPlan:
     call = KernelCall(device_type=key.device.type, dtype=key.dtype, head_dim=key.head_dim,
                       bands=tuple(schedule.bands()), deterministic=spec.deterministic, varlen=key.offsets is not None,
                       softcap=bool(spec.softcap), dropout=bool(spec.dropout_p), alibi=key.alibi)
-    options = None
-    if not spec.dropout_p and not key.alibi:
-        options = block_options(spec.softmax_scale, spec.softcap, 0.0, None, spec.deterministic)
-    return SharedPlan(schedule, call, positions, query_rows(schedule, key.rank, w, key.local_len), options)
+    return SharedPlan(schedule, call, positions, query_rows(schedule, key.rank, w, key.local_len))
 
 
 def _plan(q: Tensor, cu_seqlens: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_seed: Optional[int],
@@ -147,7 +143,8 @@ def ready_plan(spec: CallSpec, offsets: Optional[Tuple[int, ...]], local_len: in
     (the name asked for, the registered backends, ``auto``'s order). A forward and its backward, and
     every layer of a model, share it."""
     shared, rank, world_size = _shared_plan_of(spec, offsets, local_len, head_dim, dtype, device, pg, False)
-    return _ring_plan(shared, rank, world_size, pg, spec, shared.options)
+    options = block_options(spec.softmax_scale, spec.softcap, 0.0, None, spec.deterministic)
+    return _ring_plan(shared, rank, world_size, pg, spec, options)
 
 
 RingTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # cu_seqlens, ALiBi slopes, sinks
